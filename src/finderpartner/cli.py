@@ -1,0 +1,326 @@
+"""The ``finderpartner`` command. The only module that parses argv, sets up logging and chooses exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import FinderPartnerError
+
+log = logging.getLogger("finderpartner")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in DataLoader workers instead
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logging.getLogger("finderpartner")]):
+            return int(args.handler(args) or 0)
+    except FinderPartnerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finderpartner",
+        description="Fine-tune a CLIP dual encoder on image-caption pairs, evaluate it, export it, search a gallery.",
+    )
+    parser.add_argument("--version", action="version", version=f"finderpartner {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("check-env", help="report the Python packages, GPU and recommended settings")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--config", type=Path, help="also check this config's model and output folder")
+    p.set_defaults(handler=_check_env)
+
+    p = sub.add_parser("init-config", help="print a commented default config (YAML) on stdout")
+    p.add_argument("--preset", default="rtx3060", choices=["rtx3060", "tiny"], help="starting point (default: rtx3060)")
+    p.set_defaults(handler=_init_config)
+
+    p = sub.add_parser("sample-data", help="write the synthetic sample data set")
+    p.add_argument("--out", type=Path, default=Path("data/sample"), help="output folder (default: data/sample)")
+    p.add_argument("--train-images", type=int, default=4000)
+    p.add_argument("--val-images", type=int, default=300)
+    p.add_argument("--image-size", type=int, default=96, help="pixels per side")
+    p.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace sample data made with other settings")
+    p.set_defaults(handler=_sample_data)
+
+    p = sub.add_parser("validate-data", help="check a data folder and report every problem at once")
+    p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
+    p.add_argument("--split", action="append", help="split(s) to check (default: every captions_*.csv)")
+    p.add_argument("--model", help="count captions longer than this model's context (a saved model folder)")
+    p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images count as decompression bombs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_validate_data)
+
+    p = sub.add_parser("train", help="train as configured")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or the newest complete one")
+    p.add_argument("--create_sample_data", "--create-sample-data", action="store_true",
+                   help="write the sample data to data.root first (without --config: to data/sample, then stop)")  # fmt: skip
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("eval", help="retrieval metrics of a saved model on a split")
+    p.add_argument("--model", required=True, help="saved model folder (e.g. outputs/clip_tiny/best_model) or hub id")
+    p.add_argument("--data", type=Path, required=True, help="data folder")
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", type=Path, help="report folder (default: <model>/../eval)")
+    _add_runtime_args(p)
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("index", help="embed a folder of images into a FAISS index (updates only what changed)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    p.add_argument("--out", type=Path, required=True, help="index folder")
+    _add_runtime_args(p)
+    p.set_defaults(handler=_index)
+
+    p = sub.add_parser("search", help="rank images by a text description (or by similarity to an image)")
+    p.add_argument("--model", required=True)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--index", type=Path, help="index folder made by `finderpartner index`")
+    where.add_argument("--images", type=Path, help="folder of images (embeddings cached and reused)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="describe what you are looking for")
+    what.add_argument("--image", type=Path, help="find images similar to this one")
+    p.add_argument("--top-k", type=int, default=5)
+    _add_runtime_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_search)
+    return parser
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML config (see `finderpartner init-config`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--batch-size", type=int, default=64, help="images embedded at once")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    pkg = logging.getLogger("finderpartner")
+    pkg.handlers[:] = [handler]
+    pkg.setLevel(level)
+    pkg.propagate = False
+    for noisy in ("transformers", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _check_env(args: argparse.Namespace) -> int:
+    from .env import environment_report, format_report
+
+    report = environment_report(config_path=args.config)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["ok"] else 1
+
+
+def _init_config(args: argparse.Namespace) -> int:
+    from .config import preset_config, render_yaml
+
+    header = (f"# FinderPartner config, preset '{args.preset}'. Every key is optional; unknown keys are errors.\n"
+              f"# Train with: finderpartner train --config <this file> [--set key=value ...]\n")  # fmt: skip
+    sys.stdout.write(header + render_yaml(preset_config(args.preset)))
+    return 0
+
+
+def _sample_data(args: argparse.Namespace) -> int:
+    from .data.sample import make_sample_data
+
+    summary = _make_sample(make_sample_data, args.out, train_images=args.train_images, val_images=args.val_images,
+                           image_size=args.image_size, image_format=args.format, seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+    for split, c in summary.counts.items():
+        print(f"{split}: {c['images']} images, {c['pairs']} pairs, {c['distinct_captions']} distinct captions")
+    print(f"sample data in {summary.root}")
+    return 0
+
+
+def _make_sample(make: Any, out: Path, **kwargs: Any) -> Any:
+    from .errors import DataError
+
+    try:
+        return make(out, **kwargs)
+    except ValueError as e:
+        raise DataError(f"sample data: {e}") from None
+
+
+def _validate_data(args: argparse.Namespace) -> int:
+    from .data.validate import validate_split
+
+    splits = args.split or sorted(p.stem.removeprefix("captions_") for p in args.data.glob("captions_*.csv"))
+    if not splits:
+        raise FinderPartnerError(f"{args.data}: no captions_<split>.csv found")
+    tokenizer = context = None
+    if args.model:
+        from .model import load_model
+
+        encoder = load_model(args.model)
+        tokenizer, context = encoder.tokenizer, encoder.context_length
+    reports = [validate_split(args.data, s, max_pixels=args.max_pixels, tokenizer=tokenizer, context_length=context,
+                              progress=not args.json) for s in splits]  # fmt: skip
+    if args.json:
+        out = {r.split: {"usable_pairs": len(r.table), "rows": r.rows_total,
+                         "problems": [{"file": p.file, "line": p.line, "kind": p.kind, "message": p.message,
+                                       "fatal": p.fatal} for p in r.problems]} for r in reports}  # fmt: skip
+        print(json.dumps(out, indent=2))
+    else:
+        for r in reports:
+            print(r.describe(limit=None))
+    return 1 if any(r.fatal for r in reports) else 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.sample import make_sample_data
+    from .train import train
+
+    if args.create_sample_data and args.config is None:
+        summary = _make_sample(make_sample_data, Path("data/sample"))
+        print(f"sample data in {summary.root}; train on it with: finderpartner train --config configs/clip_tiny.yaml")
+        return 0
+    cfg = load_config(args.config, args.overrides)
+    if args.create_sample_data:
+        _make_sample(make_sample_data, cfg.data.root)
+    result = train(cfg, resume=args.resume)
+    print(f"best model: {result.best_model}")
+    return 0
+
+
+def _runtime(args: argparse.Namespace) -> tuple[Any, str]:
+    from .env import resolve_device, resolve_precision
+
+    device = resolve_device(args.device)
+    return device, resolve_precision(args.precision, device)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .data.validate import require_usable, validate_split
+    from .env import autocast_factory
+    from .evaluate import evaluate_split, format_metrics, write_report
+    from .model import load_model
+
+    device, precision = _runtime(args)
+    encoder = load_model(args.model)
+    table = require_usable(
+        validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length), "raise"
+    )
+    result = evaluate_split(
+        encoder.model.to(device), encoder.tokenizer, table, encoder.image_spec, context_length=encoder.context_length,
+        device=device, autocast=autocast_factory(device, precision), batch_size=args.batch_size,
+        num_workers=args.workers, progress=not args.json,
+    )  # fmt: skip
+    model_path = Path(args.model)
+    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
+    paths = write_report(result, out, f"{model_path.name}_{args.split}", {"model": str(args.model), "data": str(args.data),
+                                                                         "split": args.split})  # fmt: skip
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print(f"{args.split}: {result.num_images} images, {result.num_captions} captions; loss {result.loss:.4f}")
+        print(format_metrics(result.metrics))
+        s = result.similarity
+        print(f"similarity: matching {s['positive_mean']:.3f} ± {s['positive_std']:.3f}, non-matching "
+              f"{s['negative_mean']:.3f} ± {s['negative_std']:.3f} (AUC {s.get('auc', float('nan')):.3f})")  # fmt: skip
+        print(f"report: {paths['report']}  plot: {paths['plot']}")
+    return 0
+
+
+def _searcher(args: argparse.Namespace) -> Any:
+    from .index import Searcher
+    from .model import load_model
+
+    device, precision = _runtime(args)
+    return Searcher(load_model(args.model), device=device, precision=precision, batch_size=args.batch_size,
+                    num_workers=args.workers)  # fmt: skip
+
+
+def _index(args: argparse.Namespace) -> int:
+    searcher = _searcher(args)
+    index, stats = searcher.index_folder(args.images, args.out, progress=True)
+    for name, reason in stats.failed:
+        log.warning("could not embed %s: %s", name, reason)
+    print(f"index {args.out}: {len(index)} images ({stats})")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from .data.transforms import load_image  # noqa: F401  (fail early if PIL is broken)
+    from .index import GalleryIndex
+
+    images = args.images
+    if args.index is None and images is None:
+        images = _default_gallery(Path(args.model))
+    searcher = _searcher(args)
+    if args.index is not None:
+        index = GalleryIndex.load(args.index)
+        index.check_model(searcher.fingerprint, args.index)
+    else:
+        index, stats = searcher.cached_gallery(images, progress=not args.json)
+        if stats.embedded or stats.removed:
+            log.info("gallery %s: %s", images, stats)
+    if args.prompt is not None:
+        query = searcher.embed_texts([args.prompt])
+    else:
+        vectors, failed = searcher.embed_paths([args.image])
+        if failed:
+            raise FinderPartnerError(f"cannot read query image {args.image}: {failed[0][1]}")
+        query = vectors
+    hits = index.search(query, args.top_k)[0]
+    if args.json:
+        print(json.dumps({"query": args.prompt or str(args.image), "results": [
+            {"rank": h.rank, "path": str(h.path), "score": round(h.score, 6)} for h in hits]}, indent=2))  # fmt: skip
+    else:
+        print(f"top {len(hits)} of {len(index)} images for {args.prompt or str(args.image)!r}:")
+        for h in hits:
+            print(f"{h.rank:>3}. {h.score:.4f}  {h.path}")
+    return 0
+
+
+def _default_gallery(model_dir: Path) -> Path:
+    """No --images/--index: search the validation images of the run that produced the model, if known."""
+    run_config = model_dir.parent / "config.yaml"
+    if run_config.is_file():
+        from .config import load_config
+
+        cfg = load_config(run_config)
+        folder = Path(cfg.data.root) / "images" / (cfg.data.val_split or cfg.data.train_split)
+        if folder.is_dir():
+            log.info("no --images/--index given: searching %s (the run's validation images)", folder)
+            return folder
+    raise FinderPartnerError("give the gallery to search: --images DIR or --index INDEX")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

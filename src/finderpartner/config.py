@@ -1,0 +1,337 @@
+"""Typed configuration: the YAML schema, ``key=value`` overrides and validation that reports every problem at once.
+
+The models are frozen: a loaded config never changes. Values derived at run time (resolved precision, step
+counts, the micro-batch actually used) live in the trainer's state, not here.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+TINY = "tiny"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinySpec(_Section):
+    """Architecture of the randomly initialised tiny CLIP (used when model.name is tiny)."""
+
+    image_size: int = Field(64, ge=16, description="input resolution in pixels")
+    patch_size: int = Field(8, ge=2, description="ViT patch size; must divide image_size")
+    vision_width: int = Field(192, ge=8, description="ViT hidden size")
+    vision_layers: int = Field(4, ge=1, description="ViT transformer layers")
+    vision_heads: int = Field(3, ge=1, description="ViT attention heads; must divide vision_width")
+    text_width: int = Field(128, ge=8, description="text transformer hidden size")
+    text_layers: int = Field(4, ge=1, description="text transformer layers")
+    text_heads: int = Field(2, ge=1, description="text attention heads; must divide text_width")
+    context_length: int = Field(32, ge=4, description="maximum caption length in tokens (longer ones are truncated)")
+    embed_dim: int = Field(128, ge=8, description="shared embedding size")
+    vocab_size: int = Field(4096, ge=600, description="upper bound of the BPE vocabulary learnt from the training captions")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> TinySpec:
+        problems = []
+        if self.image_size % self.patch_size:
+            problems.append(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
+        if self.vision_width % self.vision_heads:
+            problems.append(f"vision_heads {self.vision_heads} must divide vision_width {self.vision_width}")
+        if self.text_width % self.text_heads:
+            problems.append(f"text_heads {self.text_heads} must divide text_width {self.text_width}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class FreezeConfig(_Section):
+    """Which parameters stay fixed. Frozen parameters need no gradients and no optimizer state."""
+
+    image_tower: bool = Field(False, description="lock the vision encoder (its projection stays trainable)")
+    image_unlocked_layers: int = Field(0, ge=0, description="with image_tower: keep the last N vision layers trainable")
+    text_tower: bool = Field(False, description="lock the text encoder (its projection stays trainable)")
+    text_unlocked_layers: int = Field(0, ge=0, description="with text_tower: keep the last N text layers trainable")
+    projections_only: bool = Field(False, description="train only the two projections and the logit scale")
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters (PEFT) on the attention projections; merged into a plain model on save."""
+
+    enabled: bool = Field(False, description="train LoRA adapters instead of the full towers")
+    r: int = Field(8, ge=1, description="adapter rank")
+    alpha: float = Field(16.0, gt=0, description="adapter scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        description="module names that get adapters",
+    )
+
+
+class ModelConfig(_Section):
+    name: str = Field(
+        "openai/clip-vit-base-patch32",
+        description="'tiny' (random init, offline), a Hugging Face hub id, or a local save_pretrained folder",
+    )
+    tiny: TinySpec = Field(default_factory=TinySpec, description="architecture used when name is 'tiny'")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+
+class AugmentConfig(_Section):
+    """Training-time augmentation. Validation and inference use resize + centre crop only."""
+
+    crop_scale: tuple[float, float] = Field(
+        (0.8, 1.0), description="random resized crop: range of the kept area fraction ([1, 1] disables)"
+    )
+    hflip: bool = Field(True, description="random horizontal flip; swaps the words 'left' and 'right' in the caption")
+    color_jitter: float = Field(
+        0.1, ge=0, le=1, description="brightness/contrast/saturation jitter strength (no hue: it would change colour words)"
+    )
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"need 0 < low <= high <= 1, got [{lo}, {hi}]")
+        return v
+
+
+class DataConfig(_Section):
+    root: Path = Field(
+        Path("data"),
+        description="folder with images/<split>/ and captions_<split>.csv (relative paths are from the working directory)",
+    )
+    format: Literal["csv", "webdataset"] = Field("csv", description="'csv' (folder layout) or 'webdataset' tar shards")
+    train_split: str = Field("train", description="split trained on")
+    val_split: str = Field("val", description="split evaluated each epoch; '' disables validation")
+    train_shards: str | None = Field(None, description="webdataset: brace pattern of training shards, e.g. shards/train-{000..099}.tar")
+    val_shards: str | None = Field(None, description="webdataset: brace pattern of validation shards")
+    train_size: int | None = Field(None, ge=1, description="webdataset: number of training pairs (sets the epoch length)")
+    num_workers: Union[int, Literal["auto"]] = Field("auto", description="DataLoader worker processes ('auto': CPU count, at most 8)")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="bad rows or images found before training: 'raise' (report all) or 'skip' them"
+    )
+    max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are rejected as decompression bombs")
+
+    @model_validator(mode="after")
+    def _shards_given(self) -> DataConfig:
+        if self.format == "webdataset" and not self.train_shards:
+            raise ValueError("format 'webdataset' needs data.train_shards")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(5, ge=1, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(256, ge=2, description="contrastive batch: pairs that are each other's negatives per optimizer step, over all processes")
+    micro_batch_size: Union[int, Literal["auto"]] = Field(
+        "auto", description="pairs through the model at once per process; 'auto' probes; results do not depend on it"
+    )
+    lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW decay; never applied to biases, norms, embeddings, logit scale")
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
+    eps: float = Field(1e-6, gt=0, description="AdamW epsilon")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine floor as a fraction of lr")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this (null: no clipping)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA >= 8.0 and on CPUs with native bf16, fp16 on older GPUs, else fp32"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else CPU")
+    memory_reserve_gb: float = Field(2.0, ge=0, description="GPU memory left free when probing the micro-batch")
+    log_every: int = Field(10, ge=1, description="optimizer steps between metric log lines")
+    eval_every_epochs: int = Field(1, ge=1, description="validate (loss + retrieval) every N epochs and at the end")
+    checkpoint_every: int = Field(500, ge=1, description="optimizer steps between full training-state checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept (the best model is kept apart)")
+    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many consecutive steps with a non-finite loss or gradient")
+    compile: bool = Field(False, description="torch.compile the towers (worth it on GPUs for long runs)")
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(256, ge=1, description="pairs embedded at once during evaluation")
+    chunk_size: int = Field(1024, ge=1, description="queries ranked at once (bounds memory for large splits)")
+    best_metric: str = Field(
+        "mean_recall",
+        description="metric that selects best_model/: 'mean_recall' (R@1/5/10, both directions, caption-aware) or e.g. 'text_to_image/R@1'",
+    )
+
+
+class TrackingConfig(_Section):
+    jsonl: bool = Field(True, description="append metrics to <run>/metrics.jsonl")
+    tensorboard: bool = Field(True, description="write TensorBoard event files to <run>/tensorboard/")
+    wandb: bool = Field(False, description="log to Weights & Biases (offline mode when no credentials are set)")
+    wandb_project: str = Field("finderpartner", description="W&B project name")
+
+
+class Config(_Section):
+    experiment: str = Field("clip_base", min_length=1, description="run name: outputs go to <output_dir>/<experiment>/")
+    output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
+    seed: int = Field(42, ge=0, description="seed for initialisation, data order and augmentation")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("experiment")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if Path(v).name != v or v in {".", ".."}:
+            raise ValueError(f"must be a plain folder name, got {v!r}")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / self.experiment
+
+
+# Presets: what `init-config --preset` starts from. configs/*.yaml are rendered from these.
+PRESETS: dict[str, dict[str, Any]] = {
+    "rtx3060": {},
+    "tiny": {
+        "experiment": "clip_tiny",
+        "model": {"name": TINY},
+        # Milder crops than the default: the sample captions name positions, which big crops would blur.
+        "data": {"root": "data/sample", "num_workers": 2, "augment": {"crop_scale": (0.9, 1.0)}},
+        "train": {
+            "epochs": 8,
+            "batch_size": 128,
+            "lr": 2e-3,
+            "weight_decay": 0.1,
+            "warmup_steps": 30,
+            "checkpoint_every": 100,
+            "log_every": 10,
+        },
+        "tracking": {"tensorboard": False},
+    },
+}
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict; returns a new dict."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. train.lr=1e-4")
+        node = out
+        parts = key.strip().split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply overrides, validate everything at once."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found; `finderpartner init-config > {path}` writes one") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path) if path else "defaults")
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err) for err in e.errors()]
+        listing = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"{source}: {len(problems)} problem(s):\n{listing}") from None
+
+
+def preset_config(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return config_from_dict(PRESETS[name], source=f"preset {name}")
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _field_names(loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys here: {', '.join(known)}"
+        return f"{where}: unknown key{suggestion}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def _field_names(loc: list[str]) -> list[str]:
+    """Names of the keys allowed at a location in the schema, for 'did you mean' hints."""
+    model: Any = Config
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering: a commented YAML document of a config (init-config, the run folder's config.yaml).
+
+
+def render_yaml(cfg: Config, *, comments: bool = True) -> str:
+    """YAML text of a config, with each key's description as a comment."""
+    lines: list[str] = []
+    _render_model(cfg, 0, lines, comments)
+    return "\n".join(lines) + "\n"
+
+
+def _render_model(model: BaseModel, indent: int, lines: list[str], comments: bool) -> None:
+    pad = "  " * indent
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            if comments and indent == 0:
+                lines.append("")
+            doc = (type(value).__doc__ or "").strip().splitlines()[0] if type(value).__doc__ else ""
+            lines.append(f"{pad}{name}:" + (f"  # {doc}" if comments and doc else ""))
+            _render_model(value, indent + 1, lines, comments)
+            continue
+        dumped = yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip()
+        dumped = dumped.removesuffix("\n...").removesuffix("...").strip()
+        note = f"  # {field.description}" if comments and field.description else ""
+        lines.append(f"{pad}{name}: {dumped}{note}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,1 @@
+"""Data sets: loading and the embedded synthetic sample."""

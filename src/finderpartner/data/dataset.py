@@ -1,0 +1,289 @@
+"""Image-caption pairs: the CSV folder layout, its datasets, and the sampler that defines batches.
+
+Layout: ``<root>/images/<split>/...`` and ``<root>/captions_<split>.csv`` with the header ``filename,caption``.
+Several rows may name the same image. ``read_split`` parses the CSV and reports every problem it finds with
+its line number instead of stopping at the first; the image files themselves are checked by ``validate.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .transforms import load_image
+
+log = logging.getLogger(__name__)
+
+HEADER = ("filename", "caption")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input, located precisely enough to fix it."""
+
+    file: str
+    line: int | None  # CSV line (1 = header); None for file-level problems
+    kind: str  # short identifier, e.g. "missing_file", "empty_caption"
+    message: str
+    fatal: bool = True  # False: reported, but handled (e.g. a BOM, a caption that will be truncated)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class PairTable:
+    """The rows of one split: ``filenames[i]`` (relative to ``image_dir``) paired with ``captions[i]``."""
+
+    image_dir: Path
+    csv_path: Path
+    filenames: tuple[str, ...]
+    captions: tuple[str, ...]
+    lines: tuple[int, ...]  # CSV line of each row, for messages
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def path(self, i: int) -> Path:
+        return self.image_dir / self.filenames[i]
+
+    def select(self, keep: Sequence[int]) -> PairTable:
+        return PairTable(
+            self.image_dir,
+            self.csv_path,
+            tuple(self.filenames[i] for i in keep),
+            tuple(self.captions[i] for i in keep),
+            tuple(self.lines[i] for i in keep),
+        )
+
+    def images(self) -> tuple[list[str], list[int]]:
+        """Unique image files (first-seen order) and, for each row, the index of its image in that list."""
+        unique: dict[str, int] = {}
+        row_to_image = [unique.setdefault(f, len(unique)) for f in self.filenames]
+        return list(unique), row_to_image
+
+
+def split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
+    root = Path(root)
+    return root / "images" / split, root / f"captions_{split}.csv"
+
+
+def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
+    """Parse ``captions_<split>.csv``; rows with a problem are left out of the table and reported."""
+    image_dir, csv_path = split_paths(root, split)
+    name = str(csv_path)
+    empty = PairTable(image_dir, csv_path, (), (), ())
+    if not csv_path.is_file():
+        return empty, [Problem(name, None, "missing_csv", f"not found; expected {csv_path.name} next to images/")]
+    if not image_dir.is_dir():
+        return empty, [Problem(str(image_dir), None, "missing_image_dir", "image folder not found")]
+    text, problems = _decode(csv_path.read_bytes(), name)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        return empty, problems + [Problem(name, None, "empty_csv", "the file is empty; expected the header filename,caption")]
+    columns = [h.strip().lower() for h in header]
+    missing = [c for c in HEADER if c not in columns]
+    extra = [c for c in columns if c not in HEADER]
+    if missing or extra:
+        detail = "; ".join(
+            part
+            for part in (
+                f"missing column(s) {', '.join(missing)}" if missing else "",
+                f"unexpected column(s) {', '.join(repr(c) for c in extra)}" if extra else "",
+            )
+            if part
+        )
+        return empty, problems + [Problem(name, 1, "bad_header", f"header must be 'filename,caption': {detail}")]
+    fi, ci = columns.index("filename"), columns.index("caption")
+    rows: list[tuple[str, str, int]] = []
+    seen: dict[tuple[str, str], int] = {}
+    root_real = os.path.realpath(image_dir)
+    line = reader.line_num
+    for fields in reader:
+        start, line = line + 1, reader.line_num
+        if not fields or all(not f.strip() for f in fields):
+            continue  # blank lines are harmless
+        problem = _check_row(fields, fi, ci, image_dir, root_real)
+        if problem is None:
+            key = (fields[fi], fields[ci])
+            if key in seen:
+                problem = ("duplicate_row", f"duplicate of line {seen[key]} (same filename and caption)")
+            else:
+                seen[key] = start
+        if problem is not None:
+            problems.append(Problem(name, start, *problem))
+        else:
+            rows.append((fields[fi], fields[ci].strip(), start))
+    table = PairTable(image_dir, csv_path, *map(tuple, zip(*rows))) if rows else empty
+    return table, problems
+
+
+def _decode(raw: bytes, name: str) -> tuple[str, list[Problem]]:
+    """UTF-8 text of a CSV. A BOM is stripped (and mentioned); undecodable lines are reported, not guessed."""
+    problems: list[Problem] = []
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+        problems.append(Problem(name, None, "bom", "starts with a UTF-8 byte-order mark (ignored)", fatal=False))
+    try:
+        return raw.decode("utf-8"), problems
+    except UnicodeDecodeError:
+        pass
+    lines = raw.split(b"\n")
+    for number, chunk in enumerate(lines, start=1):
+        try:
+            chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(
+                Problem(name, number, "not_utf8", f"not UTF-8 (byte {chunk[e.start]:#04x} at column {e.start + 1}); save the CSV as UTF-8")
+            )
+            lines[number - 1] = b""  # drop the line; the others are still read and checked
+    return b"\n".join(lines).decode("utf-8"), problems
+
+
+def _check_row(fields: list[str], fi: int, ci: int, image_dir: Path, root_real: str) -> tuple[str, str] | None:
+    if len(fields) != len(HEADER):
+        return "column_count", f"expected 2 fields (filename,caption), got {len(fields)}; quote captions that contain commas"
+    filename, caption = fields[fi], fields[ci]
+    if not caption.strip():
+        return "empty_caption", f"empty caption for {filename!r}"
+    if not filename.strip():
+        return "empty_filename", "empty filename"
+    if os.path.isabs(filename) or filename.startswith(("/", "\\")) or ".." in Path(filename).parts:
+        return "path_escape", f"{filename!r} must be a path inside {image_dir} (no absolute paths, no '..')"
+    path = image_dir / filename
+    if not os.path.lexists(path):
+        return "missing_file", f"image {filename!r} not found in {image_dir}"
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root_real]) != root_real:
+        return "path_escape", f"{filename!r} is a link that leaves {image_dir} (to {real})"
+    if not os.path.isfile(real):
+        return "not_a_file", f"{filename!r} is not a regular file"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """Stands in for a sample whose image could not be read during training (changed on disk since validation)."""
+
+    index: int
+    path: str
+    reason: str
+
+
+class PairDataset(Dataset):
+    """Training pairs. Indexed by ``(row, seed)``: the seed drives this sample's augmentation."""
+
+    def __init__(self, table: PairTable, transform: Callable[..., tuple[torch.Tensor, str]], max_pixels: int | None = None):
+        self.table = table
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | Skipped:
+        index, seed = key
+        path = self.table.path(index)
+        try:
+            img = load_image(path, self.max_pixels)
+        except Exception as e:  # never crash an epoch for one file: the collate function drops and reports it
+            return Skipped(index, str(path), f"{type(e).__name__}: {e}")
+        rng = torch.Generator().manual_seed(seed)
+        pixels, caption = self.transform(img, self.table.captions[index], rng)
+        return {"index": index, "pixel_values": pixels, "caption": caption}
+
+
+class ImageFileDataset(Dataset):
+    """Images for embedding (evaluation, gallery indexing): deterministic preprocessing, failures reported."""
+
+    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Any], torch.Tensor], max_pixels: int | None = None):
+        self.paths = list(paths)
+        self.transform = transform
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        try:
+            img = load_image(self.paths[index], self.max_pixels)
+        except Exception as e:
+            return Skipped(index, str(self.paths[index]), f"{type(e).__name__}: {e}")
+        return {"index": index, "pixel_values": self.transform(img)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+
+def sample_seed(seed: int, epoch: int, position: int) -> int:
+    """Augmentation seed of the sample at ``position`` of ``epoch``: independent of workers, ranks and resumes."""
+    return int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0])
+
+
+@dataclass
+class ContrastiveBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Global contrastive batches of a seeded permutation; each process takes its contiguous slice.
+
+    Batch ``k`` of epoch ``e`` is the same set of rows in the same order whatever the number of processes,
+    so the gathered global batch of an N-process run equals the batch of a 1-process run. ``set_position``
+    starts an epoch part-way through, which is how an exact mid-epoch resume skips what was already seen.
+    """
+
+    num_rows: int
+    global_batch: int
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = True
+    epoch: int = 0
+    start_step: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if self.global_batch % self.world_size:
+            raise ValueError(f"batch {self.global_batch} is not divisible by {self.world_size} processes")
+        if self.global_batch > self.num_rows:
+            raise ValueError(f"batch {self.global_batch} is larger than the {self.num_rows} rows")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch  # the incomplete last batch is dropped: every step is a full batch
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return max(0, self.steps_per_epoch - self.start_step)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+            order = torch.randperm(self.num_rows, generator=g).tolist()
+        else:
+            order = list(range(self.num_rows))
+        local = self.global_batch // self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            first = step * self.global_batch + self.rank * local
+            yield [(order[p], sample_seed(self.seed, self.epoch, p)) for p in range(first, first + local)]
+
+
+def num_workers(setting: int | str) -> int:
+    from ..env import cpu_cores
+
+    return min(8, cpu_cores()) if setting == "auto" else int(setting)

@@ -1,0 +1,173 @@
+"""Deterministic synthetic image-caption data set: the project's embedded default data.
+
+Each image shows one coloured shape (8 colours x 4 shapes x 3 horizontal positions x 2 sizes =
+192 combinations) on a lightly tinted, mildly noisy gray background, and every caption states
+exactly those four attributes, so a tiny CLIP model can learn text->image retrieval on a CPU.
+Position words are literally ``left`` / ``center`` / ``right`` because the training augmentation
+mirrors images and swaps ``left`` and ``right`` in the caption.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from finderpartner.errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+# Saturated, well-separated RGB values; white/black sit far from the 110-155 gray background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (215, 35, 35), "green": (35, 165, 55), "blue": (35, 75, 225), "yellow": (240, 220, 35),
+    "purple": (140, 50, 190), "orange": (245, 135, 20), "white": (250, 250, 250), "black": (15, 15, 15),
+}
+SHAPES = ("circle", "square", "triangle", "star")
+POSITIONS = ("left", "center", "right")
+SIZES = ("small", "large")
+COMBOS = tuple(itertools.product(COLOURS, SHAPES, POSITIONS, SIZES))  # 192 attribute combinations
+# One template per caption row; the position word stays the bare left/center/right token.
+TEMPLATES = (
+    lambda c, s, p, z: f"a {z} {c} {s} " + ("in the center" if p == "center" else f"on the {p}"),
+    lambda c, s, p, z: f"{z} {c} {s}, " + ("center" if p == "center" else f"{p} side"),
+)
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class SampleDataSummary:
+    root: Path
+    counts: dict[str, dict[str, int]]  # split -> {"images": n, "pairs": n, "distinct_captions": n}
+
+
+def _draw(rng: np.random.Generator, size: int, colour: str, shape: str, pos: str, big: bool) -> Image.Image:
+    """Draw one image; geometry in units of the image side, rendered at 2x and downscaled (antialias)."""
+    bg = np.clip(rng.uniform(118, 142) + rng.uniform(-7, 7, 3), 0, 255).round().astype(int)
+    fill = np.clip(np.array(COLOURS[colour]) + rng.integers(-10, 11, 3), 0, 255)
+    # Diameter ~22-26% vs ~40-46%: area ratio ~3.3. Every shape lies inside its d x d bounding box.
+    d = rng.uniform(0.40, 0.46) if big else rng.uniform(0.22, 0.26)
+    lo = d / 2 + 0.02  # keep a small margin to the border
+    # Centres: left hugs the border (large ~0.25, small ~0.15-0.20), center 0.46-0.54, right mirrored. Centre-to-
+    # centre gaps stay >= 0.2 of the width, so a random resized crop (which shifts content by up to ~0.2 of the
+    # width) cannot turn one position into another.
+    x = {"left": rng.uniform(lo, lo + 0.05), "center": rng.uniform(0.46, 0.54), "right": 1 - rng.uniform(lo, lo + 0.05)}[pos]
+    y = rng.uniform(lo, 1 - lo)
+    s2, h = 2 * size, d / 2
+    img = Image.new("RGB", (s2, s2), tuple(bg.tolist()))
+    draw, col = ImageDraw.Draw(img), tuple(fill.tolist())
+    if shape == "circle":
+        pts = [(x - h, y - h), (x + h, y + h)]
+        draw.ellipse([(px * s2, py * s2) for px, py in pts], fill=col)
+    else:
+        if shape == "square":  # side 0.9 d: area close to the circle's
+            pts = [(x - 0.45 * d, y - 0.45 * d), (x + 0.45 * d, y - 0.45 * d),
+                   (x + 0.45 * d, y + 0.45 * d), (x - 0.45 * d, y + 0.45 * d)]
+        elif shape == "triangle":  # upright, base d, height d
+            pts = [(x, y - h), (x + h, y + h), (x - h, y + h)]
+        else:  # five-pointed star, fat inner radius so the points survive at small sizes
+            ang = -np.pi / 2 + np.arange(10) * np.pi / 5
+            rad = np.where(np.arange(10) % 2 == 0, h, 0.5 * h)
+            pts = list(zip(x + rad * np.cos(ang), y + 0.08 * h + rad * np.sin(ang)))
+        draw.polygon([(float(px) * s2, float(py) * s2) for px, py in pts], fill=col)
+    arr = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.float32)
+    arr += rng.normal(0.0, 4.0, arr.shape)  # mild sensor-like noise
+    return Image.fromarray(np.clip(arr.round(), 0, 255).astype(np.uint8))
+
+
+def _outputs(root: Path) -> list[Path]:
+    """Everything this generator writes (and the only things overwrite may remove)."""
+    return [root / "images" / s for s in SPLITS] + [root / f"captions_{s}.csv" for s in SPLITS] + [
+        root / "sample_meta.json"]
+
+
+def _summarise(root: Path, meta: dict) -> SampleDataSummary:
+    """Count what is on disk and check it is the complete data set that ``meta`` describes."""
+    counts: dict[str, dict[str, int]] = {}
+    for split in SPLITS:
+        n, cpi = meta[f"{split}_images"], meta["captions_per_image"]
+        try:
+            with open(root / f"captions_{split}.csv", encoding="utf-8", newline="") as f:
+                rows = list(csv.reader(f))
+            files = {p.name for p in (root / "images" / split).iterdir() if p.is_file()}
+        except OSError as e:
+            raise DataError(f"sample data in {root} is incomplete ({e}); pass overwrite to regenerate it") from e
+        body = rows[1:]
+        got = {"images": len(files), "pairs": len(body), "distinct_captions": len({r[1] for r in body})}
+        want = {"images": n, "pairs": n * cpi, "distinct_captions": min(n, len(COMBOS)) * cpi}
+        if rows[:1] != [["filename", "caption"]] or got != want or not {r[0] for r in body} <= files:
+            raise DataError(f"sample data in {root} ({split}) does not match sample_meta.json: found {got}, "
+                            f"expected {want}; pass overwrite to regenerate it")
+        counts[split] = got
+    return SampleDataSummary(root=root, counts=counts)
+
+
+def make_sample_data(out: str | Path, *, train_images: int = 4000, val_images: int = 300, image_size: int = 96,
+                     captions_per_image: int = 2, image_format: str = "jpg", seed: int = 0,
+                     overwrite: bool = False) -> SampleDataSummary:
+    """Write ``images/{train,val}/*.<fmt>`` and ``captions_{train,val}.csv`` under ``out``; reuse a finished set."""
+    if train_images < 0 or val_images < 0 or image_size < 32 or image_format not in ("jpg", "png") \
+            or not 1 <= captions_per_image <= len(TEMPLATES):
+        raise ValueError("need train_images, val_images >= 0, image_size >= 32, image_format 'jpg' or 'png' "
+                         f"and 1 <= captions_per_image <= {len(TEMPLATES)}")
+    root = Path(out)
+    meta = {"format_version": FORMAT_VERSION, "train_images": train_images, "val_images": val_images,
+            "image_size": image_size, "captions_per_image": captions_per_image, "image_format": image_format,
+            "seed": seed}
+    meta_path = root / "sample_meta.json"
+    try:
+        same = json.loads(meta_path.read_text(encoding="utf-8")) == meta
+    except (OSError, ValueError):
+        same = False
+    if same:
+        try:
+            summary = _summarise(root, meta)
+            log.info("reusing sample data in %s", root)
+            return summary
+        except DataError:
+            if not overwrite:
+                raise
+    existing = [p for p in _outputs(root) if p.exists()]
+    if existing and not overwrite:
+        raise DataError(f"{root} already contains sample data made with other arguments (or an unfinished run): "
+                        f"{', '.join(p.name for p in existing)}; pass overwrite (--overwrite) to replace it")
+    for p in existing:  # only our own outputs; anything else in OUT is left alone
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    start = time.perf_counter()
+    for k, (split, n) in enumerate(zip(SPLITS, (train_images, val_images))):
+        # Own stream per split: val stays identical whatever train_images is.
+        rng = np.random.default_rng([seed, k])
+        # Balanced: whole seeded permutations of the 192 combinations, so a split of >= 192 images has all.
+        order = np.concatenate([rng.permutation(len(COMBOS)) for _ in range(-(-n // len(COMBOS)))] or [[]])
+        img_dir = root / "images" / split
+        img_dir.mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            colour, shape, pos, size = COMBOS[int(order[i])]
+            name = f"{i:06d}.{image_format}"
+            img = _draw(rng, image_size, colour, shape, pos, size == "large")
+            if image_format == "jpg":
+                img.save(img_dir / name, format="JPEG", quality=95)
+            else:
+                img.save(img_dir / name, format="PNG")
+            rows += [(name, TEMPLATES[t](colour, shape, pos, size)) for t in range(captions_per_image)]
+        with open(root / f"captions_{split}.csv", "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["filename", "caption"])
+            writer.writerows(rows)
+    # Written last: its presence marks a finished data set.
+    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    log.info("wrote %d+%d sample images to %s in %.1fs", train_images, val_images, root,
+             time.perf_counter() - start)
+    return _summarise(root, meta)

@@ -1,0 +1,127 @@
+"""Check a split before training: every problem in the CSV and the image files, reported at once.
+
+Images are fully decoded (a truncated JPEG only fails when its pixels are read), in threads: PIL releases the
+GIL while decoding. Images that decode but are unusual (alpha, palette, 16-bit, CMYK, EXIF rotation) are not
+problems: ``transforms.load_image`` converts them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from .dataset import PairTable, Problem, read_split
+from .transforms import load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitReport:
+    split: str
+    table: PairTable  # the usable rows
+    problems: tuple[Problem, ...]
+    rows_total: int  # data rows in the CSV, usable or not
+
+    @property
+    def fatal(self) -> list[Problem]:
+        return [p for p in self.problems if p.fatal]
+
+    def describe(self, limit: int | None = 50) -> str:
+        lines = [f"{self.split}: {len(self.table)} usable pair(s) of {self.rows_total}; {len(self.fatal)} problem(s)"]
+        shown = self.problems if limit is None else self.problems[:limit]
+        lines += [f"  - {p}" + ("" if p.fatal else " (warning)") for p in shown]
+        if len(shown) < len(self.problems):
+            lines.append(f"  ... and {len(self.problems) - len(shown)} more")
+        return "\n".join(lines)
+
+
+def validate_split(
+    root: str | Path,
+    split: str,
+    *,
+    max_pixels: int | None = None,
+    tokenizer: Any = None,
+    context_length: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> SplitReport:
+    """Read and check one split; the report's table holds only the rows without a fatal problem."""
+    table, problems = read_split(root, split)
+    rows_total = len(table) + sum(1 for p in problems if p.line is not None and p.fatal)
+    bad_images = _check_images(table, max_pixels, workers, progress)
+    keep = []
+    for i in range(len(table)):
+        reason = bad_images.get(table.filenames[i])
+        if reason is None:
+            keep.append(i)
+        else:
+            problems.append(Problem(str(table.csv_path), table.lines[i], reason[0], f"{table.filenames[i]!r}: {reason[1]}"))
+    table = table.select(keep)
+    if tokenizer is not None and context_length:
+        problems += _long_captions(table, tokenizer, context_length)
+    problems.sort(key=lambda p: (p.file, p.line or 0))
+    return SplitReport(split, table, tuple(problems), rows_total)
+
+
+def require_usable(report: SplitReport, on_error: str) -> PairTable:
+    """Apply ``data.on_error``: 'raise' refuses any fatal problem, 'skip' drops the rows that have one."""
+    if report.fatal and on_error == "raise":
+        raise DataError(
+            f"{report.describe()}\nFix these rows, or set data.on_error: skip to train on the {len(report.table)} usable pairs."
+        )
+    for p in report.problems:
+        log.warning("%s%s", p, "" if p.fatal else " (warning)")
+    if report.fatal:
+        log.warning("%s: skipping %d bad row(s); training on %d pair(s)", report.split, len(report.fatal), len(report.table))
+    if len(report.table) == 0:
+        raise DataError(f"{report.split}: no usable pairs in {report.table.csv_path}")
+    return report.table
+
+
+def _check_images(table: PairTable, max_pixels: int | None, workers: int | None, progress: bool) -> dict[str, tuple[str, str]]:
+    unique = sorted(set(table.filenames))
+
+    def check(name: str) -> tuple[str, tuple[str, str] | None]:
+        path = table.image_dir / name
+        try:
+            if os.path.getsize(path) == 0:
+                return name, ("empty_file", "zero-byte file")
+            load_image(path, max_pixels)
+        except ValueError as e:  # raised by load_image for decompression bombs
+            return name, ("decompression_bomb", str(e))
+        except Exception as e:
+            kind = "truncated_image" if "truncated" in str(e).lower() else "not_an_image"
+            return name, (kind, f"cannot be decoded as an image ({type(e).__name__}: {e})")
+        return name, None
+
+    workers = workers or min(8, (os.cpu_count() or 1) * 2)
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(check, unique)
+        results = tqdm(results, total=len(unique), desc="checking images", unit="img", disable=not progress, leave=False)
+        return {name: reason for name, reason in results if reason is not None}
+
+
+def _long_captions(table: PairTable, tokenizer: Any, context_length: int) -> list[Problem]:
+    lengths = [len(ids) for ids in tokenizer(list(table.captions), truncation=False)["input_ids"]]
+    long_rows = [i for i, n in enumerate(lengths) if n > context_length]
+    if not long_rows:
+        return []
+    first = long_rows[0]
+    return [
+        Problem(
+            str(table.csv_path),
+            table.lines[first],
+            "caption_truncated",
+            f"{len(long_rows)} caption(s) are longer than the model's {context_length} tokens and will be truncated "
+            f"(first: {lengths[first]} tokens)",
+            fatal=False,
+        )
+    ]

@@ -1,0 +1,248 @@
+"""Evaluation: embed a split, compute metrics (``metrics.py``), write reports and plots.
+
+Computing and writing are separate: ``evaluate_split`` returns a result, ``write_report`` stores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .data.dataset import ImageFileDataset, PairTable, Skipped
+from .data.transforms import EvalTransform, normalize
+from .errors import DataError
+from .loss import clip_loss
+from .metrics import mean_recall, retrieval_metrics, similarity_stats
+from .model import ImageSpec, encode_image, encode_text
+
+log = logging.getLogger(__name__)
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, dict[str, float]]  # retrieval, by direction
+    loss: float
+    similarity: dict[str, float]
+    num_images: int
+    num_captions: int
+    positive: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    negative: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+
+    @property
+    def mean_recall(self) -> float:
+        return mean_recall(self.metrics)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "retrieval": self.metrics,
+            "mean_recall": self.mean_recall,
+            "loss": self.loss,
+            "similarity": self.similarity,
+            "num_images": self.num_images,
+            "num_captions": self.num_captions,
+        }
+
+    def select(self, name: str) -> float:
+        """A metric by name: 'mean_recall', 'loss' or '<direction>/<metric>' such as 'text_to_image/R@1'."""
+        if name == "mean_recall":
+            return self.mean_recall
+        if name == "loss":
+            return -self.loss  # higher is better everywhere
+        direction, _, metric = name.partition("/")
+        try:
+            return self.metrics[direction][metric]
+        except KeyError:
+            known = [f"{d}/{m}" for d, ms in self.metrics.items() for m in ms]
+            raise KeyError(f"unknown metric {name!r}; known: mean_recall, loss, {', '.join(known)}") from None
+
+
+class _ImageCollate:
+    def __call__(self, samples: list[dict[str, Any] | Skipped]) -> tuple[torch.Tensor, torch.Tensor, list[Skipped]]:
+        good = [s for s in samples if not isinstance(s, Skipped)]
+        bad = [s for s in samples if isinstance(s, Skipped)]
+        if not good:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, 1, 1, dtype=torch.uint8), bad
+        return torch.tensor([s["index"] for s in good]), torch.stack([s["pixel_values"] for s in good]), bad
+
+
+@torch.no_grad()
+def embed_images(
+    model: nn.Module,
+    paths: Sequence[str | Path],
+    spec: ImageSpec,
+    *,
+    device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    max_pixels: int | None = None,
+    progress: bool = False,
+    desc: str = "embedding images",
+) -> tuple[torch.Tensor, list[Skipped]]:
+    """Normalised embeddings (float32, CPU) of image files; rows of unreadable files are NaN and reported."""
+    loader = DataLoader(
+        ImageFileDataset(paths, EvalTransform(spec), max_pixels),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_ImageCollate(),
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # leave the global RNG stream alone (exact resumes)
+    )
+    out: torch.Tensor | None = None
+    skipped: list[Skipped] = []
+    model.eval()
+    for index, pixels, bad in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+        skipped += bad
+        if not len(index):
+            continue
+        with autocast():
+            emb = encode_image(model, normalize(pixels.to(device, non_blocking=True), spec)).cpu()
+        if out is None:
+            out = torch.full((len(paths), emb.shape[1]), float("nan"))
+        out[index] = emb
+    if out is None:
+        raise DataError(f"none of the {len(paths)} images could be read; first failure: {skipped[0].path}: {skipped[0].reason}")
+    return out, skipped
+
+
+@torch.no_grad()
+def embed_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    context_length: int,
+    device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+    batch_size: int = 256,
+) -> torch.Tensor:
+    """Normalised text embeddings (float32, CPU)."""
+    model.eval()
+    parts = []
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[start : start + batch_size]),
+            padding="longest",
+            truncation=True,
+            max_length=context_length,
+            return_tensors="pt",
+        )
+        with autocast():
+            parts.append(encode_text(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
+    return torch.cat(parts)
+
+
+def evaluate_split(
+    model: nn.Module,
+    tokenizer: Any,
+    table: PairTable,
+    spec: ImageSpec,
+    *,
+    context_length: int,
+    device: torch.device,
+    autocast: Autocast = contextlib.nullcontext,
+    batch_size: int = 256,
+    loss_batch_size: int = 256,
+    chunk_size: int = 1024,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> EvalResult:
+    """Retrieval metrics, contrastive loss and similarity statistics of one split."""
+    filenames, row_to_image = table.images()
+    image_emb, skipped = embed_images(
+        model,
+        [table.image_dir / f for f in filenames],
+        spec,
+        device=device,
+        autocast=autocast,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    if skipped:
+        listing = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
+        raise DataError(f"{len(skipped)} image(s) of {table.csv_path} could not be read ({listing}); run validate-data")
+    text_emb = embed_texts(
+        model, tokenizer, table.captions, context_length=context_length, device=device, autocast=autocast, batch_size=batch_size
+    )
+    t2i = torch.tensor(row_to_image)
+    scale = float(model.logit_scale.detach().float().cpu())
+    return evaluate_embeddings(image_emb, text_emb, t2i, list(table.captions), scale, loss_batch_size, chunk_size)
+
+
+def evaluate_embeddings(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_to_image: torch.Tensor,
+    captions: list[str],
+    logit_scale: float,
+    loss_batch_size: int = 256,
+    chunk_size: int = 1024,
+) -> EvalResult:
+    metrics = retrieval_metrics(image_emb, text_emb, text_to_image, captions, chunk_size=chunk_size)
+    # Contrastive loss over consecutive blocks of rows (the training objective at the training batch size).
+    losses, sizes = [], []
+    scale = torch.tensor(logit_scale)
+    for start in range(0, len(captions), loss_batch_size):
+        rows = torch.arange(start, min(start + loss_batch_size, len(captions)))
+        if len(rows) > 1:
+            losses.append(float(clip_loss(image_emb[text_to_image[rows]], text_emb[rows], scale)))
+            sizes.append(len(rows))
+    loss = float(np.average(losses, weights=sizes)) if losses else float("nan")
+    stats, positive, negative = similarity_stats(image_emb, text_emb, text_to_image)
+    return EvalResult(metrics, loss, stats, image_emb.shape[0], text_emb.shape[0], positive, negative)
+
+
+def write_report(result: EvalResult, out_dir: Path, name: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """``<out>/<name>.json``, ``<out>/plots/<name>_similarity.png``, and a line appended to ``<out>/history.jsonl``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
+    report = out_dir / f"{name}.json"
+    report.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    plot = plot_similarity(result, out_dir / "plots" / f"{name}_similarity.png")
+    return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
+
+
+def plot_similarity(result: EvalResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    bins = np.linspace(-1, 1, 81)
+    ax.hist(result.negative, bins=bins, alpha=0.6, density=True, label=f"non-matching (n={result.negative.size})")
+    ax.hist(result.positive, bins=bins, alpha=0.6, density=True, label=f"matching (n={result.positive.size})")
+    ax.set_xlabel("cosine similarity")
+    ax.set_ylabel("density")
+    ax.set_title(f"image-caption similarity (gap {result.similarity['gap']:.3f})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def format_metrics(metrics: dict[str, dict[str, float]]) -> str:
+    """A fixed-width table of retrieval metrics, one row per direction."""
+    columns = ["R@1", "R@5", "R@10", "mean_rank", "median_rank"]
+    lines = [f"{'direction':<30}" + "".join(f"{c:>12}" for c in columns)]
+    for direction, values in metrics.items():
+        lines.append(f"{direction:<30}" + "".join(f"{values[c]:>12.4f}" for c in columns))
+    return "\n".join(lines)

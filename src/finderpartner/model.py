@@ -1,0 +1,222 @@
+"""Build, load and save the dual encoder; embed images and texts.
+
+The model is a plain Hugging Face ``CLIPModel`` (or ``VisionTextDualEncoderModel``) so that a saved
+``best_model/`` loads with transformers alone. Everything here works on transformers 4.4x and 5.x: features
+are computed from the towers' ``pooler_output`` and the projections, never from ``get_*_features`` whose
+return type changed in 5.x.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TINY, TinySpec
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# OpenAI CLIP's normalisation; the tiny model uses it too so that pretrained and tiny share one data path.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so that exp(scale) <= 100
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'org/name' or 'name', never a path
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Preprocessing taken from the model's image processor: resize shortest edge, centre crop, normalise."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+@dataclass
+class DualEncoder:
+    """A model with the tokenizer and image processor that belong to it."""
+
+    model: nn.Module
+    tokenizer: Any
+    image_processor: Any
+
+    @property
+    def context_length(self) -> int:
+        cfg = self.model.config.text_config
+        return int(min(cfg.max_position_embeddings, self.tokenizer.model_max_length))
+
+    @property
+    def image_spec(self) -> ImageSpec:
+        return image_spec_of(self.image_processor)
+
+
+def image_spec_of(processor: Any) -> ImageSpec:
+    size = processor.size
+    resize = size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0))
+    crop_size = getattr(processor, "crop_size", None) or {}
+    crop = min(crop_size.get("height", resize), crop_size.get("width", resize)) if processor.do_center_crop else resize
+    return ImageSpec(int(resize), int(crop), tuple(processor.image_mean), tuple(processor.image_std))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building and loading
+
+
+def build_model(name: str, *, tiny: TinySpec, captions: Iterable[str] | None = None, seed: int = 0) -> DualEncoder:
+    """The model a training run starts from: the tiny preset, a local folder or a hub id."""
+    if name == TINY:
+        if captions is None:
+            raise ModelError("the tiny model learns its tokenizer from the training captions; none were given")
+        return build_tiny(tiny, captions, seed=seed)
+    return load_model(name)
+
+
+def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokenizer: Any = None) -> DualEncoder:
+    """A small randomly initialised CLIP plus a BPE tokenizer learnt from ``captions`` (or the one given)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from .tokenizer import build_caption_tokenizer
+
+    if tokenizer is None:
+        tokenizer = build_caption_tokenizer(captions, vocab_size=spec.vocab_size, context_length=spec.context_length)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=spec.text_width,
+            intermediate_size=4 * spec.text_width,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=spec.context_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+            hidden_size=spec.vision_width,
+            intermediate_size=4 * spec.vision_width,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+        ),
+        projection_dim=spec.embed_dim,
+    )
+    with torch.random.fork_rng(devices=[]):  # initialisation must not disturb the caller's RNG stream
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return DualEncoder(model, tokenizer, processor)
+
+
+def load_model(name_or_path: str | Path) -> DualEncoder:
+    """Load a saved folder or a hub id (from the local cache when there, else from the hub)."""
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
+    source = str(name_or_path)
+    is_dir = Path(source).expanduser().is_dir()
+    if is_dir:
+        source = str(Path(source).expanduser())
+    elif not _HUB_ID.fullmatch(source) or Path(source.split("/")[0]).is_dir():  # 'outputs/x' is a path
+        raise ModelError(f"model folder {source} does not exist; train one first or fix the path")
+    if is_dir and not (Path(source) / "config.json").is_file():
+        raise ModelError(f"{source} is not a complete save_pretrained folder: it has no config.json")
+    local_only = is_dir or _in_hf_cache(source)
+    try:
+        model = AutoModel.from_pretrained(source, local_files_only=local_only)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        if is_dir:
+            raise ModelError(f"{source} is not a complete save_pretrained folder: {_first_line(e)}") from None
+        raise ModelError(
+            f"model {source!r} is not a local folder, not in the Hugging Face cache, and the hub could not be reached "
+            f"({_first_line(e)}). Download it where there is internet (`huggingface-cli download {source}`) and copy "
+            "the cache folder (~/.cache/huggingface) here, point model.name at a local save_pretrained folder, "
+            "or use model.name: tiny."
+        ) from None
+    for attr in ("vision_model", "text_model", "visual_projection", "text_projection", "logit_scale"):
+        if not hasattr(model, attr):
+            raise ModelError(f"{source}: {type(model).__name__} is not a CLIP-style dual encoder (no {attr})")
+    return DualEncoder(model, tokenizer, processor)
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id that is not a valid repo name is simply "not cached"
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = None) -> Path:
+    """Write a plain ``save_pretrained`` folder: safetensors weights, tokenizer, processor, model card."""
+    from transformers import CLIPModel, CLIPProcessor, VisionTextDualEncoderProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.model.save_pretrained(out, safe_serialization=True)
+    processor_cls = CLIPProcessor if isinstance(encoder.model, CLIPModel) else VisionTextDualEncoderProcessor
+    processor_cls(image_processor=encoder.image_processor, tokenizer=encoder.tokenizer).save_pretrained(out)
+    # transformers 5 folds the image processor into processor_config.json; 4.x reads preprocessor_config.json.
+    encoder.image_processor.save_pretrained(out)
+    if not (out / "vocab.json").exists() and getattr(encoder.tokenizer, "is_fast", False):
+        # transformers 5 no longer writes vocab.json/merges.txt; transformers 4's slow CLIPTokenizer needs them.
+        from .tokenizer import save_vocab_files
+
+        try:
+            save_vocab_files(encoder.tokenizer, out)
+        except Exception as e:  # not a BPE tokenizer: nothing a slow CLIP tokenizer could read anyway
+            log.debug("no vocab.json/merges.txt written: %s", e)
+    if card is not None:
+        (out / "README.md").write_text(card, encoding="utf-8")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Embedding
+
+
+def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Projected (not normalised) image embeddings."""
+    return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+
+
+def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Projected (not normalised) text embeddings."""
+    return model.text_projection(model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
+
+
+def encode_image(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """L2-normalised image embeddings, float32."""
+    return F.normalize(image_features(model, pixel_values).float(), dim=-1)
+
+
+def encode_text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """L2-normalised text embeddings, float32."""
+    return F.normalize(text_features(model, input_ids, attention_mask).float(), dim=-1)
+
+
+@torch.no_grad()
+def clamp_logit_scale(model: nn.Module) -> None:
+    """Keep exp(logit_scale) <= 100, as CLIP does after every optimizer step."""
+    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)

@@ -1,0 +1,601 @@
+"""The training loop, on HF Accelerate, one readable function per phase.
+
+``train(cfg)`` = set up (run folder, data, model, optimizer, resume) -> for each epoch: steps, then
+validation and the best model -> final checkpoint and summary. A step is one contrastive batch: the
+gradient cache (``memory.py``) makes its result independent of the micro-batch, and a CUDA OOM halves the
+micro-batch and redoes the same step. Gradients are summed across processes explicitly (the model is not
+wrapped in DDP) because each process already holds the full derivative of the global loss for its features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from .config import TINY, Config, config_to_dict, render_yaml
+from .data.collate import Batch, Collator
+from .data.dataset import ContrastiveBatchSampler, PairDataset, PairTable, num_workers
+from .data.transforms import TrainTransform
+from .data.validate import require_usable, validate_split
+from .env import autocast_factory, resolve_device, resolve_precision
+from .errors import CheckpointError, ConfigError, TrainingError
+from .evaluate import EvalResult, evaluate_split, format_metrics
+from .memory import capture_rng, contrastive_backward, free_memory, is_oom, restore_rng
+from .model import DualEncoder, build_model, clamp_logit_scale, save_model
+from .tracking import Trackers, flatten, make_trackers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a resume needs besides model/optimizer/scheduler tensors."""
+
+    global_step: int = 0  # optimizer steps taken (skipped non-finite steps included)
+    epoch: int = 0
+    step_in_epoch: int = 0
+    micro_batch_size: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    samples_seen: int = 0
+    skipped_samples: int = 0
+    nonfinite_steps: int = 0
+    nonfinite_streak: int = 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_model: Path
+    state: TrainState
+    final: EvalResult | None
+    seconds: float
+
+
+@dataclass
+class _Run:
+    """The objects of one training run, built once by ``_setup``; derived numbers included."""
+
+    cfg: Config
+    accelerator: Any
+    device: torch.device
+    precision: str
+    encoder: DualEncoder
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    sampler: ContrastiveBatchSampler
+    loader: DataLoader
+    val_table: PairTable | None
+    trackers: Trackers
+    state: TrainState
+    total_steps: int
+
+    @property
+    def model(self) -> nn.Module:
+        return self.encoder.model
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_dir
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
+    """Fine-tune (or train from scratch) a dual encoder as configured; returns where the results are."""
+    start = time.perf_counter()
+    run = _setup(cfg, resume)
+    try:
+        _log_plan(run)
+        final = _loop(run)
+        _save_checkpoint(run)
+    finally:
+        run.trackers.close()
+    best = run.run_dir / "best_model"
+    result = TrainResult(run.run_dir, best, run.state, final, time.perf_counter() - start)
+    if run.is_main:
+        _summary(run, result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup
+
+
+def _setup(cfg: Config, resume: str | None) -> _Run:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    device_type = resolve_device(cfg.train.device).type
+    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="no")  # autocast is ours: see env.py
+    device = accelerator.device
+    precision = resolve_precision(cfg.train.precision, device)
+    if device.type == "cpu":
+        log.warning("no CUDA GPU: training on the CPU in %s; expect minutes for the tiny model, hours for ViT-B/32", precision)
+    set_seed(cfg.seed)
+    run_dir = cfg.run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(render_yaml(cfg), encoding="utf-8")
+
+    train_table, val_table = _load_data(cfg, progress=accelerator.is_main_process)
+    encoder = _load_encoder(cfg, train_table, resume is not None, accelerator.is_main_process)
+    model = encoder.model.to(device)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    world = accelerator.num_processes
+    global_batch = _effective_batch(cfg.train.batch_size, len(train_table), world)
+    sampler = ContrastiveBatchSampler(len(train_table), global_batch, cfg.seed, accelerator.process_index, world)
+    total_steps = cfg.train.max_steps or sampler.steps_per_epoch * cfg.train.epochs
+    optimizer = _optimizer(model, cfg)
+    scheduler = _scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    state = TrainState(micro_batch_size=_initial_micro_batch(cfg, global_batch // world))
+    loader = _train_loader(cfg, train_table, encoder, sampler, device)
+    trackers = make_trackers(
+        run_dir,
+        jsonl=cfg.tracking.jsonl,
+        tensorboard=cfg.tracking.tensorboard,
+        wandb=cfg.tracking.wandb,
+        wandb_project=cfg.tracking.wandb_project,
+        config=config_to_dict(cfg),
+        enabled=accelerator.is_main_process,
+    )
+    run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, sampler, loader, val_table,
+               trackers, state, total_steps)  # fmt: skip
+    if resume:
+        _resume(run, resume)
+    return run
+
+
+def _load_data(cfg: Config, progress: bool) -> tuple[PairTable, PairTable | None]:
+    if cfg.data.format != "csv":
+        raise ConfigError("data.format 'webdataset' is not supported by this trainer yet; use the csv layout")
+    tables = []
+    for split in (cfg.data.train_split, cfg.data.val_split):
+        if not split:
+            tables.append(None)
+            continue
+        report = validate_split(cfg.data.root, split, max_pixels=cfg.data.max_image_pixels, progress=progress)
+        tables.append(require_usable(report, cfg.data.on_error))
+    return tables[0], tables[1]
+
+
+def _load_encoder(cfg: Config, train_table: PairTable, resuming: bool, is_main: bool) -> DualEncoder:
+    """The starting model. The tiny model's tokenizer is learnt once and kept in the run folder for resumes."""
+    saved = cfg.run_dir / "tokenizer"
+    if cfg.model.name == TINY and resuming and saved.is_dir():
+        from transformers import AutoTokenizer
+
+        from .model import build_tiny
+
+        tokenizer = AutoTokenizer.from_pretrained(saved)
+        encoder = build_tiny(cfg.model.tiny, [], seed=cfg.seed, tokenizer=tokenizer)
+    else:
+        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=train_table.captions, seed=cfg.seed)
+        if cfg.model.name == TINY and is_main:
+            encoder.tokenizer.save_pretrained(saved)
+    return encoder
+
+
+def _effective_batch(batch_size: int, rows: int, world: int) -> int:
+    """The contrastive batch, shrunk for a data set smaller than one batch so that an epoch has >= 1 step."""
+    if batch_size % world:
+        raise ConfigError(f"train.batch_size {batch_size} must be divisible by the {world} processes")
+    if rows >= batch_size:
+        return batch_size
+    smaller = (rows // world) * world
+    if smaller < 2:
+        raise ConfigError(f"only {rows} training pair(s): a contrastive batch needs at least 2 per step")
+    log.warning("only %d training pairs: using a contrastive batch of %d instead of %d", rows, smaller, batch_size)
+    return smaller
+
+
+def _initial_micro_batch(cfg: Config, local_batch: int) -> int:
+    setting = cfg.train.micro_batch_size
+    return local_batch if setting == "auto" else min(int(setting), local_batch)
+
+
+def _train_loader(cfg: Config, table: PairTable, encoder: DualEncoder, sampler: ContrastiveBatchSampler, device: torch.device) -> DataLoader:
+    aug = cfg.data.augment
+    transform = TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
+    workers = num_workers(cfg.data.num_workers)
+    return DataLoader(
+        PairDataset(table, transform, cfg.data.max_image_pixels),
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=Collator(encoder.tokenizer, encoder.context_length),
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator(),  # the loader's own seed draw must not consume the global RNG stream
+    )
+
+
+def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings and the logit scale."""
+    no_decay_modules = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm2d)
+    no_decay: set[int] = {id(p) for m in model.modules() if isinstance(m, no_decay_modules) for p in m.parameters(recurse=False)}
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (rest if p.ndim < 2 or id(p) in no_decay or name.endswith("logit_scale") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), eps=cfg.train.eps)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to ``floor * lr``."""
+    if warmup >= total:
+        log.warning("warm-up of %d steps is not shorter than the %d training steps: using %d", warmup, total, total // 5)
+        warmup = total // 5
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _resume(run: _Run, resume: str) -> None:
+    checkpoints = run.run_dir / "checkpoints"
+    if resume == "auto":
+        path = latest_checkpoint(checkpoints)
+        if path is None:
+            log.info("--resume auto: no complete checkpoint in %s; starting from scratch", checkpoints)
+            return
+    else:
+        path = Path(resume)
+        if (path / "checkpoints").is_dir():  # a run folder was given
+            path = latest_checkpoint(path / "checkpoints") or path
+    ckpt = load_checkpoint(path)
+    saved_cfg = ckpt.state.get("config", {})
+    if saved_cfg.get("model") != config_to_dict(run.cfg)["model"]:
+        raise CheckpointError(f"{path} was trained with another model section in its config; resume with the same model settings")
+    run.model.load_state_dict(ckpt.model)
+    run.optimizer.load_state_dict(ckpt.optimizer)
+    run.scheduler.load_state_dict(ckpt.state["scheduler"])
+    run.scaler.load_state_dict(ckpt.state["scaler"])
+    for f in dataclasses.fields(TrainState):
+        setattr(run.state, f.name, ckpt.state["trainer"][f.name])
+    rng = {"cpu": ckpt.rng["cpu"]}
+    cuda = [ckpt.rng[k] for k in sorted(ckpt.rng) if k.startswith("cuda_")]
+    if cuda and torch.cuda.is_available():
+        rng["cuda"] = cuda
+    restore_rng(rng)
+    log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", path, run.state.global_step, run.state.epoch,
+             run.state.step_in_epoch)  # fmt: skip
+
+
+def _log_plan(run: _Run) -> None:
+    if not run.is_main:
+        return
+    n_params = sum(p.numel() for p in run.model.parameters())
+    n_train = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    log.info(
+        "model %s: %.1fM parameters (%.1fM trainable) on %s in %s; contrastive batch %d (%d per process, micro-batch %d); "
+        "%d steps (%d per epoch)",
+        run.cfg.model.name, n_params / 1e6, n_train / 1e6, run.device, run.precision, run.sampler.global_batch,
+        run.sampler.global_batch // run.sampler.world_size, run.state.micro_batch_size, run.total_steps,
+        run.sampler.steps_per_epoch,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _loop(run: _Run) -> EvalResult | None:
+    state, cfg = run.state, run.cfg
+    final: EvalResult | None = None
+    bar = tqdm(total=run.total_steps, initial=state.global_step, desc="training", unit="step", disable=not run.is_main,
+               dynamic_ncols=True)  # fmt: skip
+    window = _Window()
+    while state.global_step < run.total_steps:
+        run.sampler.set_position(state.epoch, state.step_in_epoch)
+        window.mark_data_start()
+        for batch in run.loader:
+            window.mark_data_end()
+            _train_step(run, batch, window)
+            bar.update(1)
+            bar.set_postfix(loss=f"{window.last_loss:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                            samples_s=f"{window.samples_per_s:.0f}")  # fmt: skip
+            if state.global_step % cfg.train.log_every == 0:
+                run.trackers.log(window.flush(run), state.global_step)
+            if state.global_step % cfg.train.checkpoint_every == 0:
+                _save_checkpoint(run)
+            if state.global_step >= run.total_steps:
+                break
+            window.mark_data_start()
+        epoch_done = state.step_in_epoch >= run.sampler.steps_per_epoch
+        last = state.global_step >= run.total_steps
+        if epoch_done:
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if (epoch_done and state.epoch % cfg.train.eval_every_epochs == 0) or last:
+            final = _validate(run)
+    bar.close()
+    if final is None and run.val_table is None and run.is_main:
+        _save_best(run, None)  # no validation split: the final model is the best we know
+    return final
+
+
+class _Window:
+    """Running figures between two log lines: loss, throughput, time waiting for data."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.samples = 0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+        self._data_start = self.start
+        self.last_loss = float("nan")
+        self.samples_per_s = 0.0
+
+    def mark_data_start(self) -> None:
+        self._data_start = time.perf_counter()
+
+    def mark_data_end(self) -> None:
+        self.data_wait += time.perf_counter() - self._data_start
+
+    def add(self, loss: float, grad_norm: float, samples: int) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.samples += samples
+        self.last_loss = loss
+        elapsed = time.perf_counter() - self.start
+        self.samples_per_s = self.samples / elapsed if elapsed > 0 else 0.0
+
+    def flush(self, run: _Run) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        finite = [x for x in self.losses if math.isfinite(x)]
+        metrics = {
+            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
+            "train/grad_norm": max(self.grad_norms) if self.grad_norms else float("nan"),
+            "train/lr": run.scheduler.get_last_lr()[0],
+            "train/logit_scale": float(run.model.logit_scale.detach().exp()),
+            "train/samples_per_s": self.samples / elapsed,
+            "train/data_wait_fraction": self.data_wait / elapsed,
+            "train/epoch": run.state.epoch + run.state.step_in_epoch / max(1, run.sampler.steps_per_epoch),
+            "train/micro_batch_size": run.state.micro_batch_size,
+        }
+        self.__init__()
+        return metrics
+
+
+def _train_step(run: _Run, batch: Batch, window: _Window) -> None:
+    """One optimizer step on one contrastive batch; non-finite steps are skipped, OOM halves the micro-batch."""
+    state = run.state
+    if batch.skipped:
+        state.skipped_samples += len(batch.skipped)
+        for s in batch.skipped:
+            log.warning("step %d: skipped %s (%s)", state.global_step + 1, s.path, s.reason)
+    batch = batch.to(run.device, non_blocking=True)
+    loss = _backward_with_oom_retry(run, batch)
+    _sum_gradients_across_processes(run.model)
+    if run.scaler.is_enabled():
+        run.scaler.unscale_(run.optimizer)
+    params = [p for p in run.model.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip or float("inf"))
+    loss_value, norm_value = float(loss), float(grad_norm)
+    if math.isfinite(loss_value) and (math.isfinite(norm_value) or run.scaler.is_enabled()):
+        run.scaler.step(run.optimizer)  # plain optimizer.step() when the scaler is disabled
+        run.scaler.update()
+        clamp_logit_scale(run.model)
+        state.nonfinite_streak = 0
+    else:
+        _skip_nonfinite(run, loss_value, norm_value)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    state.global_step += 1
+    state.step_in_epoch += 1
+    state.samples_seen += run.sampler.global_batch
+    window.add(loss_value, norm_value, len(batch) * run.sampler.world_size)
+
+
+def _backward_with_oom_retry(run: _Run, batch: Batch) -> torch.Tensor:
+    rng = capture_rng()
+    while True:
+        try:
+            return contrastive_backward(
+                run.model,
+                batch,
+                micro_batch_size=run.state.micro_batch_size,
+                spec=run.encoder.image_spec,
+                autocast=autocast_factory(run.device, run.precision),
+                backward=lambda loss: run.scaler.scale(loss).backward(),
+            )
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            run.optimizer.zero_grad(set_to_none=True)
+            free_memory()
+            restore_rng(rng)
+            if run.state.micro_batch_size <= 1 or run.sampler.world_size > 1:
+                raise TrainingError(_oom_advice(run)) from None
+            run.state.micro_batch_size = max(1, run.state.micro_batch_size // 2)
+            log.warning("out of memory at step %d: micro-batch halved to %d, redoing the step", run.state.global_step + 1,
+                        run.state.micro_batch_size)  # fmt: skip
+
+
+def _oom_advice(run: _Run) -> str:
+    where = "at micro-batch 1" if run.state.micro_batch_size <= 1 else "in a multi-process run"
+    return (
+        f"out of memory {where} ({run.precision}, model {run.cfg.model.name}). To fit: precision bf16/fp16 "
+        "(train.precision), model.gradient_checkpointing: true, a smaller image size, freezing a tower "
+        "(model.freeze.image_tower / text_tower) or LoRA (model.lora.enabled)"
+        + ("; or set train.micro_batch_size lower explicitly" if run.sampler.world_size > 1 else "")
+    )
+
+
+def _sum_gradients_across_processes(model: nn.Module) -> None:
+    """Each process holds d(global loss)/d(params) through its own features: the total is their sum.
+
+    The logit scale's gradient is the same full value in every process, so it is averaged instead.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+    if model.logit_scale.grad is not None:
+        model.logit_scale.grad /= dist.get_world_size()
+
+
+def _skip_nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
+    state = run.state
+    state.nonfinite_steps += 1
+    state.nonfinite_streak += 1
+    log.warning("step %d: non-finite loss (%s) or gradient norm (%s): step skipped (%d in a row, %d in total)",
+                state.global_step + 1, loss, grad_norm, state.nonfinite_streak, state.nonfinite_steps)  # fmt: skip
+    if state.nonfinite_streak >= run.cfg.train.max_nonfinite_steps:
+        raise TrainingError(
+            f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient (step {state.global_step + 1}). "
+            "Lower train.lr, use precision bf16 instead of fp16, or check the data; the last checkpoint is intact."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation, best model, checkpoints
+
+
+def _validate(run: _Run) -> EvalResult | None:
+    if run.val_table is None:
+        return None
+    result = None
+    if run.is_main:
+        cfg = run.cfg
+        result = evaluate_split(
+            run.model,
+            run.encoder.tokenizer,
+            run.val_table,
+            run.encoder.image_spec,
+            context_length=run.encoder.context_length,
+            device=run.device,
+            autocast=autocast_factory(run.device, run.precision),
+            batch_size=cfg.eval.batch_size,
+            loss_batch_size=run.sampler.global_batch,
+            chunk_size=cfg.eval.chunk_size,
+            num_workers=0,
+        )
+        run.model.train()
+        run.trackers.log(flatten({"val": result.summary()}), run.state.global_step)
+        log.info("step %d, epoch %d: val loss %.4f, mean recall %.4f", run.state.global_step, run.state.epoch, result.loss,
+                 result.mean_recall)  # fmt: skip
+        value = result.select(cfg.eval.best_metric)
+        if run.state.best_metric is None or value > run.state.best_metric:
+            run.state.best_metric, run.state.best_step = value, run.state.global_step
+            _save_best(run, result)
+    run.accelerator.wait_for_everyone()
+    return result
+
+
+def _save_best(run: _Run, result: EvalResult | None) -> None:
+    card = _model_card(run, result)
+    replace_dir(lambda tmp: save_model(run.encoder, tmp, card=card), run.run_dir / "best_model")
+    log.info("best model (step %d) saved to %s", run.state.global_step, run.run_dir / "best_model")
+
+
+def _save_checkpoint(run: _Run) -> None:
+    if run.is_main:
+        rng = capture_rng()
+        tensors = {"cpu": rng["cpu"], **{f"cuda_{i}": s for i, s in enumerate(rng.get("cuda", []))}}
+        state = {
+            "trainer": dataclasses.asdict(run.state),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            "config": config_to_dict(run.cfg),
+            "world_size": run.sampler.world_size,
+            "versions": _versions(),
+        }
+        save_checkpoint(
+            run.run_dir / "checkpoints",
+            run.state.global_step,
+            model=run.model.state_dict(),
+            optimizer=run.optimizer.state_dict(),
+            rng=tensors,
+            state=state,
+            keep=run.cfg.train.keep_checkpoints,
+        )
+    run.accelerator.wait_for_everyone()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"finderpartner": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}  # fmt: skip
+
+
+def _model_card(run: _Run, result: EvalResult | None) -> str:
+    cfg = run.cfg
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: zero-shot-image-classification",
+        "tags: [clip, finderpartner]",
+        "---",
+        f"# {cfg.experiment}",
+        "",
+        f"CLIP dual encoder fine-tuned with FinderPartner {__version__} from `{cfg.model.name}` on `{cfg.data.root}`",
+        f"(split `{cfg.data.train_split}`), step {run.state.global_step}, epoch {run.state.epoch}, contrastive batch "
+        f"{run.sampler.global_batch}, precision {run.precision}, seed {cfg.seed}.",
+        "",
+    ]
+    if result is not None:
+        lines += [f"## Validation (`{cfg.data.val_split}`, {result.num_images} images, {result.num_captions} captions)", "",
+                  "```", format_metrics(result.metrics), "```", "",
+                  f"Validation loss {result.loss:.4f}; mean recall {result.mean_recall:.4f}.", ""]  # fmt: skip
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from transformers import CLIPModel, CLIPProcessor",
+        'model = CLIPModel.from_pretrained("path/to/best_model")',
+        'processor = CLIPProcessor.from_pretrained("path/to/best_model")',
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _summary(run: _Run, result: TrainResult) -> None:
+    state = run.state
+    lines = [
+        f"finished {state.global_step} steps ({state.samples_seen} pairs) in {result.seconds / 60:.1f} min",
+        f"run folder: {run.run_dir}",
+        f"best model: {result.best_model} (step {state.best_step}, {run.cfg.eval.best_metric} = {state.best_metric})"
+        if state.best_step is not None
+        else f"model: {result.best_model}",
+    ]
+    if state.skipped_samples or state.nonfinite_steps:
+        lines.append(f"skipped: {state.skipped_samples} unreadable sample(s), {state.nonfinite_steps} non-finite step(s)")
+    if result.final is not None:
+        lines += ["final validation:", format_metrics(result.final.metrics)]
+    log.info("\n".join(lines))

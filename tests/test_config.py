@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finderpartner.config import PRESETS, Config, apply_overrides, config_from_dict, load_config, preset_config, render_yaml
+from finderpartner.errors import ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped() -> None:
+    assert {p.name for p in CONFIGS} >= {"clip_tiny.yaml", "clip_base.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+
+
+def test_shipped_presets_match_their_generators() -> None:
+    root = Path(__file__).parents[1] / "configs"
+    assert load_config(root / "clip_tiny.yaml") == preset_config("tiny")
+    assert load_config(root / "clip_base.yaml") == preset_config("rtx3060")
+
+
+def test_three_mistakes_are_all_reported(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: -1\n  batch_sise: 64\nmodel:\n  tiny:\n    patch_size: 7\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    message = str(err.value)
+    assert "3 problem(s)" in message
+    assert "train.lr: Input should be greater than 0 (got -1)" in message
+    assert "train.batch_sise: unknown key; did you mean 'batch_size'?" in message
+    assert "model.tiny: patch_size 7 must divide image_size 64" in message
+
+
+def test_unknown_section_gets_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match=r"modle: unknown key; did you mean 'model'\?"):
+        config_from_dict({"modle": {"name": "tiny"}})
+
+
+def test_wrong_type_and_choice_are_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"train": {"precision": "fp8", "epochs": "many"}})
+    assert "train.precision" in str(err.value) and "'auto', 'fp32', 'bf16' or 'fp16'" in str(err.value)
+    assert "train.epochs" in str(err.value)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated() -> None:
+    cfg = load_config(None, ["train.lr=3e-4", "train.micro_batch_size=8", "data.augment.hflip=false", "model.name=tiny"])
+    assert cfg.train.lr == 3e-4 and cfg.train.micro_batch_size == 8
+    assert cfg.data.augment.hflip is False and cfg.model.name == "tiny"
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="train.lr is a value, not a section"):
+        apply_overrides({"train": {"lr": 1.0}}, ["train.lr.x=1"])
+    with pytest.raises(ConfigError, match="train.lrr: unknown key; did you mean 'lr'"):
+        load_config(None, ["train.lrr=1"])
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found; `finderpartner init-config"):
+        load_config(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_rendered_config_round_trips(name: str) -> None:
+    cfg = preset_config(name)
+    text = render_yaml(cfg)
+    assert "# " in text  # commented
+    assert config_from_dict(yaml.safe_load(text)) == cfg
+
+
+def test_config_is_immutable() -> None:
+    cfg = preset_config("tiny")
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # type: ignore[misc]

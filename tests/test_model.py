@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from finderpartner.config import TinySpec
+from finderpartner.data.transforms import EvalTransform, normalize
+from finderpartner.errors import ModelError
+from finderpartner.model import MAX_LOGIT_SCALE, build_tiny, clamp_logit_scale, encode_image, encode_text, load_model, save_model
+
+from helpers import MICRO_SPEC
+
+CAPTIONS = ["a large red circle on the left", "small blue star, center", "a small green square on the right"]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_tiny(TinySpec(**MICRO_SPEC), CAPTIONS * 3, seed=3)
+
+
+def test_embeddings_are_l2_normalised(encoder) -> None:
+    model = encoder.model.eval()
+    pixels = torch.randn(4, 3, 32, 32)
+    enc = encoder.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        img, txt = encode_image(model, pixels), encode_text(model, enc["input_ids"], enc["attention_mask"])
+    assert img.shape == (4, 32) and txt.shape == (3, 32)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(txt.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+def test_tiny_build_is_deterministic(encoder) -> None:
+    again = build_tiny(TinySpec(**MICRO_SPEC), CAPTIONS * 3, seed=3)
+    for (name, a), (_, b) in zip(encoder.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert abs(float(encoder.model.logit_scale.detach()) - np.log(1 / 0.07)) < 1e-4  # CLIP's initial temperature
+
+
+def test_logit_scale_is_clamped_at_100(encoder) -> None:
+    with torch.no_grad():
+        encoder.model.logit_scale.fill_(10.0)
+    clamp_logit_scale(encoder.model)
+    assert float(encoder.model.logit_scale.exp()) == pytest.approx(100.0)
+    with torch.no_grad():
+        encoder.model.logit_scale.fill_(np.log(1 / 0.07))
+    assert MAX_LOGIT_SCALE == pytest.approx(np.log(100))
+
+
+# Runs in a fresh interpreter that never imports finderpartner: plain transformers must be enough.
+_PLAIN = r"""
+import json, sys
+import numpy as np, torch, transformers
+from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTokenizerFast, pipeline
+from PIL import Image
+folder, pixels_file, out_file = sys.argv[1:4]
+captions = json.loads(sys.argv[4])
+model = CLIPModel.from_pretrained(folder).eval()
+processor = CLIPProcessor.from_pretrained(folder)
+fast = CLIPTokenizerFast.from_pretrained(folder)
+auto = AutoTokenizer.from_pretrained(folder)
+enc = processor(text=captions, padding=True, return_tensors="pt")
+assert fast(captions)["input_ids"] == auto(captions)["input_ids"] == processor.tokenizer(captions)["input_ids"]
+def as_tensor(x):  # transformers 5 returns an output object from get_*_features
+    return x if isinstance(x, torch.Tensor) else x.pooler_output
+with torch.no_grad():
+    img = as_tensor(model.get_image_features(pixel_values=torch.from_numpy(np.load(pixels_file))))
+    txt = as_tensor(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
+img = torch.nn.functional.normalize(img, dim=-1).numpy(); txt = torch.nn.functional.normalize(txt, dim=-1).numpy()
+picture = Image.new("RGB", (40, 50), (200, 30, 30))
+pre = processor(images=picture, return_tensors="pt")["pixel_values"].numpy()
+# the default template "This is a photo of {}." is longer than the micro model's 16-token context
+scores = pipeline("zero-shot-image-classification", model=folder)(picture, candidate_labels=["red circle", "blue star"],
+                                                                   hypothesis_template="{}")
+np.savez(out_file, img=img, txt=txt, pre=pre, ids=enc["input_ids"].numpy())
+print(json.dumps({"transformers": transformers.__version__, "labels": [s["label"] for s in scores],
+                  "modules": sorted(m for m in sys.modules if m.startswith("finderpartner"))}))
+"""
+
+
+def test_saved_model_loads_with_plain_transformers_and_gives_the_same_embeddings(encoder, tmp_path: Path) -> None:
+    folder = save_model(encoder, tmp_path / "best_model", card="# test card\n")
+    assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()
+    pixels = torch.randn(3, 3, 32, 32)
+    np.save(tmp_path / "pixels.npy", pixels.numpy())
+    run = subprocess.run(
+        [sys.executable, "-c", _PLAIN, str(folder), str(tmp_path / "pixels.npy"), str(tmp_path / "out.npz"), json.dumps(CAPTIONS)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    assert info["modules"] == [] and sorted(info["labels"]) == ["blue star", "red circle"]
+    theirs = np.load(tmp_path / "out.npz")
+    model = encoder.model.eval()
+    enc = encoder.tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    assert np.array_equal(enc["input_ids"].numpy(), theirs["ids"])
+    with torch.no_grad():
+        ours_img = encode_image(model, pixels).numpy()
+        ours_txt = encode_text(model, enc["input_ids"], enc["attention_mask"]).numpy()
+    assert np.abs(ours_img - theirs["img"]).max() <= 1e-5
+    assert np.abs(ours_txt - theirs["txt"]).max() <= 1e-5
+    # our inference preprocessing follows the saved processor (same size, crop, mean, std)
+    picture = Image.new("RGB", (40, 50), (200, 30, 30))
+    ours_pre = normalize(EvalTransform(encoder.image_spec)(picture)[None], encoder.image_spec).numpy()
+    assert ours_pre.shape == theirs["pre"].shape
+    assert np.abs(ours_pre - theirs["pre"]).max() < 0.05
+
+
+def test_load_model_round_trip(encoder, tmp_path: Path) -> None:
+    folder = save_model(encoder, tmp_path / "m")
+    loaded = load_model(folder)
+    assert loaded.image_spec == encoder.image_spec and loaded.context_length == encoder.context_length
+    for (name, a), (_, b) in zip(encoder.model.state_dict().items(), loaded.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_folder_and_uncached_hub_id_get_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        load_model(tmp_path / "no_such_model")
+    with pytest.raises(ModelError, match=r"not in the Hugging Face cache.*huggingface-cli download"):
+        load_model("finderpartner-tests/not-a-real-model")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="not a complete save_pretrained folder"):
+        load_model(tmp_path / "empty")

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finderpartner.train as train_module
+from finderpartner.config import config_from_dict
+from finderpartner.train import train
+from helpers import micro_config
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    return load_file(newest / "model.safetensors")
+
+
+def test_training_run_produces_everything(small_data: Path, tmp_path: Path) -> None:
+    cfg = config_from_dict(micro_config(tmp_path, small_data, epochs=2))
+    result = train(cfg)
+    run = result.run_dir
+    assert result.state.global_step == 16  # 128 pairs / batch 16 = 8 steps per epoch
+    assert (run / "config.yaml").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "preprocessor_config.json", "README.md"):
+        assert (result.best_model / name).is_file(), name
+    card = (result.best_model / "README.md").read_text()
+    assert "pipeline_tag: zero-shot-image-classification" in card and "text_to_image" in card
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [r for r in lines if "train/loss" in r]
+    val_lines = [r for r in lines if "val/mean_recall" in r]
+    assert [r["step"] for r in train_lines] == list(range(2, 17, 2))
+    assert [r["step"] for r in val_lines] == [8, 16]
+    assert "val/retrieval/text_to_image_caption_aware/R@1" in val_lines[0]
+    assert train_lines[-1]["train/loss"] < train_lines[0]["train/loss"]  # it learns
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000012", "step_000016"]  # keep 2
+    assert result.final is not None and result.final.num_images == 24
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_interrupted_run_resumes_to_identical_weights(small_data: Path, tmp_path: Path, monkeypatch, workers: int) -> None:
+    reference = train(config_from_dict(micro_config(tmp_path / "a", small_data)))
+
+    real_step = train_module._train_step
+    calls = {"n": 0}
+
+    def crash_after_ten(run, batch, window):  # dies mid-epoch 2, two steps after the checkpoint at step 8
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise KeyboardInterrupt
+        real_step(run, batch, window)
+
+    raw = micro_config(tmp_path / "b", small_data)
+    raw["data"]["num_workers"] = workers
+    monkeypatch.setattr(train_module, "_train_step", crash_after_ten)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_from_dict(raw))
+    monkeypatch.setattr(train_module, "_train_step", real_step)
+    resumed = train(config_from_dict(raw), resume="auto")
+    assert resumed.state.global_step == reference.state.global_step == 16
+
+    ours, theirs = final_weights(resumed.run_dir), final_weights(reference.run_dir)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_tiny_data_set_still_trains(tmp_path: Path) -> None:
+    from finderpartner.data.sample import make_sample_data
+
+    root = tmp_path / "few"
+    make_sample_data(root, train_images=3, val_images=2, image_size=32)  # 6 pairs, batch 16
+    result = train(config_from_dict(micro_config(tmp_path, root, epochs=1)))
+    assert result.state.global_step == 1 and result.best_model.is_dir()
