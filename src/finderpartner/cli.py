@@ -23,8 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in DataLoader workers instead
     try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
+        try:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+        except ImportError:  # check-env must still run, and say to install tqdm
+            import contextlib
 
+            logging_redirect_tqdm = lambda **_: contextlib.nullcontext()  # noqa: E731
         with logging_redirect_tqdm(loggers=[logging.getLogger("finderpartner")]):
             return int(args.handler(args) or 0)
     except FinderPartnerError as e:
@@ -93,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, required=True, help="index folder")
     _add_runtime_args(p)
+    _add_backend_args(p)
     p.set_defaults(handler=_index)
 
     p = sub.add_parser("search", help="rank images by a text description (or by similarity to an image)")
@@ -105,8 +110,35 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--image", type=Path, help="find images similar to this one")
     p.add_argument("--top-k", type=int, default=5)
     _add_runtime_args(p)
+    _add_backend_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_search)
+
+    p = sub.add_parser("export", help="export both encoders and a combined logits model to ONNX, verify with onnxruntime")
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
+    p.add_argument("--out", "--output_dir", dest="out", type=Path, required=True, help="export folder (replaced if it exists)")
+    p.add_argument("--fp16", action="store_true", help="also write fp16 encoders (for GPUs) and report their accuracy")
+    p.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization) encoders and report their accuracy")
+    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
+                   help="torch.onnx exporter (auto: dynamo when onnxscript is installed)")  # fmt: skip
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--images", type=Path, help="images to verify with (default: the run's validation images)")
+    p.add_argument("--captions", type=Path, help="captions to verify with: a CSV with a caption column, or one per line")
+    p.add_argument("--verify-count", type=int, default=32, help="images and captions used for verification")
+    p.add_argument("--json", action="store_true", help="print the export info and verification as JSON")
+    p.set_defaults(handler=_export)
+
+    p = sub.add_parser("demo", help="web demo: image-text scores, text comparison, gallery search by prompt")
+    p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--index", type=Path, help="gallery index made by `finderpartner index`")
+    where.add_argument("--images", type=Path, help="gallery folder (default: the run's validation images, if known)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")  # fmt: skip
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default: 10 MB)")
+    _add_runtime_args(p)
+    p.set_defaults(handler=_demo)
     return parser
 
 
@@ -121,6 +153,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--batch-size", type=int, default=64, help="images embedded at once")
     p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
+                   help="onnx: embed with an export folder (--model is then the folder `finderpartner export` wrote)")  # fmt: skip
+    p.add_argument("--onnx-variant", default="fp32", choices=["fp32", "fp16", "int8"], help="with --backend onnx")
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
@@ -258,9 +296,12 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _searcher(args: argparse.Namespace) -> Any:
-    from .index import Searcher
+    from .index import OnnxSearcher, Searcher
     from .model import load_model
 
+    if getattr(args, "backend", "torch") == "onnx":
+        return OnnxSearcher(args.model, variant=args.onnx_variant, device=args.device, batch_size=args.batch_size,
+                            num_workers=args.workers)  # fmt: skip
     device, precision = _runtime(args)
     return Searcher(load_model(args.model), device=device, precision=precision, batch_size=args.batch_size,
                     num_workers=args.workers)  # fmt: skip
@@ -277,19 +318,13 @@ def _index(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from .data.transforms import load_image  # noqa: F401  (fail early if PIL is broken)
-    from .index import GalleryIndex
 
-    images = args.images
-    if args.index is None and images is None:
-        images = _default_gallery(Path(args.model))
+    if args.top_k < 1:
+        raise FinderPartnerError(f"--top-k must be at least 1 (got {args.top_k})")
     searcher = _searcher(args)
-    if args.index is not None:
-        index = GalleryIndex.load(args.index)
-        index.check_model(searcher.fingerprint, args.index)
-    else:
-        index, stats = searcher.cached_gallery(images, progress=not args.json)
-        if stats.embedded or stats.removed:
-            log.info("gallery %s: %s", images, stats)
+    index = _gallery(args, searcher, progress=not args.json)
+    if index is None:
+        raise FinderPartnerError("give the gallery to search: --images DIR or --index INDEX")
     if args.prompt is not None:
         query = searcher.embed_texts([args.prompt])
     else:
@@ -308,18 +343,91 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_gallery(model_dir: Path) -> Path:
-    """No --images/--index: search the validation images of the run that produced the model, if known."""
-    run_config = model_dir.parent / "config.yaml"
-    if run_config.is_file():
-        from .config import load_config
+def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
+    """The index to search: --index (checked against the model), --images (cached), else the run's val images."""
+    from .index import GalleryIndex
 
-        cfg = load_config(run_config)
-        folder = Path(cfg.data.root) / "images" / (cfg.data.val_split or cfg.data.train_split)
-        if folder.is_dir():
-            log.info("no --images/--index given: searching %s (the run's validation images)", folder)
-            return folder
-    raise FinderPartnerError("give the gallery to search: --images DIR or --index INDEX")
+    if args.index is not None:
+        index = GalleryIndex.load(args.index)
+        index.check_model(searcher.fingerprint, args.index)
+        return index
+    images = args.images or _default_gallery(Path(getattr(searcher, "source", None) or args.model))
+    if images is None:
+        return None
+    index, stats = searcher.cached_gallery(images, progress=progress)
+    if stats.embedded or stats.removed:
+        log.info("gallery %s: %s", images, stats)
+    return index
+
+
+def _run_split(model_dir: Path) -> tuple[Path, Path] | None:
+    """(images folder, captions CSV) of the validation split of the run that produced the model, if known."""
+    run_config = model_dir.parent / "config.yaml"
+    if not run_config.is_file():
+        return None
+    from .config import load_config
+
+    cfg = load_config(run_config)
+    split = cfg.data.val_split or cfg.data.train_split
+    folder = Path(cfg.data.root) / "images" / split
+    return (folder, Path(cfg.data.root) / f"captions_{split}.csv") if folder.is_dir() else None
+
+
+def _default_gallery(model_dir: Path) -> Path | None:
+    """No --images/--index: the validation images of the run that produced the model, if known."""
+    found = _run_split(model_dir)
+    if found is not None:
+        log.info("no --images/--index given: using %s (the run's validation images)", found[0])
+    return found[0] if found else None
+
+
+def _export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .export import ExportError, export_onnx, format_verification, read_verification_inputs, verify_export
+    from .index import model_fingerprint
+    from .model import load_model
+
+    encoder = load_model(args.model)
+    info = export_onnx(encoder, args.out, fingerprint=model_fingerprint(encoder.model), fp16=args.fp16, int8=args.int8,
+                       exporter=args.exporter, opset=args.opset, source=str(args.model), progress=not args.json)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        images, captions = args.images, args.captions
+        if images is None:
+            images, run_captions = _run_split(Path(args.model)) or _sample_images(Path(tmp), encoder.image_spec.crop)
+            captions = captions or run_captions
+        paths, texts = read_verification_inputs(images, captions, args.verify_count)
+        report = verify_export(encoder, args.out, paths, texts, progress=not args.json)
+    (args.out / "verification.json").write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+    if args.json:
+        print(json.dumps({"export": info, "verification": report.to_dict()}, indent=2))
+    else:
+        print(format_verification(report))
+        print(f"export folder: {args.out}")
+    if not report.ok:
+        raise ExportError(f"the ONNX export in {args.out} does not reproduce PyTorch (see the table above); "
+                          "try --exporter torchscript or another --opset")  # fmt: skip
+    return 0
+
+
+def _sample_images(tmp: Path, size: int) -> tuple[Path, Path]:
+    """A few synthetic sample images with captions, for verifying an export when no data is at hand."""
+    from .data.sample import make_sample_data
+
+    log.info("no --images given and the model's run is unknown: verifying on synthetic sample images")
+    root = make_sample_data(tmp / "sample", train_images=0, val_images=16, image_size=max(32, size)).root
+    return root / "images" / "val", root / "captions_val.csv"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import launch_demo
+
+    searcher = _searcher(args)
+    index = _gallery(args, searcher, progress=True)
+    if index is None:
+        log.warning("no gallery (--index or --images): the gallery search tab stays empty")
+    launch_demo(searcher, index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    return 0
 
 
 if __name__ == "__main__":

@@ -84,6 +84,12 @@ class ModelConfig(_Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
+    @model_validator(mode="after")
+    def _lora_or_freeze(self) -> ModelConfig:
+        if self.lora.enabled and self.freeze != FreezeConfig():
+            raise ValueError("model.freeze has no effect with model.lora.enabled (LoRA freezes the base model): use one")
+        return self
+
 
 class AugmentConfig(_Section):
     """Training-time augmentation. Validation and inference use resize + centre crop only."""

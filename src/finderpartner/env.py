@@ -11,7 +11,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
+try:
+    import torch
+except ImportError:  # check-env must still run without torch, and say how to install it
+    torch = None  # type: ignore[assignment]
 
 from .errors import ConfigError
 
@@ -90,6 +93,7 @@ OPTIONAL = {
     "faiss-cpu": ("faiss", "1.7", "gallery index and search (extra: index)"),
     "onnx": ("onnx", "1.14", "ONNX export (extra: onnx)"),
     "onnxruntime": ("onnxruntime", "1.16", "ONNX verification and --backend onnx (extra: onnx)"),
+    "onnxscript": ("onnxscript", "0.1", "the torch.export-based ONNX exporter (extra: onnx)"),
     "gradio": ("gradio", "4.0", "web demo (extra: demo)"),
     "wandb": ("wandb", "0.15", "Weights & Biases logging (extra: wandb)"),
     "peft": ("peft", "0.10", "LoRA (extra: lora)"),
@@ -97,46 +101,69 @@ OPTIONAL = {
 }
 
 
-def _package_status(dist: str, minimum: str, purpose: str) -> dict[str, Any]:
+MIN_PYTHON = (3, 10)
+LOW_DISK_GB = 5.0  # a run folder with checkpoints of the base model needs a few GB
+
+
+def _package_status(dist: str, module: str, minimum: str, purpose: str) -> dict[str, Any]:
+    """Installed version against the minimum, and whether the module can be found at all."""
+    import importlib.util
     from importlib import metadata
 
-    from packaging.version import Version
+    from packaging.version import InvalidVersion, Version
 
+    status: dict[str, Any] = {"name": dist, "version": None, "minimum": minimum, "ok": False, "purpose": purpose,
+                              "problem": None}  # fmt: skip
     try:
-        version = metadata.version(dist)
+        status["version"] = metadata.version(dist)
     except metadata.PackageNotFoundError:
-        return {"name": dist, "version": None, "minimum": minimum, "ok": False, "purpose": purpose}
-    ok = Version(version.split("+")[0]) >= Version(minimum)
-    return {"name": dist, "version": version, "minimum": minimum, "ok": ok, "purpose": purpose}
+        status["problem"] = "not installed"
+        return status
+    try:
+        importable = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        importable = False
+    try:
+        new_enough = Version(status["version"].split("+")[0]) >= Version(minimum)
+    except InvalidVersion:
+        new_enough = True  # a local build with an odd version string: trust it
+    status["ok"] = importable and new_enough
+    status["problem"] = None if status["ok"] else ("older than " + minimum if importable else "installed but not importable")
+    return status
 
 
 def _gpu_report() -> dict[str, Any]:
-    if not torch.cuda.is_available():
-        return {"available": False}
-    i = torch.cuda.current_device()
-    props = torch.cuda.get_device_properties(i)
-    return {
-        "available": True,
-        "count": torch.cuda.device_count(),
-        "name": props.name,
-        "memory_gb": round(props.total_memory / 2**30, 1),
-        "compute_capability": f"{props.major}.{props.minor}",
-        "bf16": bool(torch.cuda.is_bf16_supported()),
-        "cuda_version": torch.version.cuda,
-    }
+    """CUDA devices as plain data; the same keys whether or not there is a GPU (null values when not)."""
+    report: dict[str, Any] = {"available": False, "count": 0, "name": None, "memory_gb": None,
+                              "compute_capability": None, "bf16": False, "cuda_version": None, "devices": []}  # fmt: skip
+    if torch is None or not torch.cuda.is_available():
+        return report
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        report["devices"].append({"index": i, "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+                                  "compute_capability": f"{props.major}.{props.minor}"})  # fmt: skip
+    current = report["devices"][torch.cuda.current_device()]
+    report.update(available=True, count=len(report["devices"]), name=current["name"], memory_gb=current["memory_gb"],
+                  compute_capability=current["compute_capability"], bf16=bool(torch.cuda.is_bf16_supported()),
+                  cuda_version=torch.version.cuda)  # fmt: skip
+    return report
 
 
 def _recommendation(gpu: dict[str, Any]) -> dict[str, Any]:
+    if torch is None:
+        return {"device": None, "precision": None, "micro_batch_size_base": None,
+                "note": "install PyTorch first (https://pytorch.org/get-started/locally/ for the CUDA build)"}  # fmt: skip
     if gpu["available"]:
         precision = resolve_precision("auto", torch.device("cuda", torch.cuda.current_device()))
         mem = gpu["memory_gb"]
         # Measured orders of magnitude for ViT-B/32 at 224 px with the gradient cache (see README, "Memory").
         micro = 256 if mem >= 20 else 128 if mem >= 10 else 64 if mem >= 7 else 32
+        fits = "the rtx3060 preset fits" if mem >= 10 else "use the rtx3060 preset with a smaller micro-batch"
         return {
             "device": "cuda",
             "precision": precision,
             "micro_batch_size_base": micro,
-            "note": f"{gpu['name']} with {mem} GB: the rtx3060 preset fits; micro_batch_size auto probes the exact size",
+            "note": f"{gpu['name']} with {mem} GB: {fits}; micro_batch_size auto probes the exact size",
         }
     cores = cpu_cores()
     precision = "bf16" if cpu_supports_bf16() else "fp32"
@@ -145,8 +172,9 @@ def _recommendation(gpu: dict[str, Any]) -> dict[str, Any]:
         "precision": precision,
         "micro_batch_size_base": 32,
         "note": (
-            f"no GPU: {cores} CPU core(s), {precision}. The tiny preset trains in minutes; fine-tuning ViT-B/32 on a CPU "
-            "manages a few pairs per second per core — use a GPU for real data sets."
+            f"no GPU: {cores} CPU core(s), {precision}. The tiny preset (configs/clip_tiny.yaml) trains in minutes; "
+            "fine-tuning ViT-B/32 on a CPU manages a few image-text pairs per second per core, so use a GPU for real "
+            "data sets."
         ),
     }
 
@@ -163,80 +191,118 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _model_status(name: str) -> dict[str, Any]:
-    from .config import TINY
-
-    if name == TINY:
-        return {"name": name, "source": "built from the config (no download)", "ok": True}
+def _model_status(name: str, required: bool) -> dict[str, Any]:
+    """Whether the model can be loaded here: tiny (built), a local folder, the HF cache, or the hub."""
+    status: dict[str, Any] = {"name": name, "required": required}
+    if name == "tiny":
+        return {**status, "source": "built from the config (no download)", "ok": True}
     if Path(name).expanduser().is_dir():
         ok = (Path(name).expanduser() / "config.json").is_file()
-        return {"name": name, "source": "local folder", "ok": ok}
-    from .model import _in_hf_cache
+        return {**status, "source": "local folder" if ok else "local folder without config.json", "ok": ok}
+    try:
+        from .model import _in_hf_cache
 
-    if _in_hf_cache(name):
-        return {"name": name, "source": "Hugging Face cache", "ok": True}
+        cached = _in_hf_cache(name)
+    except ImportError:  # torch or transformers missing: reported above
+        cached = False
+    if cached:
+        return {**status, "source": "Hugging Face cache", "ok": True}
     reachable = _hub_reachable()
-    return {"name": name, "source": "hub (not cached)" if reachable else "not cached, hub unreachable", "ok": reachable}
+    return {**status, "source": "hub (not cached; downloads on first use)" if reachable else "not cached, hub unreachable",
+            "ok": reachable}  # fmt: skip
+
+
+def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool]:
+    """(model name, output folder, whether they are required) from the config, else from the rtx3060 preset."""
+    try:
+        from .config import load_config, preset_config
+
+        cfg = load_config(config_path) if config_path is not None else preset_config("rtx3060")
+    except ImportError:  # pydantic or pyyaml missing: reported above
+        return None, Path("outputs"), False
+    return cfg.model.name, Path(cfg.output_dir), config_path is not None
 
 
 def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
-    """Everything check-env shows, as plain data; ``ok`` is False when a requirement is not met."""
+    """Everything check-env shows, as plain data; ``ok`` is False when a requirement is not met.
+
+    Requirements: Python >= 3.10, every required package at its minimum version, and (with a config) its
+    model loadable here. Optional packages, the GPU and the disk are reported, not required.
+    """
     import shutil
     import sys
 
-    required = [_package_status(d, m, p) for d, (_, m, p) in REQUIRED.items()]
-    optional = [_package_status(d, m, p) for d, (_, m, p) in OPTIONAL.items()]
+    required = [_package_status(d, m, v, p) for d, (m, v, p) in REQUIRED.items()]
+    optional = [_package_status(d, m, v, p) for d, (m, v, p) in OPTIONAL.items()]
     gpu = _gpu_report()
+    model_name, output_dir, model_required = _configured(config_path)
+    probe = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path.cwd())
+    free_gb = round(shutil.disk_usage(probe).free / 2**30, 1)
     report: dict[str, Any] = {
-        "python": {"version": platform.python_version(), "ok": sys.version_info >= (3, 10)},
+        "python": {"version": platform.python_version(), "minimum": ".".join(map(str, MIN_PYTHON)),
+                   "ok": sys.version_info >= MIN_PYTHON, "executable": sys.executable},  # fmt: skip
         "platform": f"{platform.system()} {platform.machine()}",
         "required": required,
         "optional": optional,
         "gpu": gpu,
         "cpu": {"cores": cpu_cores(), "bf16_native": cpu_supports_bf16()},
         "recommendation": _recommendation(gpu),
+        "disk": {"path": str(output_dir), "free_gb": free_gb, "ok": free_gb >= LOW_DISK_GB},
+        "model": _model_status(model_name, model_required) if model_name else None,
     }
-    output_dir = Path("outputs")
-    if config_path is not None:
-        from .config import load_config
-
-        cfg = load_config(config_path)
-        output_dir = cfg.output_dir
-        report["model"] = _model_status(cfg.model.name)
-    probe = output_dir if output_dir.exists() else Path.cwd()
-    report["disk"] = {"path": str(output_dir), "free_gb": round(shutil.disk_usage(probe).free / 2**30, 1)}
     missing = [p for p in required if not p["ok"]]
-    report["ok"] = report["python"]["ok"] and not missing and report.get("model", {}).get("ok", True)
-    report["install"] = (
-        "pip install " + " ".join(f"'{p['name']}>={p['minimum']}'" for p in missing) if missing else None
-    )
+    problems = [f"{p['name']}: {p['problem']} (needs >= {p['minimum']}, for {p['purpose']})" for p in missing]
+    if not report["python"]["ok"]:
+        problems.insert(0, f"Python {report['python']['version']} is older than {report['python']['minimum']}")
+    model = report["model"]
+    if model and model["required"] and not model["ok"]:
+        problems.append(f"model {model['name']}: {model['source']} (download it where there is internet, or use tiny)")
+    report["problems"] = problems
+    report["ok"] = not problems
+    report["install"] = "pip install " + " ".join(f"'{p['name']}>={p['minimum']}'" for p in missing) if missing else None
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
-    mark = lambda ok: "ok " if ok else "!! "  # noqa: E731
-    lines = [f"Python {report['python']['version']} on {report['platform']}", "", "required packages:"]
+    """The report as text for a terminal."""
+    py = report["python"]
+    lines = [f"Python {py['version']} on {report['platform']}" + ("" if py["ok"] else f"  !! needs >= {py['minimum']}"),
+             "", "required packages:"]  # fmt: skip
     for p in report["required"]:
-        lines.append(f"  {mark(p['ok'])}{p['name']:<14} {p['version'] or 'missing':<16} (>= {p['minimum']}) {p['purpose']}")
+        state = p["version"] or "missing"
+        note = "" if p["ok"] else f"  <- {p['problem']}"
+        lines.append(f"  {'ok ' if p['ok'] else '!! '}{p['name']:<14} {state:<16} (>= {p['minimum']}) {p['purpose']}{note}")
     lines.append("optional packages:")
     for p in report["optional"]:
-        state = p["version"] or "not installed"
-        lines.append(f"  {'ok ' if p['ok'] else '-- '}{p['name']:<14} {state:<16} {p['purpose']}")
-    gpu = report["gpu"]
-    lines.append("")
-    if gpu["available"]:
-        lines.append(f"GPU: {gpu['name']} ({gpu['memory_gb']} GB, compute {gpu['compute_capability']}, "
-                     f"bf16 {'yes' if gpu['bf16'] else 'no'}, CUDA {gpu['cuda_version']}, {gpu['count']} device(s))")  # fmt: skip
-    else:
-        lines.append(f"GPU: none (CPU: {report['cpu']['cores']} cores, native bf16 {'yes' if report['cpu']['bf16_native'] else 'no'})")
+        lines.append(f"  {'ok ' if p['ok'] else '-- '}{p['name']:<14} {p['version'] or 'not installed':<16} {p['purpose']}")
+    lines += ["", _format_gpu(report)]
     rec = report["recommendation"]
-    lines.append(f"recommended: device {rec['device']}, precision {rec['precision']}, "
-                 f"micro-batch ~{rec['micro_batch_size_base']} for the rtx3060 preset")  # fmt: skip
+    if rec["device"] is not None:
+        lines.append(f"recommended: device {rec['device']}, precision {rec['precision']}, "
+                     f"micro-batch ~{rec['micro_batch_size_base']} for the rtx3060 preset")  # fmt: skip
     lines.append(f"  {rec['note']}")
-    if "model" in report:
-        m = report["model"]
-        lines.append(f"model {m['name']}: {m['source']}" + ("" if m["ok"] else "  <- cannot be loaded here"))
-    lines.append(f"free disk at {report['disk']['path']}: {report['disk']['free_gb']} GB")
+    model = report["model"]
+    if model:
+        which = "configured model" if model["required"] else "rtx3060 preset model"
+        lines.append(f"{which} {model['name']}: {model['source']}" + ("" if model["ok"] else "  <- cannot be loaded here"))
+    disk = report["disk"]
+    low = "" if disk["ok"] else "  <- low: checkpoints need a few GB"
+    lines.append(f"free disk at {disk['path']}: {disk['free_gb']} GB{low}")
     lines.append("")
-    lines.append("environment OK" if report["ok"] else f"requirements not met. {report['install'] or ''}".strip())
+    if report["ok"]:
+        lines.append("environment OK")
+    else:
+        lines.append("requirements not met:")
+        lines += [f"  - {problem}" for problem in report["problems"]]
+        if report["install"]:
+            lines.append(f"install: {report['install']}")
     return "\n".join(lines)
+
+
+def _format_gpu(report: dict[str, Any]) -> str:
+    gpu = report["gpu"]
+    if not gpu["available"]:
+        cpu = report["cpu"]
+        return f"GPU: none (CPU: {cpu['cores']} cores, native bf16 {'yes' if cpu['bf16_native'] else 'no'})"
+    return (f"GPU: {gpu['name']} ({gpu['memory_gb']} GB, compute {gpu['compute_capability']}, "
+            f"bf16 {'yes' if gpu['bf16'] else 'no'}, CUDA {gpu['cuda_version']}, {gpu['count']} device(s))")  # fmt: skip

@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,6 +26,7 @@ from torch import nn
 
 from .data.collate import Batch
 from .data.transforms import normalize
+from .errors import TrainingError
 from .loss import contrastive_loss
 from .model import ImageSpec, image_features, text_features
 
@@ -114,3 +119,193 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Micro-batch probing (train.micro_batch_size: auto)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    micro_batch_size: int
+    reason: str
+    peak_bytes: dict[int, int]  # micro-batch size -> measured peak (CUDA: allocated; CPU: resident)
+
+
+def synthetic_batch(size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device) -> Batch:
+    """Worst-case inputs for probing: full-length captions, random pixels."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, vocab_size), (size, context_length), generator=g)
+    return Batch(
+        torch.arange(size),
+        torch.randint(0, 256, (size, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+        ids,
+        torch.ones_like(ids),
+    ).to(device)
+
+
+def probe_micro_batch(
+    model: nn.Module,
+    *,
+    local_batch: int,
+    spec: ImageSpec,
+    context_length: int,
+    eos_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    reserve_bytes: int,
+    cache_key: str | None = None,
+) -> ProbeResult:
+    """Choose the micro-batch by running real forward+backward steps on this model, precision and image size.
+
+    CUDA: the largest size whose peak allocation leaves ``reserve_bytes`` free (an OOM ends the search).
+    CPU: the fastest step time per pair among sizes whose peak resident memory leaves the reserve free; the full
+    batch usually wins since splitting costs an extra forward pass.
+    """
+    cached = _read_cache(cache_key)
+    if cached is not None:
+        return ProbeResult(min(cached, local_batch), f"cached for {cache_key}", {})
+    vocab = int(model.config.text_config.vocab_size)
+    was_training = model.training
+    model.train()
+    try:
+        if device.type == "cuda":
+            result = _probe_cuda(model, local_batch, spec, context_length, vocab, eos_token_id, device, autocast, reserve_bytes)
+        else:
+            result = _probe_cpu(model, local_batch, spec, context_length, vocab, eos_token_id, device, autocast, reserve_bytes)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+        free_memory()
+    _write_cache(cache_key, result.micro_batch_size)
+    return result
+
+
+def _candidates(local_batch: int) -> list[int]:
+    sizes, m = [], 1
+    while m < local_batch:
+        sizes.append(m)
+        m *= 2
+    return sizes + [local_batch]
+
+
+def _one_step(model: nn.Module, batch: Batch, micro: int, spec: ImageSpec, autocast: Any) -> None:
+    contrastive_backward(model, batch, micro_batch_size=micro, spec=spec, autocast=autocast, backward=lambda x: x.backward())
+    model.zero_grad(set_to_none=True)
+
+
+def _probe_cuda(model, local_batch, spec, context_length, vocab, eos, device, autocast, reserve) -> ProbeResult:  # type: ignore[no-untyped-def]
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = total - reserve
+    peaks: dict[int, int] = {}
+    best, reason = 0, ""
+    for size in _candidates(local_batch):
+        batch = synthetic_batch(size, spec.crop, context_length, vocab, device)
+        batch.input_ids[:, -1] = eos
+        free_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            _one_step(model, batch, size, spec, autocast)
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            reason = f"out of memory at {size}"
+            break
+        peaks[size] = torch.cuda.max_memory_allocated(device)
+        if peaks[size] > budget:
+            reason = f"{size} peaks at {peaks[size] / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget"
+            break
+        best = size
+    if best == 0:
+        raise TrainingError(
+            f"even a micro-batch of 1 does not fit in {budget / 2**30:.1f} GiB ({reason}); use precision bf16/fp16, "
+            "model.gradient_checkpointing, a frozen tower or LoRA, or lower train.memory_reserve_gb"
+        )
+    why = f"largest size within {total / 2**30:.1f} GiB minus a {reserve / 2**30:.1f} GiB reserve" + (f" ({reason})" if reason else "")
+    return ProbeResult(best, why, peaks)
+
+
+def _probe_cpu(model, local_batch, spec, context_length, vocab, eos, device, autocast, reserve) -> ProbeResult:  # type: ignore[no-untyped-def]
+    import time
+
+    available = _available_memory_bytes()
+    sizes = sorted({local_batch, max(1, local_batch // 2), max(1, local_batch // 4)}, reverse=True)
+    batch = synthetic_batch(local_batch, spec.crop, context_length, vocab, device)
+    batch.input_ids[:, -1] = eos
+    timings: dict[int, float] = {}
+    peaks: dict[int, int] = {}
+    for size in sizes:
+        _reset_peak_rss()
+        start_rss = _peak_rss_bytes()
+        _one_step(model, batch, size, spec, autocast)  # warm-up (allocator, kernels)
+        t0 = time.perf_counter()
+        _one_step(model, batch, size, spec, autocast)
+        timings[size] = time.perf_counter() - t0
+        peaks[size] = _peak_rss_bytes()
+        if available is not None and peaks[size] - start_rss > available - reserve:
+            timings.pop(size)
+    if not timings:
+        return ProbeResult(sizes[-1], "no size fits the free memory comfortably: using the smallest tried", peaks)
+    best = min(timings, key=lambda s: (timings[s], -s))
+    listing = ", ".join(f"{s}: {local_batch / t:.0f} pairs/s" for s, t in sorted(timings.items()))
+    return ProbeResult(best, f"fastest step on this CPU ({listing})", peaks)
+
+
+def _available_memory_bytes() -> int | None:
+    try:
+        for line in open("/proc/meminfo", encoding="ascii"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _cache_file() -> Path:
+    from .index import default_cache_dir
+
+    return default_cache_dir() / "micro_batch.json"
+
+
+def _read_cache(key: str | None) -> int | None:
+    if key is None:
+        return None
+    try:
+        return int(json.loads(_cache_file().read_text(encoding="utf-8"))[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(key: str | None, value: int) -> None:
+    if key is None:
+        return
+    path = _cache_file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        log.debug("micro-batch cache not written: %s", e)

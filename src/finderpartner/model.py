@@ -114,6 +114,7 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
     with torch.random.fork_rng(devices=[]):  # initialisation must not disturb the caller's RNG stream
         torch.manual_seed(seed)
         model = CLIPModel(config)
+    _init_sincos_positions(model.vision_model.embeddings.position_embedding.weight, spec.image_size // spec.patch_size)
     processor = CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
@@ -121,6 +122,27 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
         image_std=list(CLIP_STD),
     )
     return DualEncoder(model, tokenizer, processor)
+
+
+@torch.no_grad()
+def _init_sincos_positions(weight: torch.Tensor, grid: int) -> None:
+    """2-D sine-cosine initial position embeddings (as in MAE / MoCo v3), still trainable.
+
+    CLIP's default N(0, 0.02) init leaves a from-scratch ViT nearly translation-invariant at the start (the
+    class token averages the patches), and it takes many steps to learn where things are. A 2-D sin-cos start
+    makes position available from step one. Row 0 (the class token) stays zero.
+    """
+    dim = weight.shape[1]
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter)))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for coord in (ys.reshape(-1), xs.reshape(-1)):
+        angles = coord[:, None] * omega[None, :]
+        parts += [angles.sin(), angles.cos()]
+    table = torch.cat(parts, dim=1)
+    weight.zero_()
+    weight[1:, : table.shape[1]] = table.to(weight.dtype)
 
 
 def load_model(name_or_path: str | Path) -> DualEncoder:
@@ -174,8 +196,9 @@ def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = 
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    encoder.model.save_pretrained(out, safe_serialization=True)
-    processor_cls = CLIPProcessor if isinstance(encoder.model, CLIPModel) else VisionTextDualEncoderProcessor
+    model = plain_model(encoder.model)  # LoRA adapters merged: best_model/ needs no PEFT to load
+    model.save_pretrained(out, safe_serialization=True)
+    processor_cls = CLIPProcessor if isinstance(model, CLIPModel) else VisionTextDualEncoderProcessor
     processor_cls(image_processor=encoder.image_processor, tokenizer=encoder.tokenizer).save_pretrained(out)
     # transformers 5 folds the image processor into processor_config.json; 4.x reads preprocessor_config.json.
     encoder.image_processor.save_pretrained(out)
@@ -220,3 +243,71 @@ def encode_text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 def clamp_logit_scale(model: nn.Module) -> None:
     """Keep exp(logit_scale) <= 100, as CLIP does after every optimizer step."""
     model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Memory levers: freezing and LoRA
+
+
+def _tower_layers(tower: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a tower (CLIP: encoder.layers; BERT-like text towers: encoder.layer)."""
+    for name, module in tower.named_modules():
+        if isinstance(module, nn.ModuleList) and name.endswith(("encoder.layers", "encoder.layer")):
+            return list(module)
+    raise ModelError(f"cannot find the transformer layers of {type(tower).__name__} to unlock")
+
+
+def _final_norm(tower: nn.Module) -> list[nn.Module]:
+    return [m for name, m in tower.named_children() if name in ("post_layernorm", "final_layer_norm")]
+
+
+def apply_freezing(
+    model: nn.Module,
+    *,
+    image_tower: bool = False,
+    image_unlocked_layers: int = 0,
+    text_tower: bool = False,
+    text_unlocked_layers: int = 0,
+    projections_only: bool = False,
+) -> None:
+    """Set ``requires_grad`` per the freezing options. Projections and the logit scale always stay trainable."""
+    towers = []
+    if projections_only:
+        towers = [(model.vision_model, 0), (model.text_model, 0)]
+    else:
+        if image_tower:
+            towers.append((model.vision_model, image_unlocked_layers))
+        if text_tower:
+            towers.append((model.text_model, text_unlocked_layers))
+    for tower, unlocked in towers:
+        tower.requires_grad_(False)
+        if unlocked:
+            layers = _tower_layers(tower)
+            if unlocked > len(layers):
+                raise ModelError(f"cannot unlock {unlocked} layers: the tower has {len(layers)}")
+            for module in layers[-unlocked:] + _final_norm(tower):
+                module.requires_grad_(True)
+
+
+def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: list[str]) -> nn.Module:
+    """Wrap the model with PEFT LoRA adapters; only the adapters and the logit scale train."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ModelError("model.lora needs PEFT: pip install 'finderpartner[lora]'") from None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules), bias="none")
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as e:
+        raise ModelError(f"model.lora.target_modules {target_modules} do not match the model: {e}") from None
+    wrapped.base_model.model.logit_scale.requires_grad_(True)
+    return wrapped
+
+
+def plain_model(model: nn.Module) -> nn.Module:
+    """The model as a plain transformers model: LoRA adapters merged into a copy, otherwise itself."""
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(model).merge_and_unload()
+    return model

@@ -34,8 +34,8 @@ from .data.validate import require_usable, validate_split
 from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalResult, evaluate_split, format_metrics
-from .memory import capture_rng, contrastive_backward, free_memory, is_oom, restore_rng
-from .model import DualEncoder, build_model, clamp_logit_scale, save_model
+from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
+from .model import DualEncoder, apply_freezing, apply_lora, build_model, clamp_logit_scale, save_model
 from .tracking import Trackers, flatten, make_trackers
 
 log = logging.getLogger(__name__)
@@ -137,9 +137,7 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
 
     train_table, val_table = _load_data(cfg, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, train_table, resume is not None, accelerator.is_main_process)
-    model = encoder.model.to(device)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _prepare_model(encoder, cfg, device)
 
     world = accelerator.num_processes
     global_batch = _effective_batch(cfg.train.batch_size, len(train_table), world)
@@ -148,7 +146,7 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    state = TrainState(micro_batch_size=_initial_micro_batch(cfg, global_batch // world))
+    state = TrainState()
     loader = _train_loader(cfg, train_table, encoder, sampler, device)
     trackers = make_trackers(
         run_dir,
@@ -163,6 +161,8 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
                trackers, state, total_steps)  # fmt: skip
     if resume:
         _resume(run, resume)
+    if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
+        state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
     return run
 
 
@@ -209,9 +209,43 @@ def _effective_batch(batch_size: int, rows: int, world: int) -> int:
     return smaller
 
 
-def _initial_micro_batch(cfg: Config, local_batch: int) -> int:
-    setting = cfg.train.micro_batch_size
-    return local_batch if setting == "auto" else min(int(setting), local_batch)
+def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device) -> nn.Module:
+    """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
+    m = cfg.model
+    apply_freezing(encoder.model, **m.freeze.model_dump())
+    if m.lora.enabled:
+        encoder.model = apply_lora(encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
+                                   target_modules=m.lora.target_modules)  # fmt: skip
+    if m.gradient_checkpointing:
+        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return encoder.model.to(device)
+
+
+def _choose_micro_batch(run: _Run, local_batch: int) -> int:
+    setting = run.cfg.train.micro_batch_size
+    if setting != "auto":
+        return min(int(setting), local_batch)
+    spec = run.encoder.image_spec
+    key = "|".join(str(x) for x in (
+        run.cfg.model.name, sum(p.numel() for p in run.model.parameters()),
+        sum(p.numel() for p in run.model.parameters() if p.requires_grad), run.precision,
+        torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
+        spec.crop, run.encoder.context_length, run.cfg.model.gradient_checkpointing, local_batch,
+        run.cfg.train.memory_reserve_gb,
+    ))  # fmt: skip
+    result = probe_micro_batch(
+        run.model,
+        local_batch=local_batch,
+        spec=spec,
+        context_length=run.encoder.context_length,
+        eos_token_id=run.encoder.tokenizer.eos_token_id,
+        device=run.device,
+        autocast=autocast_factory(run.device, run.precision),
+        reserve_bytes=int(run.cfg.train.memory_reserve_gb * 2**30),
+        cache_key=key,
+    )
+    log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
+    return result.micro_batch_size
 
 
 def _train_loader(cfg: Config, table: PairTable, encoder: DualEncoder, sampler: ContrastiveBatchSampler, device: torch.device) -> DataLoader:

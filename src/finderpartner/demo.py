@@ -1,0 +1,208 @@
+"""Gradio web demo over a searcher (``index.Searcher`` or ``index.OnnxSearcher``) and an optional gallery index.
+
+Three tabs, each also a named API endpoint (``gradio_client`` calls them by ``api_name``):
+
+- ``/search``: gallery search by a text description, thumbnails with scores (what FinderPartner is for);
+- ``/image_texts``: an uploaded image against several texts, one per line: softmax probabilities and cosines;
+- ``/text_matrix``: several texts against each other: the cosine similarity matrix.
+
+The server binds 127.0.0.1 unless told otherwise, limits uploads, and serves no file of the gallery itself:
+results are sent as thumbnails that Gradio writes to its own cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FinderPartnerError
+from .index import GalleryIndex
+
+log = logging.getLogger(__name__)
+
+MAX_TEXTS = 32  # per request: the pairwise matrix grows quadratically
+MAX_RESULTS = 48
+THUMBNAIL_PX = 256
+EXAMPLE_TEXTS = "a large red circle on the left\na small blue star in the center\na large green square on the right"
+EXAMPLE_PROMPT = "a large red circle on the left"
+
+
+def _gradio() -> Any:
+    try:
+        import gradio
+    except ImportError:
+        raise FinderPartnerError("the web demo needs Gradio: pip install 'finderpartner[demo]'") from None
+    return gradio
+
+
+def user_error(message: str) -> Exception:
+    """A message for the person using the page (not a server fault: no traceback in the server's log)."""
+    gr = _gradio()
+    try:
+        return gr.Error(message, print_exception=False)
+    except TypeError:  # Gradio < 5 has no print_exception and never prints these
+        return gr.Error(message)
+
+
+def parse_texts(text: str | None) -> list[str]:
+    """Non-empty lines, stripped, duplicates dropped (first kept), at most MAX_TEXTS."""
+    lines = list(dict.fromkeys(line.strip() for line in (text or "").splitlines() if line.strip()))
+    if not lines:
+        raise user_error("enter at least one text (one per line)")
+    if len(lines) > MAX_TEXTS:
+        raise user_error(f"at most {MAX_TEXTS} texts at once (got {len(lines)})")
+    return lines
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The three functions behind the tabs (plain Python: the server and the tests call the same code)
+
+
+def image_text_scores(searcher: Any, image_path: str | None, texts: str | None) -> tuple[dict[str, float], list[list[Any]]]:
+    """({text: probability}, rows [text, cosine, probability]) of an image against several texts, best first."""
+    if not image_path:
+        raise user_error("upload an image first")
+    lines = parse_texts(texts)
+    vectors, failed = searcher.embed_paths([Path(image_path)])
+    if failed:
+        raise user_error(f"cannot read this image: {failed[0][1]}")
+    cosines = searcher.embed_texts(lines) @ vectors[0]
+    probs = softmax(searcher.logit_scale * cosines)
+    order = np.argsort(-cosines, kind="stable")
+    rows = [[lines[i], round(float(cosines[i]), 4), round(float(probs[i]), 4)] for i in order]
+    return {lines[i]: float(probs[i]) for i in order}, rows
+
+
+def text_similarity(searcher: Any, texts: str | None) -> dict[str, Any]:
+    """Pairwise cosine similarity of several texts, as a table: one row per text, columns #1..#n."""
+    lines = parse_texts(texts)
+    emb = searcher.embed_texts(lines)
+    sims = np.clip(emb @ emb.T, -1.0, 1.0)
+    headers = ["text", *(f"#{i + 1}" for i in range(len(lines)))]
+    data = [[f"#{i + 1} {line}", *(round(float(v), 4) for v in sims[i])] for i, line in enumerate(lines)]
+    return {"headers": headers, "data": data}
+
+
+def gallery_search(searcher: Any, index: GalleryIndex | None, prompt: str | None, k: float) -> tuple[list[Any], list[list[Any]]]:
+    """(thumbnails with captions, rows [rank, score, file]) of the gallery images best matching ``prompt``."""
+    if index is None or len(index) == 0:
+        raise user_error("no gallery loaded: start the demo with --index INDEX or --images DIR")
+    if not prompt or not prompt.strip():
+        raise user_error("describe who or what you are looking for")
+    k = int(min(max(1, k), MAX_RESULTS))
+    hits = index.search(searcher.embed_texts([prompt.strip()]), k)[0]
+    items, rows = [], []
+    for hit in hits:
+        name = hit.path.relative_to(index.root).as_posix()
+        items.append((_thumbnail(hit.path), f"{hit.score:.3f} · {name}"))
+        rows.append([hit.rank, round(hit.score, 4), name])
+    return items, rows
+
+
+def _thumbnail(path: Path) -> Any:
+    """A small copy of a gallery image (the server never hands out the original file), grey if unreadable."""
+    from PIL import Image
+
+    from .data.transforms import load_image
+
+    try:
+        img = load_image(path, max_pixels=100_000_000)
+    except Exception as e:  # changed on disk since indexing: show a placeholder, the ranking is still right
+        log.warning("cannot show %s: %s", path, e)
+        return Image.new("RGB", (THUMBNAIL_PX, THUMBNAIL_PX), (200, 200, 200))
+    img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return img
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The app
+
+
+def build_demo(searcher: Any, index: GalleryIndex | None = None, *, title: str = "FinderPartner") -> Any:
+    """The Gradio app: three tabs, each wired to a named API endpoint."""
+    gr = _gradio()
+    gallery_note = (f"Gallery: {len(index)} images in `{index.root}`" if index is not None
+                    else "No gallery loaded (start with `--index INDEX` or `--images DIR`).")  # fmt: skip
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"# {title}\nDescribe who or what you are looking for and get the best-matching photos. "
+                    f"Model `{searcher.fingerprint[:12]}`. {gallery_note}")  # fmt: skip
+        with gr.Tabs():
+            with gr.Tab("Gallery search"):
+                show_example = _search_tab(gr, searcher, index)
+            with gr.Tab("Image vs texts"):
+                _image_texts_tab(gr, searcher)
+            with gr.Tab("Compare texts"):
+                _text_matrix_tab(gr, searcher)
+        if index is not None and len(index):
+            demo.load(**show_example)  # the page opens with the example search: what the tool does, at a glance
+    return demo
+
+
+def _search_tab(gr: Any, searcher: Any, index: GalleryIndex | None) -> dict[str, Any]:
+    with gr.Row():
+        prompt = gr.Textbox(label="Description", value=EXAMPLE_PROMPT, scale=4)
+        k = gr.Slider(1, MAX_RESULTS, value=8, step=1, label="Results", scale=1)
+    button = gr.Button("Search", variant="primary")
+    gallery = gr.Gallery(label="Best matches (score · file)", columns=4, height="auto", object_fit="contain")
+    table = gr.Dataframe(headers=["rank", "score", "file"], label="Scores (cosine similarity)", interactive=False)
+    fn = lambda p, n: gallery_search(searcher, index, p, n)  # noqa: E731
+    button.click(fn, inputs=[prompt, k], outputs=[gallery, table], api_name="search")
+    prompt.submit(fn, inputs=[prompt, k], outputs=[gallery, table], api_name=False)
+    return {"fn": fn, "inputs": [prompt, k], "outputs": [gallery, table], "api_name": False}
+
+
+def _image_texts_tab(gr: Any, searcher: Any) -> None:
+    with gr.Row():
+        with gr.Column():
+            image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=320)
+            texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
+            button = gr.Button("Score", variant="primary")
+        with gr.Column():
+            label = gr.Label(label="Probabilities (softmax over the texts)", num_top_classes=10)
+            table = gr.Dataframe(headers=["text", "cosine", "probability"], label="Scores", interactive=False)
+    button.click(lambda i, t: image_text_scores(searcher, i, t), inputs=[image, texts], outputs=[label, table],
+                 api_name="image_texts")  # fmt: skip
+
+
+def _text_matrix_tab(gr: Any, searcher: Any) -> None:
+    texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
+    button = gr.Button("Compare", variant="primary")
+    table = gr.Dataframe(label="Cosine similarity between the texts", interactive=False)
+    button.click(lambda t: text_similarity(searcher, t), inputs=[texts], outputs=[table], api_name="text_matrix")
+
+
+def launch_demo(
+    searcher: Any,
+    index: GalleryIndex | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    max_upload_mb: float = 10.0,
+    prevent_thread_lock: bool = False,
+) -> Any:
+    """Serve the demo. Blocks until interrupted unless ``prevent_thread_lock`` (then returns the running app)."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the demo is reachable from other machines at %s:%d; it has no authentication", host, port)
+    demo = build_demo(searcher, index)
+    try:
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            max_file_size=int(max_upload_mb * 1024 * 1024),
+            allowed_paths=[],  # results are thumbnails in Gradio's cache: no gallery folder needs serving
+            prevent_thread_lock=prevent_thread_lock,
+            show_error=True,
+            ssr_mode=False,  # server-side rendering needs Node.js; the plain app does not
+            quiet=prevent_thread_lock,
+        )
+    except OSError as e:
+        raise FinderPartnerError(f"cannot serve the demo on {host}:{port} ({e}); choose another --port") from None
+    return demo

@@ -1,0 +1,620 @@
+"""ONNX export of the dual encoder, and the onnxruntime check that the export computes what PyTorch does.
+
+An export folder is self-contained: everything needed to embed images and texts without PyTorch models.
+
+```
+image_encoder.onnx    pixel_values (B, 3, H, W) float32, normalised  -> image_embeds (B, D), L2-normalised
+text_encoder.onnx     input_ids, attention_mask (B, L) int64         -> text_embeds (B, D), L2-normalised
+clip.onnx             all three inputs -> logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)
+image_encoder.fp16.onnx, text_encoder.fp16.onnx, *.int8.onnx          optional smaller variants
+tokenizer files, preprocessor_config.json                             the model's own tokenizer and preprocessing
+finderpartner_export.json                                             fingerprint, embedding size, files, versions
+```
+
+Batch size is dynamic everywhere, and so is the text length (up to the model's context length). The
+fingerprint is the source model's (``index.model_fingerprint``), so a gallery index built with PyTorch is
+searched with the export and vice versa.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import FinderPartnerError
+from .model import DualEncoder, ImageSpec, encode_image, encode_text, image_spec_of
+
+log = logging.getLogger(__name__)
+
+EXPORT_INFO = "finderpartner_export.json"
+FORMAT_VERSION = 1
+IMAGE_ENCODER, TEXT_ENCODER, COMBINED = "image_encoder", "text_encoder", "clip"
+VARIANTS = ("fp32", "fp16", "int8")
+PARITY_COSINE = 0.9999  # fp32 ONNX must agree with PyTorch at least this well on every embedding
+EXPORTERS = ("auto", "dynamo", "torchscript")
+
+
+class ExportError(FinderPartnerError):
+    """The model cannot be exported, the export folder is unusable, or the export disagrees with PyTorch."""
+
+    exit_code = 8
+
+
+def _require(module: str) -> Any:
+    """Import an optional ONNX dependency, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"ONNX export and inference need {module.split('.')[0]}: pip install 'finderpartner[onnx]'") from None
+
+
+def variant_file(encoder_name: str, variant: str = "fp32") -> str:
+    """File name of an encoder graph: ``image_encoder.onnx``, ``text_encoder.int8.onnx``, ..."""
+    return f"{encoder_name}.onnx" if variant == "fp32" else f"{encoder_name}.{variant}.onnx"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The graphs: thin modules around model.py's encoders, so ONNX and PyTorch compute the same function.
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return encode_image(self.model, pixel_values)
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return encode_text(self.model, input_ids, attention_mask)
+
+
+class ClipLogits(nn.Module):
+    """CLIP's forward: scaled cosine similarities between every image and every text."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        image = encode_image(self.model, pixel_values)
+        text = encode_text(self.model, input_ids, attention_mask)
+        logits_per_text = self.model.logit_scale.exp() * text @ image.t()
+        return logits_per_text.t(), logits_per_text
+
+
+@dataclass(frozen=True)
+class _Graph:
+    name: str
+    module: nn.Module
+    inputs: dict[str, dict[int, str]]  # input name -> {axis: dynamic dimension name}
+    outputs: dict[str, dict[int, str]]
+
+
+def _graphs(model: nn.Module) -> list[_Graph]:
+    text_in = {"input_ids": {0: "text_batch", 1: "sequence"}, "attention_mask": {0: "text_batch", 1: "sequence"}}
+    return [
+        _Graph(IMAGE_ENCODER, ImageEncoder(model), {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}}),
+        _Graph(TEXT_ENCODER, TextEncoder(model), text_in, {"text_embeds": {0: "text_batch"}}),
+        _Graph(COMBINED, ClipLogits(model), {"pixel_values": {0: "batch"}, **text_in},
+               {"logits_per_image": {0: "batch", 1: "text_batch"}, "logits_per_text": {0: "text_batch", 1: "batch"}}),  # fmt: skip
+    ]
+
+
+def _example_inputs(encoder: DualEncoder) -> dict[str, torch.Tensor]:
+    """Batch 2 (a batch of 1 could be specialised away) and a padded text batch, so masking is traced too."""
+    spec = encoder.image_spec
+    enc = encoder.tokenizer(
+        ["a photo", "a photo of something on the left"], padding="longest", truncation=True,
+        max_length=encoder.context_length, return_tensors="pt",
+    )  # fmt: skip
+    return {
+        "pixel_values": torch.randn(2, 3, spec.crop, spec.crop, generator=torch.Generator().manual_seed(0)),
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+    }
+
+
+def resolve_exporter(exporter: str) -> str:
+    """'dynamo' (torch.export, needs onnxscript) when available, else the TorchScript exporter."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
+    if exporter != "auto":
+        return exporter
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return "torchscript"
+    return "dynamo"
+
+
+def _export_graph(graph: _Graph, example: dict[str, torch.Tensor], path: Path, *, exporter: str, opset: int,
+                  context_length: int) -> None:  # fmt: skip
+    args = tuple(example[name] for name in graph.inputs)
+    names = dict(input_names=list(graph.inputs), output_names=list(graph.outputs))
+    # The exporters comment on every Python branch they trace through; the parity check after export is
+    # what tells whether the graph is right, so their warnings are noise here.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(_LogWriter()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            from torch.export import Dim
+
+            dims = {"batch": Dim("batch"), "text_batch": Dim("text_batch"), "sequence": Dim("sequence", max=context_length)}
+            shapes = {name: {axis: dims[d] for axis, d in axes.items()} for name, axes in graph.inputs.items()}
+            big = sum(p.numel() * p.element_size() for p in graph.module.parameters()) > 1.5 * 2**30
+            torch.onnx.export(graph.module, args, str(path), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
+                              external_data=big, verbose=False, **names)  # fmt: skip
+        else:
+            torch.onnx.export(graph.module, args, str(path), dynamo=False, opset_version=opset,
+                              dynamic_axes={**graph.inputs, **graph.outputs}, **names)  # fmt: skip
+
+
+class _LogWriter:
+    """Where the dynamo exporter's progress prints go: the debug log, not the user's stdout (or --json)."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("exporter: %s", text.strip())
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing the folder
+
+
+def export_onnx(
+    encoder: DualEncoder,
+    out_dir: str | Path,
+    *,
+    fingerprint: str,
+    fp16: bool = False,
+    int8: bool = False,
+    exporter: str = "auto",
+    opset: int = 18,
+    source: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Write the export folder (atomically: an existing one is replaced only when the new one is complete).
+
+    Returns the folder's ``finderpartner_export.json`` content. The model is put in eval mode on the CPU.
+    """
+    from .checkpoint import replace_dir
+
+    _require("onnx")
+    exporter = resolve_exporter(exporter)
+    if exporter == "dynamo":
+        _require("onnxscript")
+    model = encoder.model.cpu().float().eval()
+    example = _example_inputs(encoder)
+    info: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        steps = _graphs(model)
+        variants = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
+        bar = tqdm(total=len(steps) + 2 * len(variants), desc="exporting to ONNX", unit="graph", disable=not progress)
+        with bar, torch.no_grad():
+            for graph in steps:
+                bar.set_postfix_str(graph.name)
+                try:
+                    _export_graph(graph, example, tmp / variant_file(graph.name), exporter=exporter, opset=opset,
+                                  context_length=encoder.context_length)  # fmt: skip
+                except Exception as e:  # the exporters raise many types; the user needs the gist and a way out
+                    other = "torchscript" if exporter == "dynamo" else "dynamo"
+                    raise ExportError(f"exporting {graph.name} with the {exporter} exporter failed: "
+                                      f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
+                                      f"try --exporter {other}") from e  # fmt: skip
+                bar.update()
+            for variant in variants:
+                for name in (IMAGE_ENCODER, TEXT_ENCODER):
+                    bar.set_postfix_str(f"{name} {variant}")
+                    convert = convert_fp16 if variant == "fp16" else quantize_int8
+                    convert(tmp / variant_file(name), tmp / variant_file(name, variant))
+                    bar.update()
+        _write_preprocessing(encoder, tmp)
+        info.update(_info(encoder, fingerprint, exporter, opset, variants, source))
+        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+    replace_dir(write, Path(out_dir))
+    log.info("exported %s to %s (%s exporter, opset %d)", source or "model", out_dir, exporter, opset)
+    return info
+
+
+def _write_preprocessing(encoder: DualEncoder, out: Path) -> None:
+    """The tokenizer and image processor, so the folder needs nothing else to embed raw text and images."""
+    encoder.tokenizer.save_pretrained(out)
+    encoder.image_processor.save_pretrained(out)
+    if not (out / "vocab.json").exists() and getattr(encoder.tokenizer, "is_fast", False):
+        # as in model.save_model: transformers 4's slow CLIPTokenizer reads vocab.json/merges.txt
+        from .tokenizer import save_vocab_files
+
+        try:
+            save_vocab_files(encoder.tokenizer, out)
+        except Exception as e:  # not a BPE tokenizer: tokenizer.json is enough
+            log.debug("no vocab.json/merges.txt written: %s", e)
+
+
+def _info(encoder: DualEncoder, fingerprint: str, exporter: str, opset: int, variants: list[str],
+          source: str | None) -> dict[str, Any]:  # fmt: skip
+    import transformers
+
+    model = encoder.model
+    return {
+        "format": FORMAT_VERSION,
+        "fingerprint": fingerprint,
+        "embed_dim": int(model.config.projection_dim),
+        "context_length": encoder.context_length,
+        "image_size": encoder.image_spec.crop,
+        "logit_scale": float(model.logit_scale.detach().float().exp()),
+        "model_type": type(model).__name__,
+        "source": source,
+        "exporter": exporter,
+        "opset": opset,
+        "files": {name: variant_file(name) for name in (IMAGE_ENCODER, TEXT_ENCODER, COMBINED)},
+        "variants": {v: {n: variant_file(n, v) for n in (IMAGE_ENCODER, TEXT_ENCODER)} for v in variants},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "onnx": _require("onnx").__version__, "python": platform.python_version()},  # fmt: skip
+    }
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """fp16 weights and activations; inputs and outputs stay float32 so callers need not change."""
+    onnx = _require("onnx")
+    float16 = _require("onnxruntime.transformers.float16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns about every value clamped into fp16 range
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save(model, str(dst))
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """Dynamic int8 quantization of the matrix multiplications (weights int8, activations quantized per batch)."""
+    quantization = _require("onnxruntime.quantization")
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        try:
+            # shape inference + graph optimisation first, as onnxruntime recommends for quantization
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+        except Exception as e:  # an optimisation pass that cannot handle the graph: quantize it as exported
+            log.debug("quantization pre-processing skipped: %s", e)
+            shutil.copy(src, prepared)
+        quantization.quantize_dynamic(str(prepared), str(dst), weight_type=quantization.QuantType.QInt8,
+                                      op_types_to_quantize=["MatMul", "Gemm"])  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading the folder: onnxruntime sessions plus the tokenizer and preprocessing, no PyTorch model
+
+
+def load_export_info(export_dir: str | Path) -> dict[str, Any]:
+    path = Path(export_dir) / EXPORT_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        hint = " (it is a model folder: export it first with `finderpartner export --model M --out DIR`)" if (
+            Path(export_dir) / "config.json").is_file() else ""  # fmt: skip
+        raise ExportError(f"{export_dir} is not an ONNX export folder: it has no {EXPORT_INFO}{hint}") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path} is unreadable ({e}); export the model again") from None
+    if info.get("format") != FORMAT_VERSION:
+        raise ExportError(f"{export_dir} was written by another version (format {info.get('format')}); export again")
+    return info
+
+
+def image_spec_from_folder(folder: str | Path) -> ImageSpec:
+    """The model's preprocessing (resize, crop, mean, std) from a saved ``preprocessor_config.json``."""
+    path = Path(folder) / "preprocessor_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        size = cfg["size"] if isinstance(cfg["size"], dict) else {"shortest_edge": cfg["size"]}
+        crop = cfg.get("crop_size")
+        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
+        processor = SimpleNamespace(size=size, crop_size=crop, do_center_crop=cfg.get("do_center_crop", True),
+                                    image_mean=cfg["image_mean"], image_std=cfg["image_std"])  # fmt: skip
+        return image_spec_of(processor)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{path} is missing or incomplete ({type(e).__name__}: {e}); export the model again") from None
+
+
+def providers_for(device: str = "cpu") -> list[str]:
+    """onnxruntime execution providers: CUDA first when asked for (or 'auto') and available, always CPU."""
+    ort = _require("onnxruntime")
+    available = ort.get_available_providers()
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise ExportError("--device cuda: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu or use cpu")
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Any:
+    """An onnxruntime session; ``threads`` pins its intra-op thread count (default: onnxruntime's choice)."""
+    ort = _require("onnxruntime")
+    if not path.is_file():
+        raise ExportError(f"{path} is missing; export the model again" + (
+            " with --fp16/--int8" if ".fp16." in path.name or ".int8." in path.name else ""))  # fmt: skip
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: its warnings (unused initializers, ...) are not actionable
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
+
+
+@dataclass
+class OnnxEncoders:
+    """The two exported encoders with their tokenizer and preprocessing: embeds raw texts and pixels."""
+
+    folder: Path
+    info: dict[str, Any]
+    tokenizer: Any
+    image_spec: ImageSpec
+    image_session: Any
+    text_session: Any
+    variant: str = "fp32"
+
+    @property
+    def context_length(self) -> int:
+        return int(self.info["context_length"])
+
+    def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Normalised float32 (B, 3, H, W) -> L2-normalised embeddings."""
+        return self.image_session.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})[0]
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.context_length,
+                             return_tensors="np")  # fmt: skip
+        wanted = {i.name for i in self.text_session.get_inputs()}
+        return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        parts = [self.text_session.run(None, self.tokenize(texts[i : i + batch_size]))[0]
+                 for i in range(0, len(texts), batch_size)]  # fmt: skip
+        return np.concatenate(parts) if parts else np.zeros((0, int(self.info["embed_dim"])), np.float32)
+
+
+def load_onnx_encoders(export_dir: str | Path, *, variant: str = "fp32", device: str = "cpu",
+                       threads: int | None = None) -> OnnxEncoders:  # fmt: skip
+    """Open an export folder for inference with onnxruntime (``variant``: fp32, or fp16/int8 if exported)."""
+    folder = Path(export_dir)
+    info = load_export_info(folder)
+    if variant != "fp32" and variant not in info.get("variants", {}):
+        raise ExportError(f"{folder} has no {variant} variant; export it with --{variant}")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"cannot load the tokenizer saved in {folder} ({e}); export the model again") from None
+    providers = providers_for(device)
+    return OnnxEncoders(
+        folder=folder,
+        info=info,
+        tokenizer=tokenizer,
+        image_spec=image_spec_from_folder(folder),
+        image_session=open_session(folder / variant_file(IMAGE_ENCODER, variant), providers, threads),
+        text_session=open_session(folder / variant_file(TEXT_ENCODER, variant), providers, threads),
+        variant=variant,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Verification: onnxruntime vs PyTorch on real inputs, accuracy of the variants, latency
+
+
+@dataclass
+class Parity:
+    """How closely one graph reproduces fp32 PyTorch on the verification inputs."""
+
+    graph: str
+    variant: str
+    rows: int
+    max_abs_diff: float
+    min_cosine: float
+    mean_cosine: float
+    top1_agreement: float | None = None  # text->image top-1 equal to PyTorch's, on the verification set
+
+
+@dataclass
+class Latency:
+    graph: str
+    batch: int
+    torch_ms: float
+    onnx_ms: dict[str, float]  # variant -> median milliseconds per batch
+
+
+@dataclass
+class Verification:
+    images: int
+    captions: int
+    parity: list[Parity] = field(default_factory=list)
+    logits_max_abs_diff: float = float("nan")
+    latency: list[Latency] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(p.min_cosine >= PARITY_COSINE for p in self.parity if p.variant == "fp32")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok, "threshold_cosine": PARITY_COSINE}
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float, float]:
+    """(max abs diff, min cosine, mean cosine) between matching rows."""
+    ref, cand = np.asarray(reference, np.float64), np.asarray(candidate, np.float64)
+    cos = (ref * cand).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1) + 1e-12)
+    return float(np.abs(ref - cand).max()), float(cos.min()), float(cos.mean())
+
+
+def read_verification_inputs(images: Path, captions: Path | None, limit: int = 32) -> tuple[list[Path], list[str]]:
+    """Up to ``limit`` image files under ``images`` and captions from a CSV (``caption`` column) or text file."""
+    from .index import scan_images
+
+    paths = [images / name for name in list(scan_images(images))[:limit]]
+    if not paths:
+        raise ExportError(f"no images under {images} to verify the export with")
+    texts: list[str] = []
+    if captions is not None:
+        try:
+            if captions.suffix.lower() == ".csv":
+                import csv
+
+                with open(captions, encoding="utf-8-sig", newline="") as f:
+                    texts = [row["caption"] for row in csv.DictReader(f) if row.get("caption")]
+            else:
+                texts = [line.strip() for line in captions.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, KeyError, UnicodeDecodeError) as e:
+            raise ExportError(f"cannot read captions from {captions} ({e}): give a CSV with a caption column "
+                              "or a text file with one caption per line") from None  # fmt: skip
+    texts = list(dict.fromkeys(texts))[:limit] or ["a photo", "a photo of a person", "a large red circle on the left"]
+    return paths, texts
+
+
+def preprocess_images(paths: Sequence[Path], spec: ImageSpec) -> torch.Tensor:
+    """Real images through the model's inference preprocessing (EvalTransform + normalize)."""
+    from .data.transforms import EvalTransform, load_image, normalize
+
+    transform = EvalTransform(spec)
+    return normalize(torch.stack([transform(load_image(p)) for p in paths]), spec)
+
+
+def verify_export(
+    encoder: DualEncoder,
+    export_dir: str | Path,
+    images: Sequence[Path],
+    captions: Sequence[str],
+    *,
+    latency_batches: Sequence[int] = (1, 8, 32),
+    progress: bool = False,
+) -> Verification:
+    """Run PyTorch and every exported graph on the same real inputs; compare embeddings and time them."""
+    if not images or not captions:
+        raise ExportError("verification needs at least one image and one caption")
+    model = encoder.model.cpu().float().eval()
+    folder = Path(export_dir)
+    info = load_export_info(folder)
+    pixels = preprocess_images(images, encoder.image_spec)
+    tokens = encoder.tokenizer(list(captions), padding="longest", truncation=True, max_length=encoder.context_length,
+                               return_tensors="pt")  # fmt: skip
+    with torch.no_grad():
+        ref_img = encode_image(model, pixels).numpy()
+        ref_txt = encode_text(model, tokens["input_ids"], tokens["attention_mask"]).numpy()
+    report = Verification(images=len(images), captions=len(captions))
+    variants = ["fp32", *info.get("variants", {})]
+    for variant in tqdm(variants, desc="verifying with onnxruntime", disable=not progress, leave=False):
+        onnx_enc = load_onnx_encoders(folder, variant=variant)
+        img = onnx_enc.encode_pixels(pixels.numpy())
+        txt = onnx_enc.encode_texts(list(captions))
+        agree = float(np.mean((txt @ img.T).argmax(1) == (ref_txt @ ref_img.T).argmax(1)))
+        report.parity.append(Parity(IMAGE_ENCODER, variant, len(img), *compare(ref_img, img)))
+        report.parity.append(Parity(TEXT_ENCODER, variant, len(txt), *compare(ref_txt, txt), top1_agreement=agree))
+    report.logits_max_abs_diff = _combined_diff(model, folder, pixels, tokens)
+    report.latency = measure_latency(model, encoder, folder, variants, pixels, list(captions), latency_batches)
+    return report
+
+
+def _combined_diff(model: nn.Module, folder: Path, pixels: torch.Tensor, tokens: Any) -> float:
+    """Max abs difference of clip.onnx's logits to transformers' own CLIP forward."""
+    session = open_session(folder / variant_file(COMBINED))
+    feed = {"pixel_values": pixels.numpy(), "input_ids": tokens["input_ids"].numpy(),
+            "attention_mask": tokens["attention_mask"].numpy()}  # fmt: skip
+    per_image, per_text = session.run(None, feed)
+    with torch.no_grad():
+        out = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    return max(float(np.abs(out.logits_per_image.numpy() - per_image).max()),
+               float(np.abs(out.logits_per_text.numpy() - per_text).max()))  # fmt: skip
+
+
+def median_ms(fn: Callable[[], Any], *, min_seconds: float = 0.3, max_runs: int = 50, warmup: int = 2) -> float:
+    """Median wall time of ``fn`` in milliseconds (after warm-up runs)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_runs and (len(times) < 3 or time.perf_counter() - start < min_seconds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def _repeat(x: Any, n: int) -> Any:
+    """The first ``n`` rows of ``x``, cycling when it has fewer."""
+    idx = np.arange(n) % len(x)
+    return x[idx] if not isinstance(x, list) else [x[i] for i in idx]
+
+
+def measure_latency(model: nn.Module, encoder: DualEncoder, folder: Path, variants: Sequence[str], pixels: torch.Tensor,
+                    captions: list[str], batches: Sequence[int]) -> list[Latency]:  # fmt: skip
+    """Per batch size: PyTorch (fp32, eager) vs each ONNX variant, for both encoders, on the same inputs.
+
+    onnxruntime gets as many threads as PyTorch uses, so the comparison is of the runtimes, not of thread counts.
+    """
+    sessions = {v: load_onnx_encoders(folder, variant=v, threads=torch.get_num_threads()) for v in variants}
+    rows = []
+    for batch in batches:
+        px = _repeat(pixels, batch)
+        texts = _repeat(captions, batch)
+        tok = encoder.tokenizer(texts, padding="longest", truncation=True, max_length=encoder.context_length,
+                                return_tensors="pt")  # fmt: skip
+        with torch.inference_mode():
+            t_img = median_ms(lambda: encode_image(model, px))
+            t_txt = median_ms(lambda: encode_text(model, tok["input_ids"], tok["attention_mask"]))
+        px_np = px.numpy()
+        rows.append(Latency(IMAGE_ENCODER, batch, t_img, {v: median_ms(lambda s=s: s.encode_pixels(px_np))
+                                                          for v, s in sessions.items()}))  # fmt: skip
+        feeds = {v: s.tokenize(texts) for v, s in sessions.items()}
+        rows.append(Latency(TEXT_ENCODER, batch, t_txt, {v: median_ms(lambda s=s, f=feeds[v]: s.text_session.run(None, f))
+                                                         for v, s in sessions.items()}))  # fmt: skip
+    return rows
+
+
+def format_verification(report: Verification) -> str:
+    """Parity and latency tables for the terminal."""
+    lines = [f"parity with PyTorch fp32 on {report.images} images and {report.captions} captions "
+             f"(fp32 must reach cosine >= {PARITY_COSINE}):",
+             f"  {'graph':<14}{'variant':<9}{'max |diff|':>12}{'min cos':>12}{'mean cos':>12}{'top-1 same':>12}"]  # fmt: skip
+    for p in report.parity:
+        agree = f"{p.top1_agreement:>12.3f}" if p.top1_agreement is not None else f"{'':>12}"
+        lines.append(f"  {p.graph:<14}{p.variant:<9}{p.max_abs_diff:>12.2e}{p.min_cosine:>12.6f}{p.mean_cosine:>12.6f}{agree}")
+    lines.append(f"  clip.onnx logits vs transformers' forward: max |diff| {report.logits_max_abs_diff:.2e}")
+    variants = list(report.latency[0].onnx_ms) if report.latency else []
+    lines += ["", "latency, median ms per batch (CPU unless a GPU provider was used):",
+              f"  {'graph':<14}{'batch':>6}{'torch':>10}" + "".join(f"{'onnx ' + v:>12}" for v in variants)
+              + f"{'speed-up':>10}"]  # fmt: skip
+    for r in report.latency:
+        cells = "".join(f"{r.onnx_ms[v]:>12.2f}" for v in variants)
+        lines.append(f"  {r.graph:<14}{r.batch:>6}{r.torch_ms:>10.2f}{cells}{r.torch_ms / r.onnx_ms['fp32']:>9.2f}x")
+    lines.append("")
+    lines.append("export verified" if report.ok else "EXPORT DOES NOT MATCH PYTORCH")
+    return "\n".join(lines)

@@ -1,0 +1,180 @@
+"""The contrastive batch does not depend on memory: gradient cache, OOM recovery, micro-batch probing, levers."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finderpartner.memory as memory
+from finderpartner.config import TinySpec, config_from_dict
+from finderpartner.data.collate import Collator
+from finderpartner.data.dataset import PairDataset, read_split
+from finderpartner.data.transforms import TrainTransform
+from finderpartner.memory import contrastive_backward, probe_micro_batch
+from finderpartner.model import apply_freezing, apply_lora, build_tiny, plain_model
+from finderpartner.train import _optimizer, train
+from helpers import MICRO_SPEC, micro_config
+
+
+def _batch(small_data: Path, encoder, n: int):
+    table, _ = read_split(small_data, "train")
+    ds = PairDataset(table, TrainTransform(encoder.image_spec))
+    return Collator(encoder.tokenizer, encoder.context_length)([ds[(i, 1000 + i)] for i in range(n)])
+
+
+def _grads(model, batch, micro: int, spec) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    contrastive_backward(model, batch, micro_batch_size=micro, spec=spec, autocast=contextlib.nullcontext,
+                         backward=lambda loss: loss.backward())  # fmt: skip
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_cache_equals_full_batch_gradients(small_data: Path) -> None:
+    table, _ = read_split(small_data, "train")
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
+    model = encoder.model.train()
+    batch = _batch(small_data, encoder, 64)
+    full = _grads(model, batch, 64, encoder.image_spec)  # 1 x 64
+    cached = _grads(model, batch, 8, encoder.image_spec)  # 8 x 8
+    assert full.keys() == cached.keys() and "logit_scale" in full
+    # Attention key biases get an exactly-zero gradient in theory (softmax ignores a shift shared by a row);
+    # what autograd returns for them is rounding noise (~1e-9), whose relative difference means nothing.
+    zero = {n for n in full if n.endswith("k_proj.bias")}
+    assert all(full[n].abs().max() < 1e-7 and cached[n].abs().max() < 1e-7 for n in zero)
+    relative = {n: ((full[n] - cached[n]).abs().max() / full[n].abs().max()).item() for n in full if n not in zero}
+    assert max(relative.values()) <= 1e-4, max(relative.items(), key=lambda kv: kv[1])
+    assert relative["logit_scale"] <= 1e-4
+
+
+def test_gradient_cache_replays_dropout_identically(small_data: Path) -> None:
+    table, _ = read_split(small_data, "train")
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
+    model = encoder.model.train()
+    for m in model.modules():  # dropout makes pass 1 and pass 2 disagree unless the RNG is replayed
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.2
+    model.config.text_config.attention_dropout = 0.2
+    for layer in model.text_model.encoder.layers:
+        layer.self_attn.dropout = 0.2
+    batch = _batch(small_data, encoder, 32)
+    torch.manual_seed(5)
+    full = _grads(model, batch, 32, encoder.image_spec)
+    torch.manual_seed(5)
+    cached = _grads(model, batch, 32, encoder.image_spec)
+    assert all(torch.equal(full[n], cached[n]) for n in full)  # same seed, same path: deterministic
+    torch.manual_seed(5)
+    split = _grads(model, batch, 8, encoder.image_spec)
+    # Each micro-batch sees its own dropout masks in both passes, so the result is a valid gradient: finite, and
+    # the surrogate matches the cached embeddings exactly (a mismatch would make the logit-scale term explode).
+    assert all(torch.isfinite(g).all() for g in split.values())
+
+
+def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(small_data: Path, tmp_path: Path, monkeypatch) -> None:
+    reference = train(config_from_dict(micro_config(tmp_path / "a", small_data)))
+
+    real = memory.embed_pair
+    calls = {"n": 0}
+
+    def oom_once_in_step_3(model, batch, spec):
+        calls["n"] += 1
+        if calls["n"] == 3:  # 1 call per step with micro == batch: this is step 3
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, batch, spec)
+
+    monkeypatch.setattr(memory, "embed_pair", oom_once_in_step_3)
+    recovered = train(config_from_dict(micro_config(tmp_path / "b", small_data, micro_batch_size=16)))
+    assert recovered.state.micro_batch_size == 8 and recovered.state.global_step == reference.state.global_step
+    ours = load_file(sorted((recovered.run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+    theirs = load_file(sorted((reference.run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+    # Not bitwise: steps 3-16 sum the same gradient in a different order (8 + 8 instead of 16). Equal up to
+    # float rounding, which Adam turns into steps of ~1e-6 on the attention key biases (zero true gradient).
+    worst = max((ours[n] - theirs[n]).abs().max().item() for n in theirs)
+    assert worst <= 1e-5, worst
+
+
+def test_oom_at_micro_batch_one_says_what_to_change(small_data: Path, tmp_path: Path, monkeypatch) -> None:
+    from finderpartner.errors import TrainingError
+
+    def always_oom(model, batch, spec):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(memory, "embed_pair", always_oom)
+    with pytest.raises(TrainingError, match="out of memory at micro-batch 1.*gradient_checkpointing.*LoRA"):
+        train(config_from_dict(micro_config(tmp_path, small_data, micro_batch_size=2)))
+
+
+def _changed_after_steps(model, small_data: Path, encoder, steps: int = 2) -> set[str]:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = _optimizer(model, config_from_dict({"train": {"lr": 1e-2}}))
+    batch = _batch(small_data, encoder, 16)
+    for _ in range(steps):
+        contrastive_backward(model, batch, micro_batch_size=16, spec=encoder.image_spec, autocast=contextlib.nullcontext,
+                             backward=lambda loss: loss.backward())  # fmt: skip
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+@pytest.mark.parametrize(
+    "freeze, trainable",
+    [
+        ({"image_tower": True}, lambda n: not n.startswith("vision_model.")),
+        ({"text_tower": True}, lambda n: not n.startswith("text_model.")),
+        ({"image_tower": True, "image_unlocked_layers": 1},
+         lambda n: not n.startswith("vision_model.") or n.startswith(("vision_model.encoder.layers.1.", "vision_model.post_layernorm"))),
+        ({"projections_only": True}, lambda n: n in {"visual_projection.weight", "text_projection.weight", "logit_scale"}),
+    ],
+    ids=["image_tower", "text_tower", "image_last_layer", "projections_only"],
+)  # fmt: skip
+def test_each_freezing_mode_changes_exactly_its_parameters(small_data: Path, freeze, trainable) -> None:
+    table, _ = read_split(small_data, "train")
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
+    model = encoder.model.train()
+    apply_freezing(model, **freeze)
+    changed = _changed_after_steps(model, small_data, encoder)
+    expected = {n for n, _ in model.named_parameters() if trainable(n)}
+    # the text position embeddings of unused positions get no gradient at all: a tensor still changes if any row does
+    assert changed == expected
+
+
+def test_lora_trains_only_adapters_and_merges_into_a_plain_model(small_data: Path) -> None:
+    table, _ = read_split(small_data, "train")
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
+    base = {n: p.detach().clone() for n, p in encoder.model.named_parameters()}
+    model = apply_lora(encoder.model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    changed = _changed_after_steps(model, small_data, encoder)
+    assert changed and all("lora_" in n or n.endswith("logit_scale") for n in changed)
+    assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
+    merged = plain_model(model)
+    assert type(merged).__name__ == "CLIPModel" and not any("lora" in n for n, _ in merged.named_parameters())
+    differs = {n for n, p in merged.named_parameters() if not torch.equal(p.detach(), base[n])}
+    assert differs and all(n.endswith(("_proj.weight", "logit_scale")) and "self_attn" in n or n == "logit_scale" for n in differs)
+
+
+def test_cpu_probe_picks_a_size_and_caches_it(small_data: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FINDERPARTNER_CACHE", str(tmp_path))
+    table, _ = read_split(small_data, "train")
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
+    args = dict(local_batch=32, spec=encoder.image_spec, context_length=16, eos_token_id=1, device=torch.device("cpu"),
+                autocast=contextlib.nullcontext, reserve_bytes=0, cache_key="test-key")  # fmt: skip
+    first = probe_micro_batch(encoder.model, **args)
+    assert first.micro_batch_size in (8, 16, 32) and "pairs/s" in first.reason and first.peak_bytes
+    assert all(p.grad is None for p in encoder.model.parameters())  # probing leaves no gradients behind
+    again = probe_micro_batch(encoder.model, **args)
+    assert again.micro_batch_size == first.micro_batch_size and again.reason.startswith("cached")
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(small_data: Path) -> None:
+    table, _ = read_split(small_data, "train")
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
+    model = encoder.model.train()
+    batch = _batch(small_data, encoder, 16)
+    plain = _grads(model, batch, 8, encoder.image_spec)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = _grads(model, batch, 8, encoder.image_spec)
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-7), n
