@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 
@@ -156,3 +157,61 @@ def test_unusual_images_are_converted_not_rejected(images: Path) -> None:
     assert load_image(d / "alpha.png").getpixel((0, 0)) == (255, 127, 127)  # half-transparent red over white
     assert load_image(d / "deep.png").getpixel((0, 0))[0] == round(40000 * 255 / 65535)
     assert load_image(d / "cmyk.jpg").getpixel((0, 0))[2] < 80  # yellow: little blue
+
+
+def _mixed(tmp_path: Path, small_data: Path) -> tuple[Path, list[str]]:
+    """The small sample data plus bad rows of several kinds."""
+    import shutil
+
+    root = tmp_path / "mixed"
+    shutil.copytree(small_data, root)
+    (root / "images" / "train" / "zero.jpg").write_bytes(b"")
+    (root / "images" / "train" / "text.jpg").write_text("not an image")
+    csv_path = root / "captions_train.csv"
+    good = csv_path.read_text().splitlines()[1:]
+    bad = ["missing.jpg,a red circle", "zero.jpg,a blue star", "text.jpg,a green square", f"{good[0].split(',')[0]},  ",
+           "../escape.jpg,x"]  # fmt: skip
+    csv_path.write_text("\n".join(["filename,caption", *good[:40], *bad, *good[40:]]) + "\n")
+    return root, good
+
+
+def test_skip_trains_on_exactly_the_good_rows(small_data: Path, tmp_path: Path) -> None:
+    from finderpartner.config import config_from_dict
+    from finderpartner.train import train
+    from helpers import micro_config
+
+    root, good = _mixed(tmp_path, small_data)
+    report = validate_split(root, "train")
+    assert len(report.fatal) == 5 and len(report.table) == len(good)
+    assert [f"{f},{c}" if "," not in c else f'{f},"{c}"' for f, c in zip(report.table.filenames, report.table.captions)] == good
+    with pytest.raises(DataError, match="5 problem"):
+        train(config_from_dict(micro_config(tmp_path / "raise", root)))
+    result = train(config_from_dict({**micro_config(tmp_path / "skip", root), "data": {"root": str(root), "num_workers": 0,
+                                                                                     "on_error": "skip"}}))  # fmt: skip
+    assert result.train_pairs == len(good) == 128 and result.state.global_step == 16
+
+
+def test_a_file_that_breaks_during_training_is_skipped_counted_and_named(small_data: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    import shutil
+
+    import finderpartner.train as train_module
+    from finderpartner.config import config_from_dict
+    from helpers import micro_config
+
+    root = tmp_path / "data"
+    shutil.copytree(small_data, root)
+    victim = root / "images" / "train" / sorted(p.name for p in (root / "images" / "train").iterdir())[0]
+    real = train_module.require_usable
+
+    def validate_then_break(report, on_error):  # the file changes on disk after the check, before training reads it
+        table = real(report, on_error)
+        if report.split == "train":
+            victim.write_bytes(b"garbage")
+        return table
+
+    monkeypatch.setattr(train_module, "require_usable", validate_then_break)
+    with caplog.at_level(logging.WARNING, logger="finderpartner"):
+        result = train_module.train(config_from_dict(micro_config(tmp_path, root)))
+    # 2 rows name the image, each seen once per epoch; every step still trains on a valid (smaller) batch
+    assert result.state.skipped_samples == 4 and result.state.global_step == 16
+    assert victim.name in caplog.text and "skipped" in caplog.text

@@ -139,7 +139,9 @@ def latest_checkpoint(checkpoints_dir: Path, check_files: bool = True) -> Path |
 
 
 def prune(checkpoints_dir: Path, keep: int) -> None:
-    for _, path in list_checkpoints(checkpoints_dir)[:-keep]:
+    """Delete all but the newest ``keep`` complete checkpoints (a damaged one never pushes a good one out)."""
+    complete = [path for _, path in list_checkpoints(checkpoints_dir) if (path / MANIFEST).is_file()]
+    for path in complete[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
     for tmp in checkpoints_dir.glob(".tmp-step_*"):  # left behind by a crash mid-write
         shutil.rmtree(tmp, ignore_errors=True)

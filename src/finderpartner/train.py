@@ -64,6 +64,8 @@ class TrainResult:
     state: TrainState
     final: EvalResult | None
     seconds: float
+    train_pairs: int
+    is_main: bool = True  # False in the other processes of a multi-process run
 
 
 @dataclass
@@ -109,7 +111,8 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     finally:
         run.trackers.close()
     best = run.run_dir / "best_model"
-    result = TrainResult(run.run_dir, best, run.state, final, time.perf_counter() - start)
+    result = TrainResult(run.run_dir, best, run.state, final, time.perf_counter() - start, run.sampler.num_rows,
+                         run.is_main)  # fmt: skip
     if run.is_main:
         _summary(run, result)
     return result
