@@ -4,19 +4,25 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 FP     := $(BIN)/finderpartner
 RUN    := outputs/clip_tiny
+PROMPT ?= a large red circle on the left
 
-.PHONY: run test install sample train eval search bench clean
+.PHONY: run test install install-dev sample train eval search bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-
-# The stamp is newer than pyproject.toml once the package and its extras are installed.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[dev]"
+
+# Stamps: reinstall when pyproject.toml changes. `run` needs the package and FAISS; `test` needs every extra.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[index]"
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed-run
+
+install: $(VENV)/.installed-run
+install-dev: $(VENV)/.installed-dev
 
 sample: install
 	$(FP) sample-data --out data/sample
@@ -28,15 +34,15 @@ eval: install
 	$(FP) eval --model $(RUN)/best_model --data data/sample --split val
 
 search: install
-	$(FP) search --model $(RUN)/best_model --images data/sample/images/val --prompt "a large red circle on the left" --top-k 5
+	$(FP) search --model $(RUN)/best_model --images data/sample/images/val --prompt "$(PROMPT)" --top-k 5
 
 # The main job: sample data -> train the tiny model -> evaluate -> a text search over the val images.
 run: train eval search
 
-test: install
+test: install-dev
 	$(BIN)/python -m pytest -q
 
-bench: install
+bench: install-dev
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

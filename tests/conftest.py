@@ -7,8 +7,12 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import micro_config
 
+# One compute thread per process (subprocesses inherit it): the micro models gain nothing from more, and on a
+# shared 2-core machine OpenMP threads that spin while descheduled make steps up to 100x slower.
+os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -26,6 +30,7 @@ def _loopback_only(self: socket.socket, address, *args, **kwargs):  # type: igno
 
 
 socket.socket.connect = _loopback_only  # type: ignore[method-assign]
+torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:

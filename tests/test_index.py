@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import MICRO_SPEC
 
 from finderpartner.cli import main
 from finderpartner.config import TinySpec
@@ -24,8 +25,6 @@ from finderpartner.index import (
     update_index,
 )
 from finderpartner.model import build_tiny, load_model, save_model
-
-from helpers import MICRO_SPEC
 
 pytest.importorskip("faiss")
 CPU = torch.device("cpu")

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_validate_data)
 
+    p = sub.add_parser("make-shards", help="write a split of the folder layout as WebDataset tar shards")
+    p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
+    p.add_argument("--split", default="train")
+    p.add_argument("--out", type=Path, required=True, help="shard folder (<split>-000000.tar, ...)")
+    p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard")
+    p.set_defaults(handler=_make_shards)
+
     p = sub.add_parser("train", help="train as configured")
     _add_config_args(p)
     p.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or the newest complete one")
@@ -138,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default: 10 MB)")
     _add_runtime_args(p)
+    _add_backend_args(p)
     p.set_defaults(handler=_demo)
     return parser
 
@@ -239,6 +247,16 @@ def _validate_data(args: argparse.Namespace) -> int:
     return 1 if any(r.fatal for r in reports) else 0
 
 
+def _make_shards(args: argparse.Namespace) -> int:
+    from .data.shards import write_shards
+
+    shards = write_shards(args.data, args.split, args.out, shard_size=args.shard_size)
+    first, last = Path(shards[0]).name, Path(shards[-1]).name
+    print(f"{len(shards)} shard(s) in {args.out}: use data.format: webdataset, data.train_shards: "
+          f"{args.out}/{args.split}-{{{first[-10:-4]}..{last[-10:-4]}}}.tar")  # fmt: skip
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .data.sample import make_sample_data
@@ -252,7 +270,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.create_sample_data:
         _make_sample(make_sample_data, cfg.data.root)
     result = train(cfg, resume=args.resume)
-    print(f"best model: {result.best_model}")
+    if result.is_main:
+        print(f"best model: {result.best_model}")
     return 0
 
 
@@ -266,7 +285,7 @@ def _runtime(args: argparse.Namespace) -> tuple[Any, str]:
 def _eval(args: argparse.Namespace) -> int:
     from .data.validate import require_usable, validate_split
     from .env import autocast_factory
-    from .evaluate import evaluate_split, format_metrics, write_report
+    from .evaluate import EvalSet, evaluate_split, format_metrics, write_report
     from .model import load_model
 
     device, precision = _runtime(args)
@@ -275,7 +294,8 @@ def _eval(args: argparse.Namespace) -> int:
         validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length), "raise"
     )
     result = evaluate_split(
-        encoder.model.to(device), encoder.tokenizer, table, encoder.image_spec, context_length=encoder.context_length,
+        encoder.model.to(device), encoder.tokenizer, EvalSet.from_table(table), encoder.image_spec,
+        context_length=encoder.context_length,
         device=device, autocast=autocast_factory(device, precision), batch_size=args.batch_size,
         num_workers=args.workers, progress=not args.json,
     )  # fmt: skip
@@ -389,8 +409,9 @@ def _export(args: argparse.Namespace) -> int:
     from .model import load_model
 
     encoder = load_model(args.model)
+    source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else str(args.model)  # usable from any cwd
     info = export_onnx(encoder, args.out, fingerprint=model_fingerprint(encoder.model), fp16=args.fp16, int8=args.int8,
-                       exporter=args.exporter, opset=args.opset, source=str(args.model), progress=not args.json)  # fmt: skip
+                       exporter=args.exporter, opset=args.opset, source=source, progress=not args.json)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         images, captions = args.images, args.captions
         if images is None:

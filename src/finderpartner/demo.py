@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 MAX_TEXTS = 32  # per request: the pairwise matrix grows quadratically
 MAX_RESULTS = 48
+DEFAULT_RESULTS = 12
 THUMBNAIL_PX = 256
 EXAMPLE_TEXTS = "a large red circle on the left\na small blue star in the center\na large green square on the right"
 EXAMPLE_PROMPT = "a large red circle on the left"
@@ -127,47 +128,50 @@ def _thumbnail(path: Path) -> Any:
 
 
 def build_demo(searcher: Any, index: GalleryIndex | None = None, *, title: str = "FinderPartner") -> Any:
-    """The Gradio app: three tabs, each wired to a named API endpoint."""
+    """The Gradio app: three tabs, each wired to a named API endpoint, each opening with a worked example."""
     gr = _gradio()
     gallery_note = (f"Gallery: {len(index)} images in `{index.root}`" if index is not None
                     else "No gallery loaded (start with `--index INDEX` or `--images DIR`).")  # fmt: skip
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    has_gallery = index is not None and len(index) > 0
+    example = gallery_search(searcher, index, EXAMPLE_PROMPT, DEFAULT_RESULTS) if has_gallery else ([], [])
+    example_image = index.root / example[1][0][2] if has_gallery else None
+    with gr.Blocks(title=title, analytics_enabled=False, **_blocks_js(gr)) as demo:
         gr.Markdown(f"# {title}\nDescribe who or what you are looking for and get the best-matching photos. "
                     f"Model `{searcher.fingerprint[:12]}`. {gallery_note}")  # fmt: skip
         with gr.Tabs():
             with gr.Tab("Gallery search"):
-                show_example = _search_tab(gr, searcher, index)
+                _search_tab(gr, searcher, index, example)
             with gr.Tab("Image vs texts"):
-                _image_texts_tab(gr, searcher)
+                _image_texts_tab(gr, searcher, example_image)
             with gr.Tab("Compare texts"):
                 _text_matrix_tab(gr, searcher)
-        if index is not None and len(index):
-            demo.load(**show_example)  # the page opens with the example search: what the tool does, at a glance
     return demo
 
 
-def _search_tab(gr: Any, searcher: Any, index: GalleryIndex | None) -> dict[str, Any]:
+def _search_tab(gr: Any, searcher: Any, index: GalleryIndex | None, example: tuple[list[Any], list[list[Any]]]) -> None:
     with gr.Row():
         prompt = gr.Textbox(label="Description", value=EXAMPLE_PROMPT, scale=4)
-        k = gr.Slider(1, MAX_RESULTS, value=8, step=1, label="Results", scale=1)
+        k = gr.Slider(1, MAX_RESULTS, value=DEFAULT_RESULTS, step=1, label="Results", scale=1)
     button = gr.Button("Search", variant="primary")
-    gallery = gr.Gallery(label="Best matches (score · file)", columns=4, height="auto", object_fit="contain")
-    table = gr.Dataframe(headers=["rank", "score", "file"], label="Scores (cosine similarity)", interactive=False)
+    gallery = gr.Gallery(example[0], label="Best matches (score · file)", columns=6, height="auto", object_fit="contain")
+    table = gr.Dataframe(example[1] or None, headers=["rank", "score", "file"], label="Scores (cosine similarity)",
+                         interactive=False)  # fmt: skip
     fn = lambda p, n: gallery_search(searcher, index, p, n)  # noqa: E731
     button.click(fn, inputs=[prompt, k], outputs=[gallery, table], api_name="search")
     prompt.submit(fn, inputs=[prompt, k], outputs=[gallery, table], api_name=False)
-    return {"fn": fn, "inputs": [prompt, k], "outputs": [gallery, table], "api_name": False}
 
 
-def _image_texts_tab(gr: Any, searcher: Any) -> None:
+def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
+    scores, rows = image_text_scores(searcher, str(example), EXAMPLE_TEXTS) if example else (None, None)
     with gr.Row():
         with gr.Column():
-            image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"], height=320)
+            image = gr.Image(_thumbnail(example) if example else None, type="filepath", label="Image",
+                             sources=["upload", "clipboard"], height=320)  # fmt: skip
             texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
             button = gr.Button("Score", variant="primary")
         with gr.Column():
-            label = gr.Label(label="Probabilities (softmax over the texts)", num_top_classes=10)
-            table = gr.Dataframe(headers=["text", "cosine", "probability"], label="Scores", interactive=False)
+            label = gr.Label(scores, label="Probabilities (softmax over the texts)", num_top_classes=10)
+            table = gr.Dataframe(rows, headers=["text", "cosine", "probability"], label="Scores", interactive=False)
     button.click(lambda i, t: image_text_scores(searcher, i, t), inputs=[image, texts], outputs=[label, table],
                  api_name="image_texts")  # fmt: skip
 
@@ -175,8 +179,37 @@ def _image_texts_tab(gr: Any, searcher: Any) -> None:
 def _text_matrix_tab(gr: Any, searcher: Any) -> None:
     texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
     button = gr.Button("Compare", variant="primary")
-    table = gr.Dataframe(label="Cosine similarity between the texts", interactive=False)
+    table = gr.Dataframe(text_similarity(searcher, EXAMPLE_TEXTS), label="Cosine similarity between the texts",
+                         interactive=False)  # fmt: skip
     button.click(lambda t: text_similarity(searcher, t), inputs=[texts], outputs=[table], api_name="text_matrix")
+
+
+# Opens the tab named by ?tab=<start of its title> (e.g. /?tab=compare): links straight to a tab.
+_TAB_FROM_URL = """() => {
+  const want = new URLSearchParams(window.location.search).get("tab");
+  if (!want) return;
+  const pick = () => [...document.querySelectorAll('button[role="tab"]')]
+    .find(b => b.textContent.trim().toLowerCase().startsWith(want.toLowerCase()));
+  const tryClick = (n) => { const b = pick(); if (b) b.click(); else if (n > 0) setTimeout(() => tryClick(n - 1), 100); };
+  tryClick(50);
+}"""
+
+
+def _blocks_js(gr: Any) -> dict[str, Any]:
+    """Gradio < 6 takes the page script in Blocks(), Gradio 6 in launch()."""
+    import inspect
+
+    return {"js": _TAB_FROM_URL} if "js" in inspect.signature(gr.Blocks.__init__).parameters else {}
+
+
+def _launch_options(demo: Any) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(demo.launch).parameters
+    options: dict[str, Any] = {"js": _TAB_FROM_URL} if "js" in params else {}
+    if "ssr_mode" in params:
+        options["ssr_mode"] = False  # server-side rendering needs Node.js; the plain app does not
+    return options
 
 
 def launch_demo(
@@ -200,8 +233,8 @@ def launch_demo(
             allowed_paths=[],  # results are thumbnails in Gradio's cache: no gallery folder needs serving
             prevent_thread_lock=prevent_thread_lock,
             show_error=True,
-            ssr_mode=False,  # server-side rendering needs Node.js; the plain app does not
             quiet=prevent_thread_lock,
+            **_launch_options(demo),
         )
     except OSError as e:
         raise FinderPartnerError(f"cannot serve the demo on {host}:{port} ({e}); choose another --port") from None

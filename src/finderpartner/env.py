@@ -239,8 +239,12 @@ def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
     probe = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path.cwd())
     free_gb = round(shutil.disk_usage(probe).free / 2**30, 1)
     report: dict[str, Any] = {
-        "python": {"version": platform.python_version(), "minimum": ".".join(map(str, MIN_PYTHON)),
-                   "ok": sys.version_info >= MIN_PYTHON, "executable": sys.executable},  # fmt: skip
+        "python": {
+            "version": platform.python_version(),
+            "minimum": ".".join(map(str, MIN_PYTHON)),
+            "ok": sys.version_info >= MIN_PYTHON,
+            "executable": sys.executable,
+        },
         "platform": f"{platform.system()} {platform.machine()}",
         "required": required,
         "optional": optional,

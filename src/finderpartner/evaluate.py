@@ -81,7 +81,7 @@ class _ImageCollate:
 @torch.no_grad()
 def embed_images(
     model: nn.Module,
-    paths: Sequence[str | Path],
+    paths: Sequence[Any],
     spec: ImageSpec,
     *,
     device: torch.device,
@@ -92,7 +92,7 @@ def embed_images(
     progress: bool = False,
     desc: str = "embedding images",
 ) -> tuple[torch.Tensor, list[Skipped]]:
-    """Normalised embeddings (float32, CPU) of image files; rows of unreadable files are NaN and reported."""
+    """Normalised embeddings (float32, CPU) of image files (or PIL images); unreadable files are NaN and reported."""
     loader = DataLoader(
         ImageFileDataset(paths, EvalTransform(spec), max_pixels),
         batch_size=batch_size,
@@ -145,10 +145,33 @@ def embed_texts(
     return torch.cat(parts)
 
 
+@dataclass
+class EvalSet:
+    """What an evaluation ranks: images (files or decoded), captions, and the image of each caption."""
+
+    name: str
+    images: list[Any]  # paths, or PIL images (validation shards are read into memory)
+    captions: list[str]
+    text_to_image: list[int]
+
+    @classmethod
+    def from_table(cls, table: PairTable) -> EvalSet:
+        filenames, row_to_image = table.images()
+        return cls(str(table.csv_path), [table.image_dir / f for f in filenames], list(table.captions), row_to_image)
+
+    @classmethod
+    def from_shards(cls, urls: list[str], max_pixels: int | None = None) -> EvalSet:
+        from .data.shards import read_pairs
+
+        images, captions, _ = read_pairs(urls, max_pixels)
+        return cls(urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)", images, captions,
+                   list(range(len(images))))  # fmt: skip
+
+
 def evaluate_split(
     model: nn.Module,
     tokenizer: Any,
-    table: PairTable,
+    data: EvalSet,
     spec: ImageSpec,
     *,
     context_length: int,
@@ -161,10 +184,9 @@ def evaluate_split(
     progress: bool = False,
 ) -> EvalResult:
     """Retrieval metrics, contrastive loss and similarity statistics of one split."""
-    filenames, row_to_image = table.images()
     image_emb, skipped = embed_images(
         model,
-        [table.image_dir / f for f in filenames],
+        data.images,
         spec,
         device=device,
         autocast=autocast,
@@ -174,13 +196,13 @@ def evaluate_split(
     )
     if skipped:
         listing = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
-        raise DataError(f"{len(skipped)} image(s) of {table.csv_path} could not be read ({listing}); run validate-data")
+        raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
     text_emb = embed_texts(
-        model, tokenizer, table.captions, context_length=context_length, device=device, autocast=autocast, batch_size=batch_size
+        model, tokenizer, data.captions, context_length=context_length, device=device, autocast=autocast, batch_size=batch_size
     )
-    t2i = torch.tensor(row_to_image)
+    t2i = torch.tensor(data.text_to_image)
     scale = float(model.logit_scale.detach().float().cpu())
-    return evaluate_embeddings(image_emb, text_emb, t2i, list(table.captions), scale, loss_batch_size, chunk_size)
+    return evaluate_embeddings(image_emb, text_emb, t2i, data.captions, scale, loss_batch_size, chunk_size)
 
 
 def evaluate_embeddings(

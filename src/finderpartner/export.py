@@ -19,6 +19,7 @@ searched with the export and vice versa.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import platform
@@ -119,11 +120,11 @@ class _Graph:
 
 def _graphs(model: nn.Module) -> list[_Graph]:
     text_in = {"input_ids": {0: "text_batch", 1: "sequence"}, "attention_mask": {0: "text_batch", 1: "sequence"}}
+    logits = {"logits_per_image": {0: "batch", 1: "text_batch"}, "logits_per_text": {0: "text_batch", 1: "batch"}}
     return [
         _Graph(IMAGE_ENCODER, ImageEncoder(model), {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}}),
         _Graph(TEXT_ENCODER, TextEncoder(model), text_in, {"text_embeds": {0: "text_batch"}}),
-        _Graph(COMBINED, ClipLogits(model), {"pixel_values": {0: "batch"}, **text_in},
-               {"logits_per_image": {0: "batch", 1: "text_batch"}, "logits_per_text": {0: "text_batch", 1: "batch"}}),  # fmt: skip
+        _Graph(COMBINED, ClipLogits(model), {"pixel_values": {0: "batch"}, **text_in}, logits),
     ]
 
 
@@ -157,7 +158,7 @@ def resolve_exporter(exporter: str) -> str:
 def _export_graph(graph: _Graph, example: dict[str, torch.Tensor], path: Path, *, exporter: str, opset: int,
                   context_length: int) -> None:  # fmt: skip
     args = tuple(example[name] for name in graph.inputs)
-    names = dict(input_names=list(graph.inputs), output_names=list(graph.outputs))
+    names = {"input_names": list(graph.inputs), "output_names": list(graph.outputs)}
     # The exporters comment on every Python branch they trace through; the parity check after export is
     # what tells whether the graph is right, so their warnings are noise here.
     with warnings.catch_warnings(), contextlib.redirect_stdout(_LogWriter()):
@@ -281,8 +282,12 @@ def _info(encoder: DualEncoder, fingerprint: str, exporter: str, opset: int, var
         "opset": opset,
         "files": {name: variant_file(name) for name in (IMAGE_ENCODER, TEXT_ENCODER, COMBINED)},
         "variants": {v: {n: variant_file(n, v) for n in (IMAGE_ENCODER, TEXT_ENCODER)} for v in variants},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "onnx": _require("onnx").__version__, "python": platform.python_version()},  # fmt: skip
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "onnx": _require("onnx").__version__,
+            "python": platform.python_version(),
+        },
     }
 
 
@@ -583,27 +588,31 @@ def measure_latency(model: nn.Module, encoder: DualEncoder, folder: Path, varian
     sessions = {v: load_onnx_encoders(folder, variant=v, threads=torch.get_num_threads()) for v in variants}
     rows = []
     for batch in batches:
-        px = _repeat(pixels, batch)
-        texts = _repeat(captions, batch)
-        tok = encoder.tokenizer(texts, padding="longest", truncation=True, max_length=encoder.context_length,
-                                return_tensors="pt")  # fmt: skip
-        with torch.inference_mode():
-            t_img = median_ms(lambda: encode_image(model, px))
-            t_txt = median_ms(lambda: encode_text(model, tok["input_ids"], tok["attention_mask"]))
-        px_np = px.numpy()
-        rows.append(Latency(IMAGE_ENCODER, batch, t_img, {v: median_ms(lambda s=s: s.encode_pixels(px_np))
-                                                          for v, s in sessions.items()}))  # fmt: skip
-        feeds = {v: s.tokenize(texts) for v, s in sessions.items()}
-        rows.append(Latency(TEXT_ENCODER, batch, t_txt, {v: median_ms(lambda s=s, f=feeds[v]: s.text_session.run(None, f))
-                                                         for v, s in sessions.items()}))  # fmt: skip
+        rows += _latency_at(model, encoder.tokenizer, encoder.context_length, sessions, _repeat(pixels, batch),
+                            _repeat(captions, batch))  # fmt: skip
     return rows
+
+
+def _latency_at(model: nn.Module, tokenizer: Any, context_length: int, sessions: dict[str, OnnxEncoders],
+                pixels: torch.Tensor, texts: list[str]) -> list[Latency]:  # fmt: skip
+    """Both encoders at one batch size: PyTorch, then each onnxruntime variant, on the same inputs."""
+    tok = tokenizer(texts, padding="longest", truncation=True, max_length=context_length, return_tensors="pt")
+    with torch.inference_mode():
+        t_img = median_ms(functools.partial(encode_image, model, pixels))
+        t_txt = median_ms(functools.partial(encode_text, model, tok["input_ids"], tok["attention_mask"]))
+    px = pixels.numpy()
+    onnx_img = {v: median_ms(functools.partial(s.encode_pixels, px)) for v, s in sessions.items()}
+    onnx_txt = {v: median_ms(functools.partial(s.text_session.run, None, s.tokenize(texts))) for v, s in sessions.items()}
+    return [Latency(IMAGE_ENCODER, len(texts), t_img, onnx_img), Latency(TEXT_ENCODER, len(texts), t_txt, onnx_txt)]
 
 
 def format_verification(report: Verification) -> str:
     """Parity and latency tables for the terminal."""
-    lines = [f"parity with PyTorch fp32 on {report.images} images and {report.captions} captions "
-             f"(fp32 must reach cosine >= {PARITY_COSINE}):",
-             f"  {'graph':<14}{'variant':<9}{'max |diff|':>12}{'min cos':>12}{'mean cos':>12}{'top-1 same':>12}"]  # fmt: skip
+    lines = [
+        (f"parity with PyTorch fp32 on {report.images} images and {report.captions} captions "
+         f"(fp32 must reach cosine >= {PARITY_COSINE}):"),
+        f"  {'graph':<14}{'variant':<9}{'max |diff|':>12}{'min cos':>12}{'mean cos':>12}{'top-1 same':>12}",
+    ]
     for p in report.parity:
         agree = f"{p.top1_agreement:>12.3f}" if p.top1_agreement is not None else f"{'':>12}"
         lines.append(f"  {p.graph:<14}{p.variant:<9}{p.max_abs_diff:>12.2e}{p.min_cosine:>12.6f}{p.mean_cosine:>12.6f}{agree}")

@@ -217,7 +217,7 @@ def _plan(index: GalleryIndex | None, current: dict[str, FileStamp]) -> tuple[li
             else:
                 stats.added += 1
     stats.removed = sum(1 for f in known if f not in current)
-    return keep_rows, to_embed, stats
+    return sorted(keep_rows), to_embed, stats  # kept rows stay in their order: a no-op update changes nothing
 
 
 def update_index(

@@ -29,11 +29,12 @@ from .checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_ch
 from .config import TINY, Config, config_to_dict, render_yaml
 from .data.collate import Batch, Collator
 from .data.dataset import ContrastiveBatchSampler, PairDataset, PairTable, num_workers
+from .data.shards import ShardStream
 from .data.transforms import TrainTransform
 from .data.validate import require_usable, validate_split
 from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError
-from .evaluate import EvalResult, evaluate_split, format_metrics
+from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
 from .model import DualEncoder, apply_freezing, apply_lora, build_model, clamp_logit_scale, save_model
 from .tracking import Trackers, flatten, make_trackers
@@ -80,9 +81,9 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    sampler: ContrastiveBatchSampler
+    batches: ContrastiveBatchSampler | ShardStream  # defines each step's pairs; set_position() seeks
     loader: DataLoader
-    val_table: PairTable | None
+    val: EvalSet | None
     trackers: Trackers
     state: TrainState
     total_steps: int
@@ -111,7 +112,7 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     finally:
         run.trackers.close()
     best = run.run_dir / "best_model"
-    result = TrainResult(run.run_dir, best, run.state, final, time.perf_counter() - start, run.sampler.num_rows,
+    result = TrainResult(run.run_dir, best, run.state, final, time.perf_counter() - start, run.batches.num_rows,
                          run.is_main)  # fmt: skip
     if run.is_main:
         _summary(run, result)
@@ -138,19 +139,18 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(render_yaml(cfg), encoding="utf-8")
 
-    train_table, val_table = _load_data(cfg, progress=accelerator.is_main_process)
-    encoder = _load_encoder(cfg, train_table, resume is not None, accelerator.is_main_process)
+    data = _load_data(cfg, progress=accelerator.is_main_process)
+    encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
     model = _prepare_model(encoder, cfg, device)
 
     world = accelerator.num_processes
-    global_batch = _effective_batch(cfg.train.batch_size, len(train_table), world)
-    sampler = ContrastiveBatchSampler(len(train_table), global_batch, cfg.seed, accelerator.process_index, world)
-    total_steps = cfg.train.max_steps or sampler.steps_per_epoch * cfg.train.epochs
+    global_batch = _effective_batch(cfg.train.batch_size, data.num_rows, world)
+    state = TrainState()
+    batches, loader = _train_loader(cfg, data, encoder, global_batch, accelerator.process_index, world, device)
+    total_steps = cfg.train.max_steps or batches.steps_per_epoch * cfg.train.epochs
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    state = TrainState()
-    loader = _train_loader(cfg, train_table, encoder, sampler, device)
     trackers = make_trackers(
         run_dir,
         jsonl=cfg.tracking.jsonl,
@@ -160,7 +160,7 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
         config=config_to_dict(cfg),
         enabled=accelerator.is_main_process,
     )
-    run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, sampler, loader, val_table,
+    run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, batches, loader, data.val,
                trackers, state, total_steps)  # fmt: skip
     if resume:
         _resume(run, resume)
@@ -169,20 +169,40 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
     return run
 
 
-def _load_data(cfg: Config, progress: bool) -> tuple[PairTable, PairTable | None]:
-    if cfg.data.format != "csv":
-        raise ConfigError("data.format 'webdataset' is not supported by this trainer yet; use the csv layout")
+@dataclass
+class _Data:
+    """What training reads: CSV rows (exact sampler) or shards (deterministic stream), and the validation set."""
+
+    captions: list[str]  # training captions (the tiny model learns its tokenizer from them)
+    num_rows: int
+    table: PairTable | None = None
+    shards: list[str] | None = None
+    val: EvalSet | None = None
+
+
+def _load_data(cfg: Config, progress: bool) -> _Data:
+    d = cfg.data
+    if d.format == "webdataset":
+        from .data.shards import expand_shards, raw_samples
+
+        urls = expand_shards(d.train_shards or "")
+        captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
+        val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
+        if d.train_size and d.train_size != len(captions):
+            log.info("data.train_size %d: the shards hold %d pairs; an epoch is %d pairs", d.train_size, len(captions), d.train_size)
+        return _Data(captions, d.train_size or len(captions), shards=urls, val=val)
     tables = []
-    for split in (cfg.data.train_split, cfg.data.val_split):
+    for split in (d.train_split, d.val_split):
         if not split:
             tables.append(None)
             continue
-        report = validate_split(cfg.data.root, split, max_pixels=cfg.data.max_image_pixels, progress=progress)
-        tables.append(require_usable(report, cfg.data.on_error))
-    return tables[0], tables[1]
+        report = validate_split(d.root, split, max_pixels=d.max_image_pixels, progress=progress)
+        tables.append(require_usable(report, d.on_error))
+    train, val = tables
+    return _Data(list(train.captions), len(train), table=train, val=EvalSet.from_table(val) if val else None)
 
 
-def _load_encoder(cfg: Config, train_table: PairTable, resuming: bool, is_main: bool) -> DualEncoder:
+def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: bool) -> DualEncoder:
     """The starting model. The tiny model's tokenizer is learnt once and kept in the run folder for resumes."""
     saved = cfg.run_dir / "tokenizer"
     if cfg.model.name == TINY and resuming and saved.is_dir():
@@ -193,7 +213,7 @@ def _load_encoder(cfg: Config, train_table: PairTable, resuming: bool, is_main: 
         tokenizer = AutoTokenizer.from_pretrained(saved)
         encoder = build_tiny(cfg.model.tiny, [], seed=cfg.seed, tokenizer=tokenizer)
     else:
-        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=train_table.captions, seed=cfg.seed)
+        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed)
         if cfg.model.name == TINY and is_main:
             encoder.tokenizer.save_pretrained(saved)
     return encoder
@@ -221,7 +241,12 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device) -> n
                                    target_modules=m.lora.target_modules)  # fmt: skip
     if m.gradient_checkpointing:
         encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return encoder.model.to(device)
+    model = encoder.model.to(device)
+    if cfg.train.compile:
+        # In place (nn.Module.compile), so parameter names and checkpoints are unchanged; captions vary in length.
+        model.vision_model.compile()
+        model.text_model.compile(dynamic=True)
+    return model
 
 
 def _choose_micro_batch(run: _Run, local_batch: int) -> int:
@@ -251,20 +276,29 @@ def _choose_micro_batch(run: _Run, local_batch: int) -> int:
     return result.micro_batch_size
 
 
-def _train_loader(cfg: Config, table: PairTable, encoder: DualEncoder, sampler: ContrastiveBatchSampler, device: torch.device) -> DataLoader:
+def _train_loader(
+    cfg: Config, data: _Data, encoder: DualEncoder, global_batch: int, rank: int, world: int, device: torch.device
+) -> tuple[ContrastiveBatchSampler | ShardStream, DataLoader]:
     aug = cfg.data.augment
     transform = TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
+    collator = Collator(encoder.tokenizer, encoder.context_length)
     workers = num_workers(cfg.data.num_workers)
-    return DataLoader(
-        PairDataset(table, transform, cfg.data.max_image_pixels),
-        batch_sampler=sampler,
+    common = dict(
         num_workers=workers,
-        collate_fn=Collator(encoder.tokenizer, encoder.context_length),
         pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
+        persistent_workers=workers > 0 and data.shards is None,  # a stream's workers must see set_position()
         prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator(),  # the loader's own seed draw must not consume the global RNG stream
     )
+    if data.shards is not None:
+        stream = ShardStream(data.shards, transform, collator, num_rows=data.num_rows, global_batch=global_batch,
+                             seed=cfg.seed, lanes=max(1, workers), rank=rank, world_size=world,
+                             max_pixels=cfg.data.max_image_pixels)  # fmt: skip
+        return stream, DataLoader(stream, batch_size=None, **common)
+    assert data.table is not None
+    sampler = ContrastiveBatchSampler(data.num_rows, global_batch, cfg.seed, rank, world)
+    dataset = PairDataset(data.table, transform, cfg.data.max_image_pixels)
+    return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, **common)
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -333,9 +367,9 @@ def _log_plan(run: _Run) -> None:
     log.info(
         "model %s: %.1fM parameters (%.1fM trainable) on %s in %s; contrastive batch %d (%d per process, micro-batch %d); "
         "%d steps (%d per epoch)",
-        run.cfg.model.name, n_params / 1e6, n_train / 1e6, run.device, run.precision, run.sampler.global_batch,
-        run.sampler.global_batch // run.sampler.world_size, run.state.micro_batch_size, run.total_steps,
-        run.sampler.steps_per_epoch,
+        run.cfg.model.name, n_params / 1e6, n_train / 1e6, run.device, run.precision, run.batches.global_batch,
+        run.batches.global_batch // run.batches.world_size, run.state.micro_batch_size, run.total_steps,
+        run.batches.steps_per_epoch,
     )  # fmt: skip
 
 
@@ -350,7 +384,7 @@ def _loop(run: _Run) -> EvalResult | None:
                dynamic_ncols=True)  # fmt: skip
     window = _Window()
     while state.global_step < run.total_steps:
-        run.sampler.set_position(state.epoch, state.step_in_epoch)
+        run.batches.set_position(state.epoch, state.step_in_epoch)
         window.mark_data_start()
         for batch in run.loader:
             window.mark_data_end()
@@ -365,14 +399,14 @@ def _loop(run: _Run) -> EvalResult | None:
             if state.global_step >= run.total_steps:
                 break
             window.mark_data_start()
-        epoch_done = state.step_in_epoch >= run.sampler.steps_per_epoch
+        epoch_done = state.step_in_epoch >= run.batches.steps_per_epoch
         last = state.global_step >= run.total_steps
         if epoch_done:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if (epoch_done and state.epoch % cfg.train.eval_every_epochs == 0) or last:
             final = _validate(run)
     bar.close()
-    if final is None and run.val_table is None and run.is_main:
+    if final is None and run.val is None and run.is_main:
         _save_best(run, None)  # no validation split: the final model is the best we know
     return final
 
@@ -414,7 +448,7 @@ class _Window:
             "train/logit_scale": float(run.model.logit_scale.detach().exp()),
             "train/samples_per_s": self.samples / elapsed,
             "train/data_wait_fraction": self.data_wait / elapsed,
-            "train/epoch": run.state.epoch + run.state.step_in_epoch / max(1, run.sampler.steps_per_epoch),
+            "train/epoch": run.state.epoch + run.state.step_in_epoch / max(1, run.batches.steps_per_epoch),
             "train/micro_batch_size": run.state.micro_batch_size,
         }
         self.__init__()
@@ -447,8 +481,8 @@ def _train_step(run: _Run, batch: Batch, window: _Window) -> None:
     run.scheduler.step()
     state.global_step += 1
     state.step_in_epoch += 1
-    state.samples_seen += run.sampler.global_batch
-    window.add(loss_value, norm_value, len(batch) * run.sampler.world_size)
+    state.samples_seen += run.batches.global_batch
+    window.add(loss_value, norm_value, len(batch) * run.batches.world_size)
 
 
 def _backward_with_oom_retry(run: _Run, batch: Batch) -> torch.Tensor:
@@ -469,7 +503,7 @@ def _backward_with_oom_retry(run: _Run, batch: Batch) -> torch.Tensor:
             run.optimizer.zero_grad(set_to_none=True)
             free_memory()
             restore_rng(rng)
-            if run.state.micro_batch_size <= 1 or run.sampler.world_size > 1:
+            if run.state.micro_batch_size <= 1 or run.batches.world_size > 1:
                 raise TrainingError(_oom_advice(run)) from None
             run.state.micro_batch_size = max(1, run.state.micro_batch_size // 2)
             log.warning("out of memory at step %d: micro-batch halved to %d, redoing the step", run.state.global_step + 1,
@@ -482,7 +516,7 @@ def _oom_advice(run: _Run) -> str:
         f"out of memory {where} ({run.precision}, model {run.cfg.model.name}). To fit: precision bf16/fp16 "
         "(train.precision), model.gradient_checkpointing: true, a smaller image size, freezing a tower "
         "(model.freeze.image_tower / text_tower) or LoRA (model.lora.enabled)"
-        + ("; or set train.micro_batch_size lower explicitly" if run.sampler.world_size > 1 else "")
+        + ("; or set train.micro_batch_size lower explicitly" if run.batches.world_size > 1 else "")
     )
 
 
@@ -523,7 +557,7 @@ def _skip_nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
 
 
 def _validate(run: _Run) -> EvalResult | None:
-    if run.val_table is None:
+    if run.val is None:
         return None
     result = None
     if run.is_main:
@@ -531,13 +565,13 @@ def _validate(run: _Run) -> EvalResult | None:
         result = evaluate_split(
             run.model,
             run.encoder.tokenizer,
-            run.val_table,
+            run.val,
             run.encoder.image_spec,
             context_length=run.encoder.context_length,
             device=run.device,
             autocast=autocast_factory(run.device, run.precision),
             batch_size=cfg.eval.batch_size,
-            loss_batch_size=run.sampler.global_batch,
+            loss_batch_size=run.batches.global_batch,
             chunk_size=cfg.eval.chunk_size,
             num_workers=0,
         )
@@ -568,7 +602,7 @@ def _save_checkpoint(run: _Run) -> None:
             "scheduler": run.scheduler.state_dict(),
             "scaler": run.scaler.state_dict(),
             "config": config_to_dict(run.cfg),
-            "world_size": run.sampler.world_size,
+            "world_size": run.batches.world_size,
             "versions": _versions(),
         }
         save_checkpoint(
@@ -602,7 +636,7 @@ def _model_card(run: _Run, result: EvalResult | None) -> str:
         "",
         f"CLIP dual encoder fine-tuned with FinderPartner {__version__} from `{cfg.model.name}` on `{cfg.data.root}`",
         f"(split `{cfg.data.train_split}`), step {run.state.global_step}, epoch {run.state.epoch}, contrastive batch "
-        f"{run.sampler.global_batch}, precision {run.precision}, seed {cfg.seed}.",
+        f"{run.batches.global_batch}, precision {run.precision}, seed {cfg.seed}.",
         "",
     ]
     if result is not None:

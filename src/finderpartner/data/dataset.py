@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .transforms import load_image
@@ -210,9 +211,12 @@ class PairDataset(Dataset):
 
 
 class ImageFileDataset(Dataset):
-    """Images for embedding (evaluation, gallery indexing): deterministic preprocessing, failures reported."""
+    """Images for embedding (evaluation, gallery indexing): deterministic preprocessing, failures reported.
 
-    def __init__(self, paths: Sequence[str | Path], transform: Callable[[Any], torch.Tensor], max_pixels: int | None = None):
+    ``paths`` are files, or already decoded PIL images (validation shards held in memory).
+    """
+
+    def __init__(self, paths: Sequence[str | Path | Image.Image], transform: Callable[[Any], torch.Tensor], max_pixels: int | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.max_pixels = max_pixels
@@ -221,8 +225,9 @@ class ImageFileDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
+        item = self.paths[index]
         try:
-            img = load_image(self.paths[index], self.max_pixels)
+            img = item if isinstance(item, Image.Image) else load_image(item, self.max_pixels)
         except Exception as e:
             return Skipped(index, str(self.paths[index]), f"{type(e).__name__}: {e}")
         return {"index": index, "pixel_values": self.transform(img)}
