@@ -15,7 +15,7 @@ from finderpartner.data.collate import Collator
 from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
 from finderpartner.memory import contrastive_backward, probe_micro_batch
-from finderpartner.model import apply_freezing, apply_lora, build_tiny, plain_model
+from finderpartner.model import apply_freezing, apply_lora, build_tiny, enable_gradient_checkpointing, plain_model
 from finderpartner.train import _optimizer, train
 from helpers import MICRO_SPEC, micro_config
 
@@ -174,7 +174,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_data: Path) -> No
     model = encoder.model.train()
     batch = _batch(small_data, encoder, 16)
     plain = _grads(model, batch, 8, encoder.image_spec)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(model)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     ckpt = _grads(model, batch, 8, encoder.image_spec)
     for n in plain:
         assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-7), n

@@ -337,8 +337,6 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
-    from .data.transforms import load_image  # noqa: F401  (fail early if PIL is broken)
-
     if args.top_k < 1:
         raise FinderPartnerError(f"--top-k must be at least 1 (got {args.top_k})")
     searcher = _searcher(args)

@@ -210,15 +210,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         # Milder crops than the default: the sample captions name positions, which big crops would blur.
         "data": {"root": "data/sample", "num_workers": 2, "augment": {"crop_scale": (0.9, 1.0)}},
         "train": {
-            "epochs": 8,
-            "batch_size": 128,
-            "lr": 2e-3,
+            "epochs": 6,
+            "batch_size": 64,
+            "lr": 5e-4,
             "weight_decay": 0.1,
-            "warmup_steps": 30,
+            "warmup_steps": 50,
             "checkpoint_every": 100,
             "log_every": 10,
         },
-        "tracking": {"tensorboard": False},
     },
 }
 

@@ -304,6 +304,14 @@ def apply_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target
     return wrapped
 
 
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in backward (non-reentrant, so frozen inputs and the gradient cache work)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # the newer transformers name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def plain_model(model: nn.Module) -> nn.Module:
     """The model as a plain transformers model: LoRA adapters merged into a copy, otherwise itself."""
     if hasattr(model, "merge_and_unload"):

@@ -36,7 +36,7 @@ from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
-from .model import DualEncoder, apply_freezing, apply_lora, build_model, clamp_logit_scale, save_model
+from .model import DualEncoder, apply_freezing, apply_lora, enable_gradient_checkpointing, build_model, clamp_logit_scale, save_model
 from .tracking import Trackers, flatten, make_trackers
 
 log = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device) -> n
         encoder.model = apply_lora(encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
                                    target_modules=m.lora.target_modules)  # fmt: skip
     if m.gradient_checkpointing:
-        encoder.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_gradient_checkpointing(encoder.model)
     model = encoder.model.to(device)
     if cfg.train.compile:
         # In place (nn.Module.compile), so parameter names and checkpoints are unchanged; captions vary in length.
