@@ -162,10 +162,16 @@ def test_cpu_probe_picks_a_size_and_caches_it(small_data: Path, tmp_path: Path, 
     args = dict(local_batch=32, spec=encoder.image_spec, context_length=16, eos_token_id=1, device=torch.device("cpu"),
                 autocast=contextlib.nullcontext, reserve_bytes=0, cache_key="test-key")  # fmt: skip
     first = probe_micro_batch(encoder.model, **args)
-    assert first.micro_batch_size in (8, 16, 32) and "pairs/s" in first.reason and first.peak_bytes
+    assert first.micro_batch_size == 32 and "the full batch within free memory" in first.reason and first.peak_bytes
+    assert "pairs/s" in first.reason
     assert all(p.grad is None for p in encoder.model.parameters())  # probing leaves no gradients behind
     again = probe_micro_batch(encoder.model, **args)
     assert again.micro_batch_size == first.micro_batch_size and again.reason.startswith("cached")
+    # The decision: with 1 MiB per pair (as measured) and 10 MiB free beyond the peak, 16 pairs fit, 32 do not.
+    monkeypatch.setattr(memory, "_cpu_step_peak", lambda model, size, *rest: (2**30 + size * 2**20, 100.0))
+    monkeypatch.setattr(memory, "_available_memory_bytes", lambda: 10 * 2**20)
+    tight = probe_micro_batch(encoder.model, **{**args, "cache_key": None})
+    assert tight.micro_batch_size == 16 and tight.reason.startswith("largest size within free memory")
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(small_data: Path) -> None:

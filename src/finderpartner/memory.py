@@ -159,8 +159,8 @@ def probe_micro_batch(
     """Choose the micro-batch by running real forward+backward steps on this model, precision and image size.
 
     CUDA: the largest size whose peak allocation leaves ``reserve_bytes`` free (an OOM ends the search).
-    CPU: the fastest step time per pair among sizes whose peak resident memory leaves the reserve free; the full
-    batch usually wins since splitting costs an extra forward pass.
+    CPU: the full local batch when its (extrapolated) peak resident memory leaves the reserve free, else the largest
+    power-of-two fraction of it that does: on a CPU splitting only adds work.
     """
     cached = _read_cache(cache_key)
     if cached is not None:
@@ -226,29 +226,37 @@ def _probe_cuda(model, local_batch, spec, context_length, vocab, eos, device, au
 
 
 def _probe_cpu(model, local_batch, spec, context_length, vocab, eos, device, autocast, reserve) -> ProbeResult:  # type: ignore[no-untyped-def]
+    """On a CPU splitting a batch never speeds it up (it adds a forward pass), so the full local batch is used when
+    its memory fits. Peak resident memory is measured at two small sizes and extrapolated linearly (running the
+    full batch just to find out could get the process killed by the kernel's OOM killer)."""
+    sizes = sorted({min(4, local_batch), min(8, local_batch)})
+    measured = {size: _cpu_step_peak(model, size, spec, context_length, vocab, eos, device, autocast) for size in sizes}
+    peaks = {size: peak for size, (peak, _) in measured.items()}
+    per_pair = max(0.0, (peaks[sizes[-1]] - peaks[sizes[0]]) / max(1, sizes[-1] - sizes[0]))
+    listing = ", ".join(f"{s}: {p / 2**30:.2f} GiB, {v:.0f} pairs/s" for s, (p, v) in measured.items())
+    available = _available_memory_bytes()
+    if available is None:
+        return ProbeResult(local_batch, f"free memory unknown: the full batch (measured {listing})", peaks)
+    budget = available - reserve  # how much more this process may grow beyond the measured peak
+    micro = local_batch
+    while micro > sizes[-1] and per_pair * (micro - sizes[-1]) > budget:
+        micro //= 2
+    predicted = peaks[sizes[-1]] + per_pair * (micro - sizes[-1])
+    why = (f"{'the full batch' if micro == local_batch else 'largest size'} within free memory: ~{predicted / 2**30:.1f} GiB "
+           f"predicted, {available / 2**30:.1f} GiB available, {reserve / 2**30:.1f} GiB reserve (measured {listing})")  # fmt: skip
+    return ProbeResult(micro, why, peaks)
+
+
+def _cpu_step_peak(model, size, spec, context_length, vocab, eos, device, autocast) -> tuple[int, float]:  # type: ignore[no-untyped-def]
+    """Peak resident memory (bytes) and pairs/s of one forward+backward step of ``size`` pairs."""
     import time
 
-    available = _available_memory_bytes()
-    sizes = sorted({local_batch, max(1, local_batch // 2), max(1, local_batch // 4)}, reverse=True)
-    batch = synthetic_batch(local_batch, spec.crop, context_length, vocab, device)
+    batch = synthetic_batch(size, spec.crop, context_length, vocab, device)
     batch.input_ids[:, -1] = eos
-    timings: dict[int, float] = {}
-    peaks: dict[int, int] = {}
-    for size in sizes:
-        _reset_peak_rss()
-        start_rss = _peak_rss_bytes()
-        _one_step(model, batch, size, spec, autocast)  # warm-up (allocator, kernels)
-        t0 = time.perf_counter()
-        _one_step(model, batch, size, spec, autocast)
-        timings[size] = time.perf_counter() - t0
-        peaks[size] = _peak_rss_bytes()
-        if available is not None and peaks[size] - start_rss > available - reserve:
-            timings.pop(size)
-    if not timings:
-        return ProbeResult(sizes[-1], "no size fits the free memory comfortably: using the smallest tried", peaks)
-    best = min(timings, key=lambda s: (timings[s], -s))
-    listing = ", ".join(f"{s}: {local_batch / t:.0f} pairs/s" for s, t in sorted(timings.items()))
-    return ProbeResult(best, f"fastest step on this CPU ({listing})", peaks)
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    _one_step(model, batch, size, spec, autocast)
+    return _peak_rss_bytes(), size / (time.perf_counter() - t0)
 
 
 def _available_memory_bytes() -> int | None:
