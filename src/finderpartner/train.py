@@ -14,6 +14,7 @@ import logging
 import math
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -478,7 +479,9 @@ def _train_step(run: _Run, batch: Batch, window: _Window) -> None:
     else:
         _skip_nonfinite(run, loss_value, norm_value)
     run.optimizer.zero_grad(set_to_none=True)
-    run.scheduler.step()
+    with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        run.scheduler.step()
     state.global_step += 1
     state.step_in_epoch += 1
     state.samples_seen += run.batches.global_batch
