@@ -36,10 +36,10 @@ TINY_CONFIG = REPO / "configs" / "clip_tiny.yaml"
 CACHE_DIR = Path(tempfile.gettempdir()) / "finderpartner-bench"
 
 # The tiny spec of issue 6 (the defaults of configs/clip_tiny.yaml); image_size is a per-run argument.
-TINY_SPEC: dict[str, int] = dict(
-    image_size=64, patch_size=8, vision_width=192, vision_layers=4, vision_heads=3,
-    text_width=128, text_layers=4, text_heads=2, context_length=32, embed_dim=128,
-)  # fmt: skip
+TINY_SPEC: dict[str, int] = {
+    "image_size": 64, "patch_size": 8, "vision_width": 192, "vision_layers": 4, "vision_heads": 3,
+    "text_width": 128, "text_layers": 4, "text_heads": 2, "context_length": 32, "embed_dim": 128,
+}  # fmt: skip
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -52,7 +52,9 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of every trainer subprocess: offline, unbuffered, src/ importable, benchmarks/ importable."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(BENCH_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(BENCH_DIR), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep
+    )
     env.update(extra or {})
     return env
 
@@ -60,13 +62,15 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def machine_info() -> dict[str, Any]:
     import torch
 
-    flags = ""
     try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = f.read().splitlines()
     except OSError:
-        pass
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?") \
-        if os.path.exists("/proc/cpuinfo") else platform.processor()  # fmt: skip
+        lines = []
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()
+    )
     return {
         "cpu": model,
         "cores": os.cpu_count(),
@@ -123,8 +127,7 @@ def write_open_clip_csv(root: Path, split: str, out: Path, rows: int | None = No
     image_dir = (root / "images" / split).resolve()
     with open(out, "w", encoding="utf-8", newline="") as f:
         f.write("filepath\ttitle\n")
-        for name, caption in pairs:
-            f.write(f"{image_dir / name}\t{caption}\n")
+        f.writelines(f"{image_dir / name}\t{caption}\n" for name, caption in pairs)
     return out
 
 
@@ -186,8 +189,13 @@ def open_clip_model_dir(spec: Any, tokenizer: Any, out_dir: Path) -> Path:
                 "pad_id": tokenizer.pad_token_id,
             },
         },
-        "preprocess_cfg": {"size": spec.image_size, "mean": list(OPENAI_MEAN), "std": list(OPENAI_STD),
-                           "interpolation": "bicubic", "resize_mode": "shortest"},  # fmt: skip
+        "preprocess_cfg": {
+            "size": spec.image_size,
+            "mean": list(OPENAI_MEAN),
+            "std": list(OPENAI_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
     }
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return out_dir
@@ -247,7 +255,9 @@ def count_flops(step: Callable[[], None]) -> int:
     return int(counter.get_total_flops())
 
 
-def model_flops_per_sample(spec: Any, tokenizer: Any, model_dir: Path, captions: Sequence[str], batch: int = 64) -> dict[str, float]:
+def model_flops_per_sample(
+    spec: Any, tokenizer: Any, model_dir: Path, captions: Sequence[str], batch: int = 64
+) -> dict[str, float]:
     """FLOPs of one forward+backward per pair for both models, on real captions, under bf16 autocast.
 
     Ours pads captions to the longest in the batch; open_clip pads every caption to the context length, so its
@@ -292,6 +302,7 @@ class RunResult:
     peak_pss_bytes: int  # peak of the summed PSS (shared pages split between processes: the honest total)
     peak_main_rss_bytes: int
     cpu_seconds: dict[str, float] = field(default_factory=dict)  # user+system CPU time: main process, children
+    foreign_load: float = math.nan  # average cores busy with other processes meanwhile (the noise on a shared box)
     log: str = ""
 
 
@@ -372,6 +383,7 @@ def run_monitored(cmd: Sequence[str], log_path: Path, *, cwd: Path | None = None
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    busy_start, children_start = busy_cpu_seconds(), _children_cpu_seconds()
     stopped = False
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(list(cmd), cwd=cwd, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT,
@@ -393,10 +405,31 @@ def run_monitored(cmd: Sequence[str], log_path: Path, *, cwd: Path | None = None
             monitor.stop()
             if proc.poll() is None:
                 _kill_group(proc)
+    seconds = time.perf_counter() - start
+    ours = _children_cpu_seconds() - children_start  # exact: the trainer and its reaped workers
+    foreign = (busy_cpu_seconds() - busy_start - ours) / seconds if seconds > 0 else math.nan
     text = log_path.read_text(encoding="utf-8", errors="replace")
     code = 0 if stopped else proc.returncode
-    return RunResult(code, time.perf_counter() - start, monitor.peak_rss, monitor.peak_pss, monitor.peak_main_rss,
-                     monitor.cpu_split(), text)  # fmt: skip
+    return RunResult(code, seconds, monitor.peak_rss, monitor.peak_pss, monitor.peak_main_rss, monitor.cpu_split(),
+                     max(0.0, foreign), text)  # fmt: skip
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds all processes on the machine have been busy (user+nice+system+irq+softirq+steal) since boot."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return math.nan
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -553,7 +586,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width text table."""
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 

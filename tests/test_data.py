@@ -8,7 +8,7 @@ from PIL import Image
 
 from finderpartner.config import TinySpec
 from finderpartner.data.collate import Collator
-from finderpartner.data.dataset import ContrastiveBatchSampler, PairDataset, read_split
+from finderpartner.data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, read_split
 from finderpartner.data.transforms import EvalTransform, TrainTransform, load_image, normalize, swap_left_right
 from finderpartner.model import CLIP_MEAN, CLIP_STD, ImageSpec, build_tiny
 from helpers import MICRO_SPEC
@@ -109,3 +109,27 @@ def test_eval_transform_and_normalize() -> None:
     x = normalize(pixels[None], SPEC)
     expected = (1 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(x[0, :, 0, 0], expected, atol=1e-5)
+
+
+def test_decoded_image_cache_keeps_the_crop_resolution_and_reports_broken_files(small_data: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(small_data, root)
+    table, _ = read_split(root, "train")
+    big = Image.new("RGB", (300, 200), (200, 30, 30))
+    big.save(table.path(0))
+    table.path(2).write_bytes(b"not an image")  # rows 2 and 3 name the same file
+    side = DecodedImages.side_for(32, 0.8)
+    assert side == 36  # a crop of 80% of the area still has >= 32 px per side
+    estimate = DecodedImages.estimate_bytes(table, side)
+    cache = DecodedImages(table, side)
+    assert cache.get(0).shape == (36, 54, 3)  # short side down to 36, aspect kept
+    assert cache.get(2) is None and cache.nbytes > 0 and 0.5 < estimate / cache.nbytes < 2
+    transform = TrainTransform(SPEC, (0.8, 1.0), hflip=True, color_jitter=0.1)
+    cached, plain = PairDataset(table, transform, decoded=cache), PairDataset(table, transform)
+    for row in (0, 4):  # a large image (shrunk in the cache) and a sample image (kept as it is)
+        a, b = cached[(row, 7)], plain[(row, 7)]
+        assert a["caption"] == b["caption"] and a["pixel_values"].shape == b["pixel_values"].shape == (3, 32, 32)
+        assert (a["pixel_values"].float() - b["pixel_values"].float()).abs().mean() < 2  # the same crop
+    assert cached[(2, 7)].path.endswith(table.filenames[2])  # still reported as the broken file it is

@@ -46,7 +46,9 @@ def test_gradient_cache_equals_full_batch_gradients(small_data: Path) -> None:
     zero = {n for n in full if n.endswith("k_proj.bias")}
     assert all(full[n].abs().max() < 1e-7 and cached[n].abs().max() < 1e-7 for n in zero)
     relative = {n: ((full[n] - cached[n]).abs().max() / full[n].abs().max()).item() for n in full if n not in zero}
-    assert max(relative.values()) <= 1e-4, max(relative.items(), key=lambda kv: kv[1])
+    worst = max(relative.items(), key=lambda kv: kv[1])
+    print(f"\n1x64 vs 8x8: max relative gradient difference {worst[1]:.2e} ({worst[0]}); logit_scale {relative['logit_scale']:.2e}")
+    assert worst[1] <= 1e-4, worst
     assert relative["logit_scale"] <= 1e-4
 
 
@@ -93,6 +95,7 @@ def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(small_data: 
     # Not bitwise: steps 3-16 sum the same gradient in a different order (8 + 8 instead of 16). Equal up to
     # float rounding, which Adam turns into steps of ~1e-6 on the attention key biases (zero true gradient).
     worst = max((ours[n] - theirs[n]).abs().max().item() for n in theirs)
+    print(f"\nOOM at step 3 recovered with micro-batch 8: max abs weight difference after 16 steps {worst:.2e}")
     assert worst <= 1e-5, worst
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 from finderpartner.config import TinySpec
 from finderpartner.data.transforms import EvalTransform, normalize
 from finderpartner.errors import ModelError
-from finderpartner.model import MAX_LOGIT_SCALE, build_tiny, clamp_logit_scale, encode_image, encode_text, load_model, save_model
+from finderpartner.model import (MAX_LOGIT_SCALE, build_tiny, clamp_logit_scale, encode_image, encode_text, load_model, save_model,
+                                 set_attention)  # fmt: skip
 
 from helpers import MICRO_SPEC
 
@@ -41,6 +42,27 @@ def test_tiny_build_is_deterministic(encoder) -> None:
     for (name, a), (_, b) in zip(encoder.model.state_dict().items(), again.model.state_dict().items()):
         assert torch.equal(a, b), name
     assert abs(float(encoder.model.logit_scale.detach()) - np.log(1 / 0.07)) < 1e-4  # CLIP's initial temperature
+
+
+def test_attention_auto_is_eager_for_short_cpu_sequences_and_gives_the_same_embeddings() -> None:
+    import transformers
+
+    short = build_tiny(TinySpec(**MICRO_SPEC), CAPTIONS * 3, seed=3).model.eval()  # 17 vision tokens
+    long = build_tiny(TinySpec(**{**MICRO_SPEC, "image_size": 160, "patch_size": 8}), CAPTIONS * 3).model  # 401
+    assert set_attention(short, "auto", torch.device("cuda")) == "default"  # GPUs keep transformers' choice
+    if not hasattr(short, "set_attn_implementation"):
+        pytest.skip(f"transformers {transformers.__version__} cannot switch attention after loading")
+    pixels = torch.randn(3, 3, 32, 32)
+    tokens = build_tiny(TinySpec(**MICRO_SPEC), CAPTIONS * 3, seed=3).tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    set_attention(short, "sdpa", torch.device("cpu"))
+    with torch.no_grad():
+        before = encode_image(short, pixels), encode_text(short, tokens["input_ids"], tokens["attention_mask"])
+    assert set_attention(short, "auto", torch.device("cpu")).startswith("vision eager (17 tokens), text eager")
+    assert short.config.vision_config._attn_implementation == "eager"
+    with torch.no_grad():
+        after = encode_image(short, pixels), encode_text(short, tokens["input_ids"], tokens["attention_mask"])
+    assert max((a - b).abs().max().item() for a, b in zip(before, after)) < 1e-5
+    assert set_attention(long, "auto", torch.device("cpu")).startswith("vision sdpa (401 tokens)")
 
 
 def test_logit_scale_is_clamped_at_100(encoder) -> None:

@@ -81,6 +81,11 @@ class ModelConfig(_Section):
     )
     tiny: TinySpec = Field(default_factory=TinySpec, description="architecture used when name is 'tiny'")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    attention: Literal["auto", "sdpa", "eager"] = Field(
+        "auto",
+        description="attention kernels; 'auto': PyTorch SDPA on GPUs, on CPUs eager for sequences up to 300 tokens "
+        "(faster there) and SDPA above",
+    )
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
@@ -128,6 +133,12 @@ class DataConfig(_Section):
         "raise", description="bad rows or images found before training: 'raise' (report all) or 'skip' them"
     )
     max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are rejected as decompression bombs")
+    cache_images: Union[bool, Literal["auto"]] = Field(
+        "auto",
+        description="decode the training images once and keep them in memory, pre-resized ('auto': when training "
+        "sees the data more than once and the cache fits in cache_max_gb)",
+    )
+    cache_max_gb: float = Field(2.0, ge=0, description="memory 'auto' may give the decoded-image cache")
 
     @model_validator(mode="after")
     def _shards_given(self) -> DataConfig:

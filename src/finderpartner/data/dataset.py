@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -190,10 +191,17 @@ class Skipped:
 class PairDataset(Dataset):
     """Training pairs. Indexed by ``(row, seed)``: the seed drives this sample's augmentation."""
 
-    def __init__(self, table: PairTable, transform: Callable[..., tuple[torch.Tensor, str]], max_pixels: int | None = None):
+    def __init__(
+        self,
+        table: PairTable,
+        transform: Callable[..., tuple[torch.Tensor, str]],
+        max_pixels: int | None = None,
+        decoded: DecodedImages | None = None,
+    ):
         self.table = table
         self.transform = transform
         self.max_pixels = max_pixels
+        self.decoded = decoded
 
     def __len__(self) -> int:
         return len(self.table)
@@ -202,12 +210,79 @@ class PairDataset(Dataset):
         index, seed = key
         path = self.table.path(index)
         try:
-            img = load_image(path, self.max_pixels)
+            cached = self.decoded.get(index) if self.decoded is not None else None
+            img = Image.fromarray(cached) if cached is not None else load_image(path, self.max_pixels)
         except Exception as e:  # never crash an epoch for one file: the collate function drops and reports it
             return Skipped(index, str(path), f"{type(e).__name__}: {e}")
         rng = torch.Generator().manual_seed(seed)
         pixels, caption = self.transform(img, self.table.captions[index], rng)
         return {"index": index, "pixel_values": pixels, "caption": caption}
+
+
+class DecodedImages:
+    """Every image of a table decoded once and kept in memory, pre-resized for the training crop.
+
+    Multi-epoch fine-tuning otherwise decodes (and, for large photos, downsizes) every image again each epoch.
+    The shorter side is kept at ``ceil(crop / sqrt(min crop area))``, so a random resized crop of the cached
+    image never has fewer pixels than one of the original. Built in the main process before the DataLoader
+    workers start; they share it copy-on-write. An image that fails to decode is not cached: the dataset reads
+    the file at its turn and reports it like any other broken file.
+    """
+
+    def __init__(self, table: PairTable, side: int, max_pixels: int | None = None, *, progress: bool = False):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm.auto import tqdm
+
+        self.side = side
+        names, self._row_to_image = table.images()
+
+        def decode(name: str) -> np.ndarray | None:
+            try:
+                return np.asarray(_shrink(load_image(table.image_dir / name, max_pixels), side), dtype=np.uint8)
+            except Exception:  # reported when the dataset reads the file itself
+                return None
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL releases the GIL while decoding
+            self._images = list(tqdm(pool.map(decode, names), total=len(names), desc="decoding images", unit="img",
+                                     disable=not progress, leave=False))  # fmt: skip
+        self.nbytes = sum(a.nbytes for a in self._images if a is not None)
+
+    @staticmethod
+    def side_for(crop: int, min_crop_area: float) -> int:
+        return math.ceil(crop / math.sqrt(min_crop_area))
+
+    @staticmethod
+    def estimate_bytes(table: PairTable, side: int, sample: int = 256) -> int:
+        """Memory the cache would take, from the headers of an evenly spread sample of the images."""
+        names, _ = table.images()
+        if not names:
+            return 0
+        picked = names[:: max(1, len(names) // sample)]
+        total = 0
+        for name in picked:
+            try:
+                with Image.open(table.image_dir / name) as img:
+                    w, h = img.size
+            except Exception:
+                continue
+            scale = min(1.0, side / max(1, min(w, h)))
+            total += round(w * scale) * round(h * scale) * 3
+        return int(total / len(picked) * len(names))
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def get(self, row: int) -> np.ndarray | None:
+        return self._images[self._row_to_image[row]]
+
+
+def _shrink(img: Image.Image, side: int) -> Image.Image:
+    if min(img.size) <= side:
+        return img
+    scale = side / min(img.size)
+    size = (max(side, round(img.width * scale)), max(side, round(img.height * scale)))
+    return img.resize(size, Image.BICUBIC, reducing_gap=3.0)
 
 
 class ImageFileDataset(Dataset):
