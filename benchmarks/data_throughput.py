@@ -4,7 +4,7 @@ Pipelines, each through a DataLoader with batches of ``--batch`` and 0/1/2 worke
 
 * ``decode``        PIL open + load + convert("RGB"): the data-side limit (no resize, no augmentation)
 * ``ours``          PairDataset + TrainTransform (random resized crop, flip, jitter) + Collator (tokenise, stack)
-* ``ours+cache``    the same, reading images from a pre-resized decoded cache (benchmarks/patches.py decoded_cache)
+* ``ours+cache``    the same, reading images from the pre-resized decoded cache (``data.cache_images``)
 * ``open_clip``     open_clip's CsvDataset + its train transform + its HF tokenizer wrapper (float tensors out)
 
 at the tiny model's 64 px (from 96 px JPEGs, the sample data's default) and at 224 px (from 256 px JPEGs).
@@ -83,16 +83,7 @@ def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = F
     from finderpartner.data.collate import Collator
     from finderpartner.data.dataset import ContrastiveBatchSampler, PairDataset
 
-    if cached:
-        import patches
-
-        class CachedPairDataset(PairDataset):  # workers fork (Linux), so a local class needs no pickling
-            __getitem__ = patches.cached_getitem
-
-        dataset: PairDataset = CachedPairDataset(ctx["table"], ctx["transform"])
-        dataset._cache = ctx["cache"]  # type: ignore[attr-defined]
-    else:
-        dataset = PairDataset(ctx["table"], ctx["transform"])
+    dataset = PairDataset(ctx["table"], ctx["transform"], decoded=ctx["cache"] if cached else None)
     sampler = ContrastiveBatchSampler(len(ctx["table"]), batch, seed=0)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=Collator(ctx["tokenizer"], 32),
                       prefetch_factor=4 if workers else None)  # fmt: skip
@@ -142,7 +133,6 @@ def prepare(size: int, train_images: int, batch: int, batches: int, pipelines: l
     import tempfile
 
     import open_clip
-    import patches
 
     from finderpartner.config import AugmentConfig
     from finderpartner.data.dataset import read_split
@@ -162,7 +152,13 @@ def prepare(size: int, train_images: int, batch: int, batches: int, pipelines: l
     transform = TrainTransform(image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
     ctx: dict[str, Any] = {"root": root, "table": table, "tokenizer": tokenizer, "transform": transform, "tmp": tmp}
     if "ours+cache" in pipelines:
-        ctx["cache"], ctx["cache_stats"] = patches.decode_cache(table, transform)
+        from finderpartner.data.dataset import DecodedImages
+
+        start = time.perf_counter()
+        cache = DecodedImages(table, DecodedImages.side_for(transform.spec.crop, transform.crop_scale[0]))
+        ctx["cache"] = cache
+        ctx["cache_stats"] = {"images": len(cache), "side": cache.side, "seconds": time.perf_counter() - start,
+                              "megabytes": cache.nbytes / 2**20}  # fmt: skip
     if "open_clip" in pipelines:
         model_dir = common.open_clip_model_dir(spec, tokenizer, tmp / "open_clip_model")
         ctx["csv"] = common.write_open_clip_csv(root, "train", tmp / "train.tsv")

@@ -1,8 +1,11 @@
 """Candidate speed-ups of our trainer, applied by monkeypatching inside the benchmark process (src/ is untouched).
 
-    python benchmarks/patches.py --patch fused_adamw,threads=1 -- train --config configs/clip_tiny.yaml ...
+    python benchmarks/patches.py --patch unfused_adamw,threads=1 -- train --config configs/clip_tiny.yaml ...
 
-runs ``finderpartner`` with the named patches applied first. Each patch is small and says what the equivalent
+runs ``finderpartner`` with the named patches applied first. Speed-ups the measurements justified are in src/
+now and have config switches for A/B runs instead of patches: ``model.attention=sdpa`` (eager attention for
+short CPU sequences off), ``data.cache_images=false`` (decoded-image cache off); ``unfused_adamw`` here undoes
+the fused optimizer. Each patch is small and says what the equivalent
 change in src/ would be; ``train_throughput.py --ours-patch`` and ``profile_ours.py`` measure them against the
 unpatched trainer in the same run. A patch whose target no longer exists (src/ changes under us) fails loudly
 instead of silently measuring nothing.
@@ -12,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
-import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -75,10 +75,10 @@ def _adamw_variant(**flags: bool) -> None:
     train._optimizer = optimizer
 
 
-@patch("fused_adamw")
-def _fused(_: str | None) -> None:
-    """src change: ``torch.optim.AdamW(..., fused=True)`` (one fused kernel over all parameters)."""
-    _adamw_variant(fused=True)
+@patch("unfused_adamw")
+def _unfused(_: str | None) -> None:
+    """Undo a kept change: PyTorch's per-tensor AdamW loop instead of ours' ``fused=True``."""
+    _adamw_variant(fused=False, foreach=False)
 
 
 @patch("foreach_adamw")
@@ -121,33 +121,6 @@ def _compile(value: str | None) -> None:
             tower.forward = torch.compile(
                 tower.forward, **kwargs
             )  # dynamic=None: a new caption length marks it dynamic
-
-    _after_setup(hook)
-
-
-# Vision sequences up to this many tokens train faster with eager attention than with PyTorch's CPU flash
-# kernel (measured fwd+bwd, tiny spec, batch 64: 65 tokens 1.45x, 145 tokens 1.47x, 257 tokens 1.14x faster;
-# 785 tokens 2.5x slower).
-EAGER_MAX_TOKENS = 300
-
-
-@patch("attention")
-def _attention(value: str | None) -> None:
-    """src change: on CPU, ``model.set_attn_implementation`` per tower: eager for short sequences, sdpa otherwise.
-
-    ``attention=eager`` forces eager in both towers; ``attention=auto`` (default) applies the token rule above.
-    PyTorch's CPU flash-attention backward dominates the step for short sequences (36% of it at 64 px).
-    """
-    mode = value or "auto"
-
-    def hook(run: Any) -> None:
-        if run.device.type != "cpu":
-            return
-        cfg = run.model.config
-        vision_tokens = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
-        vision = "eager" if mode == "eager" or vision_tokens <= EAGER_MAX_TOKENS else "sdpa"
-        run.model.set_attn_implementation({"vision_config": vision, "text_config": "eager"})
-        log.warning("attention: vision %s (%d tokens), text eager", vision, vision_tokens)
 
     _after_setup(hook)
 
@@ -195,73 +168,6 @@ def _loader_kwargs(**changes: Any) -> None:
         return loader_cls(*args, **kwargs)
 
     train.DataLoader = loader
-
-
-def decode_cache(
-    table: Any, transform: Any, max_pixels: int | None = None, threads: int | None = None
-) -> tuple[list[Any], dict[str, float]]:
-    """Every image of ``table`` decoded once, pre-resized to the smallest size the augmentation needs.
-
-    The shorter side becomes ``ceil(crop / sqrt(min crop area))``: a random resized crop of the cached image
-    then never has fewer pixels than it would have had from the original. Returns one uint8 array per row
-    (rows naming the same image share it) and build statistics.
-    """
-    import numpy as np
-    from PIL import Image
-
-    from finderpartner.data.transforms import load_image
-
-    crop = transform.spec.crop
-    side = math.ceil(crop / math.sqrt(min(transform.crop_scale)))
-    start = time.perf_counter()
-    names, row_to_image = table.images()
-
-    def decode(name: str) -> Any:
-        img = load_image(table.image_dir / name, max_pixels)  # a one-off cost: no JPEG draft tricks needed
-        if min(img.size) > side:
-            scale = side / min(img.size)
-            size = (max(side, round(img.width * scale)), max(side, round(img.height * scale)))
-            img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
-        return np.asarray(img, dtype=np.uint8)
-
-    with ThreadPoolExecutor(max_workers=threads or os.cpu_count() or 2) as pool:  # PIL releases the GIL while decoding
-        arrays = list(pool.map(decode, names))
-    stats = {"images": len(arrays), "side": side, "seconds": time.perf_counter() - start,
-             "megabytes": sum(a.nbytes for a in arrays) / 2**20}  # fmt: skip
-    return [arrays[i] for i in row_to_image], stats
-
-
-def cached_getitem(self: Any, key: tuple[int, int]) -> Any:
-    """``PairDataset.__getitem__`` reading the decoded cache instead of the file."""
-    import torch
-    from PIL import Image
-
-    index, seed = key
-    rng = torch.Generator().manual_seed(seed)
-    pixels, caption = self.transform(Image.fromarray(self._cache[index]), self.table.captions[index], rng)
-    return {"index": index, "pixel_values": pixels, "caption": caption}
-
-
-@patch("decoded_cache")
-def _decoded_cache(_: str | None) -> None:
-    """src change: decode every training image once per run (not once per epoch), pre-resized (see decode_cache).
-
-    Built in the main process before the workers fork (they share it copy-on-write). Memory: images x side^2 x 3
-    bytes (4000 images at 72 px: 60 MB; at 250 px: 750 MB).
-    """
-    from finderpartner.data import dataset
-
-    original_init = _require(dataset.PairDataset, "__init__")
-
-    def init(self: Any, table: Any, transform: Any, max_pixels: int | None = None) -> None:
-        original_init(self, table, transform, max_pixels)
-        self._cache, stats = decode_cache(table, transform, max_pixels)
-        log.warning(
-            "decoded_cache: %(images)d images cached at %(side)d px in %(seconds).1fs (%(megabytes).0f MB)", stats
-        )
-
-    dataset.PairDataset.__init__ = init
-    dataset.PairDataset.__getitem__ = cached_getitem
 
 
 # ---------------------------------------------------------------------------------------------------------------

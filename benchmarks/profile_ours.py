@@ -12,7 +12,7 @@
 
     python benchmarks/profile_ours.py                                    # profile + micro, a few minutes
     python benchmarks/profile_ours.py --sections micro --micro-sizes 64 224
-    python benchmarks/profile_ours.py --sections ab --candidates fused_adamw decoded_cache threads=1
+    python benchmarks/profile_ours.py --sections ab --candidates unfused_adamw threads=1
 
 py-spy: ``pip install py-spy`` (any environment; give its path with --py-spy when it is not on PATH).
 """

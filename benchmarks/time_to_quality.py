@@ -14,7 +14,7 @@ validation and checkpoint writes; open_clip's includes its checkpoint writes but
 Runs stop at the target unless ``--full``.
 
     python benchmarks/time_to_quality.py                         # target text_to_image_caption_aware R@5 >= 0.9
-    python benchmarks/time_to_quality.py --full --ours-patch attention   # whole schedules, per-epoch curves
+    python benchmarks/time_to_quality.py --full                  # whole schedules, per-epoch curves
 """
 
 from __future__ import annotations

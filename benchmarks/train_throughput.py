@@ -7,8 +7,8 @@ measured matmul peak of this machine, and the ratio ours / open_clip (median of 
 
     python benchmarks/train_throughput.py                      # quick: 3 x 2 runs of 40 steps
     python benchmarks/train_throughput.py --steps 100 --repeats 5
-    python benchmarks/train_throughput.py --variant 'attn|attention|'     # + ours with a patch, a third contender
-    python benchmarks/train_throughput.py --ours-patch fused_adamw --compare-ours  # a candidate vs plain ours
+    python benchmarks/train_throughput.py --variant 'sdpa||model.attention=sdpa'  # + ours with a setting, a third contender
+    python benchmarks/train_throughput.py --ours-patch unfused_adamw --compare-ours  # a variant vs plain ours
     python benchmarks/train_throughput.py --only ours --image-size 224 --data-image-size 256 \
         --steps 16 --warmup-steps 4 --log-every 2             # the 224 px data-wait check
 
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--ours-hflip", action="store_true", help="keep our horizontal flip (open_clip has none)")
     p.add_argument(
-        "--ours-patch", default="", help="benchmarks/patches.py patches for ours, e.g. fused_adamw,threads=1"
+        "--ours-patch", default="", help="benchmarks/patches.py patches for ours, e.g. unfused_adamw,threads=1"
     )
     p.add_argument(
         "--compare-ours",
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="'LABEL|PATCHES|SETS'",
         help="an extra contender: our trainer with patches (comma-separated) and --set overrides "
         "(comma-separated key=value), e.g. 'mb64||train.micro_batch_size=64' or "
-        "'fused|fused_adamw|train.micro_batch_size=64' (repeatable; alternated with the others)",
+        "'loop|unfused_adamw|train.micro_batch_size=32' (repeatable; alternated with the others)",
     )
     p.add_argument(
         "--ours-set", action="append", default=[], metavar="KEY=VALUE", help="extra --set for ours (repeatable)"

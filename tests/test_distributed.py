@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import load_file
 
