@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import platform
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -505,7 +506,7 @@ def _train_step(run: _Run, batch: Batch, window: _Window) -> None:
         _skip_nonfinite(run, loss_value, norm_value)
     run.optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
         run.scheduler.step()
     state.global_step += 1
     state.step_in_epoch += 1
