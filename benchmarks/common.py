@@ -624,3 +624,12 @@ def _jsonable(x: Any) -> Any:
 
 def default_out(name: str) -> Path:
     return RESULTS_DIR / f"{name}.json"
+
+
+def save_results(name: str, args: Any, results: Any) -> Path:
+    """Write a benchmark's JSON (its arguments, the machine, package versions, results) to --out and say where."""
+    payload = {"benchmark": name, "args": vars(args), "machine": machine_info(), "versions": package_versions(),
+               "results": results}  # fmt: skip
+    path = write_json(args.out or default_out(name), payload)
+    print(f"results: {path}")
+    return path

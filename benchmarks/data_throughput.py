@@ -238,10 +238,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeats} repeats", flush=True)  # fmt: skip
     results = measure(args)
     print("\n" + report(results, args.workers, args.pipelines))
-    out = args.out or common.default_out("data_throughput")
-    payload = {"benchmark": "data_throughput", "args": vars(args), "machine": common.machine_info(),
-               "versions": common.package_versions(), "results": results}  # fmt: skip
-    print(f"results: {common.write_json(out, payload)}")
+    common.save_results("data_throughput", args, results)
     return 0
 
 

@@ -423,10 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\n" + report(results))
-    out = args.out or common.default_out("profile_ours")
-    payload = {"benchmark": "profile_ours", "args": vars(args), "machine": common.machine_info(),
-               "versions": common.package_versions(), "results": results}  # fmt: skip
-    print(f"results: {common.write_json(out, payload)}")
+    common.save_results("profile_ours", args, results)
     return 0
 
 
