@@ -169,9 +169,24 @@ def _add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--onnx-variant", default="fp32", choices=["fp32", "fp16", "int8"], help="with --backend onnx")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (not the stream of the moment it was made: that may be closed)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: Any) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     pkg = logging.getLogger("finderpartner")
     pkg.handlers[:] = [handler]
