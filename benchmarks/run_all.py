@@ -1,6 +1,6 @@
 """Run every benchmark with its quick defaults (``make bench``), one after another, and print the headlines.
 
-    python benchmarks/run_all.py                       # all of them: about 15 minutes on 2 quiet cores
+    python benchmarks/run_all.py                       # all of them: about 30 minutes on 2 quiet cores
     python benchmarks/run_all.py --only train_throughput data_throughput
     python benchmarks/run_all.py --skip time_to_quality --results /tmp/bench
 
@@ -21,7 +21,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-SCRIPTS = ["train_throughput", "data_throughput", "time_to_quality", "profile_ours"]
+SCRIPTS = ["train_throughput", "data_throughput", "time_to_quality", "profile_ours", "memory", "export_latency",
+           "index_latency"]  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
