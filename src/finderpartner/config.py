@@ -138,7 +138,7 @@ class DataConfig(_Section):
         description="decode the training images once and keep them in memory, pre-resized ('auto': when training "
         "sees the data more than once and the cache fits in cache_max_gb)",
     )
-    cache_max_gb: float = Field(2.0, ge=0, description="memory 'auto' may give the decoded-image cache")
+    cache_max_gb: float = Field(2.0, ge=0, description="memory 'auto' may give the decoded-image cache (in each training process)")
 
     @model_validator(mode="after")
     def _shards_given(self) -> DataConfig:
