@@ -25,6 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from finderpartner.config import TinySpec  # noqa: E402
 from finderpartner.env import autocast_factory, resolve_device, resolve_precision  # noqa: E402
-from finderpartner.memory import _peak_rss_bytes, _reset_peak_rss, contrastive_backward, is_oom, synthetic_batch  # noqa: E402
+from finderpartner.memory import contrastive_backward, is_oom, peak_rss_bytes, reset_peak_rss, synthetic_batch  # noqa: E402
 from finderpartner.model import CLIP_MEAN, CLIP_STD, ImageSpec, build_tiny  # noqa: E402
 
 GiB = 2**30
@@ -63,10 +64,10 @@ class Meter:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _reset_peak_rss()
+            reset_peak_rss()
 
     def peak(self) -> int:
-        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss_bytes()
+        return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss_bytes()
 
 
 def step(model, spec, ctx, batch_size: int, micro: int, device, autocast) -> float:
@@ -80,6 +81,18 @@ def step(model, spec, ctx, batch_size: int, micro: int, device, autocast) -> flo
     return time.perf_counter() - t0
 
 
+def measured(meter: Meter, *step_args: Any) -> tuple[float, int] | None:
+    """(seconds, peak bytes) of ``step(*step_args)``; None when it ran out of memory."""
+    meter.reset()
+    try:
+        seconds = step(*step_args)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        return None
+    return seconds, meter.peak()
+
+
 def measure(arch: str, sizes: list[int], cap_gb: float, device: torch.device, precision: str, max_batch: int) -> dict:
     model, spec, ctx = build(arch)
     model = model.to(device).train()
@@ -87,34 +100,24 @@ def measure(arch: str, sizes: list[int], cap_gb: float, device: torch.device, pr
     meter = Meter(device, int(cap_gb * GiB))
     rows, fits = [], 0
     for m in sizes:  # increasing: on CPU the resident set only shrinks lazily
-        meter.reset()
-        try:
-            seconds = step(model, spec, ctx, m, m, device, autocast)
-        except Exception as e:
-            if not is_oom(e):
-                raise
+        result = measured(meter, model, spec, ctx, m, m, device, autocast)
+        if result is None:
             rows.append({"micro_batch": m, "peak_gb": None, "oom": True})
             break
-        peak = meter.peak()
+        seconds, peak = result
         rows.append({"micro_batch": m, "peak_gb": round(peak / GiB, 3), "pairs_per_s": round(m / seconds, 1)})
         print(f"  {arch} micro-batch {m:>5}: peak {peak / GiB:7.3f} GiB, {m / seconds:8.1f} pairs/s", flush=True)
         if peak > meter.cap:
             break
         fits = m
-    without = fits
     # With the gradient cache: grow the contrastive batch at the best micro-batch until the cap says stop.
     micro = max(1, fits)
-    cached, batch = [], max(2 * micro, 2)
-    with_cache = fits
+    cached, batch, with_cache = [], max(2 * micro, 2), fits
     while fits and batch <= max_batch:
-        meter.reset()
-        try:
-            seconds = step(model, spec, ctx, batch, micro, device, autocast)
-        except Exception as e:
-            if not is_oom(e):
-                raise
+        result = measured(meter, model, spec, ctx, batch, micro, device, autocast)
+        if result is None:
             break
-        peak = meter.peak()
+        seconds, peak = result
         cached.append({"batch": batch, "micro_batch": micro, "peak_gb": round(peak / GiB, 3), "pairs_per_s": round(batch / seconds, 1)})
         print(f"  {arch} cached batch {batch:>6} (micro {micro}): peak {peak / GiB:7.3f} GiB, {batch / seconds:8.1f} pairs/s",
               flush=True)  # fmt: skip
@@ -123,7 +126,8 @@ def measure(arch: str, sizes: list[int], cap_gb: float, device: torch.device, pr
         with_cache = batch
         batch *= 2
     return {"arch": arch, "device": str(device), "precision": precision, "cap_gb": cap_gb, "micro_batches": rows,
-            "cached_batches": cached, "largest_batch_without_cache": without, "largest_batch_with_cache": with_cache,
+            "cached_batches": cached, "largest_batch_without_cache": fits, "largest_batch_with_cache": with_cache,
+            "without_cache_limited_by": "cap" if fits < sizes[-1] else f"--max-micro {sizes[-1]}",
             "with_cache_limited_by": "cap" if with_cache < max_batch else f"--max-batch {max_batch}"}  # fmt: skip
 
 
@@ -139,7 +143,6 @@ def main() -> None:
     args = p.parse_args()
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    torch.set_num_threads(torch.get_num_threads())
     results = []
     for arch in (["tiny", "vitb32"] if args.arch == "both" else [args.arch]):
         cpu_vit = device.type == "cpu" and arch == "vitb32"
@@ -149,10 +152,11 @@ def main() -> None:
         print(f"{arch} on {device} in {precision}, cap {args.cap_gb} GB", flush=True)
         results.append(measure(arch, sizes, args.cap_gb, device, precision, max_batch))
     print()
-    print(f"{'arch':<8}{'device':<8}{'precision':<10}{'cap GB':>8}{'largest batch, no cache':>26}{'with gradient cache':>22}")
+    print(f"{'arch':<8}{'device':<8}{'precision':<10}{'cap GB':>8}  {'largest batch, no cache':<30}with gradient cache")
     for r in results:
-        print(f"{r['arch']:<8}{r['device']:<8}{r['precision']:<10}{r['cap_gb']:>8}{r['largest_batch_without_cache']:>26}"
-              f"{r['largest_batch_with_cache']:>15} ({r['with_cache_limited_by']})")  # fmt: skip
+        print(f"{r['arch']:<8}{r['device']:<8}{r['precision']:<10}{r['cap_gb']:>8}  "
+              f"{str(r['largest_batch_without_cache']) + ' (' + r['without_cache_limited_by'] + ')':<30}"
+              f"{r['largest_batch_with_cache']} ({r['with_cache_limited_by']})")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.out}")

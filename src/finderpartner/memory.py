@@ -253,35 +253,36 @@ def _cpu_step_peak(model, size, spec, context_length, vocab, eos, device, autoca
 
     batch = synthetic_batch(size, spec.crop, context_length, vocab, device)
     batch.input_ids[:, -1] = eos
-    _reset_peak_rss()
+    reset_peak_rss()
     t0 = time.perf_counter()
     _one_step(model, batch, size, spec, autocast)
-    return _peak_rss_bytes(), size / (time.perf_counter() - t0)
+    return peak_rss_bytes(), size / (time.perf_counter() - t0)
 
 
 def _available_memory_bytes() -> int | None:
-    try:
-        for line in open("/proc/meminfo", encoding="ascii"):
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable:")
 
 
-def _peak_rss_bytes() -> int:
-    try:
-        for line in open("/proc/self/status", encoding="ascii"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process since the last ``reset_peak_rss``."""
+    peak = _proc_bytes("/proc/self/status", "VmHWM:")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _reset_peak_rss() -> None:
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A ``key: N kB`` line of a Linux /proc file, in bytes (None where there is no such file or line)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key)), None)
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> None:
     try:  # Linux: writing 5 to clear_refs resets the peak resident set size (VmHWM)
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
