@@ -215,3 +215,13 @@ def test_onnx_backend_returns_the_same_top_k_as_torch(searcher, onnx_export: Pat
                  "--prompt", PROMPTS[0], "--top-k", "8", "--json"])  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and [r["path"] for r in result["results"]] == [str(h.path) for h in index.search(queries["torch"][:1], 8)[0]]
+
+
+def test_cached_gallery_through_a_symlink_and_the_real_path(searcher, gallery: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FINDERPARTNER_CACHE", str(tmp_path / "cache"))
+    link = tmp_path / "link"
+    link.symlink_to(gallery, target_is_directory=True)
+    for folder in (link, gallery, link):  # each spelling has its own cached index; none is refused
+        index, stats = searcher.cached_gallery(folder)
+        assert len(index) == 6 and index.root == Path(os.path.abspath(folder))
+    assert stats.embedded == 0  # the second visit through the link reuses its index

@@ -164,10 +164,12 @@ def replace_dir(write: Callable[[Path], Any], target: Path) -> None:
         os.replace(tmp, target)
         _fsync_dir(target.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
+    except BaseException as e:  # a failing writer (export, index) must not leave its half-written folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not target.exists():
             os.replace(old, target)
+        if not isinstance(e, OSError):
+            raise
         reason = "disk full" if e.errno == errno.ENOSPC else str(e)
         raise CheckpointError(f"could not write {target}: {reason}; the previous version is intact") from None
 

@@ -287,7 +287,7 @@ def default_cache_dir() -> Path:
 
 def gallery_cache_path(images: Path) -> Path:
     """Where ``search --images DIR`` keeps the index of DIR (one per folder; rebuilt if the model changes)."""
-    key = hashlib.sha256(os.path.realpath(images).encode()).hexdigest()[:16]
+    key = hashlib.sha256(os.path.abspath(images).encode()).hexdigest()[:16]  # the index's own notion of its root
     return default_cache_dir() / "galleries" / key
 
 
@@ -350,22 +350,31 @@ def index_folder(embedder: Embedder, images: Path, out: Path, *, progress: bool 
         existing.check_model(embedder.fingerprint, out)
         if existing.root != Path(os.path.abspath(images)):
             raise IndexMismatchError(f"index {out} is of the folder {existing.root}, not {images}; use another --out")
-    index, stats = update_index(existing, images, embedder.fingerprint, lambda p: embedder.embed_paths(p, progress))
-    if existing is None or stats.embedded or stats.removed or stats.failed:
-        index.save(out)
-    return index, stats
+    return _update_and_save(embedder, existing, images, out, progress)
 
 
 def cached_gallery(embedder: Embedder, images: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
     """The index of ``images`` kept in the user cache: made on first use, updated when files change."""
     path = gallery_cache_path(images)
+    existing = None
     if (path / "index.json").is_file():
         try:
-            GalleryIndex.load(path).check_model(embedder.fingerprint, path)
+            existing = GalleryIndex.load(path)
+            existing.check_model(embedder.fingerprint, path)
         except (IndexMismatchError, DataError):
             log.info("gallery cache %s was made by another model (or is damaged): rebuilding", path)
+            existing = None
             shutil.rmtree(path)
-    return index_folder(embedder, images, path, progress=progress)
+    return _update_and_save(embedder, existing, images, path, progress)
+
+
+def _update_and_save(
+    embedder: Embedder, existing: GalleryIndex | None, images: Path, out: Path, progress: bool
+) -> tuple[GalleryIndex, UpdateStats]:
+    index, stats = update_index(existing, images, embedder.fingerprint, lambda p: embedder.embed_paths(p, progress))
+    if existing is None or stats.embedded or stats.removed or stats.failed:
+        index.save(out)
+    return index, stats
 
 
 # --------------------------------------------------------------------------------------------------------------
