@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The micro-batch probe and gallery caches live in a folder of this session, not in the user's ~/.cache.
+os.environ["FINDERPARTNER_CACHE"] = tempfile.mkdtemp(prefix="finderpartner-test-cache-")
 
 _real_connect = socket.socket.connect
 

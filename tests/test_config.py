@@ -84,3 +84,15 @@ def test_config_is_immutable() -> None:
     cfg = preset_config("tiny")
     with pytest.raises(Exception):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_best_metric_is_checked_up_front_and_ranks_count_lower_as_better() -> None:
+    from finderpartner.evaluate import EvalResult
+
+    with pytest.raises(ConfigError, match=r"eval.best_metric: .*did you mean 'text_to_image/R@1'"):
+        config_from_dict({"eval": {"best_metric": "text_to_image/R1"}})
+    assert config_from_dict({"eval": {"best_metric": "image_to_text_caption_aware/median_rank"}})
+    better, worse = (EvalResult({"text_to_image": {"R@1": r1, "mean_rank": rank}}, loss, {}, 1, 1)
+                     for r1, rank, loss in ((0.8, 1.5, 0.5), (0.6, 3.0, 0.9)))  # fmt: skip
+    for name in ("text_to_image/R@1", "text_to_image/mean_rank", "loss"):
+        assert better.select(name) > worse.select(name), name

@@ -52,7 +52,7 @@ def test_gradient_cache_equals_full_batch_gradients(small_data: Path) -> None:
     assert relative["logit_scale"] <= 1e-4
 
 
-def test_gradient_cache_replays_dropout_identically(small_data: Path) -> None:
+def test_gradient_cache_replays_dropout_identically(small_data: Path, monkeypatch) -> None:
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
     model = encoder.model.train()
@@ -68,10 +68,22 @@ def test_gradient_cache_replays_dropout_identically(small_data: Path) -> None:
     torch.manual_seed(5)
     cached = _grads(model, batch, 32, encoder.image_spec)
     assert all(torch.equal(full[n], cached[n]) for n in full)  # same seed, same path: deterministic
+    outputs: list[torch.Tensor] = []
+    real_embed_pair = memory.embed_pair
+
+    def recording_embed_pair(*args, **kwargs):  # type: ignore[no-untyped-def]
+        image, text = real_embed_pair(*args, **kwargs)
+        outputs.append(torch.cat([image, text], dim=1).detach())
+        return image, text
+
+    monkeypatch.setattr(memory, "embed_pair", recording_embed_pair)
     torch.manual_seed(5)
     split = _grads(model, batch, 8, encoder.image_spec)
-    # Each micro-batch sees its own dropout masks in both passes, so the result is a valid gradient: finite, and
-    # the surrogate matches the cached embeddings exactly (a mismatch would make the logit-scale term explode).
+    # 4 micro-batches embedded without gradients, then again with them: the same dropout masks both times, so
+    # the cached embeddings the loss was computed from are exactly the ones back-propagated.
+    assert len(outputs) == 8
+    assert all(torch.equal(outputs[i], outputs[i + 4]) for i in range(4))
+    assert not torch.equal(outputs[0], outputs[1][: len(outputs[0])])  # (different micro-batches differ)
     assert all(torch.isfinite(g).all() for g in split.values())
 
 

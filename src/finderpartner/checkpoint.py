@@ -87,9 +87,9 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a verified checkpoint folder."""
-    problem = verify(path)
+def load_checkpoint(path: Path, *, verified: bool = False) -> Checkpoint:
+    """Read a checkpoint folder, checking it against its manifest unless the caller just did (``verified``)."""
+    problem = None if verified else verify(path)
     if problem:
         raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
     try:

@@ -182,6 +182,19 @@ class EvalConfig(_Section):
         description="metric that selects best_model/: 'mean_recall' (R@1/5/10, both directions, caption-aware) or e.g. 'text_to_image/R@1'",
     )
 
+    @field_validator("best_metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        directions = [f"{d}{s}" for d in ("image_to_text", "text_to_image") for s in ("", "_caption_aware")]
+        metrics = ["R@1", "R@5", "R@10", "mean_rank", "median_rank"]
+        known = ["mean_recall", "loss", *(f"{d}/{m}" for d in directions for m in metrics)]
+        if v not in known:
+            close = difflib.get_close_matches(v, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown metric {v!r}{hint}; use mean_recall, loss or '<direction>/<metric>' with direction "
+                             f"in {', '.join(directions)} and metric in {', '.join(metrics)}")  # fmt: skip
+        return v
+
 
 class TrackingConfig(_Section):
     jsonl: bool = Field(True, description="append metrics to <run>/metrics.jsonl")

@@ -63,10 +63,11 @@ class EvalResult:
             return -self.loss  # higher is better everywhere
         direction, _, metric = name.partition("/")
         try:
-            return self.metrics[direction][metric]
+            value = self.metrics[direction][metric]
         except KeyError:
             known = [f"{d}/{m}" for d, ms in self.metrics.items() for m in ms]
             raise KeyError(f"unknown metric {name!r}; known: mean_recall, loss, {', '.join(known)}") from None
+        return -value if metric.endswith("_rank") else value  # a lower rank is better
 
 
 class _ImageCollate:

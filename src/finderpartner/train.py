@@ -110,8 +110,10 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
     run = _setup(cfg, resume)
     try:
         _log_plan(run)
+        stepped = run.state.global_step < run.total_steps  # False when resuming a finished run
         final = _loop(run)
-        _save_checkpoint(run)
+        if stepped:
+            _save_checkpoint(run)
     finally:
         run.trackers.close()
     best = run.run_dir / "best_model"
@@ -165,10 +167,14 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
     )
     run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, batches, loader, data.val,
                trackers, state, total_steps)  # fmt: skip
-    if resume:
-        _resume(run, resume)
-    if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
-        state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
+    try:
+        if resume:
+            _resume(run, resume)
+        if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
+            state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
+    except BaseException:
+        trackers.close()  # train() closes them only once setup has succeeded
+        raise
     return run
 
 
@@ -358,16 +364,16 @@ def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor:
 
 def _resume(run: _Run, resume: str) -> None:
     checkpoints = run.run_dir / "checkpoints"
+    found = None  # a checkpoint latest_checkpoint() chose: already checked against its manifest
     if resume == "auto":
-        path = latest_checkpoint(checkpoints)
-        if path is None:
+        found = latest_checkpoint(checkpoints)
+        if found is None:
             log.info("--resume auto: no complete checkpoint in %s; starting from scratch", checkpoints)
             return
-    else:
-        path = Path(resume)
-        if (path / "checkpoints").is_dir():  # a run folder was given
-            path = latest_checkpoint(path / "checkpoints") or path
-    ckpt = load_checkpoint(path)
+    elif (Path(resume) / "checkpoints").is_dir():  # a run folder was given
+        found = latest_checkpoint(Path(resume) / "checkpoints")
+    path = found or Path(resume)
+    ckpt = load_checkpoint(path, verified=found is not None)
     saved_cfg = ckpt.state.get("config", {})
     if saved_cfg.get("model") != config_to_dict(run.cfg)["model"]:
         raise CheckpointError(f"{path} was trained with another model section in its config; resume with the same model settings")
@@ -421,8 +427,8 @@ def _loop(run: _Run) -> EvalResult | None:
                             samples_s=f"{window.samples_per_s:.0f}")  # fmt: skip
             if state.global_step % cfg.train.log_every == 0:
                 run.trackers.log(window.flush(run), state.global_step)
-            if state.global_step % cfg.train.checkpoint_every == 0:
-                _save_checkpoint(run)
+            if state.global_step % cfg.train.checkpoint_every == 0 and state.global_step < run.total_steps:
+                _save_checkpoint(run)  # the last step is saved by train(), after the final validation
             if state.global_step >= run.total_steps:
                 break
             window.mark_data_start()
@@ -502,12 +508,13 @@ def _train_step(run: _Run, batch: Batch, window: _Window) -> None:
         run.scaler.update()
         clamp_logit_scale(run.model)
         state.nonfinite_streak = 0
+        run.scheduler.step()
     else:
         _skip_nonfinite(run, loss_value, norm_value)
+        with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
-        warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-        run.scheduler.step()
     state.global_step += 1
     state.step_in_epoch += 1
     state.samples_seen += run.batches.global_batch
