@@ -72,7 +72,7 @@ def measure(encoder: Any, export: Path, images: list[Path], captions: list[str],
             variants: list[str], runs: int) -> list[dict[str, Any]]:  # fmt: skip
     import torch
 
-    from finderpartner.export import load_onnx_encoders, preprocess_images
+    from finderpartner.export import _repeat, load_onnx_encoders, preprocess_images
     from finderpartner.model import encode_image, encode_text
 
     torch.set_num_threads(threads)
@@ -81,9 +81,7 @@ def measure(encoder: Any, export: Path, images: list[Path], captions: list[str],
     pixels_all = preprocess_images(images, encoder.image_spec)
     rows = []
     for batch in batches:
-        idx = np.arange(batch) % len(images)
-        pixels = pixels_all[idx]
-        texts = [captions[i % len(captions)] for i in range(batch)]
+        pixels, texts = _repeat(pixels_all, batch), _repeat(captions, batch)
         tok = encoder.tokenizer(texts, padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt")
         cases: dict[tuple[str, str], Callable[[], Any]] = {
             ("image", "torch"): functools.partial(encode_image, model, pixels),
@@ -105,15 +103,24 @@ def measure(encoder: Any, export: Path, images: list[Path], captions: list[str],
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    """One line per (threads, encoder, batch): p50 (p95) per backend and the onnxruntime fp32 speed-up."""
+    """One line per (threads, encoder, batch): p50 (p95) per backend and the speed-up of onnxruntime over torch.
+
+    The speed-up is that of fp32 when it was measured, otherwise of the first variant measured (``--variants``).
+    """
     backends = list(dict.fromkeys(r["backend"] for r in rows))
+    onnx = [b for b in backends if b != "torch"]
+    ref = "onnx fp32" if "onnx fp32" in onnx else (onnx[0] if onnx else None)
     keyed = {(r["threads"], r["encoder"], r["batch"], r["backend"]): r for r in rows}
     lines = []
     for threads, tower, batch in dict.fromkeys((r["threads"], r["encoder"], r["batch"]) for r in rows):
         cells = [f"{keyed[(threads, tower, batch, b)]['p50_ms']:.2f} ({keyed[(threads, tower, batch, b)]['p95_ms']:.2f})" for b in backends]
-        speedup = keyed[(threads, tower, batch, "torch")]["p50_ms"] / keyed[(threads, tower, batch, "onnx fp32")]["p50_ms"]
-        lines.append([threads, tower, batch, *cells, f"{speedup:.2f}x"])
-    headers = ["threads", "encoder", "batch", *(f"{b} ms p50 (p95)" for b in backends), "onnx fp32 speed-up"]
+        if ref is not None:
+            speedup = keyed[(threads, tower, batch, "torch")]["p50_ms"] / keyed[(threads, tower, batch, ref)]["p50_ms"]
+            cells.append(f"{speedup:.2f}x")
+        lines.append([threads, tower, batch, *cells])
+    headers = ["threads", "encoder", "batch", *(f"{b} ms p50 (p95)" for b in backends)]
+    if ref is not None:
+        headers.append(f"{ref} speed-up")
     return common.table(headers, lines)
 
 

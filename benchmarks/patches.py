@@ -83,7 +83,7 @@ def _unfused(_: str | None) -> None:
 
 @patch("foreach_adamw")
 def _foreach(_: str | None) -> None:
-    """src change: ``torch.optim.AdamW(..., foreach=True)`` (multi-tensor; on CPU the default is the per-tensor loop)."""
+    """Variant to compare against ours' ``fused=True``: ``torch.optim.AdamW(..., foreach=True)`` (multi-tensor)."""
     _adamw_variant(foreach=True)
 
 

@@ -1,12 +1,13 @@
 """Where our trainer's time goes, and what the candidate speed-ups of issue 6 would give.
 
-1. ``profile``: py-spy samples a real ``finderpartner train`` run (tiny spec, batch 64) at 64 px and at 224 px;
+1. ``profile``: py-spy samples a real ``finderpartner train`` run (tiny spec, ``--batch``) at 64 px and at 224 px;
    the main thread's steady-state samples (inside the training loop) are bucketed into forward (vision/text),
    backward, optimizer, gradient clipping, waiting for data, logging and the rest.
 2. ``micro``: in-process timings of one optimizer step's parts on a real batch, each variant alternated with
-   its baseline: micro-batch split (gradient cache), SDPA vs eager attention, AdamW for-loop (PyTorch's CPU
-   default) vs foreach vs fused, gradient clipping, the per-step host syncs, torch threads, channels-last,
-   torch.compile; plus torch.profiler's top operators.
+   its baseline: micro-batch split (gradient cache), eager vs SDPA attention, AdamW fused (ours) vs for-loop vs
+   foreach, gradient clipping, the per-step host syncs, torch threads, channels-last, torch.compile; plus
+   torch.profiler's top operators. The model uses the attention our trainer picks on the CPU
+   (``model.attention: auto``: eager for sequences of at most ``EAGER_MAX_TOKENS`` tokens, SDPA above).
 3. ``ab`` (opt-in, ``--candidates``): end-to-end runs of plain ours vs ours with a patch from patches.py,
    alternated (train_throughput.py --compare-ours), for the candidates worth confirming.
 
@@ -108,7 +109,8 @@ def profile_run(py_spy: str, size: int, steps: int, batch: int, workers: int, tm
     metrics = tmp / f"profile_{size}" / "metrics.jsonl"
     windows = common.ours_windows(metrics, batch)
     steady = common.steady_state(windows, 5)
-    return {"image_size": size, "jpeg_size": JPEG_FOR[size], "steps": steps, "seconds": time.perf_counter() - start,
+    return {"image_size": size, "jpeg_size": JPEG_FOR[size], "steps": steps, "batch": batch,
+            "seconds": time.perf_counter() - start,
             "buckets": buckets, "steady": steady, "micro_batch": common.ours_micro_batch(metrics)}  # fmt: skip
 
 
@@ -199,9 +201,11 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
 
     from finderpartner.env import autocast_factory
     from finderpartner.memory import contrastive_backward
+    from finderpartner.model import set_attention
 
     encoder, b = real_batch(size, batch)
     model, spec = encoder.model, encoder.image_spec
+    attention = set_attention(model, "auto", torch.device("cpu"))  # what the trainer uses (model.attention: auto)
     autocast = autocast_factory(torch.device("cpu"), "bf16")
     model.train()
 
@@ -210,7 +214,8 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
         return contrastive_backward(m, batch_, micro_batch_size=micro_batch, spec=spec, autocast=autocast,
                                     backward=lambda loss: loss.backward())  # fmt: skip
 
-    out: dict[str, Any] = {"image_size": size, "batch": batch, "text_tokens": int(b.input_ids.shape[1])}
+    out: dict[str, Any] = {"image_size": size, "batch": batch, "text_tokens": int(b.input_ids.shape[1]),
+                           "attention_impl": attention}  # fmt: skip
     out["fwd_bwd_micro_batch"] = alternated(
         {f"micro-batch {m}": (lambda m=m: fwd_bwd(micro_batch=m)) for m in (batch, batch // 4)}, repeats
     )
@@ -218,17 +223,17 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
     out["optimizer"] = _optimizer_variants(model, repeats)
     out["grad_clip"] = alternated({"clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(
         [p for p in model.parameters() if p.grad is not None], 1.0)}, repeats)  # fmt: skip
-    out["host_sync"] = _host_sync_cost(model)
+    out["host_sync"] = _host_sync_cost()
     out["attention"] = _attention(model, fwd_bwd, repeats)
     out["ops"] = _top_ops(model, fwd_bwd)
     out["threads"] = _threads(fwd_bwd, repeats)
-    out["channels_last"] = _channels_last(model, b, spec, fwd_bwd, repeats)
+    out["channels_last"] = _channels_last(model, b, fwd_bwd, repeats)
     out["compile"] = _compile(encoder, b, spec, autocast, repeats)
     return out
 
 
 def _optimizer_variants(model: Any, repeats: int) -> dict[str, Any]:
-    """AdamW step time: for-loop (PyTorch's CPU default, what ours uses), foreach, fused; same param groups."""
+    """AdamW step time: fused (what ours uses), for-loop, foreach; same param groups."""
     import torch
 
     params = [p for p in model.parameters() if p.grad is not None]
@@ -239,28 +244,44 @@ def _optimizer_variants(model: Any, repeats: int) -> dict[str, Any]:
         return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                                  lr=1e-9, betas=(0.9, 0.98), eps=1e-6, **flags)  # fmt: skip
 
-    opts = {"for-loop (default)": make(), "foreach=True": make(foreach=True), "fused=True": make(fused=True)}
+    opts = {"fused=True (ours)": make(fused=True), "for-loop": make(foreach=False), "foreach=True": make(foreach=True)}
     return alternated({k: o.step for k, o in opts.items()}, repeats * 3)
 
 
 def _attention(model: Any, fwd_bwd: Callable[[], Any], repeats: int) -> dict[str, Any]:
-    """fwd+bwd with PyTorch SDPA (its CPU flash kernel) vs HF's eager attention (matmul, softmax, matmul)."""
+    """fwd+bwd with HF's eager attention (matmul, softmax, matmul) vs PyTorch SDPA (its CPU flash kernel).
 
-    def with_impl(impl: str) -> Callable[[], Any]:
+    The variant our trainer uses on the CPU (``set_attention(..., "auto")``) is labelled "ours"; when it mixes
+    the two (eager text, SDPA vision at high resolution) it is timed as a third variant.
+    """
+    import torch
+
+    from finderpartner.model import set_attention
+
+    towers = ("vision_config", "text_config")
+    ours = {t: getattr(model.config, t)._attn_implementation for t in towers}  # as set by micro()
+
+    def with_impl(choice: dict[str, str]) -> Callable[[], Any]:
         def run() -> Any:
-            model.set_attn_implementation({"vision_config": impl, "text_config": impl})
+            model.set_attn_implementation(choice)
             return fwd_bwd()
 
         return run
 
+    variants = {}
+    for impl in ("eager", "sdpa"):
+        uniform = dict.fromkeys(towers, impl)
+        variants[f"{impl} (ours on CPU)" if uniform == ours else impl] = with_impl(uniform)
+    if len(set(ours.values())) > 1:
+        variants[f"ours on CPU (vision {ours['vision_config']}, text {ours['text_config']})"] = with_impl(ours)
     try:
-        return alternated({"sdpa (default)": with_impl("sdpa"), "eager": with_impl("eager")}, repeats)
+        return alternated(variants, repeats)
     finally:
-        model.set_attn_implementation({"vision_config": "sdpa", "text_config": "sdpa"})
+        set_attention(model, "auto", torch.device("cpu"))
 
 
 def _top_ops(model: Any, fwd_bwd: Callable[[], Any], steps: int = 3) -> dict[str, list[tuple[str, float]]]:
-    """torch.profiler: the operators with the most self CPU time in fwd+bwd, default (sdpa) attention."""
+    """torch.profiler: the operators with the most self CPU time in fwd+bwd, with ours' attention."""
     from torch.profiler import ProfilerActivity, profile
 
     fwd_bwd()
@@ -269,10 +290,10 @@ def _top_ops(model: Any, fwd_bwd: Callable[[], Any], steps: int = 3) -> dict[str
             fwd_bwd()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
-    return {"sdpa": [(e.key, e.self_cpu_time_total / total) for e in events[:8]]}
+    return {"ours": [(e.key, e.self_cpu_time_total / total) for e in events[:8]]}
 
 
-def _host_sync_cost(model: Any) -> dict[str, float]:
+def _host_sync_cost() -> dict[str, float]:
     """What ``float(loss)`` + ``float(grad_norm)`` cost per step on the CPU (no device queue to drain here)."""
     import torch
 
@@ -298,7 +319,7 @@ def _threads(fwd_bwd: Callable[[], Any], repeats: int) -> dict[str, Any]:
     return out
 
 
-def _channels_last(model: Any, b: Any, spec: Any, fwd_bwd: Callable[..., Any], repeats: int) -> dict[str, Any]:
+def _channels_last(model: Any, b: Any, fwd_bwd: Callable[..., Any], repeats: int) -> dict[str, Any]:
     import copy
 
     import torch
@@ -315,7 +336,7 @@ def _channels_last(model: Any, b: Any, spec: Any, fwd_bwd: Callable[..., Any], r
 
 
 def _compile(encoder: Any, b: Any, spec: Any, autocast: Any, repeats: int) -> dict[str, Any]:
-    """Eager vs torch.compile'd towers (default mode); compile time reported separately."""
+    """Plain vs torch.compile'd towers (torch.compile's default mode); compile time reported separately."""
     import copy
 
     import torch
@@ -337,7 +358,7 @@ def _compile(encoder: Any, b: Any, spec: Any, autocast: Any, repeats: int) -> di
         compile_s = time.perf_counter() - start
     except Exception as e:  # noqa: BLE001  # an inductor/toolchain problem is a finding, not a crash of the profile
         return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    timings = alternated({"eager": lambda: step(encoder.model), "compiled": lambda: step(model)}, repeats)
+    timings = alternated({"not compiled": lambda: step(encoder.model), "compiled": lambda: step(model)}, repeats)
     return {"first_step_s": compile_s, **timings}
 
 
@@ -369,7 +390,7 @@ def report(results: dict[str, Any]) -> str:
     lines = []
     for prof in results.get("profile", []):
         s = prof["steady"]
-        lines.append(f"py-spy, tiny spec at {prof['image_size']} px ({prof['jpeg_size']} px JPEGs), batch 64, micro-batch "
+        lines.append(f"py-spy, tiny spec at {prof['image_size']} px ({prof['jpeg_size']} px JPEGs), batch {prof['batch']}, micro-batch "
                      f"{prof['micro_batch']}: {s['samples_per_s']:.1f} samples/s, data wait {100 * s['data_wait_fraction']:.1f}% "
                      f"({prof['buckets']['samples']} main-thread samples in the loop)")  # fmt: skip
         lines.append(
@@ -390,12 +411,12 @@ def report(results: dict[str, Any]) -> str:
         if "error" in comp:
             rows.append(["compile", comp["error"], "-", "-"])
         else:
-            rows += [["compile", k, comp[k]["median_ms"], comp[k]["min_ms"]] for k in ("eager", "compiled")]
+            rows += [["compile", k, comp[k]["median_ms"], comp[k]["min_ms"]] for k in ("not compiled", "compiled")]
             rows.append(["compile", "first step (compiling)", 1e3 * comp["first_step_s"], "-"])
         rows.append(["host syncs", "float(loss)+float(norm)", m["host_sync"]["us_per_step"] / 1e3, "-"])
         lines.append(common.table(["part", "variant", "median ms", "min ms"], rows))
-        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in m["ops"]["sdpa"][:6])
-        lines.append(f"top operators by self CPU time (fwd+bwd, sdpa attention): {top}")
+        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in m["ops"]["ours"][:6])
+        lines.append(f"top operators by self CPU time (fwd+bwd, ours' attention: {m['attention_impl']}): {top}")
         lines.append("")
     for cand, summary in results.get("ab", {}).items():
         r = summary.get("ratio", {})
