@@ -149,21 +149,22 @@ class OpenClipScorer:
 
     def _embed(self) -> tuple[Any, Any]:
         import torch
-        from torch.utils.data import DataLoader
 
-        from finderpartner.data.dataset import ImageFileDataset
-        from finderpartner.data.transforms import EvalTransform, normalize
+        from finderpartner.data.transforms import normalize
+        from finderpartner.index import embed_image_files
+
+        def encode(pixels: torch.Tensor) -> Any:
+            return self.model.encode_image(normalize(pixels, self.spec), normalize=True).float().numpy()
 
         names, _ = self.table.images()
-        loader = DataLoader(ImageFileDataset([self.table.image_dir / n for n in names], EvalTransform(self.spec)),
-                            batch_size=256, collate_fn=lambda s: torch.stack([x["pixel_values"] for x in s]))  # fmt: skip
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            images = torch.cat(
-                [self.model.encode_image(normalize(b, self.spec), normalize=True).float() for b in loader]
-            )
+            images, failures = embed_image_files([self.table.image_dir / n for n in names], self.spec, encode,
+                                                 self.model.text_projection.shape[1], batch_size=256)  # fmt: skip
+            if failures:
+                raise RuntimeError(f"val images could not be read: {failures[:3]}")
             ids = self.tokenizer(list(self.table.captions))
             texts = torch.cat([self.model.encode_text(c, normalize=True).float() for c in ids.split(256)])
-        return images, texts
+        return torch.from_numpy(images), texts
 
 
 def _hf_tokenizer(model_dir: Path) -> Any:

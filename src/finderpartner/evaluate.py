@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .data.dataset import ImageFileDataset, PairTable, Skipped
-from .data.transforms import EvalTransform, normalize
+from .data.dataset import PairTable
+from .data.transforms import normalize
 from .errors import DataError
 from .loss import clip_loss
 from .metrics import mean_recall, retrieval_metrics, similarity_stats
@@ -70,15 +68,6 @@ class EvalResult:
         return -value if metric.endswith("_rank") else value  # a lower rank is better
 
 
-class _ImageCollate:
-    def __call__(self, samples: list[dict[str, Any] | Skipped]) -> tuple[torch.Tensor, torch.Tensor, list[Skipped]]:
-        good = [s for s in samples if not isinstance(s, Skipped)]
-        bad = [s for s in samples if isinstance(s, Skipped)]
-        if not good:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, 1, 1, dtype=torch.uint8), bad
-        return torch.tensor([s["index"] for s in good]), torch.stack([s["pixel_values"] for s in good]), bad
-
-
 @torch.no_grad()
 def embed_images(
     model: nn.Module,
@@ -91,32 +80,20 @@ def embed_images(
     num_workers: int = 0,
     max_pixels: int | None = None,
     progress: bool = False,
-    desc: str = "embedding images",
-) -> tuple[torch.Tensor, list[Skipped]]:
-    """Normalised embeddings (float32, CPU) of image files (or PIL images); unreadable files are NaN and reported."""
-    loader = DataLoader(
-        ImageFileDataset(paths, EvalTransform(spec), max_pixels),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_ImageCollate(),
-        pin_memory=device.type == "cuda",
-        generator=torch.Generator(),  # leave the global RNG stream alone (exact resumes)
-    )
-    out: torch.Tensor | None = None
-    skipped: list[Skipped] = []
+) -> tuple[torch.Tensor, list[tuple[int, str]]]:
+    """Normalised embeddings (float32, CPU) of image files (or PIL images); unreadable ones are NaN rows, listed."""
+    from .index import embed_image_files
+
     model.eval()
-    for index, pixels, bad in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
-        skipped += bad
-        if not len(index):
-            continue
+
+    def encode(pixels: torch.Tensor) -> np.ndarray:
         with autocast():
-            emb = encode_image(model, normalize(pixels.to(device, non_blocking=True), spec)).cpu()
-        if out is None:
-            out = torch.full((len(paths), emb.shape[1]), float("nan"))
-        out[index] = emb
-    if out is None:
-        raise DataError(f"none of the {len(paths)} images could be read; first failure: {skipped[0].path}: {skipped[0].reason}")
-    return out, skipped
+            return encode_image(model, normalize(pixels.to(device, non_blocking=True), spec)).float().cpu().numpy()
+
+    out, failures = embed_image_files(paths, spec, encode, int(model.config.projection_dim), batch_size=batch_size,
+                                      num_workers=num_workers, max_pixels=max_pixels, pin_memory=device.type == "cuda",
+                                      progress=progress)  # fmt: skip
+    return torch.from_numpy(out), failures
 
 
 @torch.no_grad()
@@ -196,7 +173,7 @@ def evaluate_split(
         progress=progress,
     )
     if skipped:
-        listing = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5])
+        listing = "; ".join(f"{data.images[row]}: {reason}" for row, reason in skipped[:5])
         raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
     text_emb = embed_texts(
         model, tokenizer, data.captions, context_length=context_length, device=device, autocast=autocast, batch_size=batch_size

@@ -305,26 +305,30 @@ def _collate(samples: list[Any]) -> tuple[list[int], torch.Tensor | None, list[A
 
 
 def embed_image_files(
-    paths: Sequence[Path],
+    paths: Sequence[Any],
     spec: ImageSpec,
     encode: Callable[[torch.Tensor], np.ndarray],
     dim: int,
     *,
     batch_size: int = 64,
     num_workers: int = 0,
+    max_pixels: int | None = None,
+    pin_memory: bool = False,
     progress: bool = False,
 ) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Embed image files with ``encode`` (uint8 pixels (B, 3, H, W) -> (B, dim)); unreadable files are NaN rows.
+    """Embed image files (or PIL images) with ``encode`` (uint8 pixels (B, 3, H, W) -> (B, dim)).
 
-    Decoding and the model's preprocessing (EvalTransform) run in ``num_workers`` DataLoader processes.
+    Unreadable files are NaN rows and listed as (row, reason). Decoding and the model's preprocessing
+    (EvalTransform) run in ``num_workers`` DataLoader processes. Evaluation, indexing and search all embed here.
     """
     from .data.dataset import ImageFileDataset
     from .data.transforms import EvalTransform
 
     out = np.full((len(paths), dim), np.nan, dtype=np.float32)
     failures: list[tuple[int, str]] = []
-    loader = DataLoader(ImageFileDataset(list(paths), EvalTransform(spec)), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, generator=torch.Generator())  # fmt: skip
+    loader = DataLoader(ImageFileDataset(list(paths), EvalTransform(spec), max_pixels), batch_size=batch_size,
+                        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
+                        generator=torch.Generator())  # leave the global RNG stream alone (exact resumes)  # fmt: skip
     for rows, pixels, bad in tqdm(loader, desc="embedding images", unit="batch", disable=not progress, leave=False):
         failures += [(s.index, s.reason) for s in bad]
         if pixels is not None:
