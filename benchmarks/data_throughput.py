@@ -155,7 +155,7 @@ def prepare(size: int, train_images: int, batch: int, batches: int, pipelines: l
         from finderpartner.data.dataset import DecodedImages
 
         start = time.perf_counter()
-        cache = DecodedImages(table, DecodedImages.side_for(transform.spec.crop, transform.crop_scale[0]))
+        cache = DecodedImages(table, transform.source_side)
         ctx["cache"] = cache
         ctx["cache_stats"] = {"images": len(cache), "side": cache.side, "seconds": time.perf_counter() - start,
                               "megabytes": cache.nbytes / 2**20}  # fmt: skip

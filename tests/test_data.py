@@ -46,13 +46,25 @@ def test_flip_mirrors_image_and_caption_together(small_data: Path) -> None:
     flip = TrainTransform(SPEC, crop_scale=(1.0, 1.0), hflip=True, color_jitter=0.0)
     plain = TrainTransform(SPEC, crop_scale=(1.0, 1.0), hflip=False, color_jitter=0.0)
     img = load_image(table.path(row))
-    ref, _ = plain(img, table.captions[row], torch.Generator().manual_seed(0))
     for seed in range(20):
         out, caption = flip(img, table.captions[row], torch.Generator().manual_seed(seed))
         if caption != table.captions[row]:
+            ref, _ = plain(img, table.captions[row], torch.Generator().manual_seed(seed))  # the same draws, unflipped
             assert "right" in caption and torch.equal(out, ref.flip(-1))
             return
     pytest.fail("no flip in 20 draws")
+
+
+@pytest.mark.parametrize("size", [(64, 64), (80, 64), (300, 100), (100, 300)])
+def test_crop_scale_one_keeps_the_whole_image(size: tuple[int, int]) -> None:
+    from finderpartner.data.transforms import _crop_box
+
+    for u in (0.0, 0.3, 0.99):
+        assert _crop_box(*size, (1.0, 1.0), u, u, u, u) == pytest.approx((0, 0, *size), abs=1e-6)
+    w, h = size
+    for u in (0.0, 0.5, 0.99):  # other scales: the area drawn, inside the image
+        x0, y0, x1, y1 = _crop_box(w, h, (0.5, 0.5), 0.5, u, u, u)
+        assert (x1 - x0) * (y1 - y0) == pytest.approx(0.5 * w * h) and 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
 
 
 def test_sampler_covers_each_row_once_per_epoch_and_resumes_mid_epoch() -> None:
@@ -120,13 +132,13 @@ def test_decoded_image_cache_keeps_the_crop_resolution_and_reports_broken_files(
     big = Image.new("RGB", (300, 200), (200, 30, 30))
     big.save(table.path(0))
     table.path(2).write_bytes(b"not an image")  # rows 2 and 3 name the same file
-    side = DecodedImages.side_for(32, 0.8)
+    transform = TrainTransform(SPEC, (0.8, 1.0), hflip=True, color_jitter=0.1)
+    side = transform.source_side
     assert side == 36  # a crop of 80% of the area still has >= 32 px per side
     estimate = DecodedImages.estimate_bytes(table, side)
     cache = DecodedImages(table, side)
     assert cache.get(0).shape == (36, 54, 3)  # short side down to 36, aspect kept
     assert cache.get(2) is None and cache.nbytes > 0 and 0.5 < estimate / cache.nbytes < 2
-    transform = TrainTransform(SPEC, (0.8, 1.0), hflip=True, color_jitter=0.1)
     cached, plain = PairDataset(table, transform, decoded=cache), PairDataset(table, transform)
     for row in (0, 4):  # a large image (shrunk in the cache) and a sample image (kept as it is)
         a, b = cached[(row, 7)], plain[(row, 7)]

@@ -88,6 +88,25 @@ def test_decompression_bomb_is_rejected_over_the_pixel_limit(images: Path) -> No
     assert problem.kind == "decompression_bomb" and "300x200 pixels is over the limit of 50000" in problem.message
 
 
+@pytest.mark.parametrize("size", [(10000, 10000), (20000, 10000)])  # over PIL's own limit; over twice it (PIL's error)
+def test_images_over_pils_own_limit_are_decompression_bombs(images: Path, size: tuple[int, int]) -> None:
+    Image.new("1", size).save(images / "images" / "train" / "bomb.png")  # 1-bit and empty: ~25 KB on disk
+    _dataset(images, ["bomb.png,a caption"])
+    _, problem = _only_problem(images)
+    assert problem.kind == "decompression_bomb"
+    assert f"{size[0]}x{size[1]} pixels is over the limit of {Image.MAX_IMAGE_PIXELS}" in problem.message
+
+
+def test_max_pixels_above_pils_own_limit_lets_images_through(images: Path, monkeypatch) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # a small PIL limit: real images over the default are huge
+    _jpeg(images / "images" / "train" / "big.jpg", size=(300, 200))
+    _dataset(images, ["big.jpg,a caption"])
+    assert _only_problem(images)[1].kind == "decompression_bomb"  # PIL's limit applies by default
+    report = validate_split(images, "train", max_pixels=100_000)
+    assert report.problems == () and len(report.table) == 1
+    assert Image.MAX_IMAGE_PIXELS == 10_000  # PIL's own setting is left as it was
+
+
 def test_symlink_leaving_the_image_folder_is_rejected(images: Path, tmp_path: Path) -> None:
     outside = tmp_path / "outside.jpg"
     _jpeg(outside)

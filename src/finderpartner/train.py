@@ -318,7 +318,7 @@ def _decoded_images(cfg: Config, table: PairTable, transform: TrainTransform, pa
     setting = cfg.data.cache_images
     if setting is False or (setting == "auto" and passes <= 1):
         return None
-    side = DecodedImages.side_for(transform.spec.crop, transform.crop_scale[0])
+    side = transform.source_side
     estimate = DecodedImages.estimate_bytes(table, side)
     if setting == "auto" and estimate > cfg.data.cache_max_gb * 2**30:
         log.info("not caching decoded images: they would take ~%.1f GB (data.cache_max_gb %.1f)", estimate / 2**30, cfg.data.cache_max_gb)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -119,7 +118,7 @@ def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
             continue  # blank lines are harmless
         problem = _check_row(fields, fi, ci, image_dir, root_real)
         if problem is None:
-            key = (fields[fi], fields[ci])
+            key = (fields[fi], fields[ci].strip())
             if key in seen:
                 problem = ("duplicate_row", f"duplicate of line {seen[key]} (same filename and caption)")
             else:
@@ -202,6 +201,7 @@ class PairDataset(Dataset):
         self.transform = transform
         self.max_pixels = max_pixels
         self.decoded = decoded
+        self.min_side = getattr(transform, "source_side", None)  # large JPEGs are decoded down to this
 
     def __len__(self) -> int:
         return len(self.table)
@@ -211,7 +211,7 @@ class PairDataset(Dataset):
         path = self.table.path(index)
         try:
             cached = self.decoded.get(index) if self.decoded is not None else None
-            img = Image.fromarray(cached) if cached is not None else load_image(path, self.max_pixels)
+            img = Image.fromarray(cached) if cached is not None else load_image(path, self.max_pixels, self.min_side)
         except Exception as e:  # never crash an epoch for one file: the collate function drops and reports it
             return Skipped(index, str(path), f"{type(e).__name__}: {e}")
         rng = torch.Generator().manual_seed(seed)
@@ -223,7 +223,7 @@ class DecodedImages:
     """Every image of a table decoded once and kept in memory, pre-resized for the training crop.
 
     Multi-epoch fine-tuning otherwise decodes (and, for large photos, downsizes) every image again each epoch.
-    The shorter side is kept at ``ceil(crop / sqrt(min crop area))``, so a random resized crop of the cached
+    The shorter side is kept at the transform's ``source_side`` (``ceil(crop / sqrt(min crop area))``), so a random resized crop of the cached
     image never has fewer pixels than one of the original. Built in the main process before the DataLoader
     workers start; they share it copy-on-write. An image that fails to decode is not cached: the dataset reads
     the file at its turn and reports it like any other broken file.
@@ -239,7 +239,7 @@ class DecodedImages:
 
         def decode(name: str) -> np.ndarray | None:
             try:
-                return np.asarray(_shrink(load_image(table.image_dir / name, max_pixels), side), dtype=np.uint8)
+                return np.asarray(_shrink(load_image(table.image_dir / name, max_pixels, side), side), dtype=np.uint8)
             except Exception:  # reported when the dataset reads the file itself
                 return None
 
@@ -247,10 +247,6 @@ class DecodedImages:
             self._images = list(tqdm(pool.map(decode, names), total=len(names), desc="decoding images", unit="img",
                                      disable=not progress, leave=False))  # fmt: skip
         self.nbytes = sum(a.nbytes for a in self._images if a is not None)
-
-    @staticmethod
-    def side_for(crop: int, min_crop_area: float) -> int:
-        return math.ceil(crop / math.sqrt(min_crop_area))
 
     @staticmethod
     def estimate_bytes(table: PairTable, side: int, sample: int = 256) -> int:
@@ -295,6 +291,7 @@ class ImageFileDataset(Dataset):
         self.paths = list(paths)
         self.transform = transform
         self.max_pixels = max_pixels
+        self.min_side = getattr(transform, "source_side", None)  # large JPEGs are decoded down to this
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -302,7 +299,7 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         item = self.paths[index]
         try:
-            img = item if isinstance(item, Image.Image) else load_image(item, self.max_pixels)
+            img = item if isinstance(item, Image.Image) else load_image(item, self.max_pixels, self.min_side)
         except Exception as e:
             return Skipped(index, str(self.paths[index]), f"{type(e).__name__}: {e}")
         return {"index": index, "pixel_values": self.transform(img)}

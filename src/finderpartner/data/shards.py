@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import DataError
 from .collate import Batch, Collator
 from .dataset import Skipped, sample_seed
-from .transforms import to_rgb
+from .transforms import ImageTooLarge, load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
     return _wds().tariterators.tarfile_samples(({"url": u} for u in urls), handler=warn)
 
 
-def decode_sample(sample: dict[str, Any], max_pixels: int | None) -> tuple[Image.Image, str]:
+def decode_sample(sample: dict[str, Any], max_pixels: int | None, min_side: int | None = None) -> tuple[Image.Image, str]:
     """PIL image and caption of a raw sample; raises ValueError naming the key when something is missing."""
     key = f"{sample.get('__url__')}:{sample.get('__key__')}"
     image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
@@ -70,11 +70,10 @@ def decode_sample(sample: dict[str, Any], max_pixels: int | None) -> tuple[Image
     caption = sample["txt"].decode("utf-8").strip()
     if not caption:
         raise ValueError(f"{key}: empty caption")
-    img = Image.open(io.BytesIO(image_bytes))
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ValueError(f"{key}: {img.width}x{img.height} pixels is over the limit of {max_pixels}")
-    img.load()
-    return to_rgb(img), caption
+    try:
+        return load_image(io.BytesIO(image_bytes), max_pixels, min_side), caption
+    except ImageTooLarge as e:
+        raise ImageTooLarge(f"{key}: {e}") from None
 
 
 class ShardStream(IterableDataset):
@@ -161,7 +160,7 @@ class ShardStream(IterableDataset):
     def _decode(self, sample: dict[str, Any], step: int, i: int) -> dict[str, Any] | Skipped:
         position = step * self.global_batch + self.rank * self.local_batch + i
         try:
-            img, caption = decode_sample(sample, self.max_pixels)
+            img, caption = decode_sample(sample, self.max_pixels, getattr(self.transform, "source_side", None))
         except Exception as e:
             return Skipped(position, f"{sample.get('__url__')}:{sample.get('__key__')}", f"{type(e).__name__}: {e}")
         rng = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, position))
@@ -211,4 +210,5 @@ def write_shards(root: str | Path, split: str, out: str | Path, *, shard_size: i
             else:
                 data = path.read_bytes()
             sink.write({"__key__": f"{i:08d}", ext: data, "txt": table.captions[i].encode("utf-8")})
-    return sorted(str(p) for p in out.glob(f"{split}-*.tar"))
+        written = sink.shard  # shards opened by this run (not stale ones of an earlier, larger run)
+    return [pattern % i for i in range(written)]

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -32,19 +33,43 @@ def swap_left_right(caption: str) -> str:
     return _LEFT_RIGHT.sub(swap, caption)
 
 
-def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+class ImageTooLarge(ValueError):
+    """An image with more pixels than allowed: a decompression bomb, or a photo too large to decode safely."""
+
+
+_OPEN_LOCK = threading.Lock()
+
+
+def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_side: int | None = None) -> Image.Image:
     """Decode an image as RGB: EXIF rotation applied; alpha/palette/16-bit/grayscale/CMYK converted correctly.
 
-    Raises ``ValueError`` for an image over ``max_pixels`` (a decompression bomb) and PIL's own errors for files
-    that are not images or are truncated.
+    ``max_pixels`` replaces PIL's own limit (``Image.MAX_IMAGE_PIXELS``, used when None); an image over the limit
+    raises ``ImageTooLarge``. With ``min_side``, a large JPEG is decoded at a reduced size whose short side stays
+    >= ``min_side``. Files that are not images or are truncated raise PIL's own errors.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(path)
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ValueError(f"{img.width}x{img.height} pixels is over the limit of {max_pixels} (decompression bomb?)")
-    img.load()
-    return to_rgb(img)
+    with _OPEN_LOCK:  # PIL's check reads a module global: lift it for this open only, ours applies below
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    limit = pil_limit if max_pixels is None else max_pixels
+    try:
+        if limit is not None and img.width * img.height > limit:
+            raise ImageTooLarge(f"{img.width}x{img.height} pixels is over the limit of {limit} (decompression bomb?)")
+        if min_side is not None:
+            _draft(img, min_side)
+        img.load()
+        rgb = to_rgb(img)
+    except Image.DecompressionBombError as e:  # PIL's own check while decoding (TIFF tiles)
+        img.close()
+        raise ImageTooLarge(str(e)) from None
+    except BaseException:
+        img.close()
+        raise
+    if rgb is not img:
+        img.close()  # a converted copy: release the file (multi-frame images keep it open after load)
+    return rgb
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -81,8 +106,12 @@ class EvalTransform:
 
     spec: ImageSpec
 
+    @property
+    def source_side(self) -> int:
+        """Short side an input needs for full quality (large JPEGs are decoded down to it)."""
+        return max(self.spec.resize, self.spec.crop)
+
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        _draft(img, self.spec.resize)
         img = to_rgb(img) if img.mode != "RGB" else img
         scale = self.spec.resize / min(img.size)
         w, h = max(self.spec.crop, round(img.width * scale)), max(self.spec.crop, round(img.height * scale))
@@ -100,10 +129,14 @@ class TrainTransform:
     hflip: bool = True
     color_jitter: float = 0.1
 
+    @property
+    def source_side(self) -> int:
+        """Short side an input needs so that even the smallest random crop keeps full resolution."""
+        return math.ceil(self.spec.crop / math.sqrt(self.crop_scale[0]))
+
     def __call__(self, img: Image.Image, caption: str, rng: torch.Generator) -> tuple[torch.Tensor, str]:
         u = torch.rand(8, generator=rng).tolist()  # one draw per decision, fixed count: reproducible
         size = self.spec.crop
-        _draft(img, math.ceil(size / math.sqrt(self.crop_scale[0])))
         img = to_rgb(img) if img.mode != "RGB" else img
         box = _crop_box(img.width, img.height, self.crop_scale, u[0], u[1], u[2], u[3])
         img = img.resize((size, size), Image.BICUBIC, box=box, reducing_gap=3.0)
@@ -120,10 +153,18 @@ class TrainTransform:
 def _crop_box(
     width: int, height: int, scale: tuple[float, float], u_area: float, u_ratio: float, u_x: float, u_y: float
 ) -> tuple[float, float, float, float]:
-    """RandomResizedCrop's box (area fraction in ``scale``, aspect ratio in [3/4, 4/3]) from uniform draws."""
+    """RandomResizedCrop's box (area fraction in ``scale``, aspect ratio in [3/4, 4/3]) from uniform draws.
+
+    The ratio is drawn among those for which a box of that area fits in the image, so the area is exact and
+    ``scale == (1, 1)`` gives the whole image.
+    """
     area = width * height * (scale[0] + (scale[1] - scale[0]) * u_area)
-    ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u_ratio)
-    w = min(width, math.sqrt(area * ratio))
+    fits = (area / height**2, width**2 / area)  # the box fits for ratios in this range
+    lo, hi = max(3 / 4, fits[0]), min(4 / 3, fits[1])
+    if lo > hi:  # an elongated image that no ratio in [3/4, 4/3] fits: the closest ratio that does
+        lo = hi = fits[0] if fits[0] > 4 / 3 else fits[1]
+    ratio = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * u_ratio)
+    w = min(width, math.sqrt(area * ratio))  # min(): float rounding only
     h = min(height, math.sqrt(area / ratio))
     x = (width - w) * u_x
     y = (height - h) * u_y

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from .dataset import PairTable, Problem, read_split
-from .transforms import load_image
+from .transforms import ImageTooLarge, load_image
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _check_images(table: PairTable, max_pixels: int | None, workers: int | None,
             if os.path.getsize(path) == 0:
                 return name, ("empty_file", "zero-byte file")
             load_image(path, max_pixels)
-        except ValueError as e:  # raised by load_image for decompression bombs
+        except ImageTooLarge as e:
             return name, ("decompression_bomb", str(e))
         except Exception as e:
             kind = "truncated_image" if "truncated" in str(e).lower() else "not_an_image"
