@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from finderpartner.config import PRESETS, Config, apply_overrides, config_from_dict, load_config, preset_config, render_yaml
 from finderpartner.errors import ConfigError
@@ -17,7 +18,7 @@ def test_configs_are_shipped() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    cfg = load_config(path)
+    cfg = load_config(path)  # raises ConfigError on any problem
     assert isinstance(cfg, Config)
 
 
@@ -82,7 +83,7 @@ def test_rendered_config_round_trips(name: str) -> None:
 
 def test_config_is_immutable() -> None:
     cfg = preset_config("tiny")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # type: ignore[misc]
 
 
