@@ -9,6 +9,7 @@ wrapped in DDP) because each process already holds the full derivative of the gl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -16,6 +17,7 @@ import platform
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,9 +197,11 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
         from .data.shards import expand_shards, raw_samples
 
         urls = expand_shards(d.train_shards or "")
-        captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
+        captions: list[str] = []
+        if cfg.model.name == TINY or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
+            captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
         val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
-        if d.train_size and d.train_size != len(captions):
+        if d.train_size and captions and d.train_size != len(captions):
             log.info("data.train_size %d: the shards hold %d pairs; an epoch is %d pairs", d.train_size, len(captions), d.train_size)
         return _Data(captions, d.train_size or len(captions), shards=urls, val=val)
     tables = []
@@ -428,7 +432,8 @@ def _loop(run: _Run) -> EvalResult | None:
             if state.global_step % cfg.train.log_every == 0:
                 run.trackers.log(window.flush(run), state.global_step)
             if state.global_step % cfg.train.checkpoint_every == 0 and state.global_step < run.total_steps:
-                _save_checkpoint(run)  # the last step is saved by train(), after the final validation
+                with window.paused():
+                    _save_checkpoint(run)  # the last step is saved by train(), after the final validation
             if state.global_step >= run.total_steps:
                 break
             window.mark_data_start()
@@ -437,7 +442,8 @@ def _loop(run: _Run) -> EvalResult | None:
         if epoch_done:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if (epoch_done and state.epoch % cfg.train.eval_every_epochs == 0) or last:
-            final = _validate(run)
+            with window.paused():
+                final = _validate(run)
     bar.close()
     if final is None and run.val is None and run.is_main:
         _save_best(run, None)  # no validation split: the final model is the best we know
@@ -456,6 +462,15 @@ class _Window:
         self._data_start = self.start
         self.last_loss = float("nan")
         self.samples_per_s = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave time spent outside training steps (checkpoints, validation) out of the throughput."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
 
     def mark_data_start(self) -> None:
         self._data_start = time.perf_counter()
