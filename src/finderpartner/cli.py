@@ -220,21 +220,12 @@ def _init_config(args: argparse.Namespace) -> int:
 def _sample_data(args: argparse.Namespace) -> int:
     from .data.sample import make_sample_data
 
-    summary = _make_sample(make_sample_data, args.out, train_images=args.train_images, val_images=args.val_images,
-                           image_size=args.image_size, image_format=args.format, seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+    summary = make_sample_data(args.out, train_images=args.train_images, val_images=args.val_images,
+                               image_size=args.image_size, image_format=args.format, seed=args.seed, overwrite=args.overwrite)  # fmt: skip
     for split, c in summary.counts.items():
         print(f"{split}: {c['images']} images, {c['pairs']} pairs, {c['distinct_captions']} distinct captions")
     print(f"sample data in {summary.root}")
     return 0
-
-
-def _make_sample(make: Any, out: Path, **kwargs: Any) -> Any:
-    from .errors import DataError
-
-    try:
-        return make(out, **kwargs)
-    except ValueError as e:
-        raise DataError(f"sample data: {e}") from None
 
 
 def _validate_data(args: argparse.Namespace) -> int:
@@ -278,12 +269,12 @@ def _train(args: argparse.Namespace) -> int:
     from .train import train
 
     if args.create_sample_data and args.config is None:
-        summary = _make_sample(make_sample_data, Path("data/sample"))
+        summary = make_sample_data(Path("data/sample"))
         print(f"sample data in {summary.root}; train on it with: finderpartner train --config configs/clip_tiny.yaml")
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.create_sample_data:
-        _make_sample(make_sample_data, cfg.data.root)
+        make_sample_data(cfg.data.root)
     result = train(cfg, resume=args.resume)
     if result.is_main:
         print(f"best model: {result.best_model}")

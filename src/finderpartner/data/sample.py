@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finderpartner.errors import DataError
+from finderpartner.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def make_sample_data(out: str | Path, *, train_images: int = 4000, val_images: i
     """Write ``images/{train,val}/*.<fmt>`` and ``captions_{train,val}.csv`` under ``out``; reuse a finished set."""
     if train_images < 0 or val_images < 0 or image_size < 32 or image_format not in ("jpg", "png") \
             or not 1 <= captions_per_image <= len(TEMPLATES):
-        raise ValueError("need train_images, val_images >= 0, image_size >= 32, image_format 'jpg' or 'png' "
+        raise ConfigError("sample data needs train_images, val_images >= 0, image_size >= 32, image_format 'jpg' or 'png' "
                          f"and 1 <= captions_per_image <= {len(TEMPLATES)}")
     root = Path(out)
     meta = {"format_version": FORMAT_VERSION, "train_images": train_images, "val_images": val_images,
