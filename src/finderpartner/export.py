@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import FinderPartnerError
+from .errors import ExportError, FinderPartnerError
 from .model import DualEncoder, ImageSpec, encode_image, encode_text, image_spec_of
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,6 @@ IMAGE_ENCODER, TEXT_ENCODER, COMBINED = "image_encoder", "text_encoder", "clip"
 VARIANTS = ("fp32", "fp16", "int8")
 PARITY_COSINE = 0.9999  # fp32 ONNX must agree with PyTorch at least this well on every embedding
 EXPORTERS = ("auto", "dynamo", "torchscript")
-
-
-class ExportError(FinderPartnerError):
-    """The model cannot be exported, the export folder is unusable, or the export disagrees with PyTorch."""
-
-    exit_code = 8
 
 
 def _require(module: str) -> Any:

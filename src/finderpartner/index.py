@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import replace_dir
-from .errors import DataError, FinderPartnerError
+from .errors import DataError, FinderPartnerError, IndexMismatchError
 from .model import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -38,12 +38,6 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 FORMAT_VERSION = 1
 # paths -> (normalised float32 embeddings with NaN rows for failures, [(row, reason)] failures)
 EmbedFn = Callable[[Sequence[Path]], tuple[np.ndarray, list[tuple[int, str]]]]
-
-
-class IndexMismatchError(FinderPartnerError):
-    """The index was built by a different model (or another gallery)."""
-
-    exit_code = 7
 
 
 @dataclass(frozen=True)
