@@ -16,7 +16,7 @@ import finderpartner.checkpoint as ckpt_module
 import finderpartner.loss as loss_module
 from finderpartner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify
 from finderpartner.config import config_from_dict
-from finderpartner.errors import CheckpointError, TrainingError
+from finderpartner.errors import CheckpointError, TrainingError, StorageError
 from finderpartner.train import train
 from helpers import micro_config
 
@@ -102,7 +102,7 @@ def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_module, "save_file", fills_the_disk)
-    with pytest.raises(CheckpointError, match=r"disk full while writing checkpoint .*step_000002.*step_000001 is intact"):
+    with pytest.raises(StorageError, match=r"disk full while writing checkpoint .*step_000002: .* free of .*step_000001 is intact"):
         _save(tmp_path, 2)
     monkeypatch.setattr(ckpt_module, "save_file", real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]

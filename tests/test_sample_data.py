@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from finderpartner.data.sample import COLOURS, POSITIONS, SHAPES, SIZES, make_sample_data
-from finderpartner.errors import DataError
+from finderpartner.errors import DataError, OutputError
 
 SMALL = {"train_images": 200, "val_images": 100}
 
@@ -99,7 +99,7 @@ def test_mismatch_and_overwrite(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("keep me")
     (tmp_path / "images" / "extra").mkdir()
     (tmp_path / "images" / "extra" / "x.jpg").write_bytes(b"keep")
-    with pytest.raises(DataError, match="overwrite"):
+    with pytest.raises(OutputError, match="overwrite"):
         make_sample_data(tmp_path, train_images=30, val_images=10)
     summary = make_sample_data(tmp_path, train_images=30, val_images=10, image_format="png", overwrite=True)
     assert summary.counts["train"]["images"] == 30

@@ -8,7 +8,6 @@ read with ``torch.load(weights_only=True)``, everything else is JSON.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .outputs import fsync_dir, fsync_file, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ def save_checkpoint(
             raise CheckpointError(f"refusing to write a checkpoint with non-finite weights ({name})")
     final = checkpoints_dir / step_dir_name(step)
     tmp = checkpoints_dir / f".tmp-{final.name}"
-    checkpoints_dir.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
         _write(tmp / "model.safetensors", lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, p))
         _write(tmp / "optimizer.pt", lambda p: torch.save(optimizer, p))
@@ -71,18 +71,19 @@ def save_checkpoint(
         _write(tmp / "state.json", lambda p: Path(p).write_text(json.dumps(state, indent=2), encoding="utf-8"))
         manifest = {"format": FORMAT_VERSION, "step": step, "files": {f.name: _describe(f) for f in sorted(tmp.iterdir())}}
         _write(tmp / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # same step written again (e.g. final save right after a periodic one)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
-    except OSError as e:
+        fsync_dir(checkpoints_dir)
+    except BaseException as e:  # torch.save reports a full disk as RuntimeError, safetensors as its own error
         shutil.rmtree(tmp, ignore_errors=True)
+        err = storage_error(e, final, f"checkpoint {final}")
+        if err is None:
+            raise
         previous = latest_checkpoint(checkpoints_dir, check_files=False)
-        kept = f"; the previous checkpoint {previous} is intact" if previous else ""
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"disk full while writing checkpoint {final}: free space on that disk{kept}") from None
-        raise CheckpointError(f"could not write checkpoint {final}: {e}{kept}") from None
+        kept = f"; the previous checkpoint {previous.name} is intact: resume from it with --resume auto" if previous else ""
+        raise type(err)(f"{err}{kept}") from None
     prune(checkpoints_dir, keep)
     return final
 
@@ -147,57 +148,9 @@ def prune(checkpoints_dir: Path, keep: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_dir(write: Callable[[Path], Any], target: Path) -> None:
-    """Write a folder with ``write(tmp)`` and swap it in, so ``target`` is never half-written."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    old = target.with_name(f".old-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync_file(f)
-        _fsync_dir(tmp)
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException as e:  # a failing writer (export, index) must not leave its half-written folder behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        if not isinstance(e, OSError):
-            raise
-        reason = "disk full" if e.errno == errno.ENOSPC else str(e)
-        raise CheckpointError(f"could not write {target}: {reason}; the previous version is intact") from None
-
-
 def _write(path: Path, writer: Callable[[str], Any]) -> None:
     writer(str(path))
-    _fsync_file(path)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on every platform (Windows); the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_file(path)
 
 
 def _sha256(path: Path) -> str:

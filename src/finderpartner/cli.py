@@ -7,19 +7,21 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import FinderPartnerError
+from .errors import EXIT_CODES, INTERNAL_ERROR, INTERRUPTED, DataError, FinderPartnerError, UsageError
+from .outputs import storage_error, write_text_atomic
 
 log = logging.getLogger("finderpartner")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a usage error exits with 2 here, with argparse's message
     _setup_logging(args.verbose, args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in DataLoader workers instead
     try:
@@ -35,14 +37,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        print("interrupted: files being written were left as they were before (temporary files removed)", file=sys.stderr)
+        return INTERRUPTED
+    except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit code
+        refused = storage_error(e, Path(getattr(e, "filename", None) or "."))
+        if refused is not None:  # a write the disk refused, somewhere no writer expected it: still not a bug
+            print(f"error: {refused}", file=sys.stderr)
+            return refused.exit_code
+        traceback.print_exc()
+        print(f"internal error: this is a bug in finderpartner {__version__}, not something you did wrong. Please "
+              "report it with the command you ran and the traceback above.", file=sys.stderr)  # fmt: skip
+        return INTERNAL_ERROR
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="finderpartner",
         description="Fine-tune a CLIP dual encoder on image-caption pairs, evaluate it, export it, search a gallery.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"finderpartner {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -81,11 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train")
     p.add_argument("--out", type=Path, required=True, help="shard folder (<split>-000000.tar, ...)")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard")
+    p.add_argument("--overwrite", action="store_true", help="replace a shard folder made from another data folder")
     p.set_defaults(handler=_make_shards)
 
     p = sub.add_parser("train", help="train as configured")
     _add_config_args(p)
     p.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or the newest complete one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run folder that holds an earlier run (deletes its checkpoints, best model, metrics)")  # fmt: skip
     p.add_argument("--create_sample_data", "--create-sample-data", action="store_true",
                    help="write the sample data to data.root first (without --config: to data/sample, then stop)")  # fmt: skip
     p.set_defaults(handler=_train)
@@ -102,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("index", help="embed a folder of images into a FAISS index (updates only what changed)")
     p.add_argument("--model", required=True)
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", type=Path, required=True, help="index folder")
+    p.add_argument("--out", type=Path, required=True,
+                   help="index folder (new, or an index of the same folder: only new and changed images are embedded)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an index of another folder, another model, or a damaged one at --out")  # fmt: skip
     _add_runtime_args(p)
     _add_backend_args(p)
     p.set_defaults(handler=_index)
@@ -123,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export both encoders and a combined logits model to ONNX, verify with onnxruntime")
     p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
-    p.add_argument("--out", "--output_dir", dest="out", type=Path, required=True, help="export folder (replaced if it exists)")
+    p.add_argument("--out", "--output_dir", dest="out", type=Path, required=True, help="export folder (new, or an earlier export of the same model)")
+    p.add_argument("--overwrite", action="store_true", help="replace an export of another model at --out")
     p.add_argument("--fp16", action="store_true", help="also write fp16 encoders (for GPUs) and report their accuracy")
     p.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization) encoders and report their accuracy")
     p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
@@ -148,6 +168,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.set_defaults(handler=_demo)
     return parser
+
+
+def exit_code_table() -> str:
+    """The exit codes, one per line (printed by --help; README carries the same table, checked by a test)."""
+    return "\n".join(f"  {code:>3}  {meaning}" for code, meaning in EXIT_CODES.items())
+
+
+_EPILOG = f"""examples:
+  finderpartner sample-data --out data/sample
+  finderpartner train --config configs/clip_tiny.yaml --resume auto
+  finderpartner eval --model outputs/clip_tiny/best_model --data data/sample
+  finderpartner search --model outputs/clip_tiny/best_model --images photos --prompt "a dog on a beach"
+
+No command deletes or overwrites files it did not create: an existing output folder is written to only when
+the same command made it for the same inputs (--overwrite replaces one it made for other inputs).
+
+exit codes:
+{exit_code_table()}
+"""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -233,7 +272,8 @@ def _validate_data(args: argparse.Namespace) -> int:
 
     splits = args.split or sorted(p.stem.removeprefix("captions_") for p in args.data.glob("captions_*.csv"))
     if not splits:
-        raise FinderPartnerError(f"{args.data}: no captions_<split>.csv found")
+        raise DataError(f"{args.data}: no captions_<split>.csv found; a data folder holds images/<split>/ and "
+                        "captions_<split>.csv (see README: Your data)")
     tokenizer = context = None
     if args.model:
         from .model import load_model
@@ -256,7 +296,9 @@ def _validate_data(args: argparse.Namespace) -> int:
 def _make_shards(args: argparse.Namespace) -> int:
     from .data.shards import write_shards
 
-    shards = write_shards(args.data, args.split, args.out, shard_size=args.shard_size)
+    if args.shard_size < 1:
+        raise UsageError(f"--shard-size must be at least 1 (got {args.shard_size})")
+    shards = write_shards(args.data, args.split, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
     first, last = Path(shards[0]).name, Path(shards[-1]).name
     print(f"{len(shards)} shard(s) in {args.out}: use data.format: webdataset, data.train_shards: "
           f"{args.out}/{args.split}-{{{first[-10:-4]}..{last[-10:-4]}}}.tar")  # fmt: skip
@@ -275,7 +317,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.create_sample_data:
         make_sample_data(cfg.data.root)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     if result.is_main:
         print(f"best model: {result.best_model}")
     return 0
@@ -309,7 +351,8 @@ def _eval(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
     paths = write_report(result, out, f"{model_path.name}_{args.split}", {"model": str(args.model), "data": str(args.data),
-                                                                         "split": args.split})  # fmt: skip
+                         "split": args.split}, protect={"--model": args.model if model_path.is_dir() else None,
+                         "--data images": table.image_dir, "--data captions": table.csv_path})  # fmt: skip
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     else:
@@ -338,7 +381,7 @@ def _searcher(args: argparse.Namespace) -> Any:
 
 def _index(args: argparse.Namespace) -> int:
     searcher = _searcher(args)
-    index, stats = searcher.index_folder(args.images, args.out, progress=True)
+    index, stats = searcher.index_folder(args.images, args.out, overwrite=args.overwrite, model=args.model, progress=True)
     for name, reason in stats.failed:
         log.warning("could not embed %s: %s", name, reason)
     print(f"index {args.out}: {len(index)} images ({stats})")
@@ -347,11 +390,11 @@ def _index(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     if args.top_k < 1:
-        raise FinderPartnerError(f"--top-k must be at least 1 (got {args.top_k})")
+        raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
     searcher = _searcher(args)
     index = _gallery(args, searcher, progress=not args.json)
     if index is None:
-        raise FinderPartnerError("give the gallery to search: --images DIR or --index INDEX")
+        raise UsageError("give the gallery to search: --images DIR or --index INDEX")
     if args.prompt is not None:
         query = searcher.embed_texts([args.prompt])
     else:
@@ -418,7 +461,8 @@ def _export(args: argparse.Namespace) -> int:
     encoder = load_model(args.model)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else str(args.model)  # usable from any cwd
     info = export_onnx(encoder, args.out, fingerprint=model_fingerprint(encoder.model), fp16=args.fp16, int8=args.int8,
-                       exporter=args.exporter, opset=args.opset, source=source, progress=not args.json)  # fmt: skip
+                       exporter=args.exporter, opset=args.opset, source=source, overwrite=args.overwrite,
+                       progress=not args.json)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         images, captions = args.images, args.captions
         if images is None:
@@ -426,7 +470,7 @@ def _export(args: argparse.Namespace) -> int:
             captions = captions or run_captions
         paths, texts = read_verification_inputs(images, captions, args.verify_count)
         report = verify_export(encoder, args.out, paths, texts, progress=not args.json)
-    (args.out / "verification.json").write_text(json.dumps(report.to_dict(), indent=2), encoding="utf-8")
+    write_text_atomic(args.out / "verification.json", json.dumps(report.to_dict(), indent=2))
     if args.json:
         print(json.dumps({"export": info, "verification": report.to_dict()}, indent=2))
     else:

@@ -206,15 +206,25 @@ def evaluate_embeddings(
     return EvalResult(metrics, loss, stats, image_emb.shape[0], text_emb.shape[0], positive, negative)
 
 
-def write_report(result: EvalResult, out_dir: Path, name: str, extra: dict[str, Any] | None = None) -> dict[str, Path]:
-    """``<out>/<name>.json``, ``<out>/plots/<name>_similarity.png``, and a line appended to ``<out>/history.jsonl``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_report(result: EvalResult, out_dir: Path, name: str, extra: dict[str, Any] | None = None, *,
+                 protect: dict[str, Any] | None = None) -> dict[str, Path]:  # fmt: skip
+    """``<out>/<name>.json``, ``<out>/plots/<name>_similarity.png``, and a line appended to ``<out>/history.jsonl``.
+
+    ``out`` follows the output rule (``outputs.claim_output``): a new or empty folder or an evaluation folder,
+    never one holding other files, nor one inside ``protect`` (the model and the data).
+    """
+    from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
+
+    claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
     report = out_dir / f"{name}.json"
-    report.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    plot = plot_similarity(result, out_dir / "plots" / f"{name}_similarity.png")
+    with storage_errors(out_dir, f"the evaluation report in {out_dir}"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_marker(out_dir, "eval", {})
+        write_text_atomic(report, json.dumps(record, indent=2))
+        plot = plot_similarity(result, out_dir / "plots" / f"{name}_similarity.png")
+        with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
     return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
 
 

@@ -196,14 +196,21 @@ def export_onnx(
     exporter: str = "auto",
     opset: int = 18,
     source: str | None = None,
+    overwrite: bool = False,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Write the export folder (atomically: an existing one is replaced only when the new one is complete).
 
+    The folder follows the output rule (``outputs.claim_output``): never the model folder or inside it; an export
+    of the same model is replaced, one of another model only with ``overwrite``, any other folder never.
     Returns the folder's ``finderpartner_export.json`` content. The model is put in eval mode on the CPU.
     """
-    from .checkpoint import replace_dir
+    from .outputs import claim_output, replace_dir, write_marker
 
+    out_dir = Path(out_dir)
+    model_dir = source if source and Path(source).is_dir() else None
+    claim_output(out_dir, "export", {"model": source}, overwrite=overwrite, legacy=_legacy_export,
+                 protect={"--model": model_dir} if model_dir else None)  # fmt: skip
     _require("onnx")
     exporter = resolve_exporter(exporter)
     if exporter == "dynamo":
@@ -238,10 +245,19 @@ def export_onnx(
         _write_preprocessing(encoder, tmp)
         info.update(_info(encoder, fingerprint, exporter, opset, variants, source))
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        write_marker(tmp, "export", {"model": source})
 
-    replace_dir(write, Path(out_dir))
+    replace_dir(write, out_dir, what=f"export folder {out_dir}")
     log.info("exported %s to %s (%s exporter, opset %d)", source or "model", out_dir, exporter, opset)
     return info
+
+
+def _legacy_export(folder: Path) -> dict[str, Any] | None:
+    """The inputs of an export written before output markers existed (its info file names the model)."""
+    try:
+        return {"model": json.loads((folder / EXPORT_INFO).read_text(encoding="utf-8")).get("source")}
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _write_preprocessing(encoder: DualEncoder, out: Path) -> None:

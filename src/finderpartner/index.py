@@ -28,9 +28,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import replace_dir
 from .errors import DataError, FinderPartnerError, IndexMismatchError
 from .model import ImageSpec
+from .outputs import claim_output, replace_dir, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,8 @@ class GalleryIndex:
         if fingerprint != self.fingerprint:
             raise IndexMismatchError(
                 f"index {where} was built by another model (fingerprint {self.fingerprint[:12]}, this model "
-                f"{fingerprint[:12]}); rebuild it: finderpartner index --model <model> --images {self.root} --out {where}"
+                f"{fingerprint[:12]}); rebuild it: finderpartner index --model <model> --images {self.root} --out {where} "
+                "--overwrite"
             )
 
     def save(self, path: Path) -> None:
@@ -144,8 +145,9 @@ class GalleryIndex:
                 "failed": [[f, s.size, s.mtime_ns, reason] for f, (s, reason) in self.failed.items()],
             }
             (tmp / "index.json").write_text(json.dumps(meta), encoding="utf-8")
+            write_marker(tmp, "index", {"images": self.root})
 
-        replace_dir(write, path)
+        replace_dir(write, path, what=f"gallery index {path}")
 
     @classmethod
     def load(cls, path: Path) -> GalleryIndex:
@@ -157,9 +159,11 @@ class GalleryIndex:
         except FileNotFoundError:
             raise DataError(f"{path} is not a gallery index (index.json/index.faiss missing); build one with `finderpartner index`") from None
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise DataError(f"gallery index {path} is damaged ({type(e).__name__}: {e}); rebuild it with `finderpartner index`") from None
+            raise DataError(f"gallery index {path} is damaged ({type(e).__name__}: {e}); rebuild it: finderpartner index "
+                            f"--model <model> --images <folder> --out {path} --overwrite") from None
         if not consistent:
-            raise DataError(f"gallery index {path} is from another version or inconsistent; rebuild it with `finderpartner index`")
+            raise DataError(f"gallery index {path} is from another version or inconsistent; rebuild it: finderpartner "
+                            f"index --model <model> --images <folder> --out {path} --overwrite")
         vectors = faiss_index.reconstruct_n(0, faiss_index.ntotal) if faiss_index.ntotal else np.zeros((0, meta["dim"]), np.float32)
         return cls(
             root=Path(meta["root"]),
@@ -341,14 +345,37 @@ class Embedder(Protocol):
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def index_folder(embedder: Embedder, images: Path, out: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
-    """Create or update the index at ``out`` for the folder ``images`` and save it."""
-    existing = GalleryIndex.load(out) if (out / "index.json").is_file() else None
-    if existing is not None:
-        existing.check_model(embedder.fingerprint, out)
-        if existing.root != Path(os.path.abspath(images)):
-            raise IndexMismatchError(f"index {out} is of the folder {existing.root}, not {images}; use another --out")
+def index_folder(
+    embedder: Embedder, images: Path, out: Path, *, overwrite: bool = False, model: str | None = None, progress: bool = False
+) -> tuple[GalleryIndex, UpdateStats]:
+    """Create or update the index at ``out`` for the folder ``images`` and save it.
+
+    ``out`` follows the output rule (``outputs.claim_output``): never the gallery itself, inside it, or the model
+    folder; an index of the same folder is updated; one of another folder, another model, or a damaged one is
+    replaced only with ``overwrite``; a folder holding anything else is refused.
+    """
+    state = claim_output(out, "index", {"images": Path(os.path.abspath(images))}, overwrite=overwrite, legacy=_legacy_index,
+                         protect={"--model": model} if model else None)  # fmt: skip
+    existing = None
+    if state == "same":
+        try:
+            existing = GalleryIndex.load(out)
+            existing.check_model(embedder.fingerprint, out)
+        except (IndexMismatchError, DataError):
+            if not overwrite:
+                raise
+            log.warning("replacing gallery index %s (--overwrite)", out)
+            existing = None
     return _update_and_save(embedder, existing, images, out, progress)
+
+
+def _legacy_index(folder: Path) -> dict[str, Any] | None:
+    """The inputs of an index written before output markers existed (its index.json names the gallery)."""
+    try:
+        meta = json.loads((folder / "index.json").read_text(encoding="utf-8"))
+        return {"images": str(meta["root"])} if (folder / "index.faiss").is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cached_gallery(embedder: Embedder, images: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
@@ -424,8 +451,10 @@ class Searcher:
             device=self.device, autocast=self.autocast, batch_size=self.batch_size,
         ).numpy()  # fmt: skip
 
-    def index_folder(self, images: Path, out: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
-        return index_folder(self, images, out, progress=progress)
+    def index_folder(
+        self, images: Path, out: Path, *, overwrite: bool = False, model: str | None = None, progress: bool = False
+    ) -> tuple[GalleryIndex, UpdateStats]:
+        return index_folder(self, images, out, overwrite=overwrite, model=model, progress=progress)
 
     def cached_gallery(self, images: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
         return cached_gallery(self, images, progress=progress)
@@ -472,8 +501,10 @@ class OnnxSearcher:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.onnx.encode_texts(list(texts), batch_size=self.batch_size)
 
-    def index_folder(self, images: Path, out: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
-        return index_folder(self, images, out, progress=progress)
+    def index_folder(
+        self, images: Path, out: Path, *, overwrite: bool = False, model: str | None = None, progress: bool = False
+    ) -> tuple[GalleryIndex, UpdateStats]:
+        return index_folder(self, images, out, overwrite=overwrite, model=model, progress=progress)
 
     def cached_gallery(self, images: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
         return cached_gallery(self, images, progress=progress)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import math
@@ -9,6 +11,8 @@ import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from .outputs import storage_errors, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -20,19 +24,61 @@ class Tracker(Protocol):
 
 
 class JsonlTracker:
-    """One JSON object per line: ``{"step": ..., "time": ..., "<name>": value, ...}``; appended across resumes."""
+    """One JSON object per line: ``{"step": ..., "time": ..., "<name>": value, ...}``; appended across resumes.
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")
+    Only whole lines are ever written: a failed write (disk full) is cut back to the previous line. On start,
+    lines logged after ``start_step`` (by an interrupted run, past its last checkpoint: they will be logged
+    again) and a torn last line (a crash mid-write by an older version) are dropped, with a warning.
+    """
+
+    def __init__(self, path: Path, start_step: int = 0):
+        self.path = path
+        with storage_errors(path, f"metrics {path}"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _trim_jsonl(path, start_step)
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, "time": round(time.time(), 3), **{k: _json_number(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        data = (json.dumps(record) + "\n").encode("utf-8")
+        size = os.fstat(self._fd).st_size
+        try:
+            with storage_errors(self.path, f"metrics {self.path}"):
+                if os.write(self._fd, data) != len(data):  # a short write is how a full disk shows up here
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, size)  # no torn line
+            raise
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None  # type: ignore[assignment]
+
+
+def _trim_jsonl(path: Path, start_step: int) -> None:
+    if not path.is_file():
+        return
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    torn = lines.pop() if lines else b""  # after the last newline: empty unless the last line is torn
+    keep, later = [], 0
+    for line in lines:
+        try:
+            step = json.loads(line).get("step", 0)
+        except (ValueError, AttributeError):
+            continue
+        if step <= start_step:
+            keep.append(line)
+        else:
+            later += 1
+    if torn.strip():
+        log.warning("%s: ignoring a torn last line (a write that was interrupted)", path)
+    if later:
+        log.info("%s: dropping %d line(s) logged after step %d (they are logged again from there)", path, later, start_step)
+    if torn.strip() or later or len(keep) != len(lines):
+        write_text_atomic(path, b"".join(line + b"\n" for line in keep).decode("utf-8"))
 
 
 class TensorBoardTracker:
@@ -44,9 +90,10 @@ class TensorBoardTracker:
         self._writer = SummaryWriter(str(log_dir))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            self._writer.add_scalar(name, value, step)
-        self._writer.flush()
+        with storage_errors(Path(self._writer.log_dir), "TensorBoard events"):
+            for name, value in metrics.items():
+                self._writer.add_scalar(name, value, step)
+            self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
@@ -84,18 +131,23 @@ class Trackers:
             t.log(metrics, step)
 
     def close(self) -> None:
+        """Close every tracker; a failure is logged, not raised (it must not hide the error that ended a run)."""
         for t in self._trackers:
-            t.close()
+            try:
+                t.close()
+            except Exception as e:
+                log.warning("could not close %s cleanly: %s", type(t).__name__, e)
 
 
 def make_trackers(
-    run_dir: Path, *, jsonl: bool, tensorboard: bool, wandb: bool, wandb_project: str, config: dict[str, Any], enabled: bool
+    run_dir: Path, *, jsonl: bool, tensorboard: bool, wandb: bool, wandb_project: str, config: dict[str, Any], enabled: bool,
+    start_step: int = 0,
 ) -> Trackers:
     if not enabled:
         return Trackers([])
     trackers: list[Tracker] = []
     if jsonl:
-        trackers.append(JsonlTracker(run_dir / "metrics.jsonl"))
+        trackers.append(JsonlTracker(run_dir / "metrics.jsonl", start_step))
     if tensorboard:
         trackers.append(TensorBoardTracker(run_dir / "tensorboard"))
     if wandb:

@@ -13,8 +13,10 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import platform
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -29,19 +31,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import latest_checkpoint, load_checkpoint, replace_dir, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify
 from .config import TINY, Config, config_to_dict, render_yaml
 from .data.collate import Batch, Collator
-from .data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable, num_workers
+from .data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable, num_workers, split_paths
 from .data.shards import ShardStream
 from .data.transforms import TrainTransform
 from .data.validate import require_usable, validate_split
 from .env import autocast_factory, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UsageError
 from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
 from .model import (DualEncoder, apply_freezing, apply_lora, build_model, clamp_logit_scale, enable_gradient_checkpointing,
                     save_model, set_attention)  # fmt: skip
+from .outputs import (MARKER, FolderLock, check_not_input, describe_kind, read_marker, replace_dir, storage_errors,
+                      write_marker, write_text_atomic)  # fmt: skip
 from .tracking import Trackers, flatten, make_trackers
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,7 @@ class _Run:
     trackers: Trackers
     state: TrainState
     total_steps: int
+    lock: FolderLock | None = None  # the run folder's lock (main process)
 
     @property
     def model(self) -> nn.Module:
@@ -106,10 +111,15 @@ class _Run:
         return self.accelerator.is_main_process
 
 
-def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
-    """Fine-tune (or train from scratch) a dual encoder as configured; returns where the results are."""
+def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> TrainResult:
+    """Fine-tune (or train from scratch) a dual encoder as configured; returns where the results are.
+
+    ``resume``: a checkpoint or run folder, or ``"auto"`` (the newest complete checkpoint of this run, if any).
+    ``overwrite``: start over in a run folder that holds an earlier run (its checkpoints, best model and metrics
+    are deleted). Without either, a run folder that holds a run is refused: runs are never mixed.
+    """
     start = time.perf_counter()
-    run = _setup(cfg, resume)
+    run = _setup(cfg, resume, overwrite)
     try:
         _log_plan(run)
         stepped = run.state.global_step < run.total_steps  # False when resuming a finished run
@@ -118,6 +128,8 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
             _save_checkpoint(run)
     finally:
         run.trackers.close()
+        if run.lock is not None:
+            run.lock.release()
     best = run.run_dir / "best_model"
     result = TrainResult(run.run_dir, best, run.state, final, time.perf_counter() - start, run.batches.num_rows,
                          run.is_main)  # fmt: skip
@@ -130,22 +142,32 @@ def train(cfg: Config, *, resume: str | None = None) -> TrainResult:
 # Setup
 
 
-def _setup(cfg: Config, resume: str | None) -> _Run:
+def _setup(cfg: Config, resume: str | None, overwrite: bool = False) -> _Run:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     device_type = resolve_device(cfg.train.device).type
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="no")  # autocast is ours: see env.py
     device = accelerator.device
     precision = resolve_precision(cfg.train.precision, device)
+    lock = None
+    if accelerator.is_main_process:
+        lock, resume = _open_run_dir(cfg, resume, overwrite)
+    try:
+        return _build_run(cfg, accelerator, device, precision, resume, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_run(cfg: Config, accelerator: Any, device: torch.device, precision: str, resume: str | None,
+               lock: FolderLock | None) -> _Run:  # fmt: skip
+    from accelerate.utils import set_seed
+
     if device.type == "cpu":
         log.warning("no CUDA GPU: training on the CPU in %s; expect minutes for the tiny model, hours for ViT-B/32", precision)
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(render_yaml(cfg), encoding="utf-8")
-
     data = _load_data(cfg, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
     model = _prepare_model(encoder, cfg, device)
@@ -158,7 +180,13 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    trackers = make_trackers(
+    run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, batches, loader, data.val,
+               Trackers([]), state, total_steps, lock)  # fmt: skip
+    if resume:
+        _resume(run, resume)
+    if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
+        state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
+    run.trackers = make_trackers(
         run_dir,
         jsonl=cfg.tracking.jsonl,
         tensorboard=cfg.tracking.tensorboard,
@@ -166,18 +194,93 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
         wandb_project=cfg.tracking.wandb_project,
         config=config_to_dict(cfg),
         enabled=accelerator.is_main_process,
+        start_step=state.global_step,
     )
-    run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, batches, loader, data.val,
-               trackers, state, total_steps)  # fmt: skip
-    try:
-        if resume:
-            _resume(run, resume)
-        if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
-            state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
-    except BaseException:
-        trackers.close()  # train() closes them only once setup has succeeded
-        raise
     return run
+
+
+# What `train` writes in a run folder: the only entries --overwrite removes (eval/ belongs to `finderpartner eval`).
+RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "best_model", "tokenizer", "wandb", MARKER)
+
+
+def _open_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[FolderLock, str | None]:
+    """Lock the run folder and decide what this run does with it; returns the lock and the checkpoint to resume.
+
+    Runs are never mixed: a folder that holds an earlier run is resumed (``--resume``), or started over
+    (``--overwrite``), or refused with those choices. A folder holding anything else is refused.
+    """
+    run_dir = cfg.run_dir
+    if overwrite and resume:
+        raise UsageError("--overwrite starts the run over and --resume continues it: give one of them")
+    if cfg.data.format == "csv":
+        splits = [s for s in (cfg.data.train_split, cfg.data.val_split) if s]
+        check_not_input(run_dir, {f"{kind} of split {s}": p for s in splits
+                                  for kind, p in zip(("images", "captions"), split_paths(cfg.data.root, s))},
+                        flag="the run folder (output_dir/experiment)")  # fmt: skip
+    lock = FolderLock(run_dir).acquire()
+    try:
+        resume = _decide_run(run_dir, resume, overwrite)
+        with storage_errors(run_dir, f"the run folder {run_dir}"):
+            write_marker(run_dir, "run", {"experiment": cfg.experiment})
+            write_text_atomic(run_dir / "config.yaml", render_yaml(cfg))
+    except BaseException:
+        lock.release()
+        raise
+    return lock, resume
+
+
+def _decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
+    entries = sorted(p.name for p in run_dir.iterdir() if p.name not in (".lock",) and not p.name.startswith(".tmp-"))
+    if not entries:
+        return resume if resume != "auto" else None
+    marker = read_marker(run_dir)
+    if marker is None and not (run_dir / "config.yaml").is_file():  # config.yaml: a run of a version before markers
+        listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise OutputError(f"the run folder {run_dir} already exists and holds files that finderpartner train did not "
+                          f"write ({listing}); it never replaces them: choose another output_dir or experiment")  # fmt: skip
+    if marker is not None and marker.get("kind") != "run":
+        raise OutputError(f"the run folder {run_dir} is {describe_kind(marker['kind'])}; choose another output_dir or experiment")
+    checkpoints = run_dir / "checkpoints"
+    if resume == "auto":
+        found = latest_checkpoint(checkpoints)
+        if found is not None:
+            return str(found)
+        damaged = list_checkpoints(checkpoints)
+        if damaged:
+            problems = "; ".join(f"{p.name}: {verify(p) or 'incomplete'}" for _, p in damaged[-3:])
+            raise CheckpointError(f"--resume auto: none of the {len(damaged)} checkpoint(s) in {checkpoints} is usable "
+                                  f"({problems}). Resume from a copy with --resume PATH, or start the run over with "
+                                  "--overwrite (deletes its checkpoints, best model and metrics)")  # fmt: skip
+        log.warning("--resume auto: %s holds an earlier attempt that never reached a checkpoint: starting over", run_dir)
+        _clear_run(run_dir)
+        return None
+    if resume is not None:
+        given = Path(os.path.realpath(resume))
+        if given == Path(os.path.realpath(run_dir)) or Path(os.path.realpath(run_dir)) in given.parents:
+            return resume  # this run's own checkpoint (or the run folder itself)
+        raise OutputError(f"the run folder {run_dir} already holds a run; continuing {resume} there would mix two runs: "
+                          "start it in a new folder with --set experiment=NEW_NAME")  # fmt: skip
+    if overwrite:
+        log.warning("--overwrite: deleting the earlier run in %s (checkpoints, best model, metrics)", run_dir)
+        _clear_run(run_dir)
+        return None
+    steps = [n for n, _ in list_checkpoints(checkpoints)]
+    held = ", ".join(x for x in (f"checkpoints up to step {steps[-1]}" if steps else "",
+                                 "best_model/" if (run_dir / "best_model").exists() else "",
+                                 "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() else "") if x) or "its config"  # fmt: skip
+    raise OutputError(f"the run folder {run_dir} already holds a training run ({held}). Continue it with --resume auto, "
+                      "start a separate run with --set experiment=NEW_NAME, or start this one over with --overwrite "
+                      "(deletes its checkpoints, best model and metrics)")  # fmt: skip
+
+
+def _clear_run(run_dir: Path) -> None:
+    with storage_errors(run_dir, f"the run folder {run_dir}"):
+        for name in RUN_ARTEFACTS:
+            p = run_dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
 
 
 @dataclass
@@ -228,7 +331,8 @@ def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: boo
     else:
         encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed)
         if cfg.model.name == TINY and is_main:
-            encoder.tokenizer.save_pretrained(saved)
+            with storage_errors(saved, f"the tokenizer {saved}"):
+                encoder.tokenizer.save_pretrained(saved)
     return encoder
 
 
@@ -641,7 +745,8 @@ def _validate(run: _Run) -> EvalResult | None:
 
 def _save_best(run: _Run, result: EvalResult | None) -> None:
     card = _model_card(run, result)
-    replace_dir(lambda tmp: save_model(run.encoder, tmp, card=card), run.run_dir / "best_model")
+    replace_dir(lambda tmp: save_model(run.encoder, tmp, card=card), run.run_dir / "best_model",
+                what=f"the best model {run.run_dir / 'best_model'}")
     log.info("best model (step %d) saved to %s", run.state.global_step, run.run_dir / "best_model")
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finderpartner.errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, OutputError
+from ..outputs import read_marker, storage_errors, write_marker, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +137,30 @@ def make_sample_data(out: str | Path, *, train_images: int = 4000, val_images: i
             if not overwrite:
                 raise
     existing = [p for p in _outputs(root) if p.exists()]
+    ours = meta_path.exists() or (read_marker(root) or {}).get("kind") == "sample-data"
+    if existing and not ours:  # a real data set (or anything else) with the same names: never ours to replace
+        raise OutputError(f"{root} already holds {', '.join(p.relative_to(root).as_posix() for p in existing)}, which "
+                          "sample-data did not write; it never replaces them: choose another --out")  # fmt: skip
     if existing and not overwrite:
-        raise DataError(f"{root} already contains sample data made with other arguments (or an unfinished run): "
-                        f"{', '.join(p.name for p in existing)}; pass overwrite (--overwrite) to replace it")
-    for p in existing:  # only our own outputs; anything else in OUT is left alone
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
+        raise OutputError(f"{root} already contains sample data made with other arguments (or an unfinished run): "
+                          f"{', '.join(p.relative_to(root).as_posix() for p in existing)}; pass --overwrite to replace it")  # fmt: skip
+    with storage_errors(root, f"sample data in {root}"):
+        for p in existing:  # only our own outputs; anything else in OUT is left alone
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        root.mkdir(parents=True, exist_ok=True)
+        write_marker(root, "sample-data", meta)  # first: an interrupted run is still recognised as ours
+        _generate(root, meta)
+        # Written last: its presence marks a finished data set.
+        write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return _summarise(root, meta)
+
+
+def _generate(root: Path, meta: dict) -> None:
+    seed, image_size, image_format = meta["seed"], meta["image_size"], meta["image_format"]
+    train_images, val_images, captions_per_image = meta["train_images"], meta["val_images"], meta["captions_per_image"]
     start = time.perf_counter()
     for k, (split, n) in enumerate(zip(SPLITS, (train_images, val_images))):
         # Own stream per split: val stays identical whatever train_images is.
@@ -166,8 +183,5 @@ def make_sample_data(out: str | Path, *, train_images: int = 4000, val_images: i
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["filename", "caption"])
             writer.writerows(rows)
-    # Written last: its presence marks a finished data set.
-    meta_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     log.info("wrote %d+%d sample images to %s in %.1fs", train_images, val_images, root,
              time.perf_counter() - start)
-    return _summarise(root, meta)

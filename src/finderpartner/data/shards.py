@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -187,17 +189,44 @@ def read_pairs(urls: list[str], max_pixels: int | None = None) -> tuple[list[Ima
     return images, captions, keys
 
 
-def write_shards(root: str | Path, split: str, out: str | Path, *, shard_size: int = 1000) -> list[str]:
-    """Write a CSV-layout split as shards ``<out>/<split>-000000.tar`` ... (one sample per CSV row)."""
-    from .dataset import read_split
+def write_shards(root: str | Path, split: str, out: str | Path, *, shard_size: int = 1000, overwrite: bool = False) -> list[str]:
+    """Write a CSV-layout split as shards ``<out>/<split>-000000.tar`` ... (one sample per CSV row).
 
+    ``out`` follows the output rule (``outputs.claim_output``): a new or empty folder, or one that make-shards
+    filled from the same data folder (other splits there are kept); never inside the data folder. The shards
+    are written to a temporary folder first, then moved in; shards of an earlier, larger run of the same split
+    are removed.
+    """
+    from ..outputs import claim_output, read_marker, storage_errors, write_marker
+    from .dataset import read_split, split_paths
+
+    out, data_root = Path(out), Path(os.path.abspath(root))
+    image_dir, csv_path = split_paths(root, split)
+    claim_output(out, "shards", {"data": data_root}, overwrite=overwrite, overlap={"images": image_dir, "captions": csv_path})
     table, problems = read_split(root, split)
     fatal = [p for p in problems if p.fatal]
     if fatal:
         raise DataError(f"{len(fatal)} problem(s) in {table.csv_path}, e.g. {fatal[0]}; run validate-data first")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    pattern = str(out / f"{split}-%06d.tar")
+    if not len(table):
+        raise DataError(f"{table.csv_path}: no rows to write")
+    previous = (read_marker(out) or {}).get("splits", {}) if out.is_dir() else {}
+    tmp = out / f".tmp-{split}"
+    with storage_errors(out, f"shards in {out}"):
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            names = _write_tars(table, str(tmp / f"{split}-%06d.tar"), shard_size)
+            for name in names:
+                os.replace(tmp / name, out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for stale in set(previous.get(split, [])) - set(names):  # only files an earlier make-shards wrote
+            (out / stale).unlink(missing_ok=True)
+        write_marker(out, "shards", {"data": data_root}, splits={**previous, split: names})
+    return [str(out / name) for name in names]
+
+
+def _write_tars(table: Any, pattern: str, shard_size: int) -> list[str]:
     with _wds().ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
         for i in range(len(table)):
             path = table.path(i)
@@ -210,5 +239,5 @@ def write_shards(root: str | Path, split: str, out: str | Path, *, shard_size: i
             else:
                 data = path.read_bytes()
             sink.write({"__key__": f"{i:08d}", ext: data, "txt": table.captions[i].encode("utf-8")})
-        written = sink.shard  # shards opened by this run (not stale ones of an earlier, larger run)
-    return [pattern % i for i in range(written)]
+        written = sink.shard  # shards opened by this run
+    return [Path(pattern % i).name for i in range(written)]
