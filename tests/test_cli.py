@@ -43,7 +43,7 @@ def test_sample_data_then_validate_data_exit_codes(tmp_path: Path, capsys: pytes
     assert victim in capsys.readouterr().out
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["validate-data", "--data", str(empty)]) == 1
+    assert main(["validate-data", "--data", str(empty)]) == 4  # DataError: not a data folder
     assert "no captions_<split>.csv" in capsys.readouterr().err
 
 
@@ -74,7 +74,7 @@ def test_index_then_search_json(trained_model: Path, small_data: Path, tmp_path:
     assert by_index == by_folder
     query = by_folder["results"][0]["path"]  # an image query finds that image first
     assert _search_json(capsys, "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--image", query)["results"][0]["path"] == query
-    assert main(["search", "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--prompt", "x", "--top-k", "0"]) == 1
+    assert main(["search", "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--prompt", "x", "--top-k", "0"]) == 2
     assert "--top-k must be at least 1" in capsys.readouterr().err
 
 

@@ -14,7 +14,7 @@ from helpers import MICRO_SPEC
 
 from finderpartner.cli import main
 from finderpartner.config import TinySpec
-from finderpartner.errors import DataError
+from finderpartner.errors import DataError, OutputError
 from finderpartner.index import (
     FileStamp,
     GalleryIndex,
@@ -160,10 +160,15 @@ def test_an_index_built_by_another_model_is_refused(searcher, gallery: Path, tmp
         Searcher(other, device=CPU).index_folder(gallery, out)
     other_dir = save_model(other, tmp_path / "other_model")
     code = main(["search", "--model", str(other_dir), "--index", str(out), "--prompt", "a red circle"])
-    assert code == IndexMismatchError.exit_code == 7
+    assert code == IndexMismatchError.exit_code == 8
     assert "was built by another model" in capsys.readouterr().err
-    with pytest.raises(IndexMismatchError, match="is of the folder"):
-        searcher.index_folder(tmp_path, out)  # the same index folder for another gallery
+    with pytest.raises(OutputError, match="is inside the input images"):
+        searcher.index_folder(tmp_path, out)  # --out inside the gallery
+    second = shutil.copytree(gallery, tmp_path / "second_gallery")
+    with pytest.raises(OutputError, match=r"gallery index made from images .*pass --overwrite"):
+        searcher.index_folder(second, out)  # the same index folder for another gallery
+    searcher.index_folder(second, out, overwrite=True)
+    assert GalleryIndex.load(out).root == Path(second).resolve()
     with pytest.raises(IndexMismatchError, match="embedded by another model"):
         GalleryIndex.load(out).search(np.ones(16, np.float32))  # a 16-d query against 32-d vectors
 

@@ -351,8 +351,8 @@ def _eval(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
     paths = write_report(result, out, f"{model_path.name}_{args.split}", {"model": str(args.model), "data": str(args.data),
-                         "split": args.split}, protect={"--model": args.model if model_path.is_dir() else None,
-                         "--data images": table.image_dir, "--data captions": table.csv_path})  # fmt: skip
+                         "split": args.split}, protect={"model": args.model if model_path.is_dir() else None,
+                         "images": table.image_dir, "captions": table.csv_path})  # fmt: skip
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     else:

@@ -210,7 +210,7 @@ def export_onnx(
     out_dir = Path(out_dir)
     model_dir = source if source and Path(source).is_dir() else None
     claim_output(out_dir, "export", {"model": source}, overwrite=overwrite, legacy=_legacy_export,
-                 protect={"--model": model_dir} if model_dir else None)  # fmt: skip
+                 protect={"model": model_dir} if model_dir else None)  # fmt: skip
     _require("onnx")
     exporter = resolve_exporter(exporter)
     if exporter == "dynamo":

@@ -355,7 +355,7 @@ def index_folder(
     replaced only with ``overwrite``; a folder holding anything else is refused.
     """
     state = claim_output(out, "index", {"images": Path(os.path.abspath(images))}, overwrite=overwrite, legacy=_legacy_index,
-                         protect={"--model": model} if model else None)  # fmt: skip
+                         protect={"model": model} if model else None)  # fmt: skip
     existing = None
     if state == "same":
         try:
