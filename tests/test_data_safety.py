@@ -262,3 +262,21 @@ def test_full_disk_stops_cleanly_and_resume_after_freeing_space_is_bitwise_exact
     expected = load_file(reference / "outputs" / "run" / "checkpoints" / "step_000016" / "model.safetensors")
     assert final.keys() == expected.keys()
     assert all(final[k].equal(expected[k]) for k in final)
+
+
+def test_a_read_only_output_dir_is_a_clear_error(small_data: Path, tmp_path: Path, capsys) -> None:
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
+    try:
+        raw = micro_config(tmp_path, small_data)
+        raw["output_dir"] = str(read_only / "outputs")
+        config = tmp_path / "ro.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        code, err = _cli(capsys, "train", "--config", str(config))
+        assert code == StorageError.exit_code == 11 and "Traceback" not in err
+        assert f"could not write the lock file of {read_only / 'outputs' / 'run'}: Read-only file system" in err
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)

@@ -37,10 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: files being written were left as they were before (temporary files removed)", file=sys.stderr)
+        print("interrupted: nothing half-written was kept (earlier files are intact); a training continues with "
+              "--resume auto", file=sys.stderr)  # fmt: skip
         return INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit code
-        refused = storage_error(e, Path(getattr(e, "filename", None) or "."))
+        refused = storage_error(e, Path(getattr(e, "filename", None) or "."), verb="use")
         if refused is not None:  # a write the disk refused, somewhere no writer expected it: still not a bug
             print(f"error: {refused}", file=sys.stderr)
             return refused.exit_code
@@ -400,7 +401,7 @@ def _search(args: argparse.Namespace) -> int:
     else:
         vectors, failed = searcher.embed_paths([args.image])
         if failed:
-            raise FinderPartnerError(f"cannot read query image {args.image}: {failed[0][1]}")
+            raise DataError(f"cannot read query image {args.image}: {failed[0][1]}")
         query = vectors
     hits = index.search(query, args.top_k)[0]
     if args.json:

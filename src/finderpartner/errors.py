@@ -77,7 +77,7 @@ INTERRUPTED = 130  # Ctrl-C
 
 EXIT_CODES: dict[int, str] = {
     0: "success",
-    1: "a check found problems (check-env requirements, validate-data errors)",
+    1: "a check found problems (check-env, validate-data), an optional package is missing, or the port is taken",
     UsageError.exit_code: "usage error: wrong or missing command-line arguments",
     ConfigError.exit_code: "invalid configuration (YAML file or --set)",
     DataError.exit_code: "unusable data (CSV, images, shards, gallery index)",

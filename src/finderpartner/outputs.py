@@ -30,7 +30,8 @@ from .errors import FinderPartnerError, OutputError, StorageError
 
 MARKER = ".finderpartner.json"
 # errno values that mean "the storage refused the write", not a bug
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
+                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
 # How libraries that do not raise OSError word ENOSPC (torch.save: PytorchStreamWriter; safetensors: Rust io::Error)
 _DISK_FULL_WORDS = ("no space left", "os error 28", "storagefull", "file write failed", "unexpected pos", "disk quota")
 # Names a folder may hold without counting as content (lock files, OS litter)
@@ -145,7 +146,7 @@ def _plain(inputs: Mapping[str, Any]) -> dict[str, Any]:
 # Writing without losing anything
 
 
-def storage_error(e: BaseException, path: Path, what: str = "") -> StorageError | None:
+def storage_error(e: BaseException, path: Path, what: str = "", verb: str = "write") -> StorageError | None:
     """A ``StorageError`` naming ``path`` and its disk's free space when ``e`` is a refused write, else None."""
     if isinstance(e, StorageError):
         return e
@@ -157,8 +158,8 @@ def storage_error(e: BaseException, path: Path, what: str = "") -> StorageError 
     )
     if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS and not full:
         reason = e.strerror or str(e)
-        return StorageError(f"could not write {what or path}: {reason} ({e.filename or path}); choose a writable "
-                            "location (check the folder's permissions, or whether the disk is mounted read-only)")  # fmt: skip
+        return StorageError(f"could not {verb} {what or path}: {reason} ({e.filename or path}); check the path, the "
+                            "folder's permissions, and whether the disk is mounted read-only")  # fmt: skip
     if not full:
         return None
     return StorageError(f"disk full while writing {what or path}: {free_space(path)}; free space there (or choose "

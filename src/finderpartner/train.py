@@ -241,6 +241,11 @@ def _decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | Non
     if marker is not None and marker.get("kind") != "run":
         raise OutputError(f"the run folder {run_dir} is {describe_kind(marker['kind'])}; choose another output_dir or experiment")
     checkpoints = run_dir / "checkpoints"
+    metrics = run_dir / "metrics.jsonl"
+    trained = checkpoints.exists() or (run_dir / "best_model").exists() or (metrics.is_file() and metrics.stat().st_size)
+    if not trained:  # an attempt that stopped before its first step (bad data, say): nothing to keep or resume
+        _clear_run(run_dir)
+        return resume if resume != "auto" else None
     if resume == "auto":
         found = latest_checkpoint(checkpoints)
         if found is not None:

@@ -65,7 +65,7 @@ def validate_split(
         else:
             problems.append(Problem(str(table.csv_path), table.lines[i], reason[0], f"{table.filenames[i]!r}: {reason[1]}"))
     table = table.select(keep)
-    if tokenizer is not None and context_length:
+    if tokenizer is not None and context_length and len(table):
         problems += _long_captions(table, tokenizer, context_length)
     problems.sort(key=lambda p: (p.file, p.line or 0))
     return SplitReport(split, table, tuple(problems), rows_total)
