@@ -80,6 +80,11 @@ class ModelConfig(_Section):
         description="'tiny' (random init, offline), a Hugging Face hub id, or a local save_pretrained folder",
     )
     tiny: TinySpec = Field(default_factory=TinySpec, description="architecture used when name is 'tiny'")
+    trust_pickle: bool = Field(
+        False,
+        description="also load pickle weights (pytorch_model.bin) when there are no safetensors; pickle can run "
+        "arbitrary code: only for models from a source you trust",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",

@@ -226,7 +226,8 @@ def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: boo
         tokenizer = AutoTokenizer.from_pretrained(saved)
         encoder = build_tiny(cfg.model.tiny, [], seed=cfg.seed, tokenizer=tokenizer)
     else:
-        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed)
+        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed,
+                              trust_pickle=cfg.model.trust_pickle)
         if cfg.model.name == TINY and is_main:
             encoder.tokenizer.save_pretrained(saved)
     return encoder

@@ -1,0 +1,194 @@
+"""User mistakes end in a message that names the file, row or key and says what to do, with the right exit code,
+never a traceback, and leave existing files as they were. Everything runs for real: the micro model, real files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import micro_config
+from PIL import Image, UnidentifiedImageError
+
+from finderpartner.cli import main
+from finderpartner.config import load_config
+from finderpartner.data.transforms import load_image
+from finderpartner.errors import ConfigError, DataError, ModelError, UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a large red circle on the left"
+FAST = ["--precision", "fp32", "--workers", "0"]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """search --images keeps its gallery index in the user cache: keep it inside the test."""
+    monkeypatch.setenv("FINDERPARTNER_CACHE", str(tmp_path / "cache"))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _copy_data(small_data: Path, dest: Path) -> Path:
+    shutil.copytree(small_data, dest)
+    return dest
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["filename", "caption"])
+        writer.writerows(rows)
+
+
+def _rows(path: Path) -> list[tuple[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return [(r["filename"], r["caption"]) for r in csv.DictReader(f)]
+
+
+def _config(tmp: Path, data: Path, **train: object) -> Path:
+    cfg = micro_config(tmp, data, **{"epochs": 1, "checkpoint_every": 100, **train})
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Pickle weights are never loaded without --trust-pickle
+
+
+class _Exploit:
+    """Unpickling this creates ``marker``: what a malicious pytorch_model.bin could do (or worse)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def pickled_model(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model folder whose only weights are a malicious pickle pytorch_model.bin, the marker it would create)."""
+    tmp = tmp_path_factory.mktemp("pickled")
+    folder = tmp / "best_model"
+    shutil.copytree(trained_model, folder)
+    (folder / "model.safetensors").unlink()
+    marker = tmp / "EXPLOITED"
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Exploit(marker)))
+    return folder, marker
+
+
+def test_the_malicious_pickle_really_runs_code_when_unpickled(pickled_model: tuple[Path, Path], tmp_path: Path) -> None:
+    folder, _ = pickled_model
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Exploit(probe)))  # what torch.load(weights_only=False) would do with the file
+    assert probe.exists()
+    assert b"EXPLOITED" in (folder / "pytorch_model.bin").read_bytes()
+
+
+def _commands(model: Path, small_data: Path, out: Path) -> dict[str, list[str]]:
+    images = str(small_data / "images" / "val")
+    return {
+        "search": ["search", "--model", str(model), "--images", images, "--prompt", PROMPT, *FAST],
+        "eval": ["eval", "--model", str(model), "--data", str(small_data), "--out", str(out), *FAST],
+        "index": ["index", "--model", str(model), "--images", images, "--out", str(out), *FAST],
+        "export": ["export", "--model", str(model), "--out", str(out)],
+        "demo": ["demo", "--model", str(model), "--images", images, "--port", "1", *FAST],
+        "validate-data": ["validate-data", "--data", str(small_data), "--model", str(model)],
+    }
+
+
+@pytest.mark.parametrize("command", ["search", "eval", "index", "export", "demo", "validate-data"])
+def test_pickle_weights_are_refused_without_trust_pickle(command: str, pickled_model: tuple[Path, Path], small_data: Path,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    folder, marker = pickled_model
+    before, data_before = _snapshot(folder), _snapshot(small_data)
+    assert main(_commands(folder, small_data, tmp_path / "out")[command]) == ModelError.exit_code == 5
+    err = capsys.readouterr().err
+    assert f"{folder / 'pytorch_model.bin'} holds pickle weights" in err and "--trust-pickle" in err
+    assert "Traceback" not in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert _snapshot(folder) == before and _snapshot(small_data) == data_before
+
+
+def test_training_from_a_pickle_folder_is_refused_naming_the_config_key(pickled_model: tuple[Path, Path], small_data: Path,
+                                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    folder, marker = pickled_model
+    config = _config(tmp_path, small_data)
+    assert main(["train", "--config", str(config), "--set", f"model.name={folder}"]) == 5
+    err = capsys.readouterr().err
+    assert f"{folder / 'pytorch_model.bin'} holds pickle weights" in err and "model.trust_pickle: true" in err
+    assert not marker.exists() and not (tmp_path / "outputs" / "run" / "best_model").exists()
+
+
+def test_trusted_pickle_still_never_runs_code(pickled_model: tuple[Path, Path], small_data: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """--trust-pickle loads pickle weights with torch's weights-only unpickler: tensors yes, code no."""
+    folder, marker = pickled_model
+    code = main(["search", "--model", str(folder), "--trust-pickle", "--images", str(small_data / "images" / "val"),
+                 "--prompt", PROMPT, *FAST])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 5 and f"{folder / 'pytorch_model.bin'}: the pickle weights hold more than tensors" in err
+    assert "Traceback" not in err and not marker.exists()
+
+
+def test_trust_pickle_loads_real_pickle_weights_with_a_warning(trained_model: Path, small_data: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickle_model"
+    shutil.copytree(trained_model, folder)
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")  # a legitimate pickle checkpoint
+    (folder / "model.safetensors").unlink()
+    images = str(small_data / "images" / "val")
+    assert main(["search", "--model", str(trained_model), "--images", images, "--prompt", PROMPT, "--json", *FAST]) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert main(["search", "--model", str(folder), "--images", images, "--prompt", PROMPT, "--json", *FAST]) == 5
+    assert "--trust-pickle" in capsys.readouterr().err
+    assert main(["search", "--model", str(folder), "--trust-pickle", "--images", images, "--prompt", PROMPT, "--json",
+                 *FAST]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["results"] == expected["results"]
+    assert "loading pickle weights" in captured.err and "pytorch_model.bin" in captured.err
+
+
+@pytest.mark.parametrize("script, extra", [("src/main.py", ["--prompt", PROMPT]), ("export_clip.py", ["--output_dir", "OUT"]),
+                                           ("gradio_demo.py", ["--port", "1"])])  # fmt: skip
+def test_seed_shims_refuse_pickle_and_accept_the_flag(script: str, extra: list[str], pickled_model: tuple[Path, Path],
+                                                      small_data: Path, tmp_path: Path) -> None:  # fmt: skip
+    folder, marker = pickled_model
+    flag = "--model" if script == "src/main.py" else "--model_path"
+    extra = [str(tmp_path / "out") if a == "OUT" else a for a in extra]
+    images = [] if script == "export_clip.py" else ["--images", str(small_data / "images" / "val")]
+    args = [sys.executable, script, flag, str(folder), *images, *extra]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 5 and "--trust-pickle" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    help_run = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert "--trust-pickle" in help_run.stdout
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_in_hf_cache_does_not_swallow_real_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    from finderpartner.model import _in_hf_cache
+
+    assert _in_hf_cache("not a valid repo id!") is False  # an invalid id is simply not cached
+
+    def broken(*_: object, **__: object) -> None:
+        raise PermissionError("cache folder not readable")
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", broken)
+    with pytest.raises(PermissionError):
+        _in_hf_cache("openai/clip-vit-base-patch32")
