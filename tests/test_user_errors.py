@@ -192,3 +192,35 @@ def test_in_hf_cache_does_not_swallow_real_errors(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", broken)
     with pytest.raises(PermissionError):
         _in_hf_cache("openai/clip-vit-base-patch32")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. An empty prompt is refused
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_empty_search_prompt_is_a_usage_error(prompt: str, trained_model: Path, small_data: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    code = main(["search", "--model", str(trained_model), "--images", str(small_data / "images" / "val"), "--prompt", prompt,
+                 *FAST])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == UsageError.exit_code == 2
+    assert "--prompt is empty" in captured.err and "None" not in captured.out
+
+
+def test_demo_refuses_empty_texts(trained_model: Path, small_data: Path) -> None:
+    gr = pytest.importorskip("gradio")
+    import torch
+
+    from finderpartner.demo import gallery_search, image_text_scores, text_similarity
+    from finderpartner.index import Searcher
+    from finderpartner.model import load_model
+
+    searcher = Searcher(load_model(trained_model), device=torch.device("cpu"), precision="fp32", batch_size=8)
+    image = str(min((small_data / "images" / "val").glob("*.jpg")))
+    with pytest.raises(gr.Error, match="enter at least one text"):
+        image_text_scores(searcher, image, " \n  \n")
+    with pytest.raises(gr.Error, match="enter at least one text"):
+        text_similarity(searcher, "")
+    with pytest.raises(gr.Error, match="describe who or what"):
+        gallery_search(searcher, searcher.cached_gallery(small_data / "images" / "val")[0], "   ", 5)

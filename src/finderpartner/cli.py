@@ -358,6 +358,10 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    from .errors import UsageError
+
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty: describe what you are looking for, e.g. --prompt 'a red circle on the left'")
     if args.top_k < 1:
         raise FinderPartnerError(f"--top-k must be at least 1 (got {args.top_k})")
     searcher = _searcher(args)
@@ -365,7 +369,7 @@ def _search(args: argparse.Namespace) -> int:
     if index is None:
         raise FinderPartnerError("give the gallery to search: --images DIR or --index INDEX")
     if args.prompt is not None:
-        query = searcher.embed_texts([args.prompt])
+        query = searcher.embed_texts([args.prompt.strip()])
     else:
         vectors, failed = searcher.embed_paths([args.image])
         if failed:
