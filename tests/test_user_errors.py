@@ -224,3 +224,98 @@ def test_demo_refuses_empty_texts(trained_model: Path, small_data: Path) -> None
         text_similarity(searcher, "")
     with pytest.raises(gr.Error, match="describe who or what"):
         gallery_search(searcher, searcher.cached_gallery(small_data / "images" / "val")[0], "   ", 5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. HEIC photos and other unreadable formats
+
+
+HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00\x00\x01\x00meta" + bytes(64)
+no_heif_plugin = pytest.mark.skipif(importlib.util.find_spec("pillow_heif") is not None, reason="pillow-heif reads HEIC")
+
+
+@no_heif_plugin
+def test_heic_photo_is_named_with_the_fix(tmp_path: Path) -> None:
+    photo = tmp_path / "IMG_0001.HEIC"
+    photo.write_bytes(HEIC_HEAD)
+    with pytest.raises(UnidentifiedImageError) as e:
+        load_image(photo)
+    message = str(e.value)
+    assert "IMG_0001.HEIC is a HEIC/HEIF photo" in message and "pip install pillow-heif" in message
+    assert "convert the photo to JPEG" in message and "JPEG, PNG, WebP" in message
+    renamed = tmp_path / "photo.jpg"  # a HEIC saved under a .jpg name is recognised by its content
+    renamed.write_bytes(HEIC_HEAD)
+    with pytest.raises(UnidentifiedImageError, match="photo.jpg is a HEIC/HEIF photo"):
+        load_image(renamed)
+
+
+def test_unidentified_image_names_the_supported_formats(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image at all", encoding="utf-8")
+    with pytest.raises(UnidentifiedImageError) as e:
+        load_image(notes)
+    assert "notes.png is not an image in a supported format (readable formats: JPEG, PNG, WebP, BMP, GIF, TIFF" in str(e.value)
+
+
+@no_heif_plugin
+def test_validate_data_reports_heic_rows_with_the_fix(small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = _copy_data(small_data, tmp_path / "data")
+    (data / "images" / "val" / "holiday.heic").write_bytes(HEIC_HEAD)
+    rows = _rows(data / "captions_val.csv")
+    _write_csv(data / "captions_val.csv", [*rows, ("holiday.heic", "a photo from the phone")])
+    assert main(["validate-data", "--data", str(data), "--split", "val"]) == 1
+    out = capsys.readouterr().out
+    assert f"captions_val.csv:{len(rows) + 2}: 'holiday.heic': cannot be decoded" in out and "pip install pillow-heif" in out
+
+
+@no_heif_plugin
+def test_gallery_scan_reports_heic_instead_of_ignoring_it(trained_model: Path, small_data: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for src in sorted((small_data / "images" / "val").glob("*.jpg"))[:3]:
+        shutil.copy(src, gallery / src.name)
+    (gallery / "IMG_0002.heic").write_bytes(HEIC_HEAD)
+    before = _snapshot(gallery)
+    assert main(["index", "--model", str(trained_model), "--images", str(gallery), "--out", str(tmp_path / "idx"), *FAST]) == 0
+    captured = capsys.readouterr()
+    assert "3 images (" in captured.out and "1 unreadable" in captured.out
+    assert "could not embed IMG_0002.heic" in captured.err and "pip install pillow-heif" in captured.err
+    assert _snapshot(gallery) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 10. The demo explains a non-image upload without showing server paths
+
+
+def test_demo_upload_that_is_not_an_image_gets_a_clear_message(trained_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("gradio")
+    gradio_client = pytest.importorskip("gradio_client")
+    import socket
+
+    import torch
+
+    from finderpartner.demo import launch_demo
+    from finderpartner.index import Searcher
+    from finderpartner.model import load_model
+
+    searcher = Searcher(load_model(trained_model), device=torch.device("cpu"), precision="fp32", batch_size=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = launch_demo(searcher, None, port=port, prevent_thread_lock=True)
+    try:
+        client = gradio_client.Client(f"http://127.0.0.1:{port}/", verbose=False)
+        upload = tmp_path / "notes.txt"
+        upload.write_text("meeting notes, not a photo", encoding="utf-8")
+        with pytest.raises(Exception) as e:
+            client.predict(gradio_client.handle_file(str(upload)), PROMPT, api_name="/image_texts")
+        message = str(e.value)
+        assert "is not a readable image" in message and "JPEG, PNG" in message, message
+        assert "/tmp" not in message and "gradio" not in message.lower().replace("gradio_client", ""), message
+        fake = tmp_path / "photo.jpg"  # an image extension does not help
+        fake.write_bytes(b"\xff\xd8 not really a jpeg")
+        with pytest.raises(Exception, match="is not a readable image"):
+            client.predict(gradio_client.handle_file(str(fake)), PROMPT, api_name="/image_texts")
+    finally:
+        demo.close()
