@@ -285,6 +285,31 @@ def test_gallery_scan_reports_heic_instead_of_ignoring_it(trained_model: Path, s
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 8. Config paths that are not readable files
+
+
+def test_config_that_is_a_folder_or_unreadable_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    assert main(["train", "--config", str(folder)]) == ConfigError.exit_code == 3
+    assert f"config file {folder} is a folder" in capsys.readouterr().err
+    loop = tmp_path / "loop.yaml"
+    loop.symlink_to(loop)  # unreadable whoever runs the test (root included)
+    assert main(["train", "--config", str(loop)]) == 3
+    assert f"cannot read config file {loop}: Too many levels of symbolic links" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root reads any file
+        locked = tmp_path / "locked.yaml"
+        locked.write_text("seed: 1\n", encoding="utf-8")
+        locked.chmod(0)
+        assert main(["train", "--config", str(locked)]) == 3
+        assert f"cannot read config file {locked}: Permission denied" in capsys.readouterr().err
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"seed: \xff\xfe\n")
+    assert main(["train", "--config", str(binary)]) == 3
+    assert f"config file {binary} is not UTF-8" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
 # 10. The demo explains a non-image upload without showing server paths
 
 
