@@ -285,6 +285,50 @@ def test_gallery_scan_reports_heic_instead_of_ignoring_it(trained_model: Path, s
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 4 and 5. Validation: `--set data.val_split=` disables it; a split too small to rank is refused before training
+
+
+def test_empty_val_split_override_disables_validation(small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert load_config(None, ["data.val_split="]).data.val_split == ""
+    assert load_config(None, ["data.val_split=null"]).data.val_split == ""
+    config = _config(tmp_path, small_data, max_steps=2)
+    assert main(["train", "--config", str(config), "--set", "data.val_split="]) == 0
+    capsys.readouterr()
+    run = tmp_path / "outputs" / "run"
+    assert (run / "best_model" / "model.safetensors").is_file()
+    assert load_config(run / "config.yaml").data.val_split == ""
+    # search and export find the run's images without a validation split (the training split instead)
+    assert main(["search", "--model", str(run / "best_model"), "--prompt", PROMPT, "--json", *FAST]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert hits and all(Path(h["path"]).parent == small_data / "images" / "train" for h in hits)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_val_split_with_one_image_is_refused_before_training(rows: int, small_data: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    data = _copy_data(small_data, tmp_path / "data")
+    image = _rows(data / "captions_val.csv")[0][0]
+    _write_csv(data / "captions_val.csv", [(image, f"caption number {i}") for i in range(rows)])
+    before = _snapshot(data)
+    config = _config(tmp_path, data)
+    assert main(["train", "--config", str(config)]) == DataError.exit_code == 4
+    err = capsys.readouterr().err
+    assert f"validation split 'val' ({data / 'captions_val.csv'}) has 1 distinct image(s) in {rows} pair(s)" in err
+    assert "add more validation pairs" in err and "--set data.val_split=" in err
+    run = tmp_path / "outputs" / "run"
+    assert not (run / "best_model").exists() and not (run / "checkpoints").exists() and not (run / "tokenizer").exists()
+    assert _snapshot(data) == before
+
+
+def test_eval_of_a_one_image_split_is_refused(trained_model: Path, small_data: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    data = _copy_data(small_data, tmp_path / "data")
+    _write_csv(data / "captions_val.csv", _rows(data / "captions_val.csv")[:1])
+    assert main(["eval", "--model", str(trained_model), "--data", str(data), "--out", str(tmp_path / "eval"), *FAST]) == 4
+    assert "split 'val'" in capsys.readouterr().err and not (tmp_path / "eval").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # 8. Config paths that are not readable files
 
 

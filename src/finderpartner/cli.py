@@ -303,7 +303,7 @@ def _runtime(args: argparse.Namespace) -> tuple[Any, str]:
 def _eval(args: argparse.Namespace) -> int:
     from .data.validate import require_usable, validate_split
     from .env import autocast_factory
-    from .evaluate import EvalSet, evaluate_split, format_metrics, write_report
+    from .evaluate import EvalSet, evaluate_split, format_metrics, require_retrievable, write_report
     from .model import load_model, set_attention
 
     device, precision = _runtime(args)
@@ -312,8 +312,9 @@ def _eval(args: argparse.Namespace) -> int:
     table = require_usable(
         validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length), "raise"
     )
+    data = require_retrievable(EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images")
     result = evaluate_split(
-        encoder.model.to(device), encoder.tokenizer, EvalSet.from_table(table), encoder.image_spec,
+        encoder.model.to(device), encoder.tokenizer, data, encoder.image_spec,
         context_length=encoder.context_length,
         device=device, autocast=autocast_factory(device, precision), batch_size=args.batch_size,
         num_workers=args.workers, progress=not args.json,

@@ -38,7 +38,7 @@ from .data.transforms import TrainTransform
 from .data.validate import require_usable, validate_split
 from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError
-from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics
+from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics, require_retrievable
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
 from .model import (DualEncoder, apply_freezing, apply_lora, build_model, clamp_logit_scale, enable_gradient_checkpointing,
                     save_model, set_attention)  # fmt: skip
@@ -201,6 +201,9 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
         if cfg.model.name == TINY or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
             captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
         val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
+        if val is not None:
+            require_retrievable(val, "the validation shards", "add more validation pairs, or disable validation "
+                                "with --set data.val_shards= (data.val_shards: null)")  # fmt: skip
         if d.train_size and captions and d.train_size != len(captions):
             log.info("data.train_size %d: the shards hold %d pairs; an epoch is %d pairs", d.train_size, len(captions), d.train_size)
         return _Data(captions, d.train_size or len(captions), shards=urls, val=val)
@@ -212,6 +215,9 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
         report = validate_split(d.root, split, max_pixels=d.max_image_pixels, progress=progress)
         tables.append(require_usable(report, d.on_error))
     train, val = tables
+    if val is not None:
+        require_retrievable(EvalSet.from_table(val), f"validation split {d.val_split!r}", "add more validation pairs, "
+                            "or disable validation with --set data.val_split= (data.val_split: '')")  # fmt: skip
     return _Data(list(train.captions), len(train), table=train, val=EvalSet.from_table(val) if val else None)
 
 
