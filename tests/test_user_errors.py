@@ -329,6 +329,42 @@ def test_eval_of_a_one_image_split_is_refused(trained_model: Path, small_data: P
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 6 and 7. CSVs that validate-data used to pass, or crash on
+
+
+def test_header_only_csv_is_a_fatal_problem_in_validate_data_and_train(small_data: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    data = _copy_data(small_data, tmp_path / "data")
+    _write_csv(data / "captions_val.csv", [])
+    before = _snapshot(data)
+    assert main(["validate-data", "--data", str(data), "--split", "val"]) == 1
+    out = capsys.readouterr().out
+    assert f"{data / 'captions_val.csv'}: no rows" in out
+    assert main(["validate-data", "--data", str(data), "--split", "val", "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["val"]["problems"]
+    assert [(p["kind"], p["fatal"]) for p in problems] == [("no_rows", True)]
+    assert main(["train", "--config", str(_config(tmp_path, data))]) == 4
+    assert f"{data / 'captions_val.csv'}: no rows" in capsys.readouterr().err
+    assert _snapshot(data) == before
+
+
+def test_huge_caption_is_reported_on_its_line_and_reading_goes_on(small_data: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    data = _copy_data(small_data, tmp_path / "data")
+    rows = _rows(data / "captions_val.csv")
+    _write_csv(data / "captions_val.csv", [rows[0], (rows[1][0], "x" * 10_000_000), *rows[2:]])
+    before = _snapshot(data)
+    assert main(["validate-data", "--data", str(data), "--split", "val"]) == 1
+    captured = capsys.readouterr()
+    assert f"{data / 'captions_val.csv'}:3: a field is longer than 131072 characters" in captured.out
+    assert f"val: {len(rows) - 1} usable pair(s) of {len(rows)}" in captured.out  # the rows after it were read
+    assert "Traceback" not in captured.err
+    assert main(["train", "--config", str(_config(tmp_path, data))]) == 4
+    assert f"{data / 'captions_val.csv'}:3: a field is longer than" in capsys.readouterr().err
+    assert _snapshot(data) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
 # 8. Config paths that are not readable files
 
 
