@@ -390,6 +390,40 @@ def test_config_that_is_a_folder_or_unreadable_is_a_config_error(tmp_path: Path,
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 9. Captions cut to the context length are counted, once
+
+
+LONG = "a large red circle on the left next to a small blue star in the center above a green square on the right side"
+
+
+def test_training_warns_once_about_captions_longer_than_the_context(small_data: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    data = _copy_data(small_data, tmp_path / "data")
+    rows = _rows(data / "captions_train.csv")
+    firsts = sorted({f: i for i, (f, _) in reversed(list(enumerate(rows)))}.values())[:6]  # rows of 6 different images
+    for i in firsts:
+        rows[i] = (rows[i][0], LONG if i != firsts[-1] else LONG + " again")
+    _write_csv(data / "captions_train.csv", rows)
+    assert main(["train", "--config", str(_config(tmp_path, data, max_steps=1)), "--set", "data.val_split="]) == 0
+    err = capsys.readouterr().err
+    note = f"6 of {len(rows)} captions (2 distinct) are longer than the model's 16-token context and are cut, e.g. '{LONG[:77]}...'"
+    assert err.count("are longer than the model's") == 1 and note in err
+
+
+def test_eval_warns_once_about_captions_longer_than_the_context(trained_model: Path, small_data: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    data = _copy_data(small_data, tmp_path / "data")
+    rows = _rows(data / "captions_val.csv")
+    second = next(i for i, (f, _) in enumerate(rows) if f != rows[0][0])  # a row of another image
+    rows[0], rows[second] = (rows[0][0], LONG), (rows[second][0], LONG)
+    _write_csv(data / "captions_val.csv", rows)
+    assert main(["eval", "--model", str(trained_model), "--data", str(data), "--out", str(tmp_path / "eval"), *FAST]) == 0
+    err = capsys.readouterr().err
+    assert err.count("are longer than the model's") == 1
+    assert f"captions_val.csv:2: 2 of {len(rows)} captions (1 distinct) are longer than the model's 16-token context" in err
+
+
+# --------------------------------------------------------------------------------------------------------------
 # 10. The demo explains a non-image upload without showing server paths
 
 

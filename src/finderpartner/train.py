@@ -35,7 +35,7 @@ from .data.collate import Batch, Collator
 from .data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable, num_workers
 from .data.shards import ShardStream
 from .data.transforms import TrainTransform
-from .data.validate import require_usable, validate_split
+from .data.validate import long_captions_note, require_usable, validate_split
 from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics, require_retrievable
@@ -148,6 +148,8 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
 
     data = _load_data(cfg, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
+    if accelerator.is_main_process and (cut := long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)):
+        log.warning("%s", cut[1])
     model = _prepare_model(encoder, cfg, device)
 
     world = accelerator.num_processes
