@@ -364,6 +364,16 @@ def test_huge_caption_is_reported_on_its_line_and_reading_goes_on(small_data: Pa
     assert _snapshot(data) == before
 
 
+def test_export_verification_captions_with_a_huge_field_are_an_export_error(small_data: Path, tmp_path: Path) -> None:
+    from finderpartner.errors import ExportError
+    from finderpartner.export import read_verification_inputs
+
+    captions = tmp_path / "captions.csv"
+    _write_csv(captions, [("a.jpg", "fine"), ("b.jpg", "x" * 10_000_000)])
+    with pytest.raises(ExportError, match=f"cannot read captions from {captions} .*field larger than field limit"):
+        read_verification_inputs(small_data / "images" / "val", captions)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 8. Config paths that are not readable files
 
