@@ -179,6 +179,26 @@ def test_seed_shims_refuse_pickle_and_accept_the_flag(script: str, extra: list[s
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+def test_cached_hub_model_with_only_pickle_weights_is_refused(pickled_model: tuple[Path, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A hub id whose cached snapshot has only pytorch_model.bin (how old hub models come) is refused by name."""
+    from huggingface_hub import constants
+
+    from finderpartner.model import load_model
+
+    folder, marker = pickled_model
+    repo = tmp_path / "hub" / "models--someone--old-clip"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40, encoding="utf-8")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelError) as e:
+        load_model("someone/old-clip")
+    assert f"{snapshot / 'pytorch_model.bin'} holds pickle weights" in str(e.value) and "--trust-pickle" in str(e.value)
+    assert not marker.exists()
+
+
 def test_in_hf_cache_does_not_swallow_real_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
