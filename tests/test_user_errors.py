@@ -138,8 +138,21 @@ def test_trusted_pickle_still_never_runs_code(pickled_model: tuple[Path, Path], 
     code = main(["search", "--model", str(folder), "--trust-pickle", "--images", str(small_data / "images" / "val"),
                  "--prompt", PROMPT, *FAST])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 5 and f"{folder / 'pytorch_model.bin'}: the pickle weights hold more than tensors" in err
+    assert code == 5 and f"{folder / 'pytorch_model.bin'}: torch's weights-only loader refused these pickle weights" in err
     assert "Traceback" not in err and not marker.exists()
+
+
+def test_damaged_safetensors_weights_are_a_model_error(trained_model: Path, small_data: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    folder = tmp_path / "damaged"
+    shutil.copytree(trained_model, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a copy that stopped part-way
+    before = _snapshot(folder)
+    assert main(["eval", "--model", str(folder), "--data", str(small_data), "--out", str(tmp_path / "eval"), *FAST]) == 5
+    err = capsys.readouterr().err
+    assert f"{folder}: the safetensors weights cannot be read" in err and "damaged or incomplete" in err
+    assert "Traceback" not in err and not (tmp_path / "eval").exists() and _snapshot(folder) == before
 
 
 def test_trust_pickle_loads_real_pickle_weights_with_a_warning(trained_model: Path, small_data: Path, tmp_path: Path,

@@ -159,6 +159,7 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
     Weights are read from safetensors only: pickle weights (``pytorch_model.bin``) can run code when loaded and
     are refused unless ``trust_pickle`` (the CLI's ``--trust-pickle``, training's ``model.trust_pickle``).
     """
+    from safetensors import SafetensorError
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     source = str(name_or_path)
@@ -186,8 +187,12 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
     except pickle.UnpicklingError as e:  # only reached with trust_pickle: torch's weights-only loader still refuses code
-        raise ModelError(f"{pickled or source}: the pickle weights hold more than tensors and were not loaded (torch "
-                         f"refused them: {_first_line(e)}); get safetensors weights from a source you trust") from None  # fmt: skip
+        raise ModelError(f"{pickled or source}: torch's weights-only loader refused these pickle weights (damaged, or "
+                         f"they hold more than tensors, e.g. code), so nothing was loaded ({_first_line(e)}); get "
+                         "safetensors weights from a source you trust") from None  # fmt: skip
+    except SafetensorError as e:
+        raise ModelError(f"{source}: the safetensors weights cannot be read ({_first_line(e)}): the file is damaged or "
+                         "incomplete; copy or save the model again") from None  # fmt: skip
     except (OSError, ValueError) as e:
         if is_dir:
             raise ModelError(f"{source} is not a complete save_pretrained folder: {_first_line(e)}") from None
