@@ -353,6 +353,22 @@ def test_val_split_with_one_image_is_refused_before_training(rows: int, small_da
     assert _snapshot(data) == before
 
 
+def test_validation_shards_with_one_image_are_refused_before_training(small_data: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    pytest.importorskip("webdataset")
+    data = _copy_data(small_data, tmp_path / "data")
+    _write_csv(data / "captions_val.csv", _rows(data / "captions_val.csv")[:1])
+    shards = tmp_path / "shards"
+    for split in ("train", "val"):
+        assert main(["-q", "make-shards", "--data", str(data), "--split", split, "--out", str(shards)]) == 0
+    config = _config(tmp_path, data)
+    code = main(["train", "--config", str(config), "--set", "data.format=webdataset",
+                 "--set", f"data.train_shards={shards / 'train-000000.tar'}", "--set", f"data.val_shards={shards / 'val-000000.tar'}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 4 and f"the validation set ({shards / 'val-000000.tar'}) has 1 distinct image(s) in 1 pair(s)" in err
+    assert "--set data.val_shards=" in err and not (tmp_path / "outputs" / "run" / "best_model").exists()
+
+
 def test_eval_of_a_one_image_split_is_refused(trained_model: Path, small_data: Path, tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     data = _copy_data(small_data, tmp_path / "data")

@@ -204,7 +204,7 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
             captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
         val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
         if val is not None:
-            require_retrievable(val, "the validation shards", "add more validation pairs, or disable validation "
+            require_retrievable(val, "the validation set", "add more validation pairs, or disable validation "
                                 "with --set data.val_shards= (data.val_shards: null)")  # fmt: skip
         if d.train_size and captions and d.train_size != len(captions):
             log.info("data.train_size %d: the shards hold %d pairs; an epoch is %d pairs", d.train_size, len(captions), d.train_size)
