@@ -128,7 +128,9 @@ class DataConfig(_Section):
     )
     format: Literal["csv", "webdataset"] = Field("csv", description="'csv' (folder layout) or 'webdataset' tar shards")
     train_split: str = Field("train", description="split trained on")
-    val_split: str = Field("val", description="split evaluated each epoch; '' or null (--set data.val_split=) disables validation")
+    val_split: str = Field(
+        "val", description="split evaluated each epoch; '' or null (--set data.val_split=) disables validation"
+    )
     train_shards: str | None = Field(None, description="webdataset: brace pattern of training shards, e.g. shards/train-{000..099}.tar")
     val_shards: str | None = Field(None, description="webdataset: brace pattern of validation shards")
     train_size: int | None = Field(None, ge=1, description="webdataset: number of training pairs (sets the epoch length)")
@@ -284,11 +286,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; `finderpartner init-config > {path}` writes one") from None
         except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a folder; give the YAML file in it, e.g. {path / 'clip_tiny.yaml'}") from None
+            raise ConfigError(
+                f"config file {path} is a folder; give the YAML file in it, e.g. {path / 'clip_tiny.yaml'}"
+            ) from None
         except OSError as e:
             raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})") from None
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+            ) from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
