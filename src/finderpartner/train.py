@@ -148,8 +148,9 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
 
     data = _load_data(cfg, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
-    if accelerator.is_main_process and (cut := long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)):
-        log.warning("%s", cut[1])
+    cut = long_captions_note(data.captions, encoder.tokenizer, encoder.context_length) if accelerator.is_main_process else None
+    if cut:
+        log.warning("%s", cut[1])  # once per run: the collator truncates these captions silently
     model = _prepare_model(encoder, cfg, device)
 
     world = accelerator.num_processes
