@@ -141,7 +141,7 @@ def test_long_captions_are_counted_as_truncated(images: Path) -> None:
     tok = build_tiny(TinySpec(**MICRO_SPEC), ["a red square"]).tokenizer
     report, problem = _only_problem(images, tokenizer=tok, context_length=16)
     assert problem.kind == "caption_truncated" and not problem.fatal and problem.line == 2
-    assert problem.message.startswith("2 caption(s) are longer than the model's 16 tokens")
+    assert problem.message.startswith("2 of 3 captions (2 distinct) are longer than the model's 16-token context and are cut")
 
 
 def test_every_problem_is_reported_at_once_and_raise_lists_them(images: Path) -> None:

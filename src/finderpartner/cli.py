@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
     p.add_argument("--split", action="append", help="split(s) to check (default: every captions_*.csv)")
     p.add_argument("--model", help="count captions longer than this model's context (a saved model folder)")
+    _add_trust_pickle(p)
     p.add_argument("--max-pixels", type=int, default=89_478_485, help="larger images count as decompression bombs")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_validate_data)
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="retrieval metrics of a saved model on a split")
     p.add_argument("--model", required=True, help="saved model folder (e.g. outputs/clip_tiny/best_model) or hub id")
+    _add_trust_pickle(p)
     p.add_argument("--data", type=Path, required=True, help="data folder")
     p.add_argument("--split", default="val")
     p.add_argument("--out", type=Path, help="report folder (default: <model>/../eval)")
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("index", help="embed a folder of images into a FAISS index (updates only what changed)")
     p.add_argument("--model", required=True)
+    _add_trust_pickle(p)
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     p.add_argument("--out", type=Path, required=True,
                    help="index folder (new, or an index of the same folder: only new and changed images are embedded)")
@@ -129,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="rank images by a text description (or by similarity to an image)")
     p.add_argument("--model", required=True)
+    _add_trust_pickle(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--index", type=Path, help="index folder made by `finderpartner index`")
     where.add_argument("--images", type=Path, help="folder of images (embeddings cached and reused)")
@@ -143,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export both encoders and a combined logits model to ONNX, verify with onnxruntime")
     p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
+    _add_trust_pickle(p)
     p.add_argument("--out", "--output_dir", dest="out", type=Path, required=True, help="export folder (new, or an earlier export of the same model)")
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model at --out")
     p.add_argument("--fp16", action="store_true", help="also write fp16 encoders (for GPUs) and report their accuracy")
@@ -158,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="web demo: image-text scores, text comparison, gallery search by prompt")
     p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
+    _add_trust_pickle(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--index", type=Path, help="gallery index made by `finderpartner index`")
     where.add_argument("--images", type=Path, help="gallery folder (default: the run's validation images, if known)")
@@ -194,6 +200,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (see `finderpartner init-config`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
+
+
+def _add_trust_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="also load pickle weights (pytorch_model.bin) when the model has no safetensors; pickle can "
+                        "run arbitrary code: only for a model from a source you trust")  # fmt: skip
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -279,7 +291,7 @@ def _validate_data(args: argparse.Namespace) -> int:
     if args.model:
         from .model import load_model
 
-        encoder = load_model(args.model)
+        encoder = load_model(args.model, trust_pickle=args.trust_pickle)
         tokenizer, context = encoder.tokenizer, encoder.context_length
     reports = [validate_split(args.data, s, max_pixels=args.max_pixels, tokenizer=tokenizer, context_length=context,
                               progress=not args.json) for s in splits]  # fmt: skip
@@ -334,17 +346,18 @@ def _runtime(args: argparse.Namespace) -> tuple[Any, str]:
 def _eval(args: argparse.Namespace) -> int:
     from .data.validate import require_usable, validate_split
     from .env import autocast_factory
-    from .evaluate import EvalSet, evaluate_split, format_metrics, write_report
+    from .evaluate import EvalSet, evaluate_split, format_metrics, require_retrievable, write_report
     from .model import load_model, set_attention
 
     device, precision = _runtime(args)
-    encoder = load_model(args.model)
+    encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     set_attention(encoder.model, "auto", device)  # the kernels training validated with: the same figures, faster
     table = require_usable(
         validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length), "raise"
     )
+    data = require_retrievable(EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images")
     result = evaluate_split(
-        encoder.model.to(device), encoder.tokenizer, EvalSet.from_table(table), encoder.image_spec,
+        encoder.model.to(device), encoder.tokenizer, data, encoder.image_spec,
         context_length=encoder.context_length,
         device=device, autocast=autocast_factory(device, precision), batch_size=args.batch_size,
         num_workers=args.workers, progress=not args.json,
@@ -374,7 +387,7 @@ def _searcher(args: argparse.Namespace) -> Any:
         return OnnxSearcher(args.model, variant=args.onnx_variant, device=args.device, batch_size=args.batch_size,
                             num_workers=args.workers)  # fmt: skip
     device, precision = _runtime(args)
-    encoder = load_model(args.model)
+    encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     set_attention(encoder.model, "auto", device)
     return Searcher(encoder, device=device, precision=precision, batch_size=args.batch_size,
                     num_workers=args.workers)  # fmt: skip
@@ -390,6 +403,8 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> int:
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty: describe what you are looking for, e.g. --prompt 'a red circle on the left'")
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
     searcher = _searcher(args)
@@ -397,7 +412,7 @@ def _search(args: argparse.Namespace) -> int:
     if index is None:
         raise UsageError("give the gallery to search: --images DIR or --index INDEX")
     if args.prompt is not None:
-        query = searcher.embed_texts([args.prompt])
+        query = searcher.embed_texts([args.prompt.strip()])
     else:
         vectors, failed = searcher.embed_paths([args.image])
         if failed:
@@ -459,7 +474,7 @@ def _export(args: argparse.Namespace) -> int:
     from .index import model_fingerprint
     from .model import load_model
 
-    encoder = load_model(args.model)
+    encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else str(args.model)  # usable from any cwd
     info = export_onnx(encoder, args.out, fingerprint=model_fingerprint(encoder.model), fp16=args.fp16, int8=args.int8,
                        exporter=args.exporter, opset=args.opset, source=source, overwrite=args.overwrite,

@@ -80,6 +80,11 @@ class ModelConfig(_Section):
         description="'tiny' (random init, offline), a Hugging Face hub id, or a local save_pretrained folder",
     )
     tiny: TinySpec = Field(default_factory=TinySpec, description="architecture used when name is 'tiny'")
+    trust_pickle: bool = Field(
+        False,
+        description="also load pickle weights (pytorch_model.bin) when there are no safetensors; pickle can run "
+        "arbitrary code: only for models from a source you trust",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",
@@ -123,7 +128,9 @@ class DataConfig(_Section):
     )
     format: Literal["csv", "webdataset"] = Field("csv", description="'csv' (folder layout) or 'webdataset' tar shards")
     train_split: str = Field("train", description="split trained on")
-    val_split: str = Field("val", description="split evaluated each epoch; '' disables validation")
+    val_split: str = Field(
+        "val", description="split evaluated each epoch; '' or null (--set data.val_split=) disables validation"
+    )
     train_shards: str | None = Field(None, description="webdataset: brace pattern of training shards, e.g. shards/train-{000..099}.tar")
     val_shards: str | None = Field(None, description="webdataset: brace pattern of validation shards")
     train_size: int | None = Field(None, ge=1, description="webdataset: number of training pairs (sets the epoch length)")
@@ -139,6 +146,11 @@ class DataConfig(_Section):
         "sees the data more than once and the cache fits in cache_max_gb)",
     )
     cache_max_gb: float = Field(2.0, ge=0, description="memory 'auto' may give the decoded-image cache (in each training process)")
+
+    @field_validator("val_split", mode="before")
+    @classmethod
+    def _no_validation(cls, v: Any) -> Any:
+        return "" if v is None else v  # `--set data.val_split=` gives None: no validation, like ''
 
     @model_validator(mode="after")
     def _shards_given(self) -> DataConfig:
@@ -273,6 +285,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ConfigError(f"config file {path} not found; `finderpartner init-config > {path}` writes one") from None
+        except IsADirectoryError:
+            raise ConfigError(
+                f"config file {path} is a folder; give the YAML file in it, e.g. {path / 'clip_tiny.yaml'}"
+            ) from None
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(
+                f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})"
+            ) from None
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

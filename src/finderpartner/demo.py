@@ -74,7 +74,8 @@ def image_text_scores(searcher: Any, image_path: str | None, texts: str | None) 
     lines = parse_texts(texts)
     vectors, failed = searcher.embed_paths([Path(image_path)])
     if failed:
-        raise user_error(f"cannot read this image: {failed[0][1]}")
+        reason = failed[0][1].split(": ", 1)[-1]  # without the exception's type
+        raise user_error(f"the upload is not a readable image: {reason}")
     cosines = searcher.embed_texts(lines) @ vectors[0]
     probs = softmax(searcher.logit_scale * cosines)
     order = np.argsort(-cosines, kind="stable")
@@ -167,6 +168,7 @@ def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
         with gr.Column():
             image = gr.Image(_thumbnail(example) if example else None, type="filepath", label="Image",
                              sources=["upload", "clipboard"], height=320)  # fmt: skip
+            _explain_unreadable(image)
             texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
             button = gr.Button("Score", variant="primary")
         with gr.Column():
@@ -174,6 +176,26 @@ def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
             table = gr.Dataframe(rows, headers=["text", "cosine", "probability"], label="Scores", interactive=False)
     button.click(lambda i, t: image_text_scores(searcher, i, t), inputs=[image, texts], outputs=[label, table],
                  api_name="image_texts")  # fmt: skip
+
+
+def _explain_unreadable(image: Any) -> None:
+    """Gradio opens an upload itself before our function sees it, and its error shows the server's temporary path
+    and its internals. Say instead that the file is not a readable image, and which formats are."""
+    from .data.transforms import unidentified_message
+
+    gr, preprocess = _gradio(), image.preprocess
+
+    def checked(payload: Any) -> Any:
+        try:
+            return preprocess(payload)
+        except gr.Error:
+            raise
+        except Exception:
+            path, name = getattr(payload, "path", None), getattr(payload, "orig_name", None)
+            detail = unidentified_message(path, name or Path(path or "upload").name) if path else "empty upload"
+            raise user_error(f"the upload is not a readable image: {detail}") from None
+
+    image.preprocess = checked
 
 
 def _text_matrix_tab(gr: Any, searcher: Any) -> None:

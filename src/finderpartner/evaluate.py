@@ -146,6 +146,16 @@ class EvalSet:
                    list(range(len(images))))  # fmt: skip
 
 
+def require_retrievable(data: EvalSet, what: str, fixes: str) -> EvalSet:
+    """Refuse a set with fewer than 2 distinct images: its loss is NaN and every recall 1.0, which means nothing."""
+    if len(data.images) < 2:
+        raise DataError(
+            f"{what} ({data.name}) has {len(data.images)} distinct image(s) in {len(data.captions)} pair(s): retrieval "
+            f"needs at least 2 images (with one, the loss is undefined and every recall is 1.0); {fixes}"
+        )
+    return data
+
+
 def evaluate_split(
     model: nn.Module,
     tokenizer: Any,

@@ -498,17 +498,17 @@ def read_verification_inputs(images: Path, captions: Path | None, limit: int = 3
     paths = [images / name for name in list(scan_images(images))[:limit]]
     if not paths:
         raise ExportError(f"no images under {images} to verify the export with")
+    import csv
+
     texts: list[str] = []
     if captions is not None:
         try:
             if captions.suffix.lower() == ".csv":
-                import csv
-
                 with open(captions, encoding="utf-8-sig", newline="") as f:
                     texts = [row["caption"] for row in csv.DictReader(f) if row.get("caption")]
             else:
                 texts = [line.strip() for line in captions.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, KeyError, UnicodeDecodeError) as e:
+        except (OSError, KeyError, UnicodeDecodeError, csv.Error) as e:  # csv.Error: e.g. a 10 MB field
             raise ExportError(f"cannot read captions from {captions} ({e}): give a CSV with a caption column "
                               "or a text file with one caption per line") from None  # fmt: skip
     texts = list(dict.fromkeys(texts))[:limit] or ["a photo", "a photo of a person", "a large red circle on the left"]

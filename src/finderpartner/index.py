@@ -34,7 +34,7 @@ from .outputs import claim_output, replace_dir, write_marker
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}  # HEIC: pillow-heif
 FORMAT_VERSION = 1
 # paths -> (normalised float32 embeddings with NaN rows for failures, [(row, reason)] failures)
 EmbedFn = Callable[[Sequence[Path]], tuple[np.ndarray, list[tuple[int, str]]]]

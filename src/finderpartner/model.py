@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -72,13 +73,15 @@ def image_spec_of(processor: Any) -> ImageSpec:
 # Building and loading
 
 
-def build_model(name: str, *, tiny: TinySpec, captions: Iterable[str] | None = None, seed: int = 0) -> DualEncoder:
+def build_model(
+    name: str, *, tiny: TinySpec, captions: Iterable[str] | None = None, seed: int = 0, trust_pickle: bool = False
+) -> DualEncoder:
     """The model a training run starts from: the tiny preset, a local folder or a hub id."""
     if name == TINY:
         if captions is None:
             raise ModelError("the tiny model learns its tokenizer from the training captions; none were given")
         return build_tiny(tiny, captions, seed=seed)
-    return load_model(name)
+    return load_model(name, trust_pickle=trust_pickle)
 
 
 def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokenizer: Any = None) -> DualEncoder:
@@ -145,8 +148,18 @@ def _init_sincos_positions(weight: torch.Tensor, grid: int) -> None:
     weight[1:, : table.shape[1]] = table.to(weight.dtype)
 
 
-def load_model(name_or_path: str | Path) -> DualEncoder:
-    """Load a saved folder or a hub id (from the local cache when there, else from the hub)."""
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # torch.load: pickle, can run code
+TRUST_PICKLE_HINT = "--trust-pickle (training: model.trust_pickle: true)"
+
+
+def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualEncoder:
+    """Load a saved folder or a hub id (from the local cache when there, else from the hub).
+
+    Weights are read from safetensors only: pickle weights (``pytorch_model.bin``) can run code when loaded and
+    are refused unless ``trust_pickle`` (the CLI's ``--trust-pickle``, training's ``model.trust_pickle``).
+    """
+    from safetensors import SafetensorError
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     source = str(name_or_path)
@@ -158,13 +171,36 @@ def load_model(name_or_path: str | Path) -> DualEncoder:
     if is_dir and not (Path(source) / "config.json").is_file():
         raise ModelError(f"{source} is not a complete save_pretrained folder: it has no config.json")
     local_only = is_dir or _in_hf_cache(source)
+    pickled = _pickle_only(source, is_dir)
+    if pickled and not trust_pickle:
+        raise ModelError(
+            f"{pickled} holds pickle weights, which can run arbitrary code when loaded, and there are no safetensors "
+            f"weights next to it; refused. If you trust where it comes from, pass {TRUST_PICKLE_HINT}, or convert it "
+            "to safetensors once (load it trusted, then `model.save_pretrained(folder)`)."
+        )
+    if pickled:
+        log.warning("loading pickle weights %s (trusted with --trust-pickle / model.trust_pickle)", pickled)
     try:
-        model = AutoModel.from_pretrained(source, local_files_only=local_only)
+        # Untrusted: safetensors or nothing. Trusted: the pickle file found, else safetensors first (None).
+        use_safetensors = True if not trust_pickle else False if pickled else None
+        model = AutoModel.from_pretrained(source, local_files_only=local_only, use_safetensors=use_safetensors)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
+    except pickle.UnpicklingError as e:  # only reached with trust_pickle: torch's weights-only loader still refuses code
+        raise ModelError(f"{pickled or source}: torch's weights-only loader refused these pickle weights (damaged, or "
+                         f"they hold more than tensors, e.g. code), so nothing was loaded ({_first_line(e)}); get "
+                         "safetensors weights from a source you trust") from None  # fmt: skip
+    except SafetensorError as e:
+        raise ModelError(f"{source}: the safetensors weights cannot be read ({_first_line(e)}): the file is damaged or "
+                         "incomplete; copy or save the model again") from None  # fmt: skip
     except (OSError, ValueError) as e:
         if is_dir:
             raise ModelError(f"{source} is not a complete save_pretrained folder: {_first_line(e)}") from None
+        if "safetensors" in str(e) and not trust_pickle:
+            raise ModelError(
+                f"model {source!r} has no safetensors weights (only pickle ones, which can run arbitrary code when "
+                f"loaded); refused. If you trust it, pass {TRUST_PICKLE_HINT}."
+            ) from None
         raise ModelError(
             f"model {source!r} is not a local folder, not in the Hugging Face cache, and the hub could not be reached "
             f"({_first_line(e)}). Download it where there is internet (`huggingface-cli download {source}`) and copy "
@@ -177,12 +213,32 @@ def load_model(name_or_path: str | Path) -> DualEncoder:
     return DualEncoder(model, tokenizer, processor)
 
 
-def _in_hf_cache(repo_id: str) -> bool:
-    try:
+def _pickle_only(source: str, is_dir: bool) -> str | None:
+    """The pickle weights file of a folder (or cached hub model) that has no safetensors weights, else None."""
+
+    def find(name: str) -> str | None:
+        if is_dir:
+            path = Path(source) / name
+            return str(path) if path.is_file() else None
         from huggingface_hub import try_to_load_from_cache
 
+        try:
+            found = try_to_load_from_cache(source, name)
+        except ValueError:  # not a valid repo id: nothing cached
+            return None
+        return found if isinstance(found, str) else None
+
+    if any(find(name) for name in SAFE_WEIGHTS):
+        return None
+    return next((f for f in map(find, PICKLE_WEIGHTS) if f), None)
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # an id that is not a valid repo name is simply "not cached"
+    except ValueError:  # HFValidationError: an id that is not a valid repo name is simply "not cached"
         return False
 
 

@@ -37,10 +37,10 @@ from .data.collate import Batch, Collator
 from .data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable, num_workers, split_paths
 from .data.shards import ShardStream
 from .data.transforms import TrainTransform
-from .data.validate import require_usable, validate_split
+from .data.validate import long_captions_note, require_usable, validate_split
 from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UsageError
-from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics
+from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics, require_retrievable
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
 from .model import (DualEncoder, apply_freezing, apply_lora, build_model, clamp_logit_scale, enable_gradient_checkpointing,
                     save_model, set_attention)  # fmt: skip
@@ -170,6 +170,9 @@ def _build_run(cfg: Config, accelerator: Any, device: torch.device, precision: s
     run_dir = cfg.run_dir
     data = _load_data(cfg, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
+    cut = long_captions_note(data.captions, encoder.tokenizer, encoder.context_length) if accelerator.is_main_process else None
+    if cut:
+        log.warning("%s", cut[1])  # once per run: the collator truncates these captions silently
     model = _prepare_model(encoder, cfg, device)
 
     world = accelerator.num_processes
@@ -309,6 +312,9 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
         if cfg.model.name == TINY or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
             captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
         val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
+        if val is not None:
+            require_retrievable(val, "the validation set", "add more validation pairs, or disable validation "
+                                "with --set data.val_shards= (data.val_shards: null)")  # fmt: skip
         if d.train_size and captions and d.train_size != len(captions):
             log.info("data.train_size %d: the shards hold %d pairs; an epoch is %d pairs", d.train_size, len(captions), d.train_size)
         return _Data(captions, d.train_size or len(captions), shards=urls, val=val)
@@ -320,6 +326,9 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
         report = validate_split(d.root, split, max_pixels=d.max_image_pixels, progress=progress)
         tables.append(require_usable(report, d.on_error))
     train, val = tables
+    if val is not None:
+        require_retrievable(EvalSet.from_table(val), f"validation split {d.val_split!r}", "add more validation pairs, "
+                            "or disable validation with --set data.val_split= (data.val_split: '')")  # fmt: skip
     return _Data(list(train.captions), len(train), table=train, val=EvalSet.from_table(val) if val else None)
 
 
@@ -334,7 +343,8 @@ def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: boo
         tokenizer = AutoTokenizer.from_pretrained(saved)
         encoder = build_tiny(cfg.model.tiny, [], seed=cfg.seed, tokenizer=tokenizer)
     else:
-        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed)
+        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed,
+                              trust_pickle=cfg.model.trust_pickle)
         if cfg.model.name == TINY and is_main:
             with storage_errors(saved, f"the tokenizer {saved}"):
                 encoder.tokenizer.save_pretrained(saved)

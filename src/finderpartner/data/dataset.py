@@ -91,7 +91,10 @@ def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
         return empty, [Problem(str(image_dir), None, "missing_image_dir", "image folder not found")]
     text, problems = _decode(csv_path.read_bytes(), name)
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        return empty, problems + [Problem(name, 1, "csv_error", _csv_error(e))]
     if header is None:
         return empty, problems + [Problem(name, None, "empty_csv", "the file is empty; expected the header filename,caption")]
     columns = [h.strip().lower() for h in header]
@@ -112,7 +115,15 @@ def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
     seen: dict[tuple[str, str], int] = {}
     root_real = os.path.realpath(image_dir)
     line = reader.line_num
-    for fields in reader:
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:  # e.g. a field over the csv module's size limit: report the line, read on
+            problems.append(Problem(name, line + 1, "csv_error", _csv_error(e)))
+            line = reader.line_num
+            continue
         start, line = line + 1, reader.line_num
         if not fields or all(not f.strip() for f in fields):
             continue  # blank lines are harmless
@@ -128,7 +139,16 @@ def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
         else:
             rows.append((fields[fi], fields[ci].strip(), start))
     table = PairTable(image_dir, csv_path, *map(tuple, zip(*rows))) if rows else empty
+    if not rows and not any(p.fatal for p in problems):
+        problems.append(Problem(name, None, "no_rows", "no rows: only the header filename,caption; add image,caption lines"))
     return table, problems
+
+
+def _csv_error(e: csv.Error) -> str:
+    if "field limit" in str(e):
+        return (f"a field is longer than {csv.field_size_limit()} characters ({e}); a caption that long is usually "
+                "an unclosed quote that swallows the following lines: check the quotes on this line")  # fmt: skip
+    return f"not valid CSV ({e})"
 
 
 def _decode(raw: bytes, name: str) -> tuple[str, list[Problem]]:

@@ -16,9 +16,20 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from ..model import ImageSpec
+
+try:  # HEIC/HEIF (iPhone photos): Pillow reads them once the maintained plugin pillow-heif is installed
+    import pillow_heif
+except ImportError:
+    HEIF_SUPPORT = False
+else:
+    pillow_heif.register_heif_opener()
+    HEIF_SUPPORT = True
+
+SUPPORTED_FORMATS = "JPEG, PNG, WebP, BMP, GIF, TIFF" + (", HEIC/HEIF" if HEIF_SUPPORT else "")
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
 
@@ -51,6 +62,8 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_s
         pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             img = Image.open(path)
+        except UnidentifiedImageError as e:
+            raise UnidentifiedImageError(unidentified_message(path)) from None
         finally:
             Image.MAX_IMAGE_PIXELS = pil_limit
     limit = pil_limit if max_pixels is None else max_pixels
@@ -70,6 +83,31 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_s
     if rgb is not img:
         img.close()  # a converted copy: release the file (multi-frame images keep it open after load)
     return rgb
+
+
+def unidentified_message(path: str | Path | BinaryIO, name: str | None = None) -> str:
+    """What to say for a file PIL cannot identify: HEIC/HEIF named with its fix, else the readable formats.
+
+    Only the file's own name is shown (``name`` or the path's last part), never the folder it is in.
+    """
+    if name is None:
+        name = Path(path).name if isinstance(path, (str, Path)) else Path(getattr(path, "name", "") or "upload").name
+    try:
+        if isinstance(path, (str, Path)):
+            with open(path, "rb") as f:
+                head = f.read(12)
+        else:
+            path.seek(0)
+            head = path.read(12)
+    except (OSError, ValueError):
+        head = b""
+    readable = f"readable formats: {SUPPORTED_FORMATS}"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS or Path(name).suffix.lower() in (".heic", ".heif"):
+        if HEIF_SUPPORT:
+            return f"{name} is a HEIC/HEIF file that pillow-heif cannot decode (damaged?); convert it to JPEG"
+        return (f"{name} is a HEIC/HEIF photo, which Pillow cannot read by itself: install the plugin pillow-heif "
+                f"(pip install pillow-heif) and it is read as is, or convert the photo to JPEG ({readable})")  # fmt: skip
+    return f"{name} is not an image in a supported format ({readable}); convert it to JPEG or PNG"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

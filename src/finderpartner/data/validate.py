@@ -110,18 +110,26 @@ def _check_images(table: PairTable, max_pixels: int | None, workers: int | None,
 
 
 def _long_captions(table: PairTable, tokenizer: Any, context_length: int) -> list[Problem]:
-    lengths = [len(ids) for ids in tokenizer(list(table.captions), truncation=False)["input_ids"]]
-    long_rows = [i for i, n in enumerate(lengths) if n > context_length]
-    if not long_rows:
+    cut = long_captions_note(list(table.captions), tokenizer, context_length)
+    if cut is None:
         return []
-    first = long_rows[0]
-    return [
-        Problem(
-            str(table.csv_path),
-            table.lines[first],
-            "caption_truncated",
-            f"{len(long_rows)} caption(s) are longer than the model's {context_length} tokens and will be truncated "
-            f"(first: {lengths[first]} tokens)",
-            fatal=False,
-        )
-    ]
+    return [Problem(str(table.csv_path), table.lines[cut[0]], "caption_truncated", cut[1], fatal=False)]
+
+
+def long_captions_note(captions: list[str], tokenizer: Any, context_length: int) -> tuple[int, str] | None:
+    """(index of the first, one-line note) of the captions longer than the context, which the model cuts; else None.
+
+    Each distinct caption is tokenised once (fast tokenizers do a data set's captions in seconds).
+    """
+    distinct = list(dict.fromkeys(captions))
+    if not distinct:
+        return None
+    lengths = [len(ids) for ids in tokenizer(distinct, truncation=False)["input_ids"]]
+    long = {c for c, n in zip(distinct, lengths) if n > context_length}
+    if not long:
+        return None
+    first = next(i for i, c in enumerate(captions) if c in long)
+    count = sum(1 for c in captions if c in long)
+    example = captions[first] if len(captions[first]) <= 80 else captions[first][:77] + "..."
+    return first, (f"{count} of {len(captions)} captions ({len(long)} distinct) are longer than the model's "
+                   f"{context_length}-token context and are cut, e.g. {example!r}")  # fmt: skip
