@@ -159,9 +159,6 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
     Weights are read from safetensors only: pickle weights (``pytorch_model.bin``) can run code when loaded and
     are refused unless ``trust_pickle`` (the CLI's ``--trust-pickle``, training's ``model.trust_pickle``).
     """
-    from safetensors import SafetensorError
-    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-
     source = str(name_or_path)
     is_dir = Path(source).expanduser().is_dir()
     if is_dir:
@@ -170,6 +167,10 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         raise ModelError(f"model folder {source} does not exist; train one first or fix the path")
     if is_dir and not (Path(source) / "config.json").is_file():
         raise ModelError(f"{source} is not a complete save_pretrained folder: it has no config.json")
+    # after the checks above: a wrong path is answered at once, without importing transformers
+    from safetensors import SafetensorError
+    from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+
     local_only = is_dir or _in_hf_cache(source)
     pickled = _pickle_only(source, is_dir)
     if pickled and not trust_pickle:
