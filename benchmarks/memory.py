@@ -29,6 +29,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from finderpartner.config import TinySpec  # noqa: E402
 from finderpartner.env import autocast_factory, resolve_device, resolve_precision  # noqa: E402
@@ -140,6 +143,7 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=None, help="largest cached batch tried (default: 16384 tiny, 1024 ViT-B/32 on CPU)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     args = p.parse_args()
+    print(common.machine_line(), flush=True)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     results = []

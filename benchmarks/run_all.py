@@ -67,6 +67,7 @@ def headline(name: str, path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args_with_extra(argv)
     names = [n for n in (args.only or SCRIPTS) if n not in args.skip]
+    print(common.machine_line(), flush=True)
     failures, lines = [], []
     for name in names:
         out = args.results / f"{name}.json"
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if code:
             failures.append(name)
         lines.append(headline(name, out))
-    print("\n" + "\n".join(lines))
+    print("\n" + common.machine_line() + "\n" + "\n".join(lines))
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
     return 1 if failures else 0
