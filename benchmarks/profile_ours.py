@@ -207,8 +207,8 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
 
     encoder, b = real_batch(size, batch)
     model, spec = encoder.model, encoder.image_spec
-    attention = set_attention(model, "auto", torch.device("cpu"))  # what the trainer uses (model.attention: auto)
     precision = resolve_precision("auto", torch.device("cpu"))  # what the trainer uses: bf16 only where native
+    attention = set_attention(model, "auto", torch.device("cpu"), precision)  # what the trainer uses (model.attention: auto)
     autocast = autocast_factory(torch.device("cpu"), precision)
     model.train()
 
@@ -259,6 +259,7 @@ def _attention(model: Any, fwd_bwd: Callable[[], Any], repeats: int) -> dict[str
     """
     import torch
 
+    from finderpartner.env import resolve_precision
     from finderpartner.model import set_attention
 
     towers = ("vision_config", "text_config")
@@ -280,7 +281,7 @@ def _attention(model: Any, fwd_bwd: Callable[[], Any], repeats: int) -> dict[str
     try:
         return alternated(variants, repeats)
     finally:
-        set_attention(model, "auto", torch.device("cpu"))
+        set_attention(model, "auto", torch.device("cpu"), resolve_precision("auto", torch.device("cpu")))
 
 
 def _top_ops(model: Any, fwd_bwd: Callable[[], Any], steps: int = 3) -> dict[str, list[tuple[str, float]]]:

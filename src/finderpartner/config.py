@@ -84,8 +84,8 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",
-        description="attention kernels; 'auto': PyTorch SDPA on GPUs, on CPUs eager for sequences up to 300 tokens "
-        "(faster there) and SDPA above",
+        description="attention kernels; 'auto': PyTorch SDPA on GPUs and for fp32 training, on CPUs in bf16 eager for "
+        "sequences up to 300 tokens (faster there) and SDPA above",
     )
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)

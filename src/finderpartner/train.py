@@ -155,7 +155,7 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
 
     data = _load_data(cfg, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
-    model = _prepare_model(encoder, cfg, device)
+    model = _prepare_model(encoder, cfg, device, precision)
 
     world = accelerator.num_processes
     global_batch = _effective_batch(cfg.train.batch_size, data.num_rows, world)
@@ -253,10 +253,10 @@ def _effective_batch(batch_size: int, rows: int, world: int) -> int:
     return smaller
 
 
-def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device) -> nn.Module:
+def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, precision: str | None = None) -> nn.Module:
     """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
     m = cfg.model
-    log.info("attention: %s", set_attention(encoder.model, m.attention, device))
+    log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
     apply_freezing(encoder.model, **m.freeze.model_dump())
     if m.lora.enabled:
         encoder.model = apply_lora(encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
@@ -361,7 +361,9 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int | Callable[[], int], floor: float) -> torch.optim.lr_scheduler.LambdaLR:
+def _scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int | Callable[[], int], floor: float
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to ``floor * lr``.
 
     ``total`` may be a callable read at every step (a time budget decides it during the warm-up; until then
@@ -432,7 +434,8 @@ def _log_plan(run: _Run) -> None:
 def _loop(run: _Run) -> EvalResult | None:
     state, cfg = run.state, run.cfg
     final: EvalResult | None = None
-    bar = tqdm(total=run.total_steps if run.plan.decided else None, initial=state.global_step, desc="training", unit="step", disable=not run.is_main,
+    total = run.total_steps if run.plan.decided else None  # a time budget fixes it after the first steps
+    bar = tqdm(total=total, initial=state.global_step, desc="training", unit="step", disable=not run.is_main,
                dynamic_ncols=True)  # fmt: skip
     window = _Window()
     run.plan.begin(state.global_step)
@@ -478,12 +481,16 @@ def _decide_steps(run: _Run) -> None:
         validation_s = 0.0 if run.val is None else _validation_cost(run)
         checkpoint_s = plan.measured_cost("checkpoint") or _checkpoint_cost_estimate(run)
         remaining = plan.remaining_s() * MARGIN
-        more = steps_that_fit(remaining, state.global_step, plan.rate, validation_s=validation_s, checkpoint_s=checkpoint_s,
-                              steps_per_epoch=run.batches.steps_per_epoch, eval_every_epochs=cfg.train.eval_every_epochs,
-                              checkpoint_every=cfg.train.checkpoint_every)  # fmt: skip
+        more = steps_that_fit(
+            remaining, state.global_step, plan.rate, validation_s=validation_s, checkpoint_s=checkpoint_s,
+            steps_per_epoch=run.batches.steps_per_epoch, eval_every_epochs=cfg.train.eval_every_epochs,
+            checkpoint_every=cfg.train.checkpoint_every,
+        )  # fmt: skip
         fits = state.global_step + more
         total[0] = min(fits, plan.cap) if plan.cap else fits
-        capped = f"; capped at train.max_steps {plan.cap} (the budget allows {fits})" if plan.cap and fits > plan.cap else ""
+        capped = ""
+        if plan.cap and fits > plan.cap:
+            capped = f"; capped at train.max_steps {plan.cap} (the budget allows {fits})"
         log.info(
             "time budget %s: %d steps planned at %.2f steps/s (%.1f epochs; %d steps and %.0f s spent so far, "
             "validation ~%.1f s, checkpoint ~%.1f s)%s",
@@ -508,10 +515,11 @@ def _validation_cost(run: _Run) -> float:
     rng = capture_rng()  # leaves the run exactly as it was: same random numbers, training mode
     start = time.perf_counter()
     try:
-        evaluate_split(run.model, run.encoder.tokenizer, part, run.encoder.image_spec, context_length=run.encoder.context_length,
-                       device=run.device, autocast=autocast_factory(run.device, run.precision),
-                       batch_size=run.cfg.eval.batch_size, loss_batch_size=run.batches.global_batch,
-                       chunk_size=run.cfg.eval.chunk_size)  # fmt: skip
+        evaluate_split(
+            run.model, run.encoder.tokenizer, part, run.encoder.image_spec, context_length=run.encoder.context_length,
+            device=run.device, autocast=autocast_factory(run.device, run.precision), batch_size=run.cfg.eval.batch_size,
+            loss_batch_size=run.batches.global_batch, chunk_size=run.cfg.eval.chunk_size,
+        )  # fmt: skip
     finally:
         run.model.train()
         restore_rng(rng)
