@@ -61,4 +61,4 @@ def test_two_processes_agree_on_the_step_count_a_time_budget_decides(small_data:
     assert log.count("steps planned at") == 1, log[-3000:]  # decided once, by the main process
     newest = sorted((tmp_path / "outputs" / "budget" / "checkpoints").glob("step_*"))[-1]
     state = json.loads((newest / "state.json").read_text())["trainer"]
-    assert state["global_step"] == state["planned_steps"] == int(newest.name.split("_")[1]) > 25
+    assert state["global_step"] == state["planned_steps"] == int(newest.name.split("_")[1]) >= 30

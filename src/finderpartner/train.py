@@ -253,7 +253,8 @@ def _effective_batch(batch_size: int, rows: int, world: int) -> int:
     return smaller
 
 
-def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, precision: str | None = None) -> nn.Module:
+def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, precision: str | None = None
+                   ) -> nn.Module:  # fmt: skip
     """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
     m = cfg.model
     log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
