@@ -92,3 +92,21 @@ def test_steps_that_fit_budgets_validations_and_checkpoints() -> None:
     assert n == 90  # 90 s of steps + 8 checkpoints (10..80) + the final one = 99 s; 91 steps would take 101 s
     assert steps_that_fit(0, 0, 2.0, validation_s=0, checkpoint_s=0, **common) == 0
     assert steps_that_fit(-5, 0, 2.0, validation_s=0, checkpoint_s=0, **common) == 0
+
+
+def test_warm_up_covers_the_timing_and_is_cut_when_longer_than_the_budgeted_run() -> None:
+    from finderpartner.budget import Plan
+
+    def plan(**train: object) -> Plan:
+        return Plan.from_config(config_from_dict({"train": train}).train, 100, 0.0)
+
+    short = plan(time_budget="1m", warmup_steps=0)  # lengthened: no rate may depend on the undecided total
+    assert short.warmup == SKIP_STEPS + MEASURE_STEPS and not short.decided
+    short.fix(400)
+    assert short.warmup == SKIP_STEPS + MEASURE_STEPS and short.total_now() == 400
+    long = plan(time_budget="1m", warmup_steps=500)
+    long.fix(400)  # the budget bought fewer steps than the warm-up: a fifth of them, as for a fixed step count
+    assert long.warmup == 80 and long.warmup_now() == 80
+    few = plan(time_budget="1m", max_steps=20)  # too few steps to time: a plain 20-step run
+    assert few.decided and few.total == 20 and few.budget_s is None
+    assert plan(epochs=3).total == 300 and plan(epochs=3).budget_s is None

@@ -74,10 +74,23 @@ class Plan:
     def total_now(self) -> int:
         return self.total
 
+    def warmup_now(self) -> int:
+        return self.warmup
+
+    def fix(self, total: int) -> None:
+        """The decided step count; a warm-up as long as the run is cut to a fifth of it (not below the timing)."""
+        self.total, self.decided = total, True
+        if self.warmup >= total:
+            capped = max(total // 5, SKIP_STEPS + MEASURE_STEPS)
+            log.warning("warm-up of %d steps is not shorter than the %d steps of the time budget: using %d",
+                        self.warmup, total, capped)  # fmt: skip
+            self.warmup = capped
+
     def adopt(self, state: Any) -> None:
         """After a resume: take the step count a budget decided before the interruption."""
         if self.budget_s is not None and not self.decided and state.planned_steps:
-            self.total, self.decided, self.reused = state.planned_steps, True, True
+            self.fix(state.planned_steps)
+            self.reused = True
 
     def describe(self) -> str:
         if self.budget_s is None:

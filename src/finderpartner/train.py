@@ -163,7 +163,8 @@ def _setup(cfg: Config, resume: str | None) -> _Run:
     batches, loader = _train_loader(cfg, data, encoder, global_batch, accelerator.process_index, world, device)
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
     optimizer = _optimizer(model, cfg)
-    scheduler = _scheduler(optimizer, plan.warmup, plan.total_now, cfg.train.min_lr_ratio)
+    scheduler = _scheduler(optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now,
+                           cfg.train.min_lr_ratio)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     trackers = make_trackers(
         run_dir,
@@ -363,22 +364,24 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def _scheduler(
-    optimizer: torch.optim.Optimizer, warmup: int, total: int | Callable[[], int], floor: float
+    optimizer: torch.optim.Optimizer, warmup: int | Callable[[], int], total: int | Callable[[], int], floor: float
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to ``floor * lr``.
 
-    ``total`` may be a callable read at every step (a time budget decides it during the warm-up; until then
-    only warm-up factors are asked for).
+    ``warmup`` and ``total`` may be callables read at every step (a time budget decides the total, and caps a
+    warm-up longer than the run, during the warm-up; until then only warm-up factors are asked for).
     """
-    if isinstance(total, int) and warmup >= total:
+    if isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
         log.warning("warm-up of %d steps is not shorter than the %d training steps: using %d", warmup, total, total // 5)
         warmup = total // 5
+    warmup_now = warmup if callable(warmup) else (lambda: warmup)
     total_now = total if callable(total) else (lambda: total)
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_now() - warmup))
+        w = warmup_now()
+        if step < w:
+            return (step + 1) / (w + 1)
+        progress = min(1.0, (step - w) / max(1, total_now() - w))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -500,7 +503,7 @@ def _decide_steps(run: _Run) -> None:
         )  # fmt: skip
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(total, src=0)
-    plan.total, plan.decided = max(int(total[0]), state.global_step), True
+    plan.fix(max(int(total[0]), state.global_step))
     state.planned_steps = plan.total
 
 
