@@ -140,7 +140,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--max-micro", type=int, default=None, help="largest micro-batch tried (default: 512 tiny, 128 ViT-B/32 on CPU; 32 in fp32)")
-    p.add_argument("--max-batch", type=int, default=None, help="largest cached batch tried (default: 16384 tiny, 1024 ViT-B/32 on CPU; in fp32 4096 and 256)")
+    p.add_argument("--max-batch", type=int, default=None, help="largest cached batch tried (default: 16384 tiny, 1024 ViT-B/32 on CPU; in fp32 4096 and 128)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     args = p.parse_args()
     print(common.machine_line(), flush=True)
@@ -152,7 +152,7 @@ def main() -> None:
         # fp32 on a CPU (no native bf16) is 3-4x slower: shorter default ranges keep the default run within minutes
         slow = device.type == "cpu" and precision == "fp32"
         max_micro = args.max_micro or ((32 if slow else 128) if cpu_vit else 512)
-        max_batch = args.max_batch or ((256 if slow else 1024) if cpu_vit else (4096 if slow else 16384))
+        max_batch = args.max_batch or ((128 if slow else 1024) if cpu_vit else (4096 if slow else 16384))
         if slow and not (args.max_micro and args.max_batch):
             print(f"  fp32 on the CPU: default ranges shortened to micro-batch {max_micro}, batch {max_batch} "
                   "(--max-micro / --max-batch for more)", flush=True)
