@@ -1,6 +1,6 @@
 """Run every benchmark with its quick defaults (``make bench``), one after another, and print the headlines.
 
-    python benchmarks/run_all.py                       # all of them: about 30 minutes on 2 quiet cores
+    python benchmarks/run_all.py                       # all of them (2 quiet cores: ~30 min with bf16 before issue 15; fp32: benchmarks/README.md)
     python benchmarks/run_all.py --only train_throughput data_throughput
     python benchmarks/run_all.py --skip time_to_quality --results /tmp/bench
 
