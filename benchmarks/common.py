@@ -75,12 +75,36 @@ def machine_info() -> dict[str, Any]:
         "cpu": model,
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "avx2": " avx2" in flags,
+        "avx512f": "avx512f" in flags,
         "avx512_bf16": "avx512_bf16" in flags,
         "amx_bf16": "amx_bf16" in flags,
+        "native_precisions": native_precisions(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "load_avg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
+
+
+def native_precisions() -> list[str]:
+    """The precisions this machine computes natively: fp32, plus bf16 with AVX512-BF16/AMX or a CUDA GPU.
+
+    Emulated bf16 (a CPU without those) is slower than fp32 and measuring it takes minutes: it is left out.
+    """
+    import torch
+
+    from finderpartner.env import cpu_supports_bf16
+
+    return ["fp32", "bf16"] if cpu_supports_bf16() or torch.cuda.is_available() else ["fp32"]
+
+
+def machine_line() -> str:
+    """One line for every report: the CPU, its relevant flags and what precision auto therefore trains in."""
+    m = machine_info()
+    yn = {True: "yes", False: "no"}
+    flags = ", ".join(f"{k} {yn[m[k]]}" for k in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    auto = "bf16" if "bf16" in m["native_precisions"] else "fp32"
+    return f"machine: {m['cpu']}, {m['cores']} cores; {flags}: precision auto = {auto}"
 
 
 def package_versions() -> dict[str, str]:
@@ -227,11 +251,22 @@ def n_params(model: Any) -> int:
 # Machine peak and model FLOPs
 
 
-def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 7) -> dict[str, float]:
-    """FLOP/s of an n x n x n matmul with the current torch thread count: best (the peak) and median."""
+def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 7, max_seconds: float = 30.0) -> dict[str, float]:
+    """FLOP/s of an n x n x n matmul with the current torch thread count: best (the peak) and median.
+
+    ``n`` shrinks (to a multiple of 256, at least 256) when the repeats would take longer than ``max_seconds``
+    (emulated bf16 is ~50x slower than fp32: a 2048^3 product took minutes on a CPU without AVX512).
+    """
     import torch
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    probe = torch.randn(256, 256).to(dtype)
+    probe @ probe
+    t = time.perf_counter()
+    probe @ probe
+    per_flop = (time.perf_counter() - t) / (2 * 256**3)
+    fitting = (max_seconds / (repeats + 2) / per_flop / 2) ** (1 / 3)
+    n = max(256, min(n, int(fitting) // 256 * 256))
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     for _ in range(2):
         a @ b
@@ -258,7 +293,7 @@ def count_flops(step: Callable[[], None]) -> int:
 def model_flops_per_sample(
     spec: Any, tokenizer: Any, model_dir: Path, captions: Sequence[str], batch: int = 64
 ) -> dict[str, float]:
-    """FLOPs of one forward+backward per pair for both models, on real captions, under bf16 autocast.
+    """FLOPs of one forward+backward per pair for both models, on real captions (bf16 autocast where native).
 
     Ours pads captions to the longest in the batch; open_clip pads every caption to the context length, so its
     text tower does more work per sample. Both numbers are each trainer's real work.
@@ -274,14 +309,16 @@ def model_flops_per_sample(
     enc = tokenizer(caps, padding="longest", truncation=True, max_length=spec.context_length, return_tensors="pt")
     padded = tokenizer(caps, padding="max_length", truncation=True, max_length=spec.context_length, return_tensors="pt")
 
+    bf16 = "bf16" in native_precisions()  # the counts do not depend on it; emulated bf16 is only slower
+
     def ours_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             i = F.normalize(image_features(ours, pixels).float(), dim=-1)
             t = F.normalize(text_features(ours, enc["input_ids"], enc["attention_mask"]).float(), dim=-1)
         (i @ t.T).logsumexp(1).sum().backward()
 
     def theirs_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             i, t = theirs.encode_image(pixels, normalize=True), theirs.encode_text(padded["input_ids"], normalize=True)
         (i.float() @ t.float().T).logsumexp(1).sum().backward()
 

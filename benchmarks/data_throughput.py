@@ -231,6 +231,7 @@ def report(results: dict[str, Any], workers: list[int], pipelines: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    print(common.machine_line(), flush=True)
     import torch
 
     # The parent process is the main process of a trainer: it keeps its default thread count; workers use 1.

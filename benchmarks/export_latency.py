@@ -126,6 +126,7 @@ def render(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    print(common.machine_line(), flush=True)
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     with tempfile.TemporaryDirectory() as tmp:
         encoder, export, images, captions = build(Path(tmp), args.exporter, args.variants)

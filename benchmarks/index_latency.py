@@ -92,6 +92,7 @@ def measure(size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    print(common.machine_line(), flush=True)
     if args.threads:
         import faiss
 

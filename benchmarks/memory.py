@@ -29,6 +29,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from finderpartner.config import TinySpec  # noqa: E402
 from finderpartner.env import autocast_factory, resolve_device, resolve_precision  # noqa: E402
@@ -136,17 +139,23 @@ def main() -> None:
     p.add_argument("--cap-gb", type=float, default=12.0, help="memory cap (12 emulates an RTX 3060)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--max-micro", type=int, default=None, help="largest micro-batch tried (default: 512 tiny, 128 ViT-B/32 on CPU)")
-    p.add_argument("--max-batch", type=int, default=None, help="largest cached batch tried (default: 16384 tiny, 1024 ViT-B/32 on CPU)")
+    p.add_argument("--max-micro", type=int, default=None, help="largest micro-batch tried (default: 512 tiny, 128 ViT-B/32 on CPU; 32 in fp32)")
+    p.add_argument("--max-batch", type=int, default=None, help="largest cached batch tried (default: 16384 tiny, 1024 ViT-B/32 on CPU; in fp32 4096 and 128)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     args = p.parse_args()
+    print(common.machine_line(), flush=True)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     results = []
     for arch in (["tiny", "vitb32"] if args.arch == "both" else [args.arch]):
         cpu_vit = device.type == "cpu" and arch == "vitb32"
-        max_micro = args.max_micro or (128 if cpu_vit else 512)
-        max_batch = args.max_batch or (1024 if cpu_vit else 16384)
+        # fp32 on a CPU (no native bf16) is 3-4x slower: shorter default ranges keep the default run within minutes
+        slow = device.type == "cpu" and precision == "fp32"
+        max_micro = args.max_micro or ((32 if slow else 128) if cpu_vit else 512)
+        max_batch = args.max_batch or ((128 if slow else 1024) if cpu_vit else (4096 if slow else 16384))
+        if slow and not (args.max_micro and args.max_batch):
+            print(f"  fp32 on the CPU: default ranges shortened to micro-batch {max_micro}, batch {max_batch} "
+                  "(--max-micro / --max-batch for more)", flush=True)
         sizes = [2**i for i in range(0, 20) if 2**i <= max_micro]
         print(f"{arch} on {device} in {precision}, cap {args.cap_gb} GB", flush=True)
         results.append(measure(arch, sizes, args.cap_gb, device, precision, max_batch))

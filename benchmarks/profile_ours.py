@@ -63,7 +63,9 @@ BUCKETS: list[tuple[str, re.Pattern[str]]] = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=["profile", "micro"], choices=["profile", "micro", "ab"])
-    p.add_argument("--image-sizes", type=int, nargs="+", default=[64, 224], choices=sorted(JPEG_FOR))
+    p.add_argument("--image-sizes", type=int, nargs="+", default=None, choices=sorted(JPEG_FOR),
+                   help="profiled image sizes (default 64 224; only 64 where bf16 is not native: fp32 at 224 px "
+                   "takes minutes)")  # fmt: skip
     p.add_argument("--steps", type=int, default=30, help="profiled steps at 64 px (224 px: a third, at least 8)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -199,14 +201,15 @@ def alternated(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int
 def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
     import torch
 
-    from finderpartner.env import autocast_factory
+    from finderpartner.env import autocast_factory, resolve_precision
     from finderpartner.memory import contrastive_backward
     from finderpartner.model import set_attention
 
     encoder, b = real_batch(size, batch)
     model, spec = encoder.model, encoder.image_spec
-    attention = set_attention(model, "auto", torch.device("cpu"))  # what the trainer uses (model.attention: auto)
-    autocast = autocast_factory(torch.device("cpu"), "bf16")
+    precision = resolve_precision("auto", torch.device("cpu"))  # what the trainer uses: bf16 only where native
+    attention = set_attention(model, "auto", torch.device("cpu"), precision)  # what the trainer uses (model.attention: auto)
+    autocast = autocast_factory(torch.device("cpu"), precision)
     model.train()
 
     def fwd_bwd(m: Any = model, micro_batch: int = batch, batch_: Any = b) -> Any:
@@ -215,7 +218,7 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
                                     backward=lambda loss: loss.backward())  # fmt: skip
 
     out: dict[str, Any] = {"image_size": size, "batch": batch, "text_tokens": int(b.input_ids.shape[1]),
-                           "attention_impl": attention}  # fmt: skip
+                           "attention_impl": attention, "precision": precision}  # fmt: skip
     out["fwd_bwd_micro_batch"] = alternated(
         {f"micro-batch {m}": (lambda m=m: fwd_bwd(micro_batch=m)) for m in (batch, batch // 4)}, repeats
     )
@@ -256,6 +259,7 @@ def _attention(model: Any, fwd_bwd: Callable[[], Any], repeats: int) -> dict[str
     """
     import torch
 
+    from finderpartner.env import resolve_precision
     from finderpartner.model import set_attention
 
     towers = ("vision_config", "text_config")
@@ -277,7 +281,7 @@ def _attention(model: Any, fwd_bwd: Callable[[], Any], repeats: int) -> dict[str
     try:
         return alternated(variants, repeats)
     finally:
-        set_attention(model, "auto", torch.device("cpu"))
+        set_attention(model, "auto", torch.device("cpu"), resolve_precision("auto", torch.device("cpu")))
 
 
 def _top_ops(model: Any, fwd_bwd: Callable[[], Any], steps: int = 3) -> dict[str, list[tuple[str, float]]]:
@@ -399,7 +403,8 @@ def report(results: dict[str, Any]) -> str:
         lines.append("")
     for m in results.get("micro", []):
         lines.append(
-            f"micro-benchmarks at {m['image_size']} px, batch {m['batch']} ({m['text_tokens']} text tokens), median ms:"
+            f"micro-benchmarks at {m['image_size']} px, batch {m['batch']} ({m['text_tokens']} text tokens), "
+            f"{m['precision']}, median ms:"
         )
         rows = []
         for group in ("fwd_bwd_micro_batch", "attention", "optimizer", "grad_clip", "channels_last"):
@@ -427,6 +432,9 @@ def report(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    print(common.machine_line(), flush=True)
+    if args.image_sizes is None:
+        args.image_sizes = [64, 224] if "bf16" in common.native_precisions() else [64]
     results: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-profile-"))
     try:
@@ -443,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             results["ab"] = ab(args.candidates, args.ab_steps, args.ab_repeats, args.batch, args.workers, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print("\n" + report(results))
+    print("\n" + common.machine_line() + "\n" + report(results))
     common.save_results("profile_ours", args, results)
     return 0
 

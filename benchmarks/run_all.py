@@ -1,6 +1,6 @@
 """Run every benchmark with its quick defaults (``make bench``), one after another, and print the headlines.
 
-    python benchmarks/run_all.py                       # all of them: about 30 minutes on 2 quiet cores
+    python benchmarks/run_all.py                       # all of them (2 quiet cores: ~30 min with bf16 before issue 15; fp32: benchmarks/README.md)
     python benchmarks/run_all.py --only train_throughput data_throughput
     python benchmarks/run_all.py --skip time_to_quality --results /tmp/bench
 
@@ -67,6 +67,7 @@ def headline(name: str, path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args_with_extra(argv)
     names = [n for n in (args.only or SCRIPTS) if n not in args.skip]
+    print(common.machine_line(), flush=True)
     failures, lines = [], []
     for name in names:
         out = args.results / f"{name}.json"
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         if code:
             failures.append(name)
         lines.append(headline(name, out))
-    print("\n" + "\n".join(lines))
+    print("\n" + common.machine_line() + "\n" + "\n".join(lines))
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
     return 1 if failures else 0

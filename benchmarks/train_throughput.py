@@ -103,7 +103,7 @@ def machine_peak(before: dict[str, Any] | None = None) -> dict[str, Any]:
     Measured before and after the runs; the higher best-of-7 counts (other load on a shared machine only
     ever lowers it).
     """
-    now = {"bf16": common.matmul_peak("bf16"), "fp32": common.matmul_peak("fp32")}
+    now = {p: common.matmul_peak(p) for p in common.native_precisions()}  # emulated bf16 would take minutes
     if before is None:
         return now
     return {k: max(before[k], now[k], key=lambda m: m["best_flops"]) for k in now}
@@ -214,7 +214,8 @@ def alternate(args: argparse.Namespace, prep: dict[str, Any], tmp: Path) -> dict
     return runs
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]], flops: dict[str, float], peak: dict[str, Any]) -> dict[str, Any]:
+def summarise(runs: dict[str, list[dict[str, Any]]], flops: dict[str, float], peak: dict[str, Any],
+              precisions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     out: dict[str, Any] = {}
     for name, results in runs.items():
         fps = flops["open_clip"] if name == "open_clip" else flops["ours"]
@@ -226,7 +227,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]], flops: dict[str, float], pe
             "peak_pss_gib": common.median(r["peak_pss_gib"] for r in results),
             "flops_per_sample": fps,
             "achieved_tflops": sps["median"] * fps / 1e12,
-            "mfu_bf16_peak": sps["median"] * fps / peak["bf16"]["best_flops"],
+            "precision": precisions[name],
+            "mfu": sps["median"] * fps / peak[precisions[name]]["best_flops"] if precisions[name] in peak else math.nan,
             "mfu_fp32_peak": sps["median"] * fps / peak["fp32"]["best_flops"],
             "worker_cpu_share": common.median(_worker_share(r) for r in results),
             "micro_batches": [r.get("micro_batch") for r in results],
@@ -263,20 +265,20 @@ def report(summary: dict[str, Any], prep: dict[str, Any], peak: dict[str, Any], 
             continue
         sps = s["samples_per_s"]
         micro = ",".join(str(m) for m in s["micro_batches"]) if any(s["micro_batches"]) else "-"
-        rows.append([name, sps["median"], f"{sps['min']:.0f}-{sps['max']:.0f}", f"{100 * sps['rel_range']:.0f}%", micro,
+        rows.append([name, s["precision"], sps["median"], f"{sps['min']:.0f}-{sps['max']:.0f}", f"{100 * sps['rel_range']:.0f}%", micro,
                      f"{100 * s['data_wait_fraction']:.1f}%", f"{100 * s['worker_cpu_share']:.0f}%",
                      f"{s['peak_pss_gib']:.2f} / {s['peak_rss_gib']:.2f}", f"{s['flops_per_sample'] / 1e9:.3f}",
-                     f"{100 * s['mfu_bf16_peak']:.1f}%", ",".join(f"{x:.2f}" for x in s["foreign_load"])])  # fmt: skip
-    p, b16, f32 = prep["params"], peak["bf16"], peak["fp32"]
-    headers = ["trainer", "samples/s", "range", "spread", "micro-batch", "data wait", "worker CPU",
-               "peak GiB PSS/RSS", "GFLOP/pair", "MFU bf16", "other load (cores)"]  # fmt: skip
+                     f"{100 * s['mfu']:.1f}%", ",".join(f"{x:.2f}" for x in s["foreign_load"])])  # fmt: skip
+    p = prep["params"]
+    headers = ["trainer", "precision", "samples/s", "range", "spread", "micro-batch", "data wait", "worker CPU",
+               "peak GiB PSS/RSS", "GFLOP/pair", "MFU", "other load (cores)"]  # fmt: skip
+    peaks = ", ".join(f"{k} {v['best_flops'] / 1e12:.2f} TFLOP/s ({v['n']}^3, median {v['median_flops'] / 1e12:.2f})"
+                      for k, v in peak.items())  # fmt: skip
     lines = [
+        common.machine_line(),
         f"parameters: ours {p['ours']:,}, open_clip {p['open_clip']:,} ({100 * p['relative_difference']:+.2f}%)",
-        (
-            f"matmul peak ({b16['threads']} threads, {b16['n']}^3): bf16 {b16['best_flops'] / 1e12:.2f} TFLOP/s, "
-            f"fp32 {f32['best_flops'] / 1e12:.2f} TFLOP/s (best of 7; medians {b16['median_flops'] / 1e12:.2f} / "
-            f"{f32['median_flops'] / 1e12:.2f})"
-        ),
+        f"matmul peak ({next(iter(peak.values()))['threads']} threads, best of 7; native precisions only): {peaks}; "
+        "MFU is against the peak of the precision each trainer ran",
         (
             f"fwd+bwd GFLOPs per pair: ours {flops['ours'] / 1e9:.3f} (text padded to the batch's longest caption, "
             f"mean {flops['ours_text_tokens_mean']:.1f} tokens), open_clip {flops['open_clip'] / 1e9:.3f} "
@@ -291,6 +293,24 @@ def report(summary: dict[str, Any], prep: dict[str, Any], peak: dict[str, Any], 
                      f"quiet pairs (other load <= {QUIET_LOAD} cores): {len(r['quiet_pairs'])}, median "
                      f"{r['median_of_quiet_pairs']:.2f})")  # fmt: skip
     return "\n".join(lines)
+
+
+def precisions_ran(args: argparse.Namespace) -> dict[str, str]:
+    """The precision each contender trained in ('auto' resolved the way our trainer resolves it)."""
+    import torch
+
+    from finderpartner.env import resolve_precision
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out: dict[str, str] = {}
+    for name, _ in contenders(args):
+        if name == "open_clip":
+            out[name] = {"amp_bf16": "bf16", "amp": "fp16", "amp_bfloat16": "bf16"}.get(args.open_clip_precision, "fp32")
+        else:
+            sets = dict(item.split("=", 1) for spec in args.variant if name == f"ours[{spec.split('|')[0]}]"
+                        for item in (spec.split("|") + ["", ""])[2].split(",") if item)  # fmt: skip
+            out[name] = resolve_precision(sets.get("train.precision", args.ours_precision), device)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,12 +329,13 @@ def main(argv: list[str] | None = None) -> int:
         flops = common.model_flops_per_sample(
             prep["spec"], prep["tokenizer"], prep["model_dir"], prep["captions"], args.batch
         )
+        print(common.machine_line(), flush=True)
         print(f"data {prep['data']}; {args.steps} steps of batch {args.batch}, {args.workers} workers, "
-              f"warm-up {args.warmup_steps} steps excluded; precision ours {args.ours_precision}, open_clip "
-              f"{args.open_clip_precision}", flush=True)  # fmt: skip
+              f"warm-up {args.warmup_steps} steps excluded; precision "
+              + ", ".join(f"{k} {v}" for k, v in precisions_ran(args).items()), flush=True)  # fmt: skip
         runs = alternate(args, prep, tmp)
         peak = machine_peak(peak)
-        summary = summarise(runs, flops, peak)
+        summary = summarise(runs, flops, peak, precisions_ran(args))
         text = report(summary, prep, peak, flops)
         print("\n" + text)
     finally:

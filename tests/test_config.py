@@ -97,3 +97,25 @@ def test_best_metric_is_checked_up_front_and_ranks_count_lower_as_better() -> No
                      for r1, rank, loss in ((0.8, 1.5, 0.5), (0.6, 3.0, 0.9)))  # fmt: skip
     for name in ("text_to_image/R@1", "text_to_image/mean_rank", "loss"):
         assert better.select(name) > worse.select(name), name
+
+
+@pytest.mark.parametrize(("text", "seconds"), [("5m", 300), ("1h", 3600), ("90s", 90), ("1h30m", 5400), ("2.5h", 9000),
+                                               ("10min", 600), (" 45 S ", 45), (120, 120), (1.5, 1.5)])  # fmt: skip
+def test_time_budget_is_parsed(text: object, seconds: float) -> None:
+    cfg = config_from_dict({"train": {"time_budget": text}})
+    assert cfg.train.time_budget_s == seconds
+    assert config_from_dict(yaml.safe_load(render_yaml(cfg))) == cfg  # round-trips through the rendered YAML
+
+
+@pytest.mark.parametrize("bad", ["5", "five minutes", "5x", "-5m", "0s", "5m30", "1.2.3h", "", True, "inf"])
+def test_bad_time_budget_is_a_config_error_naming_the_key(bad: object) -> None:
+    with pytest.raises(ConfigError, match=r"train\.time_budget: ") as err:
+        config_from_dict({"train": {"time_budget": bad}})
+    assert "1 problem(s)" in str(err.value)
+    assert config_from_dict({}).train.time_budget_s is None
+
+
+def test_time_budget_override_from_the_command_line() -> None:
+    assert load_config(None, ["train.time_budget=5m"]).train.time_budget_s == 300
+    with pytest.raises(ConfigError, match=r"train\.time_budget: expected a duration such as '90s'"):
+        load_config(None, ["train.time_budget=soon"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,3 +42,23 @@ def test_two_gloo_processes_match_one_process(small_data: Path, tmp_path: Path) 
     losses_one = [line for line in (one.run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     losses_two = [line for line in (two_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
     assert len(losses_one) == len(losses_two) == 4
+
+
+def test_two_processes_agree_on_the_step_count_a_time_budget_decides(small_data: Path, tmp_path: Path) -> None:
+    # Each process times its own steps; only the main process's decision counts (broadcast). Had they disagreed,
+    # one would wait in an all-reduce for a step the other never takes, and torchrun would time out or fail.
+    raw = micro_config(tmp_path, small_data, time_budget="20s", max_steps=400, warmup_steps=30)
+    cfg_file = tmp_path / "budget.yaml"
+    cfg_file.write_text(yaml.safe_dump({**raw, "experiment": "budget"}))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finderpartner.cli", "train", "--config", str(cfg_file)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    assert log.count("steps planned at") == 1, log[-3000:]  # decided once, by the main process
+    newest = sorted((tmp_path / "outputs" / "budget" / "checkpoints").glob("step_*"))[-1]
+    state = json.loads((newest / "state.json").read_text())["trainer"]
+    assert state["global_step"] == state["planned_steps"] == int(newest.name.split("_")[1]) >= 30

@@ -83,7 +83,10 @@ def test_check_env_json_has_the_documented_schema(capsys: pytest.CaptureFixture[
     assert {"torch", "transformers", "accelerate", "torchvision"} <= {p["name"] for p in report["required"]}
     assert {"onnxruntime", "gradio", "faiss-cpu"} <= {p["name"] for p in report["optional"]}
     _check_types(report["gpu"], GPU_TYPES, "gpu")
-    _check_types(report["cpu"], {"cores": int, "bf16_native": bool}, "cpu")
+    _check_types(report["cpu"], {"cores": int, "bf16_native": bool, "name": str, "kind": str, "avx512": bool, "amx": bool,
+                                 "expect": str}, "cpu")  # fmt: skip
+    # what to expect from this CPU kind: fp32 (and how much slower) unless bf16 is native
+    assert ("bf16" in report["cpu"]["expect"]) if report["cpu"]["bf16_native"] else ("fp32" in report["cpu"]["expect"])
     assert report["cpu"]["cores"] >= 1
     rec = report["recommendation"]
     assert rec["device"] in ("cpu", "cuda") and rec["precision"] in ("fp32", "bf16", "fp16")
@@ -134,3 +137,21 @@ def test_format_report_describes_a_gpu_and_problems() -> None:
     assert "GPU: NVIDIA GeForce RTX 3060 (12.0 GB, compute 8.6, bf16 yes, CUDA 12.4, 2 device(s))" in text
     assert "free disk at outputs: 1.5 GB  <- low" in text
     assert text.endswith("requirements not met:\n  - accelerate: not installed\ninstall: pip install 'accelerate>=0.26'")
+
+
+def test_check_env_says_which_cpu_kind_this_is_and_what_to_expect() -> None:
+    from finderpartner.env import cpu_kind, cpu_supports_bf16
+
+    kind = cpu_kind()
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if cpu_supports_bf16():
+        assert kind["kind"].startswith("native bf16") and "runs in bf16" in kind["expect"]
+    elif "avx2" in flags and "avx512f" not in flags:  # e.g. the 2-core AMD EPYC without AVX512
+        assert kind["kind"] == "AVX2, no AVX512" and not kind["avx512"]
+        assert kind["expect"].startswith("no native bf16: training runs in fp32") and "about 3x slower" in kind["expect"]
+    else:
+        assert "fp32" in kind["expect"]
+    report = environment_report()
+    if not report["gpu"]["available"]:
+        text = format_report(report)
+        assert f"; {kind['kind']})\n  {kind['expect']}" in text

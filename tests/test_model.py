@@ -63,6 +63,9 @@ def test_attention_auto_is_eager_for_short_cpu_sequences_and_gives_the_same_embe
         after = encode_image(short, pixels), encode_text(short, tokens["input_ids"], tokens["attention_mask"])
     assert max((a - b).abs().max().item() for a, b in zip(before, after)) < 1e-5
     assert set_attention(long, "auto", torch.device("cpu")).startswith("vision sdpa (401 tokens)")
+    # training in fp32 on a CPU (no native bf16): SDPA is the faster kernel there at every length
+    assert set_attention(short, "auto", torch.device("cpu"), "fp32").startswith("vision sdpa (17 tokens), text sdpa")
+    assert set_attention(short, "auto", torch.device("cpu"), "bf16").startswith("vision eager (17 tokens), text eager")
 
 
 def test_logit_scale_is_clamped_at_100(encoder) -> None:

@@ -372,18 +372,24 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
 # On CPUs, PyTorch's flash-attention kernel (what SDPA picks) is slower than plain matmul+softmax attention for
 # short sequences: its backward alone was 40% of a tiny-model step. Measured fwd+bwd at batch 64 (benchmarks/
 # profile_ours.py): eager faster by 1.45x at 65 tokens, 1.47x at 145, 1.14x at 257; slower by 2.5x at 785.
+# That is bf16 (AVX512-BF16). In fp32 (CPUs without native bf16) SDPA is the faster one even at 65 tokens:
+# tiny-model training +18% (benchmarks/README.md, "fp32"), so auto picks SDPA when training in fp32.
 EAGER_MAX_TOKENS = 300
 
 
-def set_attention(model: nn.Module, mode: str, device: torch.device) -> str:
-    """Choose each tower's attention kernels (``model.attention``); returns what was chosen, for the log."""
+def set_attention(model: nn.Module, mode: str, device: torch.device, precision: str | None = None) -> str:
+    """Choose each tower's attention kernels (``model.attention``); returns what was chosen, for the log.
+
+    ``precision``: what training runs in; 'fp32' on a CPU makes auto pick SDPA for every length.
+    """
     cfg = model.config
     vision_tokens = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + 1
     text_tokens = cfg.text_config.max_position_embeddings
     if mode == "auto" and device.type != "cpu":
         return "default"
     if mode == "auto":
-        choice = {name: "eager" if tokens <= EAGER_MAX_TOKENS else "sdpa"
+        limit = 0 if precision == "fp32" else EAGER_MAX_TOKENS
+        choice = {name: "eager" if tokens <= limit else "sdpa"
                   for name, tokens in (("vision_config", vision_tokens), ("text_config", text_tokens))}  # fmt: skip
     else:
         choice = {"vision_config": mode, "text_config": mode}

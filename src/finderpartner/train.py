@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import __version__
+from .budget import MARGIN, Plan, format_duration, steps_that_fit
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify
 from .config import TINY, Config, config_to_dict, render_yaml
 from .data.collate import Batch, Collator
@@ -65,6 +66,7 @@ class TrainState:
     skipped_samples: int = 0
     nonfinite_steps: int = 0
     nonfinite_streak: int = 0
+    planned_steps: int = 0  # the step count a time budget decided (0: not decided yet, or no budget)
 
 
 @dataclass
@@ -95,8 +97,12 @@ class _Run:
     val: EvalSet | None
     trackers: Trackers
     state: TrainState
-    total_steps: int
+    plan: Plan
     lock: FolderLock | None = None  # the run folder's lock (main process)
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total
 
     @property
     def model(self) -> nn.Module:
@@ -145,6 +151,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
 def _setup(cfg: Config, resume: str | None, overwrite: bool = False) -> _Run:
     from accelerate import Accelerator
 
+    start = time.perf_counter()  # a time budget counts from here
     device_type = resolve_device(cfg.train.device).type
     accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="no")  # autocast is ours: see env.py
     device = accelerator.device
@@ -153,7 +160,7 @@ def _setup(cfg: Config, resume: str | None, overwrite: bool = False) -> _Run:
     if accelerator.is_main_process:
         lock, resume = _open_run_dir(cfg, resume, overwrite)
     try:
-        return _build_run(cfg, accelerator, device, precision, resume, lock)
+        return _build_run(cfg, accelerator, device, precision, resume, lock, start)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -161,7 +168,7 @@ def _setup(cfg: Config, resume: str | None, overwrite: bool = False) -> _Run:
 
 
 def _build_run(cfg: Config, accelerator: Any, device: torch.device, precision: str, resume: str | None,
-               lock: FolderLock | None) -> _Run:  # fmt: skip
+               lock: FolderLock | None, start: float) -> _Run:  # fmt: skip
     from accelerate.utils import set_seed
 
     if device.type == "cpu":
@@ -173,20 +180,22 @@ def _build_run(cfg: Config, accelerator: Any, device: torch.device, precision: s
     cut = long_captions_note(data.captions, encoder.tokenizer, encoder.context_length) if accelerator.is_main_process else None
     if cut:
         log.warning("%s", cut[1])  # once per run: the collator truncates these captions silently
-    model = _prepare_model(encoder, cfg, device)
+    model = _prepare_model(encoder, cfg, device, precision)
 
     world = accelerator.num_processes
     global_batch = _effective_batch(cfg.train.batch_size, data.num_rows, world)
     state = TrainState()
     batches, loader = _train_loader(cfg, data, encoder, global_batch, accelerator.process_index, world, device)
-    total_steps = cfg.train.max_steps or batches.steps_per_epoch * cfg.train.epochs
+    plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
     optimizer = _optimizer(model, cfg)
-    scheduler = _scheduler(optimizer, cfg.train.warmup_steps, total_steps, cfg.train.min_lr_ratio)
+    scheduler = _scheduler(optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now,
+                           cfg.train.min_lr_ratio)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, batches, loader, data.val,
-               Trackers([]), state, total_steps, lock)  # fmt: skip
+               Trackers([]), state, plan, lock)  # fmt: skip
     if resume:
         _resume(run, resume)
+        plan.adopt(state)
     if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
         state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
     run.trackers = make_trackers(
@@ -364,10 +373,11 @@ def _effective_batch(batch_size: int, rows: int, world: int) -> int:
     return smaller
 
 
-def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device) -> nn.Module:
+def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, precision: str | None = None
+                   ) -> nn.Module:  # fmt: skip
     """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
     m = cfg.model
-    log.info("attention: %s", set_attention(encoder.model, m.attention, device))
+    log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
     apply_freezing(encoder.model, **m.freeze.model_dump())
     if m.lora.enabled:
         encoder.model = apply_lora(encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
@@ -431,6 +441,8 @@ def _train_loader(
     assert data.table is not None
     sampler = ContrastiveBatchSampler(data.num_rows, global_batch, cfg.seed, rank, world)
     passes = cfg.train.max_steps / sampler.steps_per_epoch if cfg.train.max_steps else cfg.train.epochs
+    if cfg.train.time_budget and not cfg.train.max_steps:
+        passes = math.inf  # not known before the budget is measured: assume more than one pass
     decoded = _decoded_images(cfg, data.table, transform, passes, progress=rank == 0)
     dataset = PairDataset(data.table, transform, cfg.data.max_image_pixels, decoded)
     return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, **common)
@@ -470,16 +482,25 @@ def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, **kwargs)
 
 
-def _scheduler(optimizer: torch.optim.Optimizer, warmup: int, total: int, floor: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to ``floor * lr``."""
-    if warmup >= total:
+def _scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int | Callable[[], int], total: int | Callable[[], int], floor: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to ``floor * lr``.
+
+    ``warmup`` and ``total`` may be callables read at every step (a time budget decides the total, and caps a
+    warm-up longer than the run, during the warm-up; until then only warm-up factors are asked for).
+    """
+    if isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
         log.warning("warm-up of %d steps is not shorter than the %d training steps: using %d", warmup, total, total // 5)
         warmup = total // 5
+    warmup_now = warmup if callable(warmup) else (lambda: warmup)
+    total_now = total if callable(total) else (lambda: total)
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        w = warmup_now()
+        if step < w:
+            return (step + 1) / (w + 1)
+        progress = min(1.0, (step - w) / max(1, total_now() - w))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -505,7 +526,7 @@ def _resume(run: _Run, resume: str) -> None:
     run.scheduler.load_state_dict(ckpt.state["scheduler"])
     run.scaler.load_state_dict(ckpt.state["scaler"])
     for f in dataclasses.fields(TrainState):
-        setattr(run.state, f.name, ckpt.state["trainer"][f.name])
+        setattr(run.state, f.name, ckpt.state["trainer"].get(f.name, getattr(run.state, f.name)))
     rng = {"cpu": ckpt.rng["cpu"]}
     cuda = [ckpt.rng[k] for k in sorted(ckpt.rng) if k.startswith("cuda_")]
     if cuda and torch.cuda.is_available():
@@ -522,9 +543,9 @@ def _log_plan(run: _Run) -> None:
     n_train = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     log.info(
         "model %s: %.1fM parameters (%.1fM trainable) on %s in %s; contrastive batch %d (%d per process, micro-batch %d); "
-        "%d steps (%d per epoch)",
+        "%s (%d per epoch)",
         run.cfg.model.name, n_params / 1e6, n_train / 1e6, run.device, run.precision, run.batches.global_batch,
-        run.batches.global_batch // run.batches.world_size, run.state.micro_batch_size, run.total_steps,
+        run.batches.global_batch // run.batches.world_size, run.state.micro_batch_size, run.plan.describe(),
         run.batches.steps_per_epoch,
     )  # fmt: skip
 
@@ -536,22 +557,28 @@ def _log_plan(run: _Run) -> None:
 def _loop(run: _Run) -> EvalResult | None:
     state, cfg = run.state, run.cfg
     final: EvalResult | None = None
-    bar = tqdm(total=run.total_steps, initial=state.global_step, desc="training", unit="step", disable=not run.is_main,
+    total = run.total_steps if run.plan.decided else None  # a time budget fixes it after the first steps
+    bar = tqdm(total=total, initial=state.global_step, desc="training", unit="step", disable=not run.is_main,
                dynamic_ncols=True)  # fmt: skip
     window = _Window()
+    run.plan.begin(state.global_step)
     while state.global_step < run.total_steps:
         run.batches.set_position(state.epoch, state.step_in_epoch)
         window.mark_data_start()
         for batch in run.loader:
             window.mark_data_end()
             _train_step(run, batch, window)
+            if run.plan.step_done(state.global_step):
+                _decide_steps(run)
+                bar.total = run.total_steps
+                bar.refresh()
             bar.update(1)
             bar.set_postfix(loss=f"{window.last_loss:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
                             samples_s=f"{window.samples_per_s:.0f}")  # fmt: skip
             if state.global_step % cfg.train.log_every == 0:
                 run.trackers.log(window.flush(run), state.global_step)
             if state.global_step % cfg.train.checkpoint_every == 0 and state.global_step < run.total_steps:
-                with window.paused():
+                with window.paused(), run.plan.paused("checkpoint"):
                     _save_checkpoint(run)  # the last step is saved by train(), after the final validation
             if state.global_step >= run.total_steps:
                 break
@@ -561,12 +588,80 @@ def _loop(run: _Run) -> EvalResult | None:
         if epoch_done:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
         if (epoch_done and state.epoch % cfg.train.eval_every_epochs == 0) or last:
-            with window.paused():
+            with window.paused(), run.plan.paused("validation"):
                 final = _validate(run)
     bar.close()
     if final is None and run.val is None and run.is_main:
         _save_best(run, None)  # no validation split: the final model is the best we know
     return final
+
+
+def _decide_steps(run: _Run) -> None:
+    """Fix the step count of a time-budget run: the main process decides from what it measured, the others agree."""
+    plan, state, cfg = run.plan, run.state, run.cfg
+    total = torch.zeros(1, dtype=torch.long, device=run.device if dist.is_initialized() else "cpu")
+    if run.is_main:
+        validation_s = 0.0 if run.val is None else _validation_cost(run)
+        checkpoint_s = plan.measured_cost("checkpoint") or _checkpoint_cost_estimate(run)
+        remaining = plan.remaining_s() * MARGIN
+        more = steps_that_fit(
+            remaining, state.global_step, plan.rate, validation_s=validation_s, checkpoint_s=checkpoint_s,
+            steps_per_epoch=run.batches.steps_per_epoch, eval_every_epochs=cfg.train.eval_every_epochs,
+            checkpoint_every=cfg.train.checkpoint_every,
+        )  # fmt: skip
+        fits = state.global_step + more
+        total[0] = min(fits, plan.cap) if plan.cap else fits
+        capped = ""
+        if plan.cap and fits > plan.cap:
+            capped = f"; capped at train.max_steps {plan.cap} (the budget allows {fits})"
+        log.info(
+            "time budget %s: %d steps planned at %.2f steps/s (%.1f epochs; %d steps and %.0f s spent so far, "
+            "validation ~%.1f s, checkpoint ~%.1f s)%s",
+            format_duration(plan.budget_s or 0), int(total[0]), plan.rate, int(total[0]) / run.batches.steps_per_epoch,
+            state.global_step, time.perf_counter() - plan.start, validation_s, checkpoint_s, capped,
+        )  # fmt: skip
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(total, src=0)
+    plan.fix(max(int(total[0]), state.global_step))
+    state.planned_steps = plan.total
+
+
+def _validation_cost(run: _Run) -> float:
+    """Seconds per validation: measured when one ran already, else timed on a slice of the split and scaled up."""
+    measured = run.plan.measured_cost("validation")
+    if measured is not None:
+        return measured
+    assert run.val is not None
+    val, k = run.val, min(len(run.val.images), 64)
+    rows = [i for i, image in enumerate(val.text_to_image) if image < k]
+    part = EvalSet(val.name, val.images[:k], [val.captions[i] for i in rows], [val.text_to_image[i] for i in rows])
+    rng = capture_rng()  # leaves the run exactly as it was: same random numbers, training mode
+    start = time.perf_counter()
+    try:
+        evaluate_split(
+            run.model, run.encoder.tokenizer, part, run.encoder.image_spec, context_length=run.encoder.context_length,
+            device=run.device, autocast=autocast_factory(run.device, run.precision), batch_size=run.cfg.eval.batch_size,
+            loss_batch_size=run.batches.global_batch, chunk_size=run.cfg.eval.chunk_size,
+        )  # fmt: skip
+    finally:
+        run.model.train()
+        restore_rng(rng)
+    seconds = time.perf_counter() - start
+    scale = max(len(val.images) / max(1, k), len(val.captions) / max(1, len(rows)))
+    return seconds * scale + _bytes(run.model.state_dict()) / 200e6  # + saving the best model
+
+
+def _checkpoint_cost_estimate(run: _Run) -> float:
+    """Seconds per checkpoint before one was written: its bytes at 200 MB/s."""
+    return 0.05 + (_bytes(run.model.state_dict()) + _bytes(run.optimizer.state_dict()["state"])) / 200e6
+
+
+def _bytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_bytes(v) for v in tree.values())
+    return 0
 
 
 class _Window:
