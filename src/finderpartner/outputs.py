@@ -287,14 +287,16 @@ class FolderLock:
             _lock(fd)
         except OSError:
             try:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+                os.lseek(fd, 0, os.SEEK_SET)  # (os.pread/pwrite do not exist on Windows)
+                holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
             finally:
                 os.close(fd)
             raise OutputError(f"{self.what} {self.path.parent} is in use by PID {holder} (another finderpartner "
                               "process); wait for it to finish, or write elsewhere (e.g. --set experiment=NEW_NAME)") from None  # fmt: skip
         try:  # best effort: the PID is only for the message above
             os.ftruncate(fd, 0)
-            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, str(os.getpid()).encode())
         except OSError:
             pass
         self._fd = fd
