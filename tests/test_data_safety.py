@@ -3,6 +3,7 @@ file that existed before is byte-identical afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -220,18 +221,24 @@ def test_a_second_training_in_the_same_folder_is_refused_while_the_first_runs(sm
 # A full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A tmpfs of 5 MB (root only): room for one micro checkpoint (3.1 MB) but not two."""
-    mount = tmp_path / "disk"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A real tmpfs mounted at ``mount`` (root only; the test is skipped elsewhere), unmounted afterwards."""
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mount)], capture_output=True, text=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
     try:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A tmpfs of 5 MB: room for one micro checkpoint (3.1 MB) but not two."""
+    with tmpfs(tmp_path / "disk", "size=5m") as mount:
+        yield mount
 
 
 def test_full_disk_stops_cleanly_and_resume_after_freeing_space_is_bitwise_exact(small_data: Path, tmp_path: Path,
@@ -265,12 +272,7 @@ def test_full_disk_stops_cleanly_and_resume_after_freeing_space_is_bitwise_exact
 
 
 def test_a_read_only_output_dir_is_a_clear_error(small_data: Path, tmp_path: Path, capsys) -> None:
-    read_only = tmp_path / "read_only"
-    read_only.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {made.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "read_only", "ro,size=1m") as read_only:
         raw = micro_config(tmp_path, small_data)
         raw["output_dir"] = str(read_only / "outputs")
         config = tmp_path / "ro.yaml"
@@ -278,5 +280,3 @@ def test_a_read_only_output_dir_is_a_clear_error(small_data: Path, tmp_path: Pat
         code, err = _cli(capsys, "train", "--config", str(config))
         assert code == StorageError.exit_code == 11 and "Traceback" not in err
         assert f"could not write the lock file of {read_only / 'outputs' / 'run'}: Read-only file system" in err
-    finally:
-        subprocess.run(["umount", "-l", str(read_only)], check=False)
