@@ -6,7 +6,7 @@ FP     := $(BIN)/finderpartner
 RUN    := outputs/clip_tiny
 PROMPT ?= a large red circle on the left
 
-.PHONY: run test install install-dev sample train eval search bench clean
+.PHONY: run test lint install install-dev sample train eval search bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,7 +39,12 @@ search: install
 # The main job: sample data -> train the tiny model -> evaluate -> a text search over the val images.
 run: train eval search
 
-test: install-dev
+# Lint first (seconds): ruff's checks and formatting, configured in pyproject.toml.
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
 	$(BIN)/python -m pytest -q
 
 bench: install-dev

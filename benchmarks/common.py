@@ -37,9 +37,17 @@ CACHE_DIR = Path(tempfile.gettempdir()) / "finderpartner-bench"
 
 # The tiny spec of issue 6 (the defaults of configs/clip_tiny.yaml); image_size is a per-run argument.
 TINY_SPEC: dict[str, int] = {
-    "image_size": 64, "patch_size": 8, "vision_width": 192, "vision_layers": 4, "vision_heads": 3,
-    "text_width": 128, "text_layers": 4, "text_heads": 2, "context_length": 32, "embed_dim": 128,
-}  # fmt: skip
+    "image_size": 64,
+    "patch_size": 8,
+    "vision_width": 192,
+    "vision_layers": 4,
+    "vision_heads": 3,
+    "text_width": 128,
+    "text_layers": 4,
+    "text_heads": 2,
+    "context_length": 32,
+    "embed_dim": 128,
+}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -146,8 +154,11 @@ def write_open_clip_csv(root: Path, split: str, out: Path, rows: int | None = No
     pairs = read_pairs(root, split)
     if rows is not None:  # a random subset of ``rows`` rows (repeated if the split is smaller)
         rng = random.Random(seed)
-        pairs = [pairs[i % len(pairs)] for i in rng.sample(range(max(rows, len(pairs))), rows)] if rows > len(pairs) \
-            else rng.sample(pairs, rows)  # fmt: skip
+        pairs = (
+            [pairs[i % len(pairs)] for i in rng.sample(range(max(rows, len(pairs))), rows)]
+            if rows > len(pairs)
+            else rng.sample(pairs, rows)
+        )
     image_dir = (root / "images" / split).resolve()
     with open(out, "w", encoding="utf-8", newline="") as f:
         f.write("filepath\ttitle\n")
@@ -171,8 +182,9 @@ def caption_tokenizer(root: Path, out_dir: Path) -> Any:
     from finderpartner.tokenizer import build_caption_tokenizer
 
     vocab = TinySpec().vocab_size
-    tok = build_caption_tokenizer([c for _, c in read_pairs(root, "train")], vocab_size=vocab,
-                                  context_length=TINY_SPEC["context_length"])  # fmt: skip
+    tok = build_caption_tokenizer(
+        [c for _, c in read_pairs(root, "train")], vocab_size=vocab, context_length=TINY_SPEC["context_length"]
+    )
     tok.save_pretrained(out_dir)
     return tok
 
@@ -276,8 +288,12 @@ def matmul_peak(dtype_name: str, n: int = 2048, repeats: int = 7, max_seconds: f
         a @ b
         times.append(time.perf_counter() - t)
     flops = 2 * n**3
-    return {"best_flops": flops / min(times), "median_flops": flops / statistics.median(times), "n": n,
-            "threads": torch.get_num_threads()}  # fmt: skip
+    return {
+        "best_flops": flops / min(times),
+        "median_flops": flops / statistics.median(times),
+        "n": n,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def count_flops(step: Callable[[], None]) -> int:
@@ -322,9 +338,12 @@ def model_flops_per_sample(
             i, t = theirs.encode_image(pixels, normalize=True), theirs.encode_text(padded["input_ids"], normalize=True)
         (i.float() @ t.float().T).logsumexp(1).sum().backward()
 
-    return {"ours": count_flops(ours_step) / len(caps), "open_clip": count_flops(theirs_step) / len(caps),
-            "ours_text_tokens_mean": float(enc["attention_mask"].sum(1).float().mean()),
-            "open_clip_text_tokens": float(spec.context_length)}  # fmt: skip
+    return {
+        "ours": count_flops(ours_step) / len(caps),
+        "open_clip": count_flops(theirs_step) / len(caps),
+        "ours_text_tokens_mean": float(enc["attention_mask"].sum(1).float().mean()),
+        "open_clip_text_tokens": float(spec.context_length),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,8 +430,15 @@ class TreeMonitor(threading.Thread):
         return {"main": round(main, 2), "children": round(sum(t for is_main, t in self.cpu.values() if not is_main), 2)}
 
 
-def run_monitored(cmd: Sequence[str], log_path: Path, *, cwd: Path | None = None, env: dict[str, str] | None = None,
-                  timeout: float = 1800.0, on_poll: Callable[[subprocess.Popen], bool] | None = None) -> RunResult:  # fmt: skip
+def run_monitored(
+    cmd: Sequence[str],
+    log_path: Path,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 1800.0,
+    on_poll: Callable[[subprocess.Popen], bool] | None = None,
+) -> RunResult:
     """Run ``cmd`` with stdout+stderr to ``log_path`` while a monitor records memory and CPU time.
 
     ``on_poll`` (called about twice a second) may return True to stop the run early (the whole process group
@@ -423,8 +449,9 @@ def run_monitored(cmd: Sequence[str], log_path: Path, *, cwd: Path | None = None
     busy_start, children_start = busy_cpu_seconds(), _children_cpu_seconds()
     stopped = False
     with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(list(cmd), cwd=cwd, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            list(cmd), cwd=cwd, env=env or child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         monitor = TreeMonitor(proc.pid)
         monitor.start()
         try:
@@ -447,8 +474,16 @@ def run_monitored(cmd: Sequence[str], log_path: Path, *, cwd: Path | None = None
     foreign = (busy_cpu_seconds() - busy_start - ours) / seconds if seconds > 0 else math.nan
     text = log_path.read_text(encoding="utf-8", errors="replace")
     code = 0 if stopped else proc.returncode
-    return RunResult(code, seconds, monitor.peak_rss, monitor.peak_pss, monitor.peak_main_rss, monitor.cpu_split(),
-                     max(0.0, foreign), text)  # fmt: skip
+    return RunResult(
+        code,
+        seconds,
+        monitor.peak_rss,
+        monitor.peak_pss,
+        monitor.peak_main_rss,
+        monitor.cpu_split(),
+        max(0.0, foreign),
+        text,
+    )
 
 
 def _children_cpu_seconds() -> float:
@@ -509,9 +544,23 @@ def _yaml_value(v: Any) -> str:
     return str(v)
 
 
-def open_clip_command(model_dir: Path, train_csv: Path, logs: Path, name: str, *, batch: int, workers: int,
-                      epochs: int, lr: float, warmup: int, precision: str, log_every: int,
-                      save_frequency: int = 0, seed: int = 0, extra: Sequence[str] = ()) -> list[str]:  # fmt: skip
+def open_clip_command(
+    model_dir: Path,
+    train_csv: Path,
+    logs: Path,
+    name: str,
+    *,
+    batch: int,
+    workers: int,
+    epochs: int,
+    lr: float,
+    warmup: int,
+    precision: str,
+    log_every: int,
+    save_frequency: int = 0,
+    seed: int = 0,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """``python -m open_clip_train.main`` with our CSV, our model folder, and ours' optimiser settings.
 
     Augmentation as close to ours as open_clip allows: RandomResizedCrop scale (0.9, 1) and brightness/
@@ -519,18 +568,65 @@ def open_clip_command(model_dir: Path, train_csv: Path, logs: Path, name: str, *
     strength). open_clip has no horizontal flip (ours swaps left/right in the caption when it flips).
     """
     return [
-        sys.executable, "-m", "open_clip_train.main",
-        "--model", f"local-dir:{model_dir}",
-        "--train-data", str(train_csv), "--dataset-type", "csv",
-        "--csv-img-key", "filepath", "--csv-caption-key", "title", "--csv-separator", "\t",
-        "--batch-size", str(batch), "--workers", str(workers), "--epochs", str(epochs),
-        "--lr", str(lr), "--warmup", str(warmup), "--wd", "0.1", "--beta1", "0.9", "--beta2", "0.98", "--eps", "1e-6",
-        "--grad-clip-norm", "1.0", "--precision", precision, "--device", "cpu", "--seed", str(seed),
-        "--logs", str(logs), "--name", name, "--log-every-n-steps", str(log_every),
-        "--save-frequency", str(save_frequency), "--report-to", "", "--zeroshot-frequency", "0",
-        "--aug-cfg", "scale=(0.9,1.0)", "color_jitter=(0.1,0.1,0.1,0.0)", "color_jitter_prob=1.0",
+        sys.executable,
+        "-m",
+        "open_clip_train.main",
+        "--model",
+        f"local-dir:{model_dir}",
+        "--train-data",
+        str(train_csv),
+        "--dataset-type",
+        "csv",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--csv-separator",
+        "\t",
+        "--batch-size",
+        str(batch),
+        "--workers",
+        str(workers),
+        "--epochs",
+        str(epochs),
+        "--lr",
+        str(lr),
+        "--warmup",
+        str(warmup),
+        "--wd",
+        "0.1",
+        "--beta1",
+        "0.9",
+        "--beta2",
+        "0.98",
+        "--eps",
+        "1e-6",
+        "--grad-clip-norm",
+        "1.0",
+        "--precision",
+        precision,
+        "--device",
+        "cpu",
+        "--seed",
+        str(seed),
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--log-every-n-steps",
+        str(log_every),
+        "--save-frequency",
+        str(save_frequency),
+        "--report-to",
+        "",
+        "--zeroshot-frequency",
+        "0",
+        "--aug-cfg",
+        "scale=(0.9,1.0)",
+        "color_jitter=(0.1,0.1,0.1,0.0)",
+        "color_jitter_prob=1.0",
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 @dataclass
@@ -596,8 +692,11 @@ def steady_state(windows: Iterable[Window], warmup_steps: int) -> dict[str, floa
     samples = sum(w.samples for w in kept)
     if not kept or seconds <= 0:
         return {"samples_per_s": math.nan, "data_wait_fraction": math.nan, "steps": 0}
-    return {"samples_per_s": samples / seconds, "data_wait_fraction": sum(w.data_seconds for w in kept) / seconds,
-            "steps": sum(w.steps for w in kept)}  # fmt: skip
+    return {
+        "samples_per_s": samples / seconds,
+        "data_wait_fraction": sum(w.data_seconds for w in kept) / seconds,
+        "steps": sum(w.steps for w in kept),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -615,15 +714,23 @@ def spread(values: Iterable[float]) -> dict[str, float]:
     if not vals:
         return {"median": math.nan, "min": math.nan, "max": math.nan, "rel_range": math.nan, "n": 0}
     med = statistics.median(vals)
-    return {"median": med, "min": min(vals), "max": max(vals), "rel_range": (max(vals) - min(vals)) / med if med else math.nan,
-            "n": len(vals)}  # fmt: skip
+    return {
+        "median": med,
+        "min": min(vals),
+        "max": max(vals),
+        "rel_range": (max(vals) - min(vals)) / med if med else math.nan,
+        "n": len(vals),
+    }
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width text table."""
     cells = [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
@@ -665,8 +772,13 @@ def default_out(name: str) -> Path:
 
 def save_results(name: str, args: Any, results: Any) -> Path:
     """Write a benchmark's JSON (its arguments, the machine, package versions, results) to --out and say where."""
-    payload = {"benchmark": name, "args": vars(args), "machine": machine_info(), "versions": package_versions(),
-               "results": results}  # fmt: skip
+    payload = {
+        "benchmark": name,
+        "args": vars(args),
+        "machine": machine_info(),
+        "versions": package_versions(),
+        "results": results,
+    }
     path = write_json(args.out or default_out(name), payload)
     print(f"results: {path}")
     return path

@@ -39,8 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", type=int, default=10, help="timed batches per measurement (after one untimed)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--pipelines", nargs="+", default=["decode", "ours", "ours+cache", "open_clip"],
-                   choices=["decode", "ours", "ours+cache", "open_clip"])  # fmt: skip
+    p.add_argument(
+        "--pipelines",
+        nargs="+",
+        default=["decode", "ours", "ours+cache", "open_clip"],
+        choices=["decode", "ours", "ours+cache", "open_clip"],
+    )
     p.add_argument("--train-images", type=int, default=1280, help="images in the generated data sets")
     p.add_argument(
         "--out", type=Path, default=None, help="JSON results (default benchmarks/results/data_throughput.json)"
@@ -85,8 +89,13 @@ def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = F
 
     dataset = PairDataset(ctx["table"], ctx["transform"], decoded=ctx["cache"] if cached else None)
     sampler = ContrastiveBatchSampler(len(ctx["table"]), batch, seed=0)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=Collator(ctx["tokenizer"], 32),
-                      prefetch_factor=4 if workers else None)  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=Collator(ctx["tokenizer"], 32),
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def _open_clip_loader(ctx: dict[str, Any], workers: int, batch: int) -> Any:
@@ -157,16 +166,23 @@ def prepare(size: int, train_images: int, batch: int, batches: int, pipelines: l
         start = time.perf_counter()
         cache = DecodedImages(table, transform.source_side)
         ctx["cache"] = cache
-        ctx["cache_stats"] = {"images": len(cache), "side": cache.side, "seconds": time.perf_counter() - start,
-                              "megabytes": cache.nbytes / 2**20}  # fmt: skip
+        ctx["cache_stats"] = {
+            "images": len(cache),
+            "side": cache.side,
+            "seconds": time.perf_counter() - start,
+            "megabytes": cache.nbytes / 2**20,
+        }
     if "open_clip" in pipelines:
         model_dir = common.open_clip_model_dir(spec, tokenizer, tmp / "open_clip_model")
         ctx["csv"] = common.write_open_clip_csv(root, "train", tmp / "train.tsv")
         ctx["oc_tokenizer"] = open_clip.get_tokenizer(f"local-dir:{model_dir}")
         ctx["oc_transform"] = open_clip.image_transform(
-            size, is_train=True, mean=common.OPENAI_MEAN, std=common.OPENAI_STD,
+            size,
+            is_train=True,
+            mean=common.OPENAI_MEAN,
+            std=common.OPENAI_STD,
             aug_cfg={"scale": (0.9, 1.0), "color_jitter": (0.1, 0.1, 0.1, 0.0), "color_jitter_prob": 1.0},
-        )  # fmt: skip
+        )
     return ctx
 
 
@@ -223,8 +239,10 @@ def report(results: dict[str, Any], workers: list[int], pipelines: list[str]) ->
         lines.append(common.table(["pipeline", *(f"{w} workers" for w in workers), "x decode-only"], rows))
         if res.get("cache"):
             c = res["cache"]
-            lines.append(f"decoded cache: {c['images']} images at {c['side']} px built in {c['seconds']:.1f}s "
-                         f"({c['megabytes']:.0f} MB)")  # fmt: skip
+            lines.append(
+                f"decoded cache: {c['images']} images at {c['side']} px built in {c['seconds']:.1f}s "
+                f"({c['megabytes']:.0f} MB)"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -235,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     # The parent process is the main process of a trainer: it keeps its default thread count; workers use 1.
-    print(f"torch threads {torch.get_num_threads()}; batch {args.batch}; {args.batches} timed batches; "
-          f"{args.repeats} repeats", flush=True)  # fmt: skip
+    print(
+        f"torch threads {torch.get_num_threads()}; batch {args.batch}; {args.batches} timed batches; "
+        f"{args.repeats} repeats",
+        flush=True,
+    )
     results = measure(args)
     print("\n" + report(results, args.workers, args.pipelines))
     common.save_results("data_throughput", args, results)

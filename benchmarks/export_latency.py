@@ -35,7 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=30, help="timed runs per measurement (after 3 warm-up runs)")
     p.add_argument("--variants", nargs="+", default=["fp32", "int8"], choices=["fp32", "fp16", "int8"])
     p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"])
-    p.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/export_latency.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON results (default benchmarks/results/export_latency.json)"
+    )
     return p.parse_args(argv)
 
 
@@ -63,13 +65,27 @@ def build(tmp: Path, exporter: str, variants: list[str]) -> tuple[Any, Path, lis
     images = [data / "images" / "val" / f for f in dict.fromkeys(f for f, _ in pairs)]
     encoder = build_tiny(TinySpec(**common.TINY_SPEC), captions, seed=0)
     export = tmp / "onnx"
-    export_onnx(encoder, export, fingerprint=model_fingerprint(encoder.model), exporter=exporter,
-                fp16="fp16" in variants, int8="int8" in variants)  # fmt: skip
+    export_onnx(
+        encoder,
+        export,
+        fingerprint=model_fingerprint(encoder.model),
+        exporter=exporter,
+        fp16="fp16" in variants,
+        int8="int8" in variants,
+    )
     return encoder, export, images, captions
 
 
-def measure(encoder: Any, export: Path, images: list[Path], captions: list[str], batches: list[int], threads: int,
-            variants: list[str], runs: int) -> list[dict[str, Any]]:  # fmt: skip
+def measure(
+    encoder: Any,
+    export: Path,
+    images: list[Path],
+    captions: list[str],
+    batches: list[int],
+    threads: int,
+    variants: list[str],
+    runs: int,
+) -> list[dict[str, Any]]:
     import torch
 
     from finderpartner.export import _repeat, load_onnx_encoders, preprocess_images
@@ -82,7 +98,9 @@ def measure(encoder: Any, export: Path, images: list[Path], captions: list[str],
     rows = []
     for batch in batches:
         pixels, texts = _repeat(pixels_all, batch), _repeat(captions, batch)
-        tok = encoder.tokenizer(texts, padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt")
+        tok = encoder.tokenizer(
+            texts, padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt"
+        )
         cases: dict[tuple[str, str], Callable[[], Any]] = {
             ("image", "torch"): functools.partial(encode_image, model, pixels),
             ("text", "torch"): functools.partial(encode_text, model, tok["input_ids"], tok["attention_mask"]),
@@ -96,9 +114,17 @@ def measure(encoder: Any, export: Path, images: list[Path], captions: list[str],
                 with torch.inference_mode():
                     times[key] += timings_ms(fn, max(1, runs // 3))
         for (tower, backend), t in times.items():
-            rows.append({"threads": threads, "encoder": tower, "batch": batch, "backend": backend,
-                         "p50_ms": float(np.median(t)), "p95_ms": float(np.percentile(t, 95)),
-                         "items_per_s": batch / (float(np.median(t)) / 1000)})  # fmt: skip
+            rows.append(
+                {
+                    "threads": threads,
+                    "encoder": tower,
+                    "batch": batch,
+                    "backend": backend,
+                    "p50_ms": float(np.median(t)),
+                    "p95_ms": float(np.percentile(t, 95)),
+                    "items_per_s": batch / (float(np.median(t)) / 1000),
+                }
+            )
     return rows
 
 
@@ -113,7 +139,10 @@ def render(rows: list[dict[str, Any]]) -> str:
     keyed = {(r["threads"], r["encoder"], r["batch"], r["backend"]): r for r in rows}
     lines = []
     for threads, tower, batch in dict.fromkeys((r["threads"], r["encoder"], r["batch"]) for r in rows):
-        cells = [f"{keyed[(threads, tower, batch, b)]['p50_ms']:.2f} ({keyed[(threads, tower, batch, b)]['p95_ms']:.2f})" for b in backends]
+        cells = [
+            f"{keyed[(threads, tower, batch, b)]['p50_ms']:.2f} ({keyed[(threads, tower, batch, b)]['p95_ms']:.2f})"
+            for b in backends
+        ]
         if ref is not None:
             speedup = keyed[(threads, tower, batch, "torch")]["p50_ms"] / keyed[(threads, tower, batch, ref)]["p50_ms"]
             cells.append(f"{speedup:.2f}x")
@@ -130,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or sorted({1, os.cpu_count() or 1})
     with tempfile.TemporaryDirectory() as tmp:
         encoder, export, images, captions = build(Path(tmp), args.exporter, args.variants)
-        rows = [r for n in threads for r in measure(encoder, export, images, captions, args.batches, n, args.variants, args.runs)]
+        rows = [
+            r
+            for n in threads
+            for r in measure(encoder, export, images, captions, args.batches, n, args.variants, args.runs)
+        ]
     print("encoder latency, tiny spec (image 64/8, width 192x4, text 128x4, ctx 32, embed 128), per batch:\n")
     print(render(rows))
-    out = common.write_json(args.out or common.default_out("export_latency"),
-                            {"machine": common.machine_info(), "versions": common.package_versions(), "rows": rows})  # fmt: skip
+    out = common.write_json(
+        args.out or common.default_out("export_latency"),
+        {"machine": common.machine_info(), "versions": common.package_versions(), "rows": rows},
+    )
     print(f"\nresults: {out}")
     return 0
 

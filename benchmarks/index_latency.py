@@ -30,7 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=200, help="single queries timed, and the batch size")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="FAISS/BLAS threads (default: FAISS's choice)")
-    p.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/index_latency.json)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON results (default benchmarks/results/index_latency.json)"
+    )
     return p.parse_args(argv)
 
 
@@ -73,20 +75,32 @@ def measure(size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     vectors = unit_vectors(size, args.dim, seed=0)
     queries = unit_vectors(args.queries, args.dim, seed=1)
     t0 = time.perf_counter()
-    index = GalleryIndex(Path("/gallery"), "bench", [f"{i:07d}.jpg" for i in range(size)], [FileStamp(0, 0)] * size, vectors)
+    index = GalleryIndex(
+        Path("/gallery"), "bench", [f"{i:07d}.jpg" for i in range(size)], [FileStamp(0, 0)] * size, vectors
+    )
     index.faiss_index  # noqa: B018  (builds it)
     build_s = time.perf_counter() - t0
     hits = index.search(queries[:5], args.k)
     expected = numpy_search(vectors, queries[:5], args.k)
     assert [[h.path.name for h in row] for row in hits] == [[index.files[i] for i in row] for row in expected]
     rows = []
-    for name, search in (("GalleryIndex.search (faiss flat)", lambda q: index.search(q, args.k)),
-                         ("numpy matmul + argpartition", lambda q: numpy_search(vectors, q, args.k))):  # fmt: skip
+    for name, search in (
+        ("GalleryIndex.search (faiss flat)", lambda q: index.search(q, args.k)),
+        ("numpy matmul + argpartition", lambda q: numpy_search(vectors, q, args.k)),
+    ):
         single = per_query_ms(search, queries)
         batched = batch_ms(search, queries)
-        rows.append({"size": size, "method": name, "build_s": build_s if "faiss" in name else 0.0,
-                     "single_p50_ms": float(np.median(single)), "single_p95_ms": float(np.percentile(single, 95)),
-                     "batch_ms": batched, "batch_per_query_ms": batched / len(queries)})  # fmt: skip
+        rows.append(
+            {
+                "size": size,
+                "method": name,
+                "build_s": build_s if "faiss" in name else 0.0,
+                "single_p50_ms": float(np.median(single)),
+                "single_p95_ms": float(np.percentile(single, 95)),
+                "batch_ms": batched,
+                "batch_per_query_ms": batched / len(queries),
+            }
+        )
     return rows
 
 
@@ -99,13 +113,35 @@ def main(argv: list[str] | None = None) -> int:
         faiss.omp_set_num_threads(args.threads)
     rows = [r for size in args.sizes for r in measure(size, args)]
     print(f"gallery search latency, dim {args.dim}, top-{args.k}, {args.queries} queries:\n")
-    print(common.table(
-        ["vectors", "method", "build s", "1 query p50 ms", "1 query p95 ms", f"batch of {args.queries} ms", "per query in batch ms"],
-        [[r["size"], r["method"], r["build_s"], r["single_p50_ms"], r["single_p95_ms"], r["batch_ms"], r["batch_per_query_ms"]]
-         for r in rows],
-    ))  # fmt: skip
-    out = common.write_json(args.out or common.default_out("index_latency"),
-                            {"machine": common.machine_info(), "args": vars(args), "rows": rows})  # fmt: skip
+    print(
+        common.table(
+            [
+                "vectors",
+                "method",
+                "build s",
+                "1 query p50 ms",
+                "1 query p95 ms",
+                f"batch of {args.queries} ms",
+                "per query in batch ms",
+            ],
+            [
+                [
+                    r["size"],
+                    r["method"],
+                    r["build_s"],
+                    r["single_p50_ms"],
+                    r["single_p95_ms"],
+                    r["batch_ms"],
+                    r["batch_per_query_ms"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    out = common.write_json(
+        args.out or common.default_out("index_latency"),
+        {"machine": common.machine_info(), "args": vars(args), "rows": rows},
+    )
     print(f"\nresults: {out}")
     return 0
 

@@ -76,7 +76,9 @@ def step(model, spec, ctx, batch_size: int, micro: int, device, autocast) -> flo
     batch = synthetic_batch(batch_size, spec.crop, ctx, int(model.config.text_config.vocab_size), device)
     batch.input_ids[:, -1] = int(model.config.text_config.eos_token_id)
     t0 = time.perf_counter()
-    contrastive_backward(model, batch, micro_batch_size=micro, spec=spec, autocast=autocast, backward=lambda x: x.backward())
+    contrastive_backward(
+        model, batch, micro_batch_size=micro, spec=spec, autocast=autocast, backward=lambda x: x.backward()
+    )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     model.zero_grad(set_to_none=True)
@@ -120,17 +122,34 @@ def measure(arch: str, sizes: list[int], cap_gb: float, device: torch.device, pr
         if result is None:
             break
         seconds, peak = result
-        cached.append({"batch": batch, "micro_batch": micro, "peak_gb": round(peak / GiB, 3), "pairs_per_s": round(batch / seconds, 1)})
-        print(f"  {arch} cached batch {batch:>6} (micro {micro}): peak {peak / GiB:7.3f} GiB, {batch / seconds:8.1f} pairs/s",
-              flush=True)  # fmt: skip
+        cached.append(
+            {
+                "batch": batch,
+                "micro_batch": micro,
+                "peak_gb": round(peak / GiB, 3),
+                "pairs_per_s": round(batch / seconds, 1),
+            }
+        )
+        print(
+            f"  {arch} cached batch {batch:>6} (micro {micro}): peak {peak / GiB:7.3f} GiB, {batch / seconds:8.1f} pairs/s",
+            flush=True,
+        )
         if peak > meter.cap:
             break
         with_cache = batch
         batch *= 2
-    return {"arch": arch, "device": str(device), "precision": precision, "cap_gb": cap_gb, "micro_batches": rows,
-            "cached_batches": cached, "largest_batch_without_cache": fits, "largest_batch_with_cache": with_cache,
-            "without_cache_limited_by": "cap" if fits < sizes[-1] else f"--max-micro {sizes[-1]}",
-            "with_cache_limited_by": "cap" if with_cache < max_batch else f"--max-batch {max_batch}"}  # fmt: skip
+    return {
+        "arch": arch,
+        "device": str(device),
+        "precision": precision,
+        "cap_gb": cap_gb,
+        "micro_batches": rows,
+        "cached_batches": cached,
+        "largest_batch_without_cache": fits,
+        "largest_batch_with_cache": with_cache,
+        "without_cache_limited_by": "cap" if fits < sizes[-1] else f"--max-micro {sizes[-1]}",
+        "with_cache_limited_by": "cap" if with_cache < max_batch else f"--max-batch {max_batch}",
+    }
 
 
 def main() -> None:
@@ -139,32 +158,47 @@ def main() -> None:
     p.add_argument("--cap-gb", type=float, default=12.0, help="memory cap (12 emulates an RTX 3060)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--max-micro", type=int, default=None, help="largest micro-batch tried (default: 512 tiny, 128 ViT-B/32 on CPU; 32 in fp32)")
-    p.add_argument("--max-batch", type=int, default=None, help="largest cached batch tried (default: 16384 tiny, 1024 ViT-B/32 on CPU; in fp32 4096 and 128)")
+    p.add_argument(
+        "--max-micro",
+        type=int,
+        default=None,
+        help="largest micro-batch tried (default: 512 tiny, 128 ViT-B/32 on CPU; 32 in fp32)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="largest cached batch tried (default: 16384 tiny, 1024 ViT-B/32 on CPU; in fp32 4096 and 128)",
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "memory.json")
     args = p.parse_args()
     print(common.machine_line(), flush=True)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     results = []
-    for arch in (["tiny", "vitb32"] if args.arch == "both" else [args.arch]):
+    for arch in ["tiny", "vitb32"] if args.arch == "both" else [args.arch]:
         cpu_vit = device.type == "cpu" and arch == "vitb32"
         # fp32 on a CPU (no native bf16) is 3-4x slower: shorter default ranges keep the default run within minutes
         slow = device.type == "cpu" and precision == "fp32"
         max_micro = args.max_micro or ((32 if slow else 128) if cpu_vit else 512)
         max_batch = args.max_batch or ((128 if slow else 1024) if cpu_vit else (4096 if slow else 16384))
         if slow and not (args.max_micro and args.max_batch):
-            print(f"  fp32 on the CPU: default ranges shortened to micro-batch {max_micro}, batch {max_batch} "
-                  "(--max-micro / --max-batch for more)", flush=True)
+            print(
+                f"  fp32 on the CPU: default ranges shortened to micro-batch {max_micro}, batch {max_batch} "
+                "(--max-micro / --max-batch for more)",
+                flush=True,
+            )
         sizes = [2**i for i in range(0, 20) if 2**i <= max_micro]
         print(f"{arch} on {device} in {precision}, cap {args.cap_gb} GB", flush=True)
         results.append(measure(arch, sizes, args.cap_gb, device, precision, max_batch))
     print()
     print(f"{'arch':<8}{'device':<8}{'precision':<10}{'cap GB':>8}  {'largest batch, no cache':<30}with gradient cache")
     for r in results:
-        print(f"{r['arch']:<8}{r['device']:<8}{r['precision']:<10}{r['cap_gb']:>8}  "
-              f"{str(r['largest_batch_without_cache']) + ' (' + r['without_cache_limited_by'] + ')':<30}"
-              f"{r['largest_batch_with_cache']} ({r['with_cache_limited_by']})")  # fmt: skip
+        print(
+            f"{r['arch']:<8}{r['device']:<8}{r['precision']:<10}{r['cap_gb']:>8}  "
+            f"{str(r['largest_batch_without_cache']) + ' (' + r['without_cache_limited_by'] + ')':<30}"
+            f"{r['largest_batch_with_cache']} ({r['with_cache_limited_by']})"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\nwritten to {args.out}")

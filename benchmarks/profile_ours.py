@@ -63,16 +63,27 @@ BUCKETS: list[tuple[str, re.Pattern[str]]] = [
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sections", nargs="+", default=["profile", "micro"], choices=["profile", "micro", "ab"])
-    p.add_argument("--image-sizes", type=int, nargs="+", default=None, choices=sorted(JPEG_FOR),
-                   help="profiled image sizes (default 64 224; only 64 where bf16 is not native: fp32 at 224 px "
-                   "takes minutes)")  # fmt: skip
+    p.add_argument(
+        "--image-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        choices=sorted(JPEG_FOR),
+        help="profiled image sizes (default 64 224; only 64 where bf16 is not native: fp32 at 224 px takes minutes)",
+    )
     p.add_argument("--steps", type=int, default=30, help="profiled steps at 64 px (224 px: a third, at least 8)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--py-spy", default=None, help="py-spy executable (default: on PATH or next to this Python)")
     p.add_argument("--micro-repeats", type=int, default=7, help="alternated timings per micro-benchmark variant")
-    p.add_argument("--micro-sizes", type=int, nargs="+", default=[64], choices=sorted(JPEG_FOR),
-                   help="image sizes of the micro-benchmarks (224 adds ~5 minutes)")  # fmt: skip
+    p.add_argument(
+        "--micro-sizes",
+        type=int,
+        nargs="+",
+        default=[64],
+        choices=sorted(JPEG_FOR),
+        help="image sizes of the micro-benchmarks (224 adds ~5 minutes)",
+    )
     p.add_argument("--candidates", nargs="+", default=[], help="ab: patches.py patches to confirm end to end")
     p.add_argument("--ab-steps", type=int, default=40)
     p.add_argument("--ab-repeats", type=int, default=3)
@@ -95,13 +106,35 @@ def profile_run(py_spy: str, size: int, steps: int, batch: int, workers: int, tm
     data = common.sample_data(
         None, image_size=JPEG_FOR[size], train_images=max(1280, steps * batch // 2), val_images=16
     )
-    overrides = {"output_dir": tmp, "experiment": f"profile_{size}", "data.root": data, "data.val_split": "",
-                 "data.num_workers": workers, "train.batch_size": batch, "train.max_steps": steps, "train.log_every": 5,
-                 "train.checkpoint_every": 10**9, "model.tiny.image_size": size, "tracking.tensorboard": False}  # fmt: skip
+    overrides = {
+        "output_dir": tmp,
+        "experiment": f"profile_{size}",
+        "data.root": data,
+        "data.val_split": "",
+        "data.num_workers": workers,
+        "train.batch_size": batch,
+        "train.max_steps": steps,
+        "train.log_every": 5,
+        "train.checkpoint_every": 10**9,
+        "model.tiny.image_size": size,
+        "tracking.tensorboard": False,
+    }
     raw = tmp / f"profile_{size}.txt"
     # --idle keeps samples where the main thread waits (for data); --threads tags each stack with its thread.
-    cmd = [py_spy, "record", "--idle", "--threads", "--rate", "50", "--format", "raw", "--output", str(raw), "--",
-           *common.ours_command(overrides)]  # fmt: skip
+    cmd = [
+        py_spy,
+        "record",
+        "--idle",
+        "--threads",
+        "--rate",
+        "50",
+        "--format",
+        "raw",
+        "--output",
+        str(raw),
+        "--",
+        *common.ours_command(overrides),
+    ]
     env = common.child_env({"FINDERPARTNER_CACHE": str(tmp / "cache")})
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -111,9 +144,16 @@ def profile_run(py_spy: str, size: int, steps: int, batch: int, workers: int, tm
     metrics = tmp / f"profile_{size}" / "metrics.jsonl"
     windows = common.ours_windows(metrics, batch)
     steady = common.steady_state(windows, 5)
-    return {"image_size": size, "jpeg_size": JPEG_FOR[size], "steps": steps, "batch": batch,
-            "seconds": time.perf_counter() - start,
-            "buckets": buckets, "steady": steady, "micro_batch": common.ours_micro_batch(metrics)}  # fmt: skip
+    return {
+        "image_size": size,
+        "jpeg_size": JPEG_FOR[size],
+        "steps": steps,
+        "batch": batch,
+        "seconds": time.perf_counter() - start,
+        "buckets": buckets,
+        "steady": steady,
+        "micro_batch": common.ours_micro_batch(metrics),
+    }
 
 
 def bucket_samples(raw: Path) -> dict[str, Any]:
@@ -130,8 +170,11 @@ def bucket_samples(raw: Path) -> dict[str, Any]:
         counts[_bucket(frames)] += int(n)
         leaves[frames[-1]] += int(n)
     total = sum(counts.values()) or 1
-    return {"samples": total, "share": {k: v / total for k, v in counts.most_common()},
-            "top_leaves": {k: v / total for k, v in leaves.most_common(12)}}  # fmt: skip
+    return {
+        "samples": total,
+        "share": {k: v / total for k, v in counts.most_common()},
+        "top_leaves": {k: v / total for k, v in leaves.most_common(12)},
+    }
 
 
 def _short(frame: str) -> str:
@@ -171,8 +214,11 @@ def real_batch(size: int, batch: int) -> tuple[Any, Any]:
     encoder = build_tiny(common.tiny_spec(size), table.captions, seed=0)
     aug = AugmentConfig(crop_scale=(0.9, 1.0))
     transform = TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
-    loader = DataLoader(PairDataset(table, transform), batch_sampler=ContrastiveBatchSampler(len(table), batch, 0),
-                        collate_fn=Collator(encoder.tokenizer, encoder.context_length))  # fmt: skip
+    loader = DataLoader(
+        PairDataset(table, transform),
+        batch_sampler=ContrastiveBatchSampler(len(table), batch, 0),
+        collate_fn=Collator(encoder.tokenizer, encoder.context_length),
+    )
     torch.manual_seed(0)
     return encoder, next(iter(loader))
 
@@ -208,24 +254,38 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
     encoder, b = real_batch(size, batch)
     model, spec = encoder.model, encoder.image_spec
     precision = resolve_precision("auto", torch.device("cpu"))  # what the trainer uses: bf16 only where native
-    attention = set_attention(model, "auto", torch.device("cpu"), precision)  # what the trainer uses (model.attention: auto)
+    attention = set_attention(
+        model, "auto", torch.device("cpu"), precision
+    )  # what the trainer uses (model.attention: auto)
     autocast = autocast_factory(torch.device("cpu"), precision)
     model.train()
 
     def fwd_bwd(m: Any = model, micro_batch: int = batch, batch_: Any = b) -> Any:
         m.zero_grad(set_to_none=True)
-        return contrastive_backward(m, batch_, micro_batch_size=micro_batch, spec=spec, autocast=autocast,
-                                    backward=lambda loss: loss.backward())  # fmt: skip
+        return contrastive_backward(
+            m, batch_, micro_batch_size=micro_batch, spec=spec, autocast=autocast, backward=lambda loss: loss.backward()
+        )
 
-    out: dict[str, Any] = {"image_size": size, "batch": batch, "text_tokens": int(b.input_ids.shape[1]),
-                           "attention_impl": attention, "precision": precision}  # fmt: skip
+    out: dict[str, Any] = {
+        "image_size": size,
+        "batch": batch,
+        "text_tokens": int(b.input_ids.shape[1]),
+        "attention_impl": attention,
+        "precision": precision,
+    }
     out["fwd_bwd_micro_batch"] = alternated(
         {f"micro-batch {m}": (lambda m=m: fwd_bwd(micro_batch=m)) for m in (batch, batch // 4)}, repeats
     )
     fwd_bwd()
     out["optimizer"] = _optimizer_variants(model, repeats)
-    out["grad_clip"] = alternated({"clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(
-        [p for p in model.parameters() if p.grad is not None], 1.0)}, repeats)  # fmt: skip
+    out["grad_clip"] = alternated(
+        {
+            "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.grad is not None], 1.0
+            )
+        },
+        repeats,
+    )
     out["host_sync"] = _host_sync_cost()
     out["attention"] = _attention(model, fwd_bwd, repeats)
     out["ops"] = _top_ops(model, fwd_bwd)
@@ -244,8 +304,13 @@ def _optimizer_variants(model: Any, repeats: int) -> dict[str, Any]:
     rest = [p for p in params if p.ndim < 2]
 
     def make(**flags: bool) -> torch.optim.Optimizer:
-        return torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
-                                 lr=1e-9, betas=(0.9, 0.98), eps=1e-6, **flags)  # fmt: skip
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+            lr=1e-9,
+            betas=(0.9, 0.98),
+            eps=1e-6,
+            **flags,
+        )
 
     opts = {"fused=True (ours)": make(fused=True), "for-loop": make(foreach=False), "foreach=True": make(foreach=True)}
     return alternated({k: o.step for k, o in opts.items()}, repeats * 3)
@@ -353,8 +418,9 @@ def _compile(encoder: Any, b: Any, spec: Any, autocast: Any, repeats: int) -> di
 
     def step(m: Any) -> Any:
         m.zero_grad(set_to_none=True)
-        return contrastive_backward(m, b, micro_batch_size=len(b), spec=spec, autocast=autocast,
-                                    backward=lambda loss: loss.backward())  # fmt: skip
+        return contrastive_backward(
+            m, b, micro_batch_size=len(b), spec=spec, autocast=autocast, backward=lambda loss: loss.backward()
+        )
 
     try:
         start = time.perf_counter()
@@ -377,9 +443,25 @@ def ab(candidates: list[str], steps: int, repeats: int, batch: int, workers: int
     for cand in candidates:
         path = tmp / f"ab_{re.sub(r'[^A-Za-z0-9]+', '_', cand)}.json"
         # The micro-batch is pinned to the batch so that the probe's (noisy) choice does not differ between A and B.
-        train_throughput.main(["--compare-ours", "--ours-patch", cand, "--steps", str(steps), "--repeats", str(repeats),
-                               "--batch", str(batch), "--workers", str(workers), "--out", str(path),
-                               "--ours-set", f"train.micro_batch_size={batch}"])  # fmt: skip
+        train_throughput.main(
+            [
+                "--compare-ours",
+                "--ours-patch",
+                cand,
+                "--steps",
+                str(steps),
+                "--repeats",
+                str(repeats),
+                "--batch",
+                str(batch),
+                "--workers",
+                str(workers),
+                "--out",
+                str(path),
+                "--ours-set",
+                f"train.micro_batch_size={batch}",
+            ]
+        )
         import json
 
         out[cand] = json.loads(path.read_text())["summary"]
@@ -394,9 +476,11 @@ def report(results: dict[str, Any]) -> str:
     lines = []
     for prof in results.get("profile", []):
         s = prof["steady"]
-        lines.append(f"py-spy, tiny spec at {prof['image_size']} px ({prof['jpeg_size']} px JPEGs), batch {prof['batch']}, micro-batch "
-                     f"{prof['micro_batch']}: {s['samples_per_s']:.1f} samples/s, data wait {100 * s['data_wait_fraction']:.1f}% "
-                     f"({prof['buckets']['samples']} main-thread samples in the loop)")  # fmt: skip
+        lines.append(
+            f"py-spy, tiny spec at {prof['image_size']} px ({prof['jpeg_size']} px JPEGs), batch {prof['batch']}, micro-batch "
+            f"{prof['micro_batch']}: {s['samples_per_s']:.1f} samples/s, data wait {100 * s['data_wait_fraction']:.1f}% "
+            f"({prof['buckets']['samples']} main-thread samples in the loop)"
+        )
         lines.append(
             common.table(["bucket", "share"], [[k, f"{100 * v:.1f}%"] for k, v in prof["buckets"]["share"].items()])
         )
@@ -425,8 +509,10 @@ def report(results: dict[str, Any]) -> str:
         lines.append("")
     for cand, summary in results.get("ab", {}).items():
         r = summary.get("ratio", {})
-        lines.append(f"A/B {r.get('of', cand)}: {r.get('median_of_pairs', float('nan')):.3f} "
-                     f"(pairs: {', '.join(f'{x:.3f}' for x in r.get('per_pair', []))})")  # fmt: skip
+        lines.append(
+            f"A/B {r.get('of', cand)}: {r.get('median_of_pairs', float('nan')):.3f} "
+            f"(pairs: {', '.join(f'{x:.3f}' for x in r.get('per_pair', []))})"
+        )
     return "\n".join(lines)
 
 
@@ -443,8 +529,12 @@ def main(argv: list[str] | None = None) -> int:
             if py_spy is None:
                 print("py-spy not found: pip install py-spy (or --py-spy PATH); skipping the profile", file=sys.stderr)
             else:
-                results["profile"] = [profile_run(py_spy, s, args.steps if s == 64 else max(8, args.steps // 3), args.batch,
-                                                  args.workers, tmp) for s in args.image_sizes]  # fmt: skip
+                results["profile"] = [
+                    profile_run(
+                        py_spy, s, args.steps if s == 64 else max(8, args.steps // 3), args.batch, args.workers, tmp
+                    )
+                    for s in args.image_sizes
+                ]
         if "micro" in args.sections:
             results["micro"] = [micro(s, args.batch, args.micro_repeats) for s in args.micro_sizes]
         if "ab" in args.sections and args.candidates:

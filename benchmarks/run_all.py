@@ -21,8 +21,15 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
-SCRIPTS = ["train_throughput", "data_throughput", "time_to_quality", "profile_ours", "memory", "export_latency",
-           "index_latency"]  # fmt: skip
+SCRIPTS = [
+    "train_throughput",
+    "data_throughput",
+    "time_to_quality",
+    "profile_ours",
+    "memory",
+    "export_latency",
+    "index_latency",
+]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,9 +49,11 @@ def headline(name: str, path: Path) -> str:
         s = data["summary"]
         ours, oc = s.get("ours", {}), s.get("open_clip", {})
         ratio = s.get("ratio", {}).get("median_of_pairs")
-        return (f"train_throughput: ours {ours.get('samples_per_s', {}).get('median', float('nan')):.1f} samples/s, "
-                f"open_clip {oc.get('samples_per_s', {}).get('median', float('nan')):.1f}; ours/open_clip "
-                f"{ratio if ratio is not None else float('nan'):.2f}")  # fmt: skip
+        return (
+            f"train_throughput: ours {ours.get('samples_per_s', {}).get('median', float('nan')):.1f} samples/s, "
+            f"open_clip {oc.get('samples_per_s', {}).get('median', float('nan')):.1f}; ours/open_clip "
+            f"{ratio if ratio is not None else float('nan'):.2f}"
+        )
     if name == "data_throughput":
         parts = []
         for size, res in data["results"].items():

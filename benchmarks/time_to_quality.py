@@ -46,10 +46,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--metric", default=DEFAULT_METRIC, help="'<direction>/<metric>' of metrics.retrieval_metrics, or mean_recall"
     )
     p.add_argument("--target", type=float, default=0.9, help="value of --metric to reach (see README: why this one)")
-    p.add_argument("--lrs", type=float, nargs="+", default=None,
-                   help="open_clip learning rates to try (default: 5e-4 1e-3 2e-3 where bf16 is native; in fp32, "
-                   "3-4x slower, only 5e-4, the best of the three on the bf16 machine, so that the default run "
-                   "stays within minutes)")  # fmt: skip
+    p.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=None,
+        help="open_clip learning rates to try (default: 5e-4 1e-3 2e-3 where bf16 is native; in fp32, "
+        "3-4x slower, only 5e-4, the best of the three on the bf16 machine, so that the default run "
+        "stays within minutes)",
+    )
     p.add_argument("--repeats", type=int, default=1, help="runs of each (ours, each open_clip lr), alternated")
     p.add_argument("--full", action="store_true", help="train whole schedules instead of stopping at the target")
     p.add_argument("--only", choices=["both", "ours", "open_clip"], default="both")
@@ -74,9 +79,20 @@ def ours_defaults() -> dict[str, Any]:
     cfg = load_config(common.TINY_CONFIG)
     t, a = cfg.train, cfg.data.augment
     workers = cfg.data.num_workers if cfg.data.num_workers != "auto" else None
-    return {"batch": t.batch_size, "epochs": t.epochs, "lr": t.lr, "warmup": t.warmup_steps, "workers": workers or 2,
-            "weight_decay": t.weight_decay, "betas": list(t.betas), "eps": t.eps, "grad_clip": t.grad_clip,
-            "crop_scale": list(a.crop_scale), "hflip": a.hflip, "color_jitter": a.color_jitter}  # fmt: skip
+    return {
+        "batch": t.batch_size,
+        "epochs": t.epochs,
+        "lr": t.lr,
+        "warmup": t.warmup_steps,
+        "workers": workers or 2,
+        "weight_decay": t.weight_decay,
+        "betas": list(t.betas),
+        "eps": t.eps,
+        "grad_clip": t.grad_clip,
+        "crop_scale": list(a.crop_scale),
+        "hflip": a.hflip,
+        "color_jitter": a.color_jitter,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,8 +102,9 @@ def ours_defaults() -> dict[str, Any]:
 def run_ours(
     data: Path, tmp: Path, tag: str, metric: str, target: float, full: bool, patches: str = ""
 ) -> dict[str, Any]:
-    cmd = common.ours_command({"output_dir": tmp, "experiment": tag, "data.root": data.resolve()},
-                              [p for p in patches.split(",") if p])  # fmt: skip
+    cmd = common.ours_command(
+        {"output_dir": tmp, "experiment": tag, "data.root": data.resolve()}, [p for p in patches.split(",") if p]
+    )
     metrics = tmp / tag / "metrics.jsonl"
     env = common.child_env({"FINDERPARTNER_CACHE": str(tmp / f"{tag}_cache")})  # a fresh micro-batch probe
     start = time.time()
@@ -114,8 +131,15 @@ def _ours_epochs(metrics: Path, metric: str, start: float) -> list[dict[str, Any
         except json.JSONDecodeError:  # a line being written
             continue
         if key in rec:
-            out.append({"epoch": len(out) + 1, "step": rec["step"], "seconds": rec["time"] - start, "value": rec[key],
-                        "mean_recall": rec.get("val/mean_recall")})  # fmt: skip
+            out.append(
+                {
+                    "epoch": len(out) + 1,
+                    "step": rec["step"],
+                    "seconds": rec["time"] - start,
+                    "value": rec[key],
+                    "mean_recall": rec.get("val/mean_recall"),
+                }
+            )
     return out
 
 
@@ -161,8 +185,13 @@ class OpenClipScorer:
 
         names, _ = self.table.images()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            images, failures = embed_image_files([self.table.image_dir / n for n in names], self.spec, encode,
-                                                 self.model.text_projection.shape[1], batch_size=256)  # fmt: skip
+            images, failures = embed_image_files(
+                [self.table.image_dir / n for n in names],
+                self.spec,
+                encode,
+                self.model.text_projection.shape[1],
+                batch_size=256,
+            )
             if failures:
                 raise RuntimeError(f"val images could not be read: {failures[:3]}")
             ids = self.tokenizer(list(self.table.captions))
@@ -190,9 +219,20 @@ def run_open_clip(
     ``give_up_after`` (the best open_clip time so far: a slower run cannot become the best of the three)."""
     d = prep["defaults"]
     logs = tmp / "open_clip_logs"
-    cmd = common.open_clip_command(prep["model_dir"], prep["csv"], logs, tag, batch=d["batch"], workers=d["workers"],
-                                   epochs=d["epochs"], lr=lr, warmup=d["warmup"], precision=prep["precision"],
-                                   log_every=20, save_frequency=1)  # fmt: skip
+    cmd = common.open_clip_command(
+        prep["model_dir"],
+        prep["csv"],
+        logs,
+        tag,
+        batch=d["batch"],
+        workers=d["workers"],
+        epochs=d["epochs"],
+        lr=lr,
+        warmup=d["warmup"],
+        precision=prep["precision"],
+        log_every=20,
+        save_frequency=1,
+    )
     ckpt_dir = logs / tag / "checkpoints"
     state: dict[str, Any] = {"epochs": [], "paused": 0.0, "start": time.time()}
 
@@ -208,8 +248,11 @@ def run_open_clip(
 
     result = common.run_monitored(cmd, tmp / f"{tag}.log", on_poll=poll)
     # The last checkpoint may appear between the last poll and the process exit.
-    while not full and (ckpt_dir / f"epoch_{len(state['epochs']) + 1}.pt").exists() and \
-            not any(e["value"] >= target for e in state["epochs"]):  # fmt: skip
+    while (
+        not full
+        and (ckpt_dir / f"epoch_{len(state['epochs']) + 1}.pt").exists()
+        and not any(e["value"] >= target for e in state["epochs"])
+    ):
         k = len(state["epochs"]) + 1
         _score_paused(None, ckpt_dir / f"epoch_{k}.pt", k, state, prep["scorer"], metric)
     if full:
@@ -218,8 +261,12 @@ def run_open_clip(
                 _score_paused(None, ckpt_dir / f"epoch_{k}.pt", k, state, prep["scorer"], metric)
     if result.returncode != 0 and not state["epochs"]:
         raise SystemExit(f"open_clip failed ({result.returncode}):\n{common.tail(result.log)}")
-    return {**_outcome(state["epochs"], target, result, metric), "lr": lr, "paused_s": state["paused"],
-            "gave_up_after_s": give_up_after if state.get("gave_up") else None}  # fmt: skip
+    return {
+        **_outcome(state["epochs"], target, result, metric),
+        "lr": lr,
+        "paused_s": state["paused"],
+        "gave_up_after_s": give_up_after if state.get("gave_up") else None,
+    }
 
 
 def _score_paused(
@@ -248,8 +295,9 @@ def _score_paused(
     from finderpartner.metrics import mean_recall
 
     value = _select(metrics, metric)
-    state["epochs"].append({"epoch": epoch, "seconds": ended, "value": value, "mean_recall": mean_recall(metrics),
-                            "metrics": metrics})  # fmt: skip
+    state["epochs"].append(
+        {"epoch": epoch, "seconds": ended, "value": value, "mean_recall": mean_recall(metrics), "metrics": metrics}
+    )
     print(f"    open_clip epoch {epoch}: {metric} {value:.3f} at {ended:.0f}s", flush=True)
 
 
@@ -285,10 +333,16 @@ def _select(metrics: dict[str, dict[str, float]], metric: str) -> float:
 
 def _outcome(epochs: list[dict[str, Any]], target: float, result: common.RunResult, metric: str) -> dict[str, Any]:
     hit = next((e for e in epochs if e["value"] >= target), None)
-    return {"reached": hit is not None, "seconds_to_target": hit["seconds"] if hit else None,
-            "epoch_reached": hit["epoch"] if hit else None, "best": max((e["value"] for e in epochs), default=None),
-            "epochs": [{k: v for k, v in e.items() if k != "metrics"} for e in epochs], "wall_s": result.seconds,
-            "peak_pss_gib": common.gib(result.peak_pss_bytes), "metric": metric}  # fmt: skip
+    return {
+        "reached": hit is not None,
+        "seconds_to_target": hit["seconds"] if hit else None,
+        "epoch_reached": hit["epoch"] if hit else None,
+        "best": max((e["value"] for e in epochs), default=None),
+        "epochs": [{k: v for k, v in e.items() if k != "metrics"} for e in epochs],
+        "wall_s": result.seconds,
+        "peak_pss_gib": common.gib(result.peak_pss_bytes),
+        "metric": metric,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,9 +359,15 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     tokenizer = common.caption_tokenizer(data, tmp / "tokenizer")
     model_dir = common.open_clip_model_dir(spec, tokenizer, tmp / "open_clip_model")
     bf16 = cpu_supports_bf16() or torch.cuda.is_available()
-    return {"data": data, "spec": spec, "model_dir": model_dir, "defaults": ours_defaults(),
-            "csv": common.write_open_clip_csv(data, "train", tmp / "train.tsv"),
-            "precision": "amp_bf16" if bf16 else "fp32", "scorer": OpenClipScorer(data, spec, model_dir)}  # fmt: skip
+    return {
+        "data": data,
+        "spec": spec,
+        "model_dir": model_dir,
+        "defaults": ours_defaults(),
+        "csv": common.write_open_clip_csv(data, "train", tmp / "train.tsv"),
+        "precision": "amp_bf16" if bf16 else "fp32",
+        "scorer": OpenClipScorer(data, spec, model_dir),
+    }
 
 
 def alternate(args: argparse.Namespace, prep: dict[str, Any], tmp: Path) -> dict[str, list[dict[str, Any]]]:
@@ -315,14 +375,23 @@ def alternate(args: argparse.Namespace, prep: dict[str, Any], tmp: Path) -> dict
     if args.only in ("both", "ours"):
         jobs.append(("ours", lambda tag: run_ours(prep["data"], tmp, tag, args.metric, args.target, args.full)))
         for patches in args.ours_patch:
-            jobs.append((f"ours+{patches}",
-                         lambda tag, p=patches: run_ours(prep["data"], tmp, tag, args.metric, args.target, args.full, p)))  # fmt: skip
+            jobs.append(
+                (
+                    f"ours+{patches}",
+                    lambda tag, p=patches: run_ours(prep["data"], tmp, tag, args.metric, args.target, args.full, p),
+                )
+            )
     best: dict[int, float] = {}  # repeat -> best open_clip seconds so far
     if args.only in ("both", "open_clip"):
         for lr in args.lrs:
-            jobs.append((f"open_clip lr={lr:g}",
-                         lambda tag, rep, lr=lr: run_open_clip(prep, tmp, tag, lr, args.metric, args.target, args.full,
-                                                               best.get(rep))))  # fmt: skip
+            jobs.append(
+                (
+                    f"open_clip lr={lr:g}",
+                    lambda tag, rep, lr=lr: run_open_clip(
+                        prep, tmp, tag, lr, args.metric, args.target, args.full, best.get(rep)
+                    ),
+                )
+            )
     runs: dict[str, list[dict[str, Any]]] = {}
     for rep in range(args.repeats):
         for name, job in jobs if rep % 2 == 0 else jobs[::-1]:
@@ -343,8 +412,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     rows = {}
     for name, results in runs.items():
         times = [r["seconds_to_target"] for r in results if r["reached"]]
-        rows[name] = {"seconds_to_target": common.spread(times), "reached": f"{len(times)}/{len(results)}",
-                      "epoch_reached": common.median(r["epoch_reached"] for r in results if r["reached"])}  # fmt: skip
+        rows[name] = {
+            "seconds_to_target": common.spread(times),
+            "reached": f"{len(times)}/{len(results)}",
+            "epoch_reached": common.median(r["epoch_reached"] for r in results if r["reached"]),
+        }
     oc = {n: r for n, r in rows.items() if n.startswith("open_clip") and r["seconds_to_target"]["n"]}
     out: dict[str, Any] = {"rows": rows}
     if oc:
@@ -402,8 +474,11 @@ def main(argv: list[str] | None = None) -> int:
         from finderpartner.env import resolve_precision
 
         ours = resolve_precision("auto", __import__("torch").device("cpu"))
-        print(f"data {prep['data']}; precision ours {ours} (auto), open_clip {prep['precision']}; open_clip lrs "
-              f"{', '.join(f'{lr:g}' for lr in args.lrs)}", flush=True)  # fmt: skip
+        print(
+            f"data {prep['data']}; precision ours {ours} (auto), open_clip {prep['precision']}; open_clip lrs "
+            f"{', '.join(f'{lr:g}' for lr in args.lrs)}",
+            flush=True,
+        )
         runs = alternate(args, prep, tmp)
         summary = summarise(runs)
         print("\n" + report(summary, runs, args, prep))
@@ -412,8 +487,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"run folders kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    payload = {"benchmark": "time_to_quality", "args": vars(args), "machine": common.machine_info(),
-               "versions": common.package_versions(), "ours_defaults": prep["defaults"], "summary": summary, "runs": runs}  # fmt: skip
+    payload = {
+        "benchmark": "time_to_quality",
+        "args": vars(args),
+        "machine": common.machine_info(),
+        "versions": common.package_versions(),
+        "ours_defaults": prep["defaults"],
+        "summary": summary,
+        "runs": runs,
+    }
     print(f"results: {common.write_json(out, payload)}")
     return 0
 

@@ -93,8 +93,15 @@ def prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     # open_clip runs exactly one epoch over a CSV of steps x batch rows; ours stops at train.max_steps.
     csv_path = common.write_open_clip_csv(data, "train", tmp / "train.tsv", rows=args.steps * args.batch)
     captions = [c for _, c in common.read_pairs(data, "train")]
-    return {"data": data, "spec": spec, "tokenizer": tokenizer, "model_dir": model_dir, "params": counts,
-            "csv": csv_path, "captions": captions}  # fmt: skip
+    return {
+        "data": data,
+        "spec": spec,
+        "tokenizer": tokenizer,
+        "model_dir": model_dir,
+        "params": counts,
+        "csv": csv_path,
+        "captions": captions,
+    }
 
 
 def machine_peak(before: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -123,12 +130,21 @@ def run_ours(
 ) -> dict[str, Any]:
     spec = prep["spec"]
     overrides: dict[str, Any] = {
-        "output_dir": tmp, "experiment": tag, "data.root": prep["data"], "data.val_split": "",
-        "data.num_workers": args.workers, "train.batch_size": args.batch, "train.max_steps": args.steps,
-        "train.log_every": args.log_every, "train.checkpoint_every": 10**9, "train.precision": args.ours_precision,
-        "model.tiny.image_size": spec.image_size, "model.tiny.patch_size": spec.patch_size,
-        "tracking.tensorboard": False, "data.augment.hflip": args.ours_hflip,
-    }  # fmt: skip
+        "output_dir": tmp,
+        "experiment": tag,
+        "data.root": prep["data"],
+        "data.val_split": "",
+        "data.num_workers": args.workers,
+        "train.batch_size": args.batch,
+        "train.max_steps": args.steps,
+        "train.log_every": args.log_every,
+        "train.checkpoint_every": 10**9,
+        "train.precision": args.ours_precision,
+        "model.tiny.image_size": spec.image_size,
+        "model.tiny.patch_size": spec.patch_size,
+        "tracking.tensorboard": False,
+        "data.augment.hflip": args.ours_hflip,
+    }
     for item in args.ours_set:
         key, _, value = item.partition("=")
         overrides[key] = value
@@ -147,9 +163,18 @@ def run_ours(
 
 def run_open_clip(args: argparse.Namespace, prep: dict[str, Any], tmp: Path, tag: str) -> dict[str, Any]:
     cmd = common.open_clip_command(
-        prep["model_dir"], prep["csv"], tmp / "open_clip_logs", tag, batch=args.batch, workers=args.workers, epochs=1,
-        lr=1e-3, warmup=10, precision=args.open_clip_precision, log_every=args.log_every,
-    )  # fmt: skip
+        prep["model_dir"],
+        prep["csv"],
+        tmp / "open_clip_logs",
+        tag,
+        batch=args.batch,
+        workers=args.workers,
+        epochs=1,
+        lr=1e-3,
+        warmup=10,
+        precision=args.open_clip_precision,
+        log_every=args.log_every,
+    )
     result = common.run_monitored(cmd, tmp / f"{tag}.log")
     windows = common.open_clip_windows(result.log, args.batch)
     if result.returncode != 0 or not windows:
@@ -182,8 +207,10 @@ QUIET_LOAD = 0.25
 def contenders(args: argparse.Namespace) -> list[tuple[str, Any]]:
     """The (name, runner) pairs to alternate."""
     if args.compare_ours:
-        return [("ours", lambda p, t, tag: run_ours(args, p, t, tag, "")),
-                (f"ours+{args.ours_patch}", lambda p, t, tag: run_ours(args, p, t, tag, args.ours_patch))]  # fmt: skip
+        return [
+            ("ours", lambda p, t, tag: run_ours(args, p, t, tag, "")),
+            (f"ours+{args.ours_patch}", lambda p, t, tag: run_ours(args, p, t, tag, args.ours_patch)),
+        ]
     out = []
     if args.only in ("both", "ours"):
         name = f"ours+{args.ours_patch}" if args.ours_patch else "ours"
@@ -207,15 +234,19 @@ def alternate(args: argparse.Namespace, prep: dict[str, Any], tmp: Path) -> dict
             tag = f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}_{rep}"
             res = runner(prep, tmp, tag)
             runs.setdefault(name, []).append(res)
-            print(f"  run {rep + 1}/{args.repeats} {name:>24s}: {res['samples_per_s']:7.1f} samples/s, "
-                  f"data wait {100 * res['data_wait_fraction']:4.1f}%, peak PSS {res['peak_pss_gib']:.2f} GiB, "
-                  f"other load {res['foreign_load']:.2f} cores"
-                  + (f", micro-batch {res['micro_batch']}" if "micro_batch" in res else ""), flush=True)  # fmt: skip
+            print(
+                f"  run {rep + 1}/{args.repeats} {name:>24s}: {res['samples_per_s']:7.1f} samples/s, "
+                f"data wait {100 * res['data_wait_fraction']:4.1f}%, peak PSS {res['peak_pss_gib']:.2f} GiB, "
+                f"other load {res['foreign_load']:.2f} cores"
+                + (f", micro-batch {res['micro_batch']}" if "micro_batch" in res else ""),
+                flush=True,
+            )
     return runs
 
 
-def summarise(runs: dict[str, list[dict[str, Any]]], flops: dict[str, float], peak: dict[str, Any],
-              precisions: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+def summarise(
+    runs: dict[str, list[dict[str, Any]]], flops: dict[str, float], peak: dict[str, Any], precisions: dict[str, str]
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, results in runs.items():
         fps = flops["open_clip"] if name == "open_clip" else flops["ours"]
@@ -241,11 +272,19 @@ def summarise(runs: dict[str, list[dict[str, Any]]], flops: dict[str, float], pe
         if name == base:
             continue
         pair_ratios = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(runs[name], runs[base])]
-        quiet = [r for r, x, y in zip(pair_ratios, runs[name], runs[base])
-                 if max(x["foreign_load"], y["foreign_load"]) <= QUIET_LOAD]  # fmt: skip
-        ratios[name] = {"of": f"{name} / {base}", "per_pair": pair_ratios, "median_of_pairs": common.median(pair_ratios),
-                        "of_medians": out[name]["samples_per_s"]["median"] / out[base]["samples_per_s"]["median"],
-                        "quiet_pairs": quiet, "median_of_quiet_pairs": common.median(quiet)}  # fmt: skip
+        quiet = [
+            r
+            for r, x, y in zip(pair_ratios, runs[name], runs[base])
+            if max(x["foreign_load"], y["foreign_load"]) <= QUIET_LOAD
+        ]
+        ratios[name] = {
+            "of": f"{name} / {base}",
+            "per_pair": pair_ratios,
+            "median_of_pairs": common.median(pair_ratios),
+            "of_medians": out[name]["samples_per_s"]["median"] / out[base]["samples_per_s"]["median"],
+            "quiet_pairs": quiet,
+            "median_of_quiet_pairs": common.median(quiet),
+        }
     if ratios:
         out["ratios"] = ratios
         out["ratio"] = next(iter(ratios.values()))  # the first contender against the baseline (the headline)
@@ -265,15 +304,41 @@ def report(summary: dict[str, Any], prep: dict[str, Any], peak: dict[str, Any], 
             continue
         sps = s["samples_per_s"]
         micro = ",".join(str(m) for m in s["micro_batches"]) if any(s["micro_batches"]) else "-"
-        rows.append([name, s["precision"], sps["median"], f"{sps['min']:.0f}-{sps['max']:.0f}", f"{100 * sps['rel_range']:.0f}%", micro,
-                     f"{100 * s['data_wait_fraction']:.1f}%", f"{100 * s['worker_cpu_share']:.0f}%",
-                     f"{s['peak_pss_gib']:.2f} / {s['peak_rss_gib']:.2f}", f"{s['flops_per_sample'] / 1e9:.3f}",
-                     f"{100 * s['mfu']:.1f}%", ",".join(f"{x:.2f}" for x in s["foreign_load"])])  # fmt: skip
+        rows.append(
+            [
+                name,
+                s["precision"],
+                sps["median"],
+                f"{sps['min']:.0f}-{sps['max']:.0f}",
+                f"{100 * sps['rel_range']:.0f}%",
+                micro,
+                f"{100 * s['data_wait_fraction']:.1f}%",
+                f"{100 * s['worker_cpu_share']:.0f}%",
+                f"{s['peak_pss_gib']:.2f} / {s['peak_rss_gib']:.2f}",
+                f"{s['flops_per_sample'] / 1e9:.3f}",
+                f"{100 * s['mfu']:.1f}%",
+                ",".join(f"{x:.2f}" for x in s["foreign_load"]),
+            ]
+        )
     p = prep["params"]
-    headers = ["trainer", "precision", "samples/s", "range", "spread", "micro-batch", "data wait", "worker CPU",
-               "peak GiB PSS/RSS", "GFLOP/pair", "MFU", "other load (cores)"]  # fmt: skip
-    peaks = ", ".join(f"{k} {v['best_flops'] / 1e12:.2f} TFLOP/s ({v['n']}^3, median {v['median_flops'] / 1e12:.2f})"
-                      for k, v in peak.items())  # fmt: skip
+    headers = [
+        "trainer",
+        "precision",
+        "samples/s",
+        "range",
+        "spread",
+        "micro-batch",
+        "data wait",
+        "worker CPU",
+        "peak GiB PSS/RSS",
+        "GFLOP/pair",
+        "MFU",
+        "other load (cores)",
+    ]
+    peaks = ", ".join(
+        f"{k} {v['best_flops'] / 1e12:.2f} TFLOP/s ({v['n']}^3, median {v['median_flops'] / 1e12:.2f})"
+        for k, v in peak.items()
+    )
     lines = [
         common.machine_line(),
         f"parameters: ours {p['ours']:,}, open_clip {p['open_clip']:,} ({100 * p['relative_difference']:+.2f}%)",
@@ -288,10 +353,12 @@ def report(summary: dict[str, Any], prep: dict[str, Any], peak: dict[str, Any], 
         common.table(headers, rows),
     ]
     for r in summary.get("ratios", {}).values():
-        lines.append(f"ratio {r['of']}: {r['median_of_pairs']:.2f} (median of per-pair ratios "
-                     f"{', '.join(f'{x:.2f}' for x in r['per_pair'])}; ratio of medians {r['of_medians']:.2f}; "
-                     f"quiet pairs (other load <= {QUIET_LOAD} cores): {len(r['quiet_pairs'])}, median "
-                     f"{r['median_of_quiet_pairs']:.2f})")  # fmt: skip
+        lines.append(
+            f"ratio {r['of']}: {r['median_of_pairs']:.2f} (median of per-pair ratios "
+            f"{', '.join(f'{x:.2f}' for x in r['per_pair'])}; ratio of medians {r['of_medians']:.2f}; "
+            f"quiet pairs (other load <= {QUIET_LOAD} cores): {len(r['quiet_pairs'])}, median "
+            f"{r['median_of_quiet_pairs']:.2f})"
+        )
     return "\n".join(lines)
 
 
@@ -305,10 +372,17 @@ def precisions_ran(args: argparse.Namespace) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, _ in contenders(args):
         if name == "open_clip":
-            out[name] = {"amp_bf16": "bf16", "amp": "fp16", "amp_bfloat16": "bf16"}.get(args.open_clip_precision, "fp32")
+            out[name] = {"amp_bf16": "bf16", "amp": "fp16", "amp_bfloat16": "bf16"}.get(
+                args.open_clip_precision, "fp32"
+            )
         else:
-            sets = dict(item.split("=", 1) for spec in args.variant if name == f"ours[{spec.split('|')[0]}]"
-                        for item in (spec.split("|") + ["", ""])[2].split(",") if item)  # fmt: skip
+            sets = dict(
+                item.split("=", 1)
+                for spec in args.variant
+                if name == f"ours[{spec.split('|')[0]}]"
+                for item in (spec.split("|") + ["", ""])[2].split(",")
+                if item
+            )
             out[name] = resolve_precision(sets.get("train.precision", args.ours_precision), device)
     return out
 
@@ -330,9 +404,12 @@ def main(argv: list[str] | None = None) -> int:
             prep["spec"], prep["tokenizer"], prep["model_dir"], prep["captions"], args.batch
         )
         print(common.machine_line(), flush=True)
-        print(f"data {prep['data']}; {args.steps} steps of batch {args.batch}, {args.workers} workers, "
-              f"warm-up {args.warmup_steps} steps excluded; precision "
-              + ", ".join(f"{k} {v}" for k, v in precisions_ran(args).items()), flush=True)  # fmt: skip
+        print(
+            f"data {prep['data']}; {args.steps} steps of batch {args.batch}, {args.workers} workers, "
+            f"warm-up {args.warmup_steps} steps excluded; precision "
+            + ", ".join(f"{k} {v}" for k, v in precisions_ran(args).items()),
+            flush=True,
+        )
         runs = alternate(args, prep, tmp)
         peak = machine_peak(peak)
         summary = summarise(runs, flops, peak, precisions_ran(args))
@@ -343,9 +420,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nrun folders kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    payload = {"benchmark": "train_throughput", "args": {k: v for k, v in vars(args).items()}, "machine": common.machine_info(),
-               "versions": common.package_versions(), "params": prep["params"], "matmul_peak": peak,
-               "flops_per_sample": flops, "summary": summary, "runs": runs}  # fmt: skip
+    payload = {
+        "benchmark": "train_throughput",
+        "args": {k: v for k, v in vars(args).items()},
+        "machine": common.machine_info(),
+        "versions": common.package_versions(),
+        "params": prep["params"],
+        "matmul_peak": peak,
+        "flops_per_sample": flops,
+        "summary": summary,
+        "runs": runs,
+    }
     print(f"results: {common.write_json(out, payload)}")
     return 0
 

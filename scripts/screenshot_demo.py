@@ -33,7 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--images", type=Path, help="gallery folder (default: the run's validation images)")
     where.add_argument("--index", type=Path, help="gallery index")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "demo_screenshots", help="folder for the PNGs")
-    p.add_argument("--tabs", nargs="+", default=["gallery", "image", "compare"], help="tabs, by the start of their title")
+    p.add_argument(
+        "--tabs", nargs="+", default=["gallery", "image", "compare"], help="tabs, by the start of their title"
+    )
     p.add_argument("--size", default="1280,1000", help="window size, WIDTH,HEIGHT")
     p.add_argument("--wait", type=float, default=120, help="seconds to wait for the demo to start")
     p.add_argument("--render-ms", type=int, default=5000, help="(virtual) time Chromium lets the page render")
@@ -64,10 +66,23 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float) -> None:
 def screenshot(chromium: str, url: str, out: Path, size: str, render_ms: int) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as profile:
-        cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               "--hide-scrollbars", f"--user-data-dir={profile}", f"--screenshot={out.resolve()}",
-               f"--window-size={size}", f"--virtual-time-budget={render_ms}", url]  # fmt: skip
+        cmd = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--screenshot={out.resolve()}",
+            f"--window-size={size}",
+            f"--virtual-time-budget={render_ms}",
+            url,
+        ]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=render_ms / 1000 + 120)
     if run.returncode != 0 or not out.is_file():
         raise SystemExit(f"chromium failed ({run.returncode}): {run.stderr[-2000:]}")
@@ -79,8 +94,19 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("Chromium not found: apt-get install chromium (or pass --chromium PATH)")
     port = free_port()
     gallery = ["--images", str(args.images)] if args.images else ["--index", str(args.index)] if args.index else []
-    cmd = [sys.executable, "-m", "finderpartner.cli", "demo", "--model", str(args.model), "--port", str(port),
-           "--precision", "fp32", *gallery]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "finderpartner.cli",
+        "demo",
+        "--model",
+        str(args.model),
+        "--port",
+        str(port),
+        "--precision",
+        "fp32",
+        *gallery,
+    ]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONPATH": str(ROOT / "src")}
     demo = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:

@@ -35,6 +35,7 @@ def _loopback_only(self: socket.socket, address, *args, **kwargs):  # type: igno
 socket.socket.connect = _loopback_only  # type: ignore[method-assign]
 torch.set_num_threads(1)
 
+
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """64 train / 24 val sample images at 48 px (two captions each)."""

@@ -28,7 +28,15 @@ def micro_config(tmp: Path, data: Path, **train: object) -> dict:
         "seed": 7,
         "model": {"name": "tiny", "tiny": MICRO_SPEC},
         "data": {"root": str(data), "num_workers": 0},
-        "train": {"epochs": 2, "batch_size": 16, "lr": 1e-3, "warmup_steps": 2, "precision": "fp32",
-                  "checkpoint_every": 4, "log_every": 2, **train},
+        "train": {
+            "epochs": 2,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "warmup_steps": 2,
+            "precision": "fp32",
+            "checkpoint_every": 4,
+            "log_every": 2,
+            **train,
+        },
         "tracking": {"tensorboard": False},
     }

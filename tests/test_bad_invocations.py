@@ -34,8 +34,9 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_data: Path, trained_mo
     for own in ("sample_meta.json", ".finderpartner.json"):
         (w["real_data"] / own).unlink()
     w["lone_model"] = Path(shutil.copytree(trained_model, tmp / "lone_model"))  # no run around it: no default gallery
-    w["other_model"] = save_model(build_tiny(TinySpec(**MICRO_SPEC), ["a red circle", "a blue square"] * 4, seed=3),
-                                  tmp / "other_model")  # fmt: skip
+    w["other_model"] = save_model(
+        build_tiny(TinySpec(**MICRO_SPEC), ["a red circle", "a blue square"] * 4, seed=3), tmp / "other_model"
+    )
     w["empty"] = tmp / "empty"
     w["empty"].mkdir()
     w["documents"] = tmp / "documents"
@@ -57,8 +58,12 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_data: Path, trained_mo
         return path
 
     w["config"] = config("fresh")
-    w["existing_run_config"] = config("existing", output_dir=str(trained_model.parent.parent), experiment=trained_model.parent.name)
-    w["shards_config"] = config("shards", **{"data.format": "webdataset", "data.train_shards": str(tmp / "none-{0..3}.tar")})
+    w["existing_run_config"] = config(
+        "existing", output_dir=str(trained_model.parent.parent), experiment=trained_model.parent.name
+    )
+    w["shards_config"] = config(
+        "shards", **{"data.format": "webdataset", "data.train_shards": str(tmp / "none-{0..3}.tar")}
+    )
     w["under_a_file_config"] = config("under_file", output_dir=str(w["a_file"] / "outputs"))
     w["bad_yaml"] = tmp / "bad.yaml"
     w["bad_yaml"].write_text("train: {lr: 1e-4\n  epochs: [")
@@ -66,8 +71,25 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_data: Path, trained_mo
     w["list_yaml"].write_text("- train\n- eval\n")
     w["index"] = tmp / "index"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "finderpartner.cli", "index", "--model", str(trained_model), "--images",
-                    str(w["gallery"]), "--out", str(w["index"]), "--workers", "0"], check=True, capture_output=True, env=env)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finderpartner.cli",
+            "index",
+            "--model",
+            str(trained_model),
+            "--images",
+            str(w["gallery"]),
+            "--out",
+            str(w["index"]),
+            "--workers",
+            "0",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     return w
 
 
@@ -127,7 +149,11 @@ CASES: list[tuple[str, int, str]] = [
     ("index --model {model} --images {gallery} --out {a_file}", 10, "exists and is not a folder"),
     ("export --model {model} --out {model}", 10, "is the input model"),
     ("eval --model {model} --data {data} --out {documents} --workers 0", 10, "it never replaces them"),
-    ("sample-data --out {real_data} --overwrite --train-images 2 --val-images 2", 10, "which sample-data did not write"),
+    (
+        "sample-data --out {real_data} --overwrite --train-images 2 --val-images 2",
+        10,
+        "which sample-data did not write",
+    ),
     ("make-shards --data {data} --out {data}/images/train", 10, "is the input images"),
     ("train --config {existing_run_config}", 10, "already holds a training run"),
     # storage (11)
@@ -140,13 +166,24 @@ def _run(world: dict[str, Path], case: str, number: int) -> subprocess.Completed
     if "{config}" in case and "experiment=" not in case:  # each training its own run folder: they run in parallel
         args += ["--set", f"experiment=case{number}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FINDERPARTNER_CACHE": str(world["tmp"] / "cache")}
-    return subprocess.run([sys.executable, "-m", "finderpartner.cli", *args], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=world["tmp"])  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "finderpartner.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=world["tmp"],
+    )
 
 
 def test_no_user_mistake_ends_in_a_traceback(world: dict[str, Path]) -> None:
     assert len(CASES) >= 40
-    protected = {p: p.read_bytes() for name in ("gallery", "documents", "data", "real_data") for p in world[name].rglob("*") if p.is_file()}
+    protected = {
+        p: p.read_bytes()
+        for name in ("gallery", "documents", "data", "real_data")
+        for p in world[name].rglob("*")
+        if p.is_file()
+    }
     protected |= {p: p.read_bytes() for p in world["model"].parent.rglob("*") if p.is_file() and p.name != ".lock"}
     with ThreadPoolExecutor(max_workers=3) as pool:
         results = list(pool.map(lambda n: _run(world, CASES[n][0], n), range(len(CASES))))
@@ -155,8 +192,10 @@ def test_no_user_mistake_ends_in_a_traceback(world: dict[str, Path]) -> None:
         output = result.stdout + result.stderr
         fragment = fragment.format(**world)
         if "Traceback" in output or result.returncode != code or fragment not in result.stderr:
-            failures.append(f"finderpartner {case}\n  exit {result.returncode} (want {code}), want {fragment!r} in:\n"
-                            f"  {result.stderr.strip()[-1500:]}")  # fmt: skip
+            failures.append(
+                f"finderpartner {case}\n  exit {result.returncode} (want {code}), want {fragment!r} in:\n"
+                f"  {result.stderr.strip()[-1500:]}"
+            )
     assert not failures, f"{len(failures)} of {len(CASES)} invocations misbehaved:\n" + "\n".join(failures)
     changed = [str(p) for p, data in protected.items() if not p.is_file() or p.read_bytes() != data]
     assert changed == []
@@ -164,14 +203,16 @@ def test_no_user_mistake_ends_in_a_traceback(world: dict[str, Path]) -> None:
 
 def test_an_internal_error_prints_a_traceback_and_asks_for_a_report(tmp_path: Path) -> None:
     """A bug (here: a handler that divides by zero, run through the real main) is not dressed up as a user error."""
-    code = ("import sys; from finderpartner import cli\n"
-            "def broken(args): return 1 / 0\n"
-            "parser = cli.build_parser\n"
-            "def patched():\n"
-            "    p = parser(); p._subparsers._group_actions[0].choices['init-config'].set_defaults(handler=broken)\n"
-            "    return p\n"
-            "cli.build_parser = patched\n"
-            "sys.exit(cli.main(['init-config']))\n")  # fmt: skip
+    code = (
+        "import sys; from finderpartner import cli\n"
+        "def broken(args): return 1 / 0\n"
+        "parser = cli.build_parser\n"
+        "def patched():\n"
+        "    p = parser(); p._subparsers._group_actions[0].choices['init-config'].set_defaults(handler=broken)\n"
+        "    return p\n"
+        "cli.build_parser = patched\n"
+        "sys.exit(cli.main(['init-config']))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 70
     assert "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import micro_config
 
 import finderpartner.checkpoint as ckpt_module
 import finderpartner.loss as loss_module
 from finderpartner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify
 from finderpartner.config import config_from_dict
-from finderpartner.errors import CheckpointError, TrainingError, StorageError
+from finderpartner.errors import CheckpointError, StorageError, TrainingError
 from finderpartner.train import train
-from helpers import micro_config
 
 
 def _save(folder: Path, step: int, keep: int = 10, value: float = 1.0) -> Path:
@@ -26,7 +26,10 @@ def _save(folder: Path, step: int, keep: int = 10, value: float = 1.0) -> Path:
         folder,
         step,
         model={"w": torch.full((4, 4), value), "b": torch.zeros(4)},
-        optimizer={"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        optimizer={
+            "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(4)}},
+            "param_groups": [{"lr": 0.1, "params": [0]}],
+        },
         rng={"cpu": torch.get_rng_state()},
         state={"trainer": {"global_step": step}},
         keep=keep,
@@ -102,7 +105,9 @@ def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path: Path, monkeyp
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ckpt_module, "save_file", fills_the_disk)
-    with pytest.raises(StorageError, match=r"disk full while writing checkpoint .*step_000002: .* free of .*step_000001 is intact"):
+    with pytest.raises(
+        StorageError, match=r"disk full while writing checkpoint .*step_000002: .* free of .*step_000001 is intact"
+    ):
         _save(tmp_path, 2)
     monkeypatch.setattr(ckpt_module, "save_file", real)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000001"]

@@ -24,13 +24,16 @@ def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _run(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env={**os.environ, **(env or {})}
+    )
 
 
 def test_sample_data_then_validate_data_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
-    assert main(["sample-data", "--out", str(data), "--train-images", "6", "--val-images", "4", "--image-size", "32"]) == 0
+    assert (
+        main(["sample-data", "--out", str(data), "--train-images", "6", "--val-images", "4", "--image-size", "32"]) == 0
+    )
     out = capsys.readouterr().out
     assert "train: 6 images, 12 pairs" in out and "val: 4 images, 8 pairs" in out
     assert main(["validate-data", "--data", str(data), "--json"]) == 0
@@ -48,8 +51,22 @@ def test_sample_data_then_validate_data_exit_codes(tmp_path: Path, capsys: pytes
 
 
 def test_eval_json(trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["eval", "--model", str(trained_model), "--data", str(small_data), "--out", str(tmp_path / "eval"),
-                 "--json", "--precision", "fp32", "--workers", "0"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(trained_model),
+            "--data",
+            str(small_data),
+            "--out",
+            str(tmp_path / "eval"),
+            "--json",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["num_images"] == 24 and result["num_captions"] == 48
     assert set(result["retrieval"]) >= {"image_to_text", "text_to_image"}
@@ -61,27 +78,75 @@ def _search_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_index_then_search_json(trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_then_search_json(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     images = small_data / "images" / "val"
-    by_folder = _search_json(capsys, "--model", str(trained_model), "--images", str(images), "--prompt", PROMPT, "--top-k", "4")
+    by_folder = _search_json(
+        capsys, "--model", str(trained_model), "--images", str(images), "--prompt", PROMPT, "--top-k", "4"
+    )
     assert by_folder["query"] == PROMPT and [r["rank"] for r in by_folder["results"]] == [1, 2, 3, 4]
     scores = [r["score"] for r in by_folder["results"]]
-    assert scores == sorted(scores, reverse=True) and all(Path(r["path"]).parent == images for r in by_folder["results"])
-    assert main(["index", "--model", str(trained_model), "--images", str(images), "--out", str(tmp_path / "idx"),
-                 "--precision", "fp32", "--workers", "0"]) == 0  # fmt: skip
+    assert scores == sorted(scores, reverse=True) and all(
+        Path(r["path"]).parent == images for r in by_folder["results"]
+    )
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                str(trained_model),
+                "--images",
+                str(images),
+                "--out",
+                str(tmp_path / "idx"),
+                "--precision",
+                "fp32",
+                "--workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert "24 images (24 new" in capsys.readouterr().out
-    by_index = _search_json(capsys, "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--prompt", PROMPT, "--top-k", "4")
+    by_index = _search_json(
+        capsys, "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--prompt", PROMPT, "--top-k", "4"
+    )
     assert by_index == by_folder
     query = by_folder["results"][0]["path"]  # an image query finds that image first
-    assert _search_json(capsys, "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--image", query)["results"][0]["path"] == query
-    assert main(["search", "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--prompt", "x", "--top-k", "0"]) == 2
+    assert (
+        _search_json(capsys, "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--image", query)[
+            "results"
+        ][0]["path"]
+        == query
+    )
+    assert (
+        main(
+            ["search", "--model", str(trained_model), "--index", str(tmp_path / "idx"), "--prompt", "x", "--top-k", "0"]
+        )
+        == 2
+    )
     assert "--top-k must be at least 1" in capsys.readouterr().err
 
 
-def test_seed_main_py_is_the_search_command(trained_model: Path, small_data: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    args = ["--model", str(trained_model), "--images", str(small_data / "images" / "val"), "--prompt", PROMPT,
-            "--top-k", "3", "--json", "--precision", "fp32", "--workers", "0"]  # fmt: skip
+def test_seed_main_py_is_the_search_command(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "--model",
+        str(trained_model),
+        "--images",
+        str(small_data / "images" / "val"),
+        "--prompt",
+        PROMPT,
+        "--top-k",
+        "3",
+        "--json",
+        "--precision",
+        "fp32",
+        "--workers",
+        "0",
+    ]
     run = _run("src/main.py", *args, env={"FINDERPARTNER_CACHE": str(tmp_path / "cache")})
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout) == _search_json(capsys, *args[:-5])
@@ -90,15 +155,19 @@ def test_seed_main_py_is_the_search_command(trained_model: Path, small_data: Pat
 def test_seed_check_env_script_json() -> None:
     run = _run("scripts/check_env.py", "--json")
     report = json.loads(run.stdout)
-    assert run.returncode == (0 if report["ok"] else 1) and report["python"]["version"] == ".".join(map(str, sys.version_info[:3]))
+    assert run.returncode == (0 if report["ok"] else 1) and report["python"]["version"] == ".".join(
+        map(str, sys.version_info[:3])
+    )
 
 
 @pytest.mark.parametrize(
     ("script", "expected"),
-    [("src/train_clip.py", ["--config", "--resume", "--create_sample_data"]),
-     ("export_clip.py", ["--model_path", "--output_dir", "--fp16", "--int8"]),
-     ("gradio_demo.py", ["--model_path", "--host", "--port", "--index"])],
-)  # fmt: skip
+    [
+        ("src/train_clip.py", ["--config", "--resume", "--create_sample_data"]),
+        ("export_clip.py", ["--model_path", "--output_dir", "--fp16", "--int8"]),
+        ("gradio_demo.py", ["--model_path", "--host", "--port", "--index"]),
+    ],
+)
 def test_seed_scripts_answer_help_from_any_folder(script: str, expected: list[str], tmp_path: Path) -> None:
     run = _run(str(ROOT / script), "--help", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -6,7 +6,15 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from finderpartner.config import PRESETS, Config, apply_overrides, config_from_dict, load_config, preset_config, render_yaml
+from finderpartner.config import (
+    PRESETS,
+    Config,
+    apply_overrides,
+    config_from_dict,
+    load_config,
+    preset_config,
+    render_yaml,
+)
 from finderpartner.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
@@ -53,7 +61,9 @@ def test_wrong_type_and_choice_are_named() -> None:
 
 
 def test_overrides_are_parsed_as_yaml_and_validated() -> None:
-    cfg = load_config(None, ["train.lr=3e-4", "train.micro_batch_size=8", "data.augment.hflip=false", "model.name=tiny"])
+    cfg = load_config(
+        None, ["train.lr=3e-4", "train.micro_batch_size=8", "data.augment.hflip=false", "model.name=tiny"]
+    )
     assert cfg.train.lr == 3e-4 and cfg.train.micro_batch_size == 8
     assert cfg.data.augment.hflip is False and cfg.model.name == "tiny"
     with pytest.raises(ConfigError, match="expected key=value"):
@@ -93,14 +103,28 @@ def test_best_metric_is_checked_up_front_and_ranks_count_lower_as_better() -> No
     with pytest.raises(ConfigError, match=r"eval.best_metric: .*did you mean 'text_to_image/R@1'"):
         config_from_dict({"eval": {"best_metric": "text_to_image/R1"}})
     assert config_from_dict({"eval": {"best_metric": "image_to_text_caption_aware/median_rank"}})
-    better, worse = (EvalResult({"text_to_image": {"R@1": r1, "mean_rank": rank}}, loss, {}, 1, 1)
-                     for r1, rank, loss in ((0.8, 1.5, 0.5), (0.6, 3.0, 0.9)))  # fmt: skip
+    better, worse = (
+        EvalResult({"text_to_image": {"R@1": r1, "mean_rank": rank}}, loss, {}, 1, 1)
+        for r1, rank, loss in ((0.8, 1.5, 0.5), (0.6, 3.0, 0.9))
+    )
     for name in ("text_to_image/R@1", "text_to_image/mean_rank", "loss"):
         assert better.select(name) > worse.select(name), name
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("5m", 300), ("1h", 3600), ("90s", 90), ("1h30m", 5400), ("2.5h", 9000),
-                                               ("10min", 600), (" 45 S ", 45), (120, 120), (1.5, 1.5)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("5m", 300),
+        ("1h", 3600),
+        ("90s", 90),
+        ("1h30m", 5400),
+        ("2.5h", 9000),
+        ("10min", 600),
+        (" 45 S ", 45),
+        (120, 120),
+        (1.5, 1.5),
+    ],
+)
 def test_time_budget_is_parsed(text: object, seconds: float) -> None:
     cfg = config_from_dict({"train": {"time_budget": text}})
     assert cfg.train.time_budget_s == seconds

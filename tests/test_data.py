@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MICRO_SPEC
 from PIL import Image
 
 from finderpartner.config import TinySpec
@@ -11,7 +12,6 @@ from finderpartner.data.collate import Collator
 from finderpartner.data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, read_split
 from finderpartner.data.transforms import EvalTransform, TrainTransform, load_image, normalize, swap_left_right
 from finderpartner.model import CLIP_MEAN, CLIP_STD, ImageSpec, build_tiny
-from helpers import MICRO_SPEC
 
 SPEC = ImageSpec(32, 32, CLIP_MEAN, CLIP_STD)
 
@@ -123,7 +123,9 @@ def test_eval_transform_and_normalize() -> None:
     assert torch.allclose(x[0, :, 0, 0], expected, atol=1e-5)
 
 
-def test_decoded_image_cache_keeps_the_crop_resolution_and_reports_broken_files(small_data: Path, tmp_path: Path) -> None:
+def test_decoded_image_cache_keeps_the_crop_resolution_and_reports_broken_files(
+    small_data: Path, tmp_path: Path
+) -> None:
     import shutil
 
     root = tmp_path / "data"

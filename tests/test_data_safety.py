@@ -53,9 +53,12 @@ def test_index_out_equal_to_images_is_refused(trained_model: Path, photos: Path,
     assert snapshot(photos) == before
 
 
-def test_index_out_inside_the_gallery_or_an_unrelated_folder_is_refused(trained_model: Path, photos: Path, tmp_path: Path,
-                                                                         capsys) -> None:  # fmt: skip
-    code, err = _cli(capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(photos / "idx"))
+def test_index_out_inside_the_gallery_or_an_unrelated_folder_is_refused(
+    trained_model: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
+    code, err = _cli(
+        capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(photos / "idx")
+    )
     assert code == 10 and "is inside the input images" in err and not (photos / "idx").exists()
     unrelated = tmp_path / "documents"
     unrelated.mkdir()
@@ -64,15 +67,18 @@ def test_index_out_inside_the_gallery_or_an_unrelated_folder_is_refused(trained_
     code, err = _cli(capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(unrelated))
     assert code == 10
     assert "holds 1 item(s) that finderpartner did not write (thesis.docx); it never replaces them" in err
-    code, err = _cli(capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(unrelated),
-                     "--overwrite")  # fmt: skip
+    code, err = _cli(
+        capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(unrelated), "--overwrite"
+    )
     assert code == 10 and "never replaces them" in err  # --overwrite replaces only what finderpartner made
     assert snapshot(photos, unrelated) == before
 
 
 def test_index_out_equal_to_model_is_refused(trained_model: Path, photos: Path, capsys) -> None:
     before = snapshot(trained_model)
-    code, err = _cli(capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(trained_model))
+    code, err = _cli(
+        capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(trained_model)
+    )
     assert code == 10 and f"is the input model {trained_model}" in err
     assert snapshot(trained_model) == before
 
@@ -86,19 +92,43 @@ def test_export_out_equal_to_model_is_refused(trained_model: Path, capsys) -> No
     assert snapshot(trained_model) == before
 
 
-def test_damaged_or_foreign_model_index_is_rebuilt_in_place_with_overwrite(trained_model: Path, photos: Path,
-                                                                            tmp_path: Path, capsys) -> None:  # fmt: skip
+def test_damaged_or_foreign_model_index_is_rebuilt_in_place_with_overwrite(
+    trained_model: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "idx"
-    assert main(["index", "--model", str(trained_model), "--images", str(photos), "--out", str(out), "--workers", "0"]) == 0
+    assert (
+        main(["index", "--model", str(trained_model), "--images", str(photos), "--out", str(out), "--workers", "0"])
+        == 0
+    )
     (out / "index.json").write_text("{")  # damaged
     capsys.readouterr()
     code, err = _cli(capsys, "search", "--model", str(trained_model), "--index", str(out), "--prompt", "a red circle")
-    assert code == 4 and f"rebuild it: finderpartner index --model <model> --images <folder> --out {out} --overwrite" in err
-    code, err = _cli(capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(out), "--workers", "0")
+    assert (
+        code == 4
+        and f"rebuild it: finderpartner index --model <model> --images <folder> --out {out} --overwrite" in err
+    )
+    code, err = _cli(
+        capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(out), "--workers", "0"
+    )
     assert code == 4 and "damaged" in err  # without --overwrite: refused again, unchanged
     assert (out / "index.json").read_text() == "{"
-    assert main(["index", "--model", str(trained_model), "--images", str(photos), "--out", str(out), "--workers", "0",
-                 "--overwrite"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "index",
+                "--model",
+                str(trained_model),
+                "--images",
+                str(photos),
+                "--out",
+                str(out),
+                "--workers",
+                "0",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     code, _ = _cli(capsys, "search", "--model", str(trained_model), "--index", str(out), "--prompt", "a red circle")
     assert code == 0
 
@@ -108,20 +138,33 @@ def test_sample_data_never_replaces_a_real_data_set(small_data: Path, tmp_path: 
     (data / "sample_meta.json").unlink()  # a user's own data set in the same layout
     (data / ".finderpartner.json").unlink()
     before = snapshot(data)
-    code, err = _cli(capsys, "sample-data", "--out", str(data), "--overwrite", "--train-images", "4", "--val-images", "2")
+    code, err = _cli(
+        capsys, "sample-data", "--out", str(data), "--overwrite", "--train-images", "4", "--val-images", "2"
+    )
     assert code == 10 and "which sample-data did not write; it never replaces them" in err
     assert snapshot(data) == before
 
 
-def test_make_shards_and_eval_never_write_into_their_inputs(trained_model: Path, small_data: Path, tmp_path: Path,
-                                                            capsys) -> None:  # fmt: skip
+def test_make_shards_and_eval_never_write_into_their_inputs(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys
+) -> None:
     data = Path(shutil.copytree(small_data, tmp_path / "data"))
     before = snapshot(data, trained_model)
     images = data / "images" / "train"
     code, err = _cli(capsys, "make-shards", "--data", str(data), "--split", "train", "--out", str(images))
     assert code == 10 and f"--out {images} is the input images" in err
-    code, err = _cli(capsys, "eval", "--model", str(trained_model), "--data", str(data), "--out", str(trained_model),
-                     "--workers", "0")  # fmt: skip
+    code, err = _cli(
+        capsys,
+        "eval",
+        "--model",
+        str(trained_model),
+        "--data",
+        str(data),
+        "--out",
+        str(trained_model),
+        "--workers",
+        "0",
+    )
     assert code == 10 and f"--out {trained_model} is the input model" in err
     assert snapshot(data, trained_model) == before
     shards = tmp_path / "shards"  # a shard folder beside (or inside) the data folder is fine, and re-runnable
@@ -147,9 +190,11 @@ def test_training_again_into_a_run_folder_is_refused_not_mixed(small_data: Path,
     before = snapshot(run)
     code, err = _cli(capsys, "train", "--config", str(config))
     assert code == 10
-    assert (f"the run folder {run} already holds a training run (checkpoints up to step 8, best_model/, metrics.jsonl). "
-            "Continue it with --resume auto, start a separate run with --set experiment=NEW_NAME, or start this one "
-            "over with --overwrite") in err  # fmt: skip
+    assert (
+        f"the run folder {run} already holds a training run (checkpoints up to step 8, best_model/, metrics.jsonl). "
+        "Continue it with --resume auto, start a separate run with --set experiment=NEW_NAME, or start this one "
+        "over with --overwrite"
+    ) in err
     code, err = _cli(capsys, "train", "--config", str(config), "--resume", "auto", "--overwrite")
     assert code == 2 and "give one of them" in err
     assert snapshot(run) == before
@@ -197,23 +242,48 @@ def test_a_second_training_in_the_same_folder_is_refused_while_the_first_runs(sm
     """Two real processes: the second is refused with the first's PID; a SIGKILLed first leaves no stale lock."""
     config = _config(tmp_path, small_data, max_steps=100_000, checkpoint_every=100_000)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen([sys.executable, "-m", "finderpartner.cli", "train", "--config", str(config)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)  # fmt: skip
+    first = subprocess.Popen(
+        [sys.executable, "-m", "finderpartner.cli", "train", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
     run = tmp_path / "outputs" / "run"
     try:
         deadline = time.monotonic() + 120
         while not (run / "metrics.jsonl").is_file() or not (run / "metrics.jsonl").stat().st_size:
             assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
             time.sleep(0.5)
-        second = subprocess.run([sys.executable, "-m", "finderpartner.cli", "train", "--config", str(config), "--resume",
-                                 "auto"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+        second = subprocess.run(
+            [sys.executable, "-m", "finderpartner.cli", "train", "--config", str(config), "--resume", "auto"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert second.returncode == 10, second.stderr
         assert f"run folder {run} is in use by PID {first.pid}" in second.stderr and "Traceback" not in second.stderr
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
-    after_kill = subprocess.run([sys.executable, "-m", "finderpartner.cli", "train", "--config", str(config), "--overwrite",
-                                 "--set", "train.max_steps=2"], capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    after_kill = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finderpartner.cli",
+            "train",
+            "--config",
+            str(config),
+            "--overwrite",
+            "--set",
+            "train.max_steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert after_kill.returncode == 0, after_kill.stderr
 
 
@@ -241,8 +311,9 @@ def small_disk(tmp_path: Path):
         yield mount
 
 
-def test_full_disk_stops_cleanly_and_resume_after_freeing_space_is_bitwise_exact(small_data: Path, tmp_path: Path,
-                                                                                 small_disk: Path, capsys) -> None:  # fmt: skip
+def test_full_disk_stops_cleanly_and_resume_after_freeing_space_is_bitwise_exact(
+    small_data: Path, tmp_path: Path, small_disk: Path, capsys
+) -> None:
     reference = tmp_path / "reference"
     reference.mkdir()
     assert main(["train", "--config", str(_config(reference, small_data, epochs=2, checkpoint_every=4))]) == 0

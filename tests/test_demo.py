@@ -61,8 +61,9 @@ def test_demo_binds_localhost_and_names_its_endpoints(server) -> None:  # type: 
 def test_image_against_texts_tab(server, searcher: Searcher, small_data: Path) -> None:  # type: ignore[no-untyped-def]
     _, client, _ = server
     image = sorted((small_data / "images" / "val").glob("*.jpg"))[3]
-    label, table = client.predict(gradio_client.handle_file(str(image)), "\n".join(TEXTS + [TEXTS[0], "  "]),
-                                  api_name="/image_texts")  # fmt: skip
+    label, table = client.predict(
+        gradio_client.handle_file(str(image)), "\n".join(TEXTS + [TEXTS[0], "  "]), api_name="/image_texts"
+    )
     probs = {c["label"]: c["confidence"] for c in label["confidences"]}
     assert set(probs) == set(TEXTS) and sum(probs.values()) == pytest.approx(1.0, abs=1e-5)  # blank and repeat dropped
     # the same numbers as the searcher gives directly
@@ -71,7 +72,9 @@ def test_image_against_texts_tab(server, searcher: Searcher, small_data: Path) -
     assert table["headers"] == ["text", "cosine", "probability"]
     rows = {r[0]: r for r in table["data"]}
     for i, text in enumerate(TEXTS):
-        assert rows[text][1] == pytest.approx(cosines[i], abs=1e-3) and probs[text] == pytest.approx(expected[i], abs=1e-4)
+        assert rows[text][1] == pytest.approx(cosines[i], abs=1e-3) and probs[text] == pytest.approx(
+            expected[i], abs=1e-4
+        )
     assert [r[1] for r in table["data"]] == sorted((r[1] for r in table["data"]), reverse=True)
     assert label["label"] == TEXTS[int(np.argmax(cosines))]
 

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import yaml
+from helpers import micro_config
 from safetensors.torch import load_file
 
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
-from helpers import micro_config
 
 
 def test_two_gloo_processes_match_one_process(small_data: Path, tmp_path: Path) -> None:
@@ -26,9 +26,23 @@ def test_two_gloo_processes_match_one_process(small_data: Path, tmp_path: Path) 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finderpartner.cli", "-q", "train", "--config", str(cfg_file)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "finderpartner.cli",
+            "-q",
+            "train",
+            "--config",
+            str(cfg_file),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("best model:") == 1  # only the main process reports
 
@@ -53,9 +67,22 @@ def test_two_processes_agree_on_the_step_count_a_time_budget_decides(small_data:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "finderpartner.cli", "train", "--config", str(cfg_file)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "finderpartner.cli",
+            "train",
+            "--config",
+            str(cfg_file),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stdout + run.stderr
     assert log.count("steps planned at") == 1, log[-3000:]  # decided once, by the main process

@@ -62,7 +62,11 @@ def test_export_folder_is_self_contained(exported: Path, encoder, trained_model:
     info = json.loads((exported / EXPORT_INFO).read_text())
     assert info["fingerprint"] == model_fingerprint(load_model(trained_model).model)
     assert info["embed_dim"] == 32 and info["context_length"] == encoder.context_length
-    assert info["files"] == {IMAGE_ENCODER: "image_encoder.onnx", TEXT_ENCODER: "text_encoder.onnx", COMBINED: "clip.onnx"}
+    assert info["files"] == {
+        IMAGE_ENCODER: "image_encoder.onnx",
+        TEXT_ENCODER: "text_encoder.onnx",
+        COMBINED: "clip.onnx",
+    }
     assert set(info["variants"]) == {"fp16", "int8"}
     for name in ("image_encoder", "text_encoder", "clip", "image_encoder.int8", "text_encoder.fp16"):
         onnx.checker.check_model(str(exported / f"{name}.onnx"))
@@ -96,11 +100,19 @@ LONG = "a large red circle on the left next to a small blue star in the center a
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
 @pytest.mark.parametrize("lengths", ["short", "caption", "truncated", "mixed"])
-def test_text_encoder_matches_pytorch(exported: Path, encoder, val_captions: list[str], batch: int, lengths: str) -> None:
-    pool = {"short": ["star", "red", "a b"], "caption": val_captions, "truncated": [LONG, LONG + " again"],
-            "mixed": ["star", LONG, *val_captions]}[lengths]  # fmt: skip
+def test_text_encoder_matches_pytorch(
+    exported: Path, encoder, val_captions: list[str], batch: int, lengths: str
+) -> None:
+    pool = {
+        "short": ["star", "red", "a b"],
+        "caption": val_captions,
+        "truncated": [LONG, LONG + " again"],
+        "mixed": ["star", LONG, *val_captions],
+    }[lengths]
     texts = [pool[i % len(pool)] for i in range(batch)]
-    tok = encoder.tokenizer(texts, padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt")
+    tok = encoder.tokenizer(
+        texts, padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt"
+    )
     if lengths == "truncated":
         assert tok["input_ids"].shape[1] == encoder.context_length
     with torch.no_grad():
@@ -111,11 +123,18 @@ def test_text_encoder_matches_pytorch(exported: Path, encoder, val_captions: lis
     assert min_cos >= PARITY_COSINE and max_diff < 1e-5
 
 
-def test_combined_model_gives_clip_logits(exported: Path, encoder, val_images: list[Path], val_captions: list[str]) -> None:
+def test_combined_model_gives_clip_logits(
+    exported: Path, encoder, val_images: list[Path], val_captions: list[str]
+) -> None:
     pixels = preprocess_images(val_images[:3], encoder.image_spec)
     tok = encoder.tokenizer(val_captions[:5], padding="longest", return_tensors="pt")
     per_image, per_text = open_session(exported / variant_file(COMBINED)).run(
-        None, {"pixel_values": pixels.numpy(), "input_ids": tok["input_ids"].numpy(), "attention_mask": tok["attention_mask"].numpy()}
+        None,
+        {
+            "pixel_values": pixels.numpy(),
+            "input_ids": tok["input_ids"].numpy(),
+            "attention_mask": tok["attention_mask"].numpy(),
+        },
     )
     with torch.no_grad():
         out = encoder.model(pixel_values=pixels, input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
@@ -124,7 +143,9 @@ def test_combined_model_gives_clip_logits(exported: Path, encoder, val_images: l
     assert np.abs(per_text - out.logits_per_text.numpy()).max() < 1e-4
 
 
-def test_verification_reports_parity_accuracy_cost_and_latency(exported: Path, encoder, val_images, val_captions) -> None:
+def test_verification_reports_parity_accuracy_cost_and_latency(
+    exported: Path, encoder, val_images, val_captions
+) -> None:
     report = verify_export(encoder, exported, val_images[:8], val_captions[:8], latency_batches=(4,))
     assert report.ok
     rows = {(p.graph, p.variant): p for p in report.parity}
@@ -138,12 +159,28 @@ def test_verification_reports_parity_accuracy_cost_and_latency(exported: Path, e
     assert all(r.torch_ms > 0 and set(r.onnx_ms) == {"fp32", "fp16", "int8"} for r in report.latency)
 
 
-def test_cli_export_with_the_torchscript_exporter(trained_model: Path, small_data: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_cli_export_with_the_torchscript_exporter(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "ts"
-    code = main(["export", "--model", str(trained_model), "--out", str(out), "--exporter", "torchscript", "--json",
-                 "--images", str(small_data / "images" / "val"), "--captions", str(small_data / "captions_val.csv"),
-                 "--verify-count", "6"])  # fmt: skip
+    code = main(
+        [
+            "export",
+            "--model",
+            str(trained_model),
+            "--out",
+            str(out),
+            "--exporter",
+            "torchscript",
+            "--json",
+            "--images",
+            str(small_data / "images" / "val"),
+            "--captions",
+            str(small_data / "captions_val.csv"),
+            "--verify-count",
+            "6",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["verification"]["ok"] and result["export"]["exporter"] == "torchscript"
     assert {p["variant"] for p in result["verification"]["parity"]} == {"fp32"}

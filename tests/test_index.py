@@ -69,7 +69,9 @@ def _touch_later(path: Path, seconds: int = 5) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + seconds * 10**9))
 
 
-def test_incremental_update_embeds_only_new_and_changed_files(searcher, gallery: Path, val_images, tmp_path: Path) -> None:
+def test_incremental_update_embeds_only_new_and_changed_files(
+    searcher, gallery: Path, val_images, tmp_path: Path
+) -> None:
     embed = CountingEmbed(searcher)
     index, stats = update_index(None, gallery, searcher.fingerprint, embed)
     assert len(embed.paths) == 6 and (stats.added, len(index)) == (6, 6)
@@ -86,14 +88,18 @@ def test_incremental_update_embeds_only_new_and_changed_files(searcher, gallery:
     embed.paths.clear()
     updated, stats = update_index(index, gallery, searcher.fingerprint, embed)
 
-    assert sorted(p.relative_to(gallery).as_posix() for p in embed.paths) == sorted(["new_a.jpg", "sub/new_b.jpg", changed.name])
+    assert sorted(p.relative_to(gallery).as_posix() for p in embed.paths) == sorted(
+        ["new_a.jpg", "sub/new_b.jpg", changed.name]
+    )
     assert (stats.added, stats.changed, stats.removed, stats.unchanged) == (2, 1, 1, 4)
     assert sorted(updated.files) == sorted(scan_images(gallery)) and len(updated) == 7
     vectors = dict(zip(updated.files, updated.vectors))
     for name in set(before) - {changed.name, val_images[3].name}:
         assert np.array_equal(vectors[name], before[name]), name  # kept, not recomputed
     fresh = searcher.embed_paths([changed])[0][0]
-    assert np.allclose(vectors[changed.name], fresh, atol=1e-6) and not np.allclose(before[changed.name], fresh, atol=1e-3)
+    assert np.allclose(vectors[changed.name], fresh, atol=1e-6) and not np.allclose(
+        before[changed.name], fresh, atol=1e-3
+    )
 
     embed.paths.clear()
     again, stats = update_index(updated, gallery, searcher.fingerprint, embed)
@@ -151,8 +157,9 @@ def test_search_equals_brute_force_on_real_embeddings(searcher, small_data: Path
     assert loaded.files == index.files and np.array_equal(loaded.vectors, index.vectors)
 
 
-def test_an_index_built_by_another_model_is_refused(searcher, gallery: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_an_index_built_by_another_model_is_refused(
+    searcher, gallery: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "idx"
     searcher.index_folder(gallery, out)
     other = build_tiny(TinySpec(**MICRO_SPEC), PROMPTS * 3, seed=11)
@@ -197,12 +204,15 @@ def onnx_export(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     encoder = load_model(trained_model)
     out = tmp_path_factory.mktemp("onnx") / "export"
     # the TorchScript exporter takes a second; the default exporter's parity is what test_export.py checks
-    export_onnx(encoder, out, fingerprint=model_fingerprint(encoder.model), exporter="torchscript", source=str(trained_model))
+    export_onnx(
+        encoder, out, fingerprint=model_fingerprint(encoder.model), exporter="torchscript", source=str(trained_model)
+    )
     return out
 
 
-def test_onnx_backend_returns_the_same_top_k_as_torch(searcher, onnx_export: Path, small_data: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_onnx_backend_returns_the_same_top_k_as_torch(
+    searcher, onnx_export: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     onnx = OnnxSearcher(onnx_export, batch_size=8)
     assert onnx.fingerprint == searcher.fingerprint  # an index from either backend serves both
     images = small_data / "images" / "val"
@@ -216,13 +226,31 @@ def test_onnx_backend_returns_the_same_top_k_as_torch(searcher, onnx_export: Pat
     for hits_t, hits_o in zip(index.search(queries["torch"], 8), index.search(queries["onnx"], 8)):
         assert [h.path for h in hits_t] == [h.path for h in hits_o]
         assert np.allclose([h.score for h in hits_t], [h.score for h in hits_o], atol=1e-5)
-    code = main(["search", "--backend", "onnx", "--model", str(onnx_export), "--index", str(tmp_path / "idx"),
-                 "--prompt", PROMPTS[0], "--top-k", "8", "--json"])  # fmt: skip
+    code = main(
+        [
+            "search",
+            "--backend",
+            "onnx",
+            "--model",
+            str(onnx_export),
+            "--index",
+            str(tmp_path / "idx"),
+            "--prompt",
+            PROMPTS[0],
+            "--top-k",
+            "8",
+            "--json",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
-    assert code == 0 and [r["path"] for r in result["results"]] == [str(h.path) for h in index.search(queries["torch"][:1], 8)[0]]
+    assert code == 0 and [r["path"] for r in result["results"]] == [
+        str(h.path) for h in index.search(queries["torch"][:1], 8)[0]
+    ]
 
 
-def test_cached_gallery_through_a_symlink_and_the_real_path(searcher, gallery: Path, tmp_path: Path, monkeypatch) -> None:
+def test_cached_gallery_through_a_symlink_and_the_real_path(
+    searcher, gallery: Path, tmp_path: Path, monkeypatch
+) -> None:
     monkeypatch.setenv("FINDERPARTNER_CACHE", str(tmp_path / "cache"))
     link = tmp_path / "link"
     link.symlink_to(gallery, target_is_directory=True)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import yaml
+from helpers import micro_config
 from safetensors.torch import load_file
 
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
-from helpers import micro_config
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MICRO_SPEC, micro_config
 from safetensors.torch import load_file
 
 import finderpartner.memory as memory
@@ -17,7 +18,6 @@ from finderpartner.data.transforms import TrainTransform
 from finderpartner.memory import contrastive_backward, probe_micro_batch
 from finderpartner.model import apply_freezing, apply_lora, build_tiny, enable_gradient_checkpointing, plain_model
 from finderpartner.train import _optimizer, train
-from helpers import MICRO_SPEC, micro_config
 
 
 def _batch(small_data: Path, encoder, n: int):
@@ -28,8 +28,14 @@ def _batch(small_data: Path, encoder, n: int):
 
 def _grads(model, batch, micro: int, spec) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
-    contrastive_backward(model, batch, micro_batch_size=micro, spec=spec, autocast=contextlib.nullcontext,
-                         backward=lambda loss: loss.backward())  # fmt: skip
+    contrastive_backward(
+        model,
+        batch,
+        micro_batch_size=micro,
+        spec=spec,
+        autocast=contextlib.nullcontext,
+        backward=lambda loss: loss.backward(),
+    )
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -47,7 +53,9 @@ def test_gradient_cache_equals_full_batch_gradients(small_data: Path) -> None:
     assert all(full[n].abs().max() < 1e-7 and cached[n].abs().max() < 1e-7 for n in zero)
     relative = {n: ((full[n] - cached[n]).abs().max() / full[n].abs().max()).item() for n in full if n not in zero}
     worst = max(relative.items(), key=lambda kv: kv[1])
-    print(f"\n1x64 vs 8x8: max relative gradient difference {worst[1]:.2e} ({worst[0]}); logit_scale {relative['logit_scale']:.2e}")
+    print(
+        f"\n1x64 vs 8x8: max relative gradient difference {worst[1]:.2e} ({worst[0]}); logit_scale {relative['logit_scale']:.2e}"
+    )
     assert worst[1] <= 1e-4, worst
     assert relative["logit_scale"] <= 1e-4
 
@@ -87,7 +95,9 @@ def test_gradient_cache_replays_dropout_identically(small_data: Path, monkeypatc
     assert all(torch.isfinite(g).all() for g in split.values())
 
 
-def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(small_data: Path, tmp_path: Path, monkeypatch) -> None:
+def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(
+    small_data: Path, tmp_path: Path, monkeypatch
+) -> None:
     reference = train(config_from_dict(micro_config(tmp_path / "a", small_data)))
 
     real = memory.embed_pair
@@ -127,8 +137,14 @@ def _changed_after_steps(model, small_data: Path, encoder, steps: int = 2) -> se
     opt = _optimizer(model, config_from_dict({"train": {"lr": 1e-2}}))
     batch = _batch(small_data, encoder, 16)
     for _ in range(steps):
-        contrastive_backward(model, batch, micro_batch_size=16, spec=encoder.image_spec, autocast=contextlib.nullcontext,
-                             backward=lambda loss: loss.backward())  # fmt: skip
+        contrastive_backward(
+            model,
+            batch,
+            micro_batch_size=16,
+            spec=encoder.image_spec,
+            autocast=contextlib.nullcontext,
+            backward=lambda loss: loss.backward(),
+        )
         opt.step()
         opt.zero_grad(set_to_none=True)
     return {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
@@ -139,12 +155,20 @@ def _changed_after_steps(model, small_data: Path, encoder, steps: int = 2) -> se
     [
         ({"image_tower": True}, lambda n: not n.startswith("vision_model.")),
         ({"text_tower": True}, lambda n: not n.startswith("text_model.")),
-        ({"image_tower": True, "image_unlocked_layers": 1},
-         lambda n: not n.startswith("vision_model.") or n.startswith(("vision_model.encoder.layers.1.", "vision_model.post_layernorm"))),
-        ({"projections_only": True}, lambda n: n in {"visual_projection.weight", "text_projection.weight", "logit_scale"}),
+        (
+            {"image_tower": True, "image_unlocked_layers": 1},
+            lambda n: (
+                not n.startswith("vision_model.")
+                or n.startswith(("vision_model.encoder.layers.1.", "vision_model.post_layernorm"))
+            ),
+        ),
+        (
+            {"projections_only": True},
+            lambda n: n in {"visual_projection.weight", "text_projection.weight", "logit_scale"},
+        ),
     ],
     ids=["image_tower", "text_tower", "image_last_layer", "projections_only"],
-)  # fmt: skip
+)
 def test_each_freezing_mode_changes_exactly_its_parameters(small_data: Path, freeze, trainable) -> None:
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
@@ -160,22 +184,34 @@ def test_lora_trains_only_adapters_and_merges_into_a_plain_model(small_data: Pat
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
     base = {n: p.detach().clone() for n, p in encoder.model.named_parameters()}
-    model = apply_lora(encoder.model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    model = apply_lora(
+        encoder.model, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
     changed = _changed_after_steps(model, small_data, encoder)
     assert changed and all("lora_" in n or n.endswith("logit_scale") for n in changed)
     assert any("lora_A" in n for n in changed) and any("lora_B" in n for n in changed)
     merged = plain_model(model)
     assert type(merged).__name__ == "CLIPModel" and not any("lora" in n for n, _ in merged.named_parameters())
     differs = {n for n, p in merged.named_parameters() if not torch.equal(p.detach(), base[n])}
-    assert differs and all(n.endswith(("_proj.weight", "logit_scale")) and "self_attn" in n or n == "logit_scale" for n in differs)
+    assert differs and all(
+        n.endswith(("_proj.weight", "logit_scale")) and "self_attn" in n or n == "logit_scale" for n in differs
+    )
 
 
 def test_cpu_probe_picks_a_size_and_caches_it(small_data: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FINDERPARTNER_CACHE", str(tmp_path))
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
-    args = dict(local_batch=32, spec=encoder.image_spec, context_length=16, eos_token_id=1, device=torch.device("cpu"),
-                autocast=contextlib.nullcontext, reserve_bytes=0, cache_key="test-key")  # fmt: skip
+    args = dict(
+        local_batch=32,
+        spec=encoder.image_spec,
+        context_length=16,
+        eos_token_id=1,
+        device=torch.device("cpu"),
+        autocast=contextlib.nullcontext,
+        reserve_bytes=0,
+        cache_key="test-key",
+    )
     first = probe_micro_batch(encoder.model, **args)
     assert first.micro_batch_size == 32 and "the full batch within free memory" in first.reason and first.peak_bytes
     assert "pairs/s" in first.reason

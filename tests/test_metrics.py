@@ -32,7 +32,13 @@ def test_hand_computed_case(chunk: int) -> None:
     assert m["image_to_text"]["mean_rank"] == pytest.approx(4 / 3)
     assert m["image_to_text"]["median_rank"] == 1.0
     # caption-aware: c3 ("a") also accepts image 0, whose caption c0 is "a" -> ranks [1, 3, 2, 1]
-    assert m["text_to_image_caption_aware"] == {"R@1": 0.5, "R@5": 1.0, "R@10": 1.0, "mean_rank": 1.75, "median_rank": 1.0}
+    assert m["text_to_image_caption_aware"] == {
+        "R@1": 0.5,
+        "R@5": 1.0,
+        "R@10": 1.0,
+        "mean_rank": 1.75,
+        "median_rank": 1.0,
+    }
     assert m["image_to_text_caption_aware"]["R@1"] == pytest.approx(2 / 3)
 
 
@@ -69,7 +75,9 @@ def test_chunked_equals_full_with_multiple_captions_and_repeats() -> None:
 
 def test_mean_recall_uses_caption_aware_when_present() -> None:
     m = retrieval_metrics(torch.eye(3), S, T2I, CAPTIONS)
-    values = [m[d][k] for d in ("image_to_text_caption_aware", "text_to_image_caption_aware") for k in ("R@1", "R@5", "R@10")]
+    values = [
+        m[d][k] for d in ("image_to_text_caption_aware", "text_to_image_caption_aware") for k in ("R@1", "R@5", "R@10")
+    ]
     assert mean_recall(m) == pytest.approx(sum(values) / 6)
 
 

@@ -8,15 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import MICRO_SPEC
 from PIL import Image
 
 from finderpartner.config import TinySpec
 from finderpartner.data.transforms import EvalTransform, normalize
 from finderpartner.errors import ModelError
-from finderpartner.model import (MAX_LOGIT_SCALE, build_tiny, clamp_logit_scale, encode_image, encode_text, load_model, save_model,
-                                 set_attention)  # fmt: skip
-
-from helpers import MICRO_SPEC
+from finderpartner.model import (
+    MAX_LOGIT_SCALE,
+    build_tiny,
+    clamp_logit_scale,
+    encode_image,
+    encode_text,
+    load_model,
+    save_model,
+    set_attention,
+)
 
 CAPTIONS = ["a large red circle on the left", "small blue star, center", "a small green square on the right"]
 
@@ -53,7 +60,9 @@ def test_attention_auto_is_eager_for_short_cpu_sequences_and_gives_the_same_embe
     if not hasattr(short, "set_attn_implementation"):
         pytest.skip(f"transformers {transformers.__version__} cannot switch attention after loading")
     pixels = torch.randn(3, 3, 32, 32)
-    tokens = build_tiny(TinySpec(**MICRO_SPEC), CAPTIONS * 3, seed=3).tokenizer(CAPTIONS, padding=True, return_tensors="pt")
+    tokens = build_tiny(TinySpec(**MICRO_SPEC), CAPTIONS * 3, seed=3).tokenizer(
+        CAPTIONS, padding=True, return_tensors="pt"
+    )
     set_attention(short, "sdpa", torch.device("cpu"))
     with torch.no_grad():
         before = encode_image(short, pixels), encode_text(short, tokens["input_ids"], tokens["attention_mask"])
@@ -115,9 +124,20 @@ def test_saved_model_loads_with_plain_transformers_and_gives_the_same_embeddings
     pixels = torch.randn(3, 3, 32, 32)
     np.save(tmp_path / "pixels.npy", pixels.numpy())
     run = subprocess.run(
-        [sys.executable, "-c", _PLAIN, str(folder), str(tmp_path / "pixels.npy"), str(tmp_path / "out.npz"), json.dumps(CAPTIONS)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _PLAIN,
+            str(folder),
+            str(tmp_path / "pixels.npy"),
+            str(tmp_path / "out.npz"),
+            json.dumps(CAPTIONS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     info = json.loads(run.stdout.strip().splitlines()[-1])
     assert info["modules"] == [] and sorted(info["labels"]) == ["blue star", "red circle"]

@@ -6,27 +6,52 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import micro_config
 from safetensors.torch import load_file
 
 import finderpartner.train as train_module
 from finderpartner.cli import main
 from finderpartner.config import config_from_dict
 from finderpartner.data.shards import expand_shards, raw_samples
-from helpers import micro_config
 
 
 @pytest.fixture(scope="module")
 def shards(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shards")
-    assert main(["-q", "make-shards", "--data", str(small_data), "--split", "train", "--out", str(out), "--shard-size", "40"]) == 0
-    assert main(["-q", "make-shards", "--data", str(small_data), "--split", "val", "--out", str(out), "--shard-size", "100"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "make-shards",
+                "--data",
+                str(small_data),
+                "--split",
+                "train",
+                "--out",
+                str(out),
+                "--shard-size",
+                "40",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            ["-q", "make-shards", "--data", str(small_data), "--split", "val", "--out", str(out), "--shard-size", "100"]
+        )
+        == 0
+    )
     return out
 
 
 def _config(tmp: Path, shards: Path, workers: int = 0, **train) -> dict:
     raw = micro_config(tmp, shards, **train)
-    raw["data"] = {"format": "webdataset", "train_shards": str(shards / "train-{000000..000003}.tar"),
-                   "val_shards": str(shards / "val-000000.tar"), "num_workers": workers}  # fmt: skip
+    raw["data"] = {
+        "format": "webdataset",
+        "train_shards": str(shards / "train-{000000..000003}.tar"),
+        "val_shards": str(shards / "val-000000.tar"),
+        "num_workers": workers,
+    }
     return raw
 
 

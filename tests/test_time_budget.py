@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import micro_config
 from safetensors.torch import load_file
 
 import finderpartner.train as train_module
 from finderpartner.budget import MEASURE_STEPS, SKIP_STEPS, steps_that_fit
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
-from helpers import micro_config
 
 WARMUP = SKIP_STEPS + MEASURE_STEPS + 3  # the budget run's warm-up is not lengthened: both runs share it
 
@@ -32,8 +32,9 @@ def test_killed_and_resumed_budget_run_equals_an_uninterrupted_run_of_the_decide
     small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # 8 steps per epoch; the budget fits dozens to hundreds of steps of the micro model, more than the kill point.
-    budget = micro_config(tmp_path / "budget", small_data, time_budget="15s", max_steps=1000, warmup_steps=WARMUP,
-                          checkpoint_every=5)  # fmt: skip
+    budget = micro_config(
+        tmp_path / "budget", small_data, time_budget="15s", max_steps=1000, warmup_steps=WARMUP, checkpoint_every=5
+    )
     real_step = train_module._train_step
     calls = {"n": 0}
     kill_at = SKIP_STEPS + MEASURE_STEPS + 7  # after the decision and the checkpoint at step 30
@@ -87,8 +88,9 @@ def test_steps_that_fit_budgets_validations_and_checkpoints() -> None:
     # already at step 150: the next validation comes at 200
     assert steps_that_fit(30, 150, 2.0, validation_s=10, checkpoint_s=0, **common) == 40
     # checkpoints every 10 steps at 1 s each, plus the final one
-    n = steps_that_fit(100, 0, 1.0, validation_s=0, checkpoint_s=1, steps_per_epoch=1000, eval_every_epochs=1,
-                       checkpoint_every=10)  # fmt: skip
+    n = steps_that_fit(
+        100, 0, 1.0, validation_s=0, checkpoint_s=1, steps_per_epoch=1000, eval_every_epochs=1, checkpoint_every=10
+    )
     assert n == 90  # 90 s of steps + 8 checkpoints (10..80) + the final one = 99 s; 91 steps would take 101 s
     assert steps_that_fit(0, 0, 2.0, validation_s=0, checkpoint_s=0, **common) == 0
     assert steps_that_fit(-5, 0, 2.0, validation_s=0, checkpoint_s=0, **common) == 0

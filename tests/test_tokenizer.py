@@ -28,8 +28,16 @@ BOS, EOS, UNK = 0, 1, 2
 # Text the training captions never showed: new letters, emoji, other scripts, control characters,
 # and the specials' own spelling, which must stay text.
 UNSEEN = [
-    "zebra", "Zebra 🦓 über Ωmega", "🦓🦒", "控制", "tab\there \u0007 bell", "x", "q z j k", "∑∫ ½",
-    "a <|endoftext|> b", "<|startoftext|><|unk|>",
+    "zebra",
+    "Zebra 🦓 über Ωmega",
+    "🦓🦒",
+    "控制",
+    "tab\there \u0007 bell",
+    "x",
+    "q z j k",
+    "∑∫ ½",
+    "a <|endoftext|> b",
+    "<|startoftext|><|unk|>",
 ]
 # Plain captions: what a saved tokenizer must encode identically however it is loaded.
 PLAIN = ["a small red circle on the left", "a large blue star in the center", "Zebra 🦓 über Ωmega", "x"]
@@ -132,23 +140,28 @@ LOADER = textwrap.dedent(
 def test_saved_tokenizer_loads_with_plain_transformers(
     tok: transformers.PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:
-    image_processor = transformers.CLIPImageProcessor(
-        size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}
-    )
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     transformers.CLIPProcessor(image_processor=image_processor, tokenizer=tok).save_pretrained(tmp_path)
     save_vocab_files(tok, tmp_path)
     texts = PLAIN + UNSEEN
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-c", LOADER, str(tmp_path), json.dumps(texts), json.dumps(PLAIN)],
-        check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
 
     def ids(texts: list[str]) -> dict[str, list[list[int]]]:
-        return {"single": [tok(t)["input_ids"] for t in texts],
-                "batch": tok(texts, padding="longest", truncation=True)["input_ids"]}
+        return {
+            "single": [tok(t)["input_ids"] for t in texts],
+            "batch": tok(texts, padding="longest", truncation=True)["input_ids"],
+        }
 
     for name in ("CLIPTokenizerFast", "AutoTokenizer", "CLIPProcessor"):
         assert loaded[name] == ids(texts), name
@@ -161,15 +174,25 @@ def test_text_model_pools_at_the_eos(tok: transformers.PreTrainedTokenizerFast) 
     torch = pytest.importorskip("torch")
     small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=len(tok), bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS,
-                         max_position_embeddings=CONTEXT, **small),
+        text_config=dict(
+            vocab_size=len(tok),
+            bos_token_id=BOS,
+            eos_token_id=EOS,
+            pad_token_id=EOS,
+            max_position_embeddings=CONTEXT,
+            **small,
+        ),
         vision_config=dict(image_size=32, patch_size=16, **small),
         projection_dim=16,
     )
     torch.manual_seed(0)
     model = transformers.CLIPModel(config).eval()
-    batch = tok(["a red star", "a small red circle on the left", "🦓 zebra"], padding="longest",
-                truncation=True, return_tensors="pt")
+    batch = tok(
+        ["a red star", "a small red circle on the left", "🦓 zebra"],
+        padding="longest",
+        truncation=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         out = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     first_eos = (batch["input_ids"] == EOS).int().argmax(dim=-1)

@@ -5,12 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import micro_config
 from safetensors.torch import load_file
 
 import finderpartner.train as train_module
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
-from helpers import micro_config
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -40,7 +40,9 @@ def test_training_run_produces_everything(small_data: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_interrupted_run_resumes_to_identical_weights(small_data: Path, tmp_path: Path, monkeypatch, workers: int) -> None:
+def test_interrupted_run_resumes_to_identical_weights(
+    small_data: Path, tmp_path: Path, monkeypatch, workers: int
+) -> None:
     reference = train(config_from_dict(micro_config(tmp_path / "a", small_data)))
 
     real_step = train_module._train_step

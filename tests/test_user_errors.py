@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import micro_config
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from finderpartner.cli import main
 from finderpartner.config import load_config
@@ -109,8 +109,9 @@ def _commands(model: Path, small_data: Path, out: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.parametrize("command", ["search", "eval", "index", "export", "demo", "validate-data"])
-def test_pickle_weights_are_refused_without_trust_pickle(command: str, pickled_model: tuple[Path, Path], small_data: Path,
-                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_pickle_weights_are_refused_without_trust_pickle(
+    command: str, pickled_model: tuple[Path, Path], small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, marker = pickled_model
     before, data_before = _snapshot(folder), _snapshot(small_data)
     assert main(_commands(folder, small_data, tmp_path / "out")[command]) == ModelError.exit_code == 5
@@ -121,8 +122,9 @@ def test_pickle_weights_are_refused_without_trust_pickle(command: str, pickled_m
     assert _snapshot(folder) == before and _snapshot(small_data) == data_before
 
 
-def test_training_from_a_pickle_folder_is_refused_naming_the_config_key(pickled_model: tuple[Path, Path], small_data: Path,
-                                                                         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_training_from_a_pickle_folder_is_refused_naming_the_config_key(
+    pickled_model: tuple[Path, Path], small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder, marker = pickled_model
     config = _config(tmp_path, small_data)
     assert main(["train", "--config", str(config), "--set", f"model.name={folder}"]) == 5
@@ -131,32 +133,50 @@ def test_training_from_a_pickle_folder_is_refused_naming_the_config_key(pickled_
     assert not marker.exists() and not (tmp_path / "outputs" / "run" / "best_model").exists()
 
 
-def test_trusted_pickle_still_never_runs_code(pickled_model: tuple[Path, Path], small_data: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_trusted_pickle_still_never_runs_code(
+    pickled_model: tuple[Path, Path], small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--trust-pickle loads pickle weights with torch's weights-only unpickler: tensors yes, code no."""
     folder, marker = pickled_model
-    code = main(["search", "--model", str(folder), "--trust-pickle", "--images", str(small_data / "images" / "val"),
-                 "--prompt", PROMPT, *FAST])  # fmt: skip
+    code = main(
+        [
+            "search",
+            "--model",
+            str(folder),
+            "--trust-pickle",
+            "--images",
+            str(small_data / "images" / "val"),
+            "--prompt",
+            PROMPT,
+            *FAST,
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 5 and f"{folder / 'pytorch_model.bin'}: torch's weights-only loader refused these pickle weights" in err
+    assert (
+        code == 5 and f"{folder / 'pytorch_model.bin'}: torch's weights-only loader refused these pickle weights" in err
+    )
     assert "Traceback" not in err and not marker.exists()
 
 
-def test_damaged_safetensors_weights_are_a_model_error(trained_model: Path, small_data: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_damaged_safetensors_weights_are_a_model_error(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "damaged"
     shutil.copytree(trained_model, folder)
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # a copy that stopped part-way
     before = _snapshot(folder)
-    assert main(["eval", "--model", str(folder), "--data", str(small_data), "--out", str(tmp_path / "eval"), *FAST]) == 5
+    assert (
+        main(["eval", "--model", str(folder), "--data", str(small_data), "--out", str(tmp_path / "eval"), *FAST]) == 5
+    )
     err = capsys.readouterr().err
     assert f"{folder}: the safetensors weights cannot be read" in err and "damaged or incomplete" in err
     assert "Traceback" not in err and not (tmp_path / "eval").exists() and _snapshot(folder) == before
 
 
-def test_trust_pickle_loads_real_pickle_weights_with_a_warning(trained_model: Path, small_data: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_trust_pickle_loads_real_pickle_weights_with_a_warning(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -169,17 +189,39 @@ def test_trust_pickle_loads_real_pickle_weights_with_a_warning(trained_model: Pa
     expected = json.loads(capsys.readouterr().out)
     assert main(["search", "--model", str(folder), "--images", images, "--prompt", PROMPT, "--json", *FAST]) == 5
     assert "--trust-pickle" in capsys.readouterr().err
-    assert main(["search", "--model", str(folder), "--trust-pickle", "--images", images, "--prompt", PROMPT, "--json",
-                 *FAST]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "search",
+                "--model",
+                str(folder),
+                "--trust-pickle",
+                "--images",
+                images,
+                "--prompt",
+                PROMPT,
+                "--json",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     assert json.loads(captured.out)["results"] == expected["results"]
     assert "loading pickle weights" in captured.err and "pytorch_model.bin" in captured.err
 
 
-@pytest.mark.parametrize("script, extra", [("src/main.py", ["--prompt", PROMPT]), ("export_clip.py", ["--output_dir", "OUT"]),
-                                           ("gradio_demo.py", ["--port", "1"])])  # fmt: skip
-def test_seed_shims_refuse_pickle_and_accept_the_flag(script: str, extra: list[str], pickled_model: tuple[Path, Path],
-                                                      small_data: Path, tmp_path: Path) -> None:  # fmt: skip
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("src/main.py", ["--prompt", PROMPT]),
+        ("export_clip.py", ["--output_dir", "OUT"]),
+        ("gradio_demo.py", ["--port", "1"]),
+    ],
+)
+def test_seed_shims_refuse_pickle_and_accept_the_flag(
+    script: str, extra: list[str], pickled_model: tuple[Path, Path], small_data: Path, tmp_path: Path
+) -> None:
     folder, marker = pickled_model
     flag = "--model" if script == "src/main.py" else "--model_path"
     extra = [str(tmp_path / "out") if a == "OUT" else a for a in extra]
@@ -192,8 +234,9 @@ def test_seed_shims_refuse_pickle_and_accept_the_flag(script: str, extra: list[s
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-def test_cached_hub_model_with_only_pickle_weights_is_refused(pickled_model: tuple[Path, Path], tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_cached_hub_model_with_only_pickle_weights_is_refused(
+    pickled_model: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A hub id whose cached snapshot has only pytorch_model.bin (how old hub models come) is refused by name."""
     from huggingface_hub import constants
 
@@ -232,10 +275,21 @@ def test_in_hf_cache_does_not_swallow_real_errors(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("prompt", ["", "   "])
-def test_empty_search_prompt_is_a_usage_error(prompt: str, trained_model: Path, small_data: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
-    code = main(["search", "--model", str(trained_model), "--images", str(small_data / "images" / "val"), "--prompt", prompt,
-                 *FAST])  # fmt: skip
+def test_empty_search_prompt_is_a_usage_error(
+    prompt: str, trained_model: Path, small_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "search",
+            "--model",
+            str(trained_model),
+            "--images",
+            str(small_data / "images" / "val"),
+            "--prompt",
+            prompt,
+            *FAST,
+        ]
+    )
     captured = capsys.readouterr()
     assert code == UsageError.exit_code == 2
     assert "--prompt is empty" in captured.err and "None" not in captured.out
@@ -264,7 +318,9 @@ def test_demo_refuses_empty_texts(trained_model: Path, small_data: Path) -> None
 
 
 HEIC_HEAD = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00\x00\x01\x00meta" + bytes(64)
-no_heif_plugin = pytest.mark.skipif(importlib.util.find_spec("pillow_heif") is not None, reason="pillow-heif reads HEIC")
+no_heif_plugin = pytest.mark.skipif(
+    importlib.util.find_spec("pillow_heif") is not None, reason="pillow-heif reads HEIC"
+)
 
 
 @no_heif_plugin
@@ -287,30 +343,41 @@ def test_unidentified_image_names_the_supported_formats(tmp_path: Path) -> None:
     notes.write_text("not an image at all", encoding="utf-8")
     with pytest.raises(UnidentifiedImageError) as e:
         load_image(notes)
-    assert "notes.png is not an image in a supported format (readable formats: JPEG, PNG, WebP, BMP, GIF, TIFF" in str(e.value)
+    assert "notes.png is not an image in a supported format (readable formats: JPEG, PNG, WebP, BMP, GIF, TIFF" in str(
+        e.value
+    )
 
 
 @no_heif_plugin
-def test_validate_data_reports_heic_rows_with_the_fix(small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_validate_data_reports_heic_rows_with_the_fix(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _copy_data(small_data, tmp_path / "data")
     (data / "images" / "val" / "holiday.heic").write_bytes(HEIC_HEAD)
     rows = _rows(data / "captions_val.csv")
     _write_csv(data / "captions_val.csv", [*rows, ("holiday.heic", "a photo from the phone")])
     assert main(["validate-data", "--data", str(data), "--split", "val"]) == 1
     out = capsys.readouterr().out
-    assert f"captions_val.csv:{len(rows) + 2}: 'holiday.heic': cannot be decoded" in out and "pip install pillow-heif" in out
+    assert (
+        f"captions_val.csv:{len(rows) + 2}: 'holiday.heic': cannot be decoded" in out
+        and "pip install pillow-heif" in out
+    )
 
 
 @no_heif_plugin
-def test_gallery_scan_reports_heic_instead_of_ignoring_it(trained_model: Path, small_data: Path, tmp_path: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_gallery_scan_reports_heic_instead_of_ignoring_it(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     gallery = tmp_path / "gallery"
     gallery.mkdir()
     for src in sorted((small_data / "images" / "val").glob("*.jpg"))[:3]:
         shutil.copy(src, gallery / src.name)
     (gallery / "IMG_0002.heic").write_bytes(HEIC_HEAD)
     before = _snapshot(gallery)
-    assert main(["index", "--model", str(trained_model), "--images", str(gallery), "--out", str(tmp_path / "idx"), *FAST]) == 0
+    assert (
+        main(["index", "--model", str(trained_model), "--images", str(gallery), "--out", str(tmp_path / "idx"), *FAST])
+        == 0
+    )
     captured = capsys.readouterr()
     assert "3 images (" in captured.out and "1 unreadable" in captured.out
     assert "could not embed IMG_0002.heic" in captured.err and "pip install pillow-heif" in captured.err
@@ -321,7 +388,9 @@ def test_gallery_scan_reports_heic_instead_of_ignoring_it(trained_model: Path, s
 # 4 and 5. Validation: `--set data.val_split=` disables it; a split too small to rank is refused before training
 
 
-def test_empty_val_split_override_disables_validation(small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_empty_val_split_override_disables_validation(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert load_config(None, ["data.val_split="]).data.val_split == ""
     assert load_config(None, ["data.val_split=null"]).data.val_split == ""
     config = _config(tmp_path, small_data, max_steps=2)
@@ -337,8 +406,9 @@ def test_empty_val_split_override_disables_validation(small_data: Path, tmp_path
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_val_split_with_one_image_is_refused_before_training(rows: int, small_data: Path, tmp_path: Path,
-                                                             capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_val_split_with_one_image_is_refused_before_training(
+    rows: int, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _copy_data(small_data, tmp_path / "data")
     image = _rows(data / "captions_val.csv")[0][0]
     _write_csv(data / "captions_val.csv", [(image, f"caption number {i}") for i in range(rows)])
@@ -353,8 +423,9 @@ def test_val_split_with_one_image_is_refused_before_training(rows: int, small_da
     assert _snapshot(data) == before
 
 
-def test_validation_shards_with_one_image_are_refused_before_training(small_data: Path, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_validation_shards_with_one_image_are_refused_before_training(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("webdataset")
     data = _copy_data(small_data, tmp_path / "data")
     _write_csv(data / "captions_val.csv", _rows(data / "captions_val.csv")[:1])
@@ -362,18 +433,32 @@ def test_validation_shards_with_one_image_are_refused_before_training(small_data
     for split in ("train", "val"):
         assert main(["-q", "make-shards", "--data", str(data), "--split", split, "--out", str(shards)]) == 0
     config = _config(tmp_path, data)
-    code = main(["train", "--config", str(config), "--set", "data.format=webdataset",
-                 "--set", f"data.train_shards={shards / 'train-000000.tar'}", "--set", f"data.val_shards={shards / 'val-000000.tar'}"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--set",
+            "data.format=webdataset",
+            "--set",
+            f"data.train_shards={shards / 'train-000000.tar'}",
+            "--set",
+            f"data.val_shards={shards / 'val-000000.tar'}",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 4 and f"the validation set ({shards / 'val-000000.tar'}) has 1 distinct image(s) in 1 pair(s)" in err
     assert "--set data.val_shards=" in err and not (tmp_path / "outputs" / "run" / "best_model").exists()
 
 
-def test_eval_of_a_one_image_split_is_refused(trained_model: Path, small_data: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_eval_of_a_one_image_split_is_refused(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _copy_data(small_data, tmp_path / "data")
     _write_csv(data / "captions_val.csv", _rows(data / "captions_val.csv")[:1])
-    assert main(["eval", "--model", str(trained_model), "--data", str(data), "--out", str(tmp_path / "eval"), *FAST]) == 4
+    assert (
+        main(["eval", "--model", str(trained_model), "--data", str(data), "--out", str(tmp_path / "eval"), *FAST]) == 4
+    )
     assert "split 'val'" in capsys.readouterr().err and not (tmp_path / "eval").exists()
 
 
@@ -381,8 +466,9 @@ def test_eval_of_a_one_image_split_is_refused(trained_model: Path, small_data: P
 # 6 and 7. CSVs that validate-data used to pass, or crash on
 
 
-def test_header_only_csv_is_a_fatal_problem_in_validate_data_and_train(small_data: Path, tmp_path: Path,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_header_only_csv_is_a_fatal_problem_in_validate_data_and_train(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _copy_data(small_data, tmp_path / "data")
     _write_csv(data / "captions_val.csv", [])
     before = _snapshot(data)
@@ -397,8 +483,9 @@ def test_header_only_csv_is_a_fatal_problem_in_validate_data_and_train(small_dat
     assert _snapshot(data) == before
 
 
-def test_huge_caption_is_reported_on_its_line_and_reading_goes_on(small_data: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_huge_caption_is_reported_on_its_line_and_reading_goes_on(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _copy_data(small_data, tmp_path / "data")
     rows = _rows(data / "captions_val.csv")
     _write_csv(data / "captions_val.csv", [rows[0], (rows[1][0], "x" * 10_000_000), *rows[2:]])
@@ -427,7 +514,9 @@ def test_export_verification_captions_with_a_huge_field_are_an_export_error(smal
 # 8. Config paths that are not readable files
 
 
-def test_config_that_is_a_folder_or_unreadable_is_a_config_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_that_is_a_folder_or_unreadable_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = tmp_path / "configs"
     folder.mkdir()
     assert main(["train", "--config", str(folder)]) == ConfigError.exit_code == 3
@@ -455,8 +544,9 @@ def test_config_that_is_a_folder_or_unreadable_is_a_config_error(tmp_path: Path,
 LONG = "a large red circle on the left next to a small blue star in the center above a green square on the right side"
 
 
-def test_training_warns_once_about_captions_longer_than_the_context(small_data: Path, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_training_warns_once_about_captions_longer_than_the_context(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _copy_data(small_data, tmp_path / "data")
     rows = _rows(data / "captions_train.csv")
     firsts = sorted({f: i for i, (f, _) in reversed(list(enumerate(rows)))}.values())[:6]  # rows of 6 different images
@@ -469,17 +559,23 @@ def test_training_warns_once_about_captions_longer_than_the_context(small_data: 
     assert err.count("are longer than the model's") == 1 and note in err
 
 
-def test_eval_warns_once_about_captions_longer_than_the_context(trained_model: Path, small_data: Path, tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+def test_eval_warns_once_about_captions_longer_than_the_context(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = _copy_data(small_data, tmp_path / "data")
     rows = _rows(data / "captions_val.csv")
     second = next(i for i, (f, _) in enumerate(rows) if f != rows[0][0])  # a row of another image
     rows[0], rows[second] = (rows[0][0], LONG), (rows[second][0], LONG)
     _write_csv(data / "captions_val.csv", rows)
-    assert main(["eval", "--model", str(trained_model), "--data", str(data), "--out", str(tmp_path / "eval"), *FAST]) == 0
+    assert (
+        main(["eval", "--model", str(trained_model), "--data", str(data), "--out", str(tmp_path / "eval"), *FAST]) == 0
+    )
     err = capsys.readouterr().err
     assert err.count("are longer than the model's") == 1
-    assert f"captions_val.csv:2: 2 of {len(rows)} captions (1 distinct) are longer than the model's 16-token context" in err
+    assert (
+        f"captions_val.csv:2: 2 of {len(rows)} captions (1 distinct) are longer than the model's 16-token context"
+        in err
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------

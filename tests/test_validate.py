@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import MICRO_SPEC
 from PIL import Image
 
 from finderpartner.config import TinySpec
@@ -15,7 +16,6 @@ from finderpartner.data.transforms import load_image
 from finderpartner.data.validate import require_usable, validate_split
 from finderpartner.errors import DataError
 from finderpartner.model import build_tiny
-from helpers import MICRO_SPEC
 
 
 def _jpeg(path: Path, size=(40, 30), colour=(200, 40, 40)) -> bytes:
@@ -25,7 +25,9 @@ def _jpeg(path: Path, size=(40, 30), colour=(200, 40, 40)) -> bytes:
     return buf.getvalue()
 
 
-def _dataset(root: Path, rows: list[str], header: str = "filename,caption", encoding_bytes: bytes | None = None) -> Path:
+def _dataset(
+    root: Path, rows: list[str], header: str = "filename,caption", encoding_bytes: bytes | None = None
+) -> Path:
     (root / "images" / "train").mkdir(parents=True, exist_ok=True)
     text = "\n".join([header, *rows]) + "\n"
     (root / "captions_train.csv").write_bytes(encoding_bytes if encoding_bytes is not None else text.encode("utf-8"))
@@ -141,7 +143,9 @@ def test_long_captions_are_counted_as_truncated(images: Path) -> None:
     tok = build_tiny(TinySpec(**MICRO_SPEC), ["a red square"]).tokenizer
     report, problem = _only_problem(images, tokenizer=tok, context_length=16)
     assert problem.kind == "caption_truncated" and not problem.fatal and problem.line == 2
-    assert problem.message.startswith("2 of 3 captions (2 distinct) are longer than the model's 16-token context and are cut")
+    assert problem.message.startswith(
+        "2 of 3 captions (2 distinct) are longer than the model's 16-token context and are cut"
+    )
 
 
 def test_every_problem_is_reported_at_once_and_raise_lists_them(images: Path) -> None:
@@ -188,34 +192,48 @@ def _mixed(tmp_path: Path, small_data: Path) -> tuple[Path, list[str]]:
     (root / "images" / "train" / "text.jpg").write_text("not an image")
     csv_path = root / "captions_train.csv"
     good = csv_path.read_text().splitlines()[1:]
-    bad = ["missing.jpg,a red circle", "zero.jpg,a blue star", "text.jpg,a green square", f"{good[0].split(',')[0]},  ",
-           "../escape.jpg,x"]  # fmt: skip
+    bad = [
+        "missing.jpg,a red circle",
+        "zero.jpg,a blue star",
+        "text.jpg,a green square",
+        f"{good[0].split(',')[0]},  ",
+        "../escape.jpg,x",
+    ]
     csv_path.write_text("\n".join(["filename,caption", *good[:40], *bad, *good[40:]]) + "\n")
     return root, good
 
 
 def test_skip_trains_on_exactly_the_good_rows(small_data: Path, tmp_path: Path) -> None:
+    from helpers import micro_config
+
     from finderpartner.config import config_from_dict
     from finderpartner.train import train
-    from helpers import micro_config
 
     root, good = _mixed(tmp_path, small_data)
     report = validate_split(root, "train")
     assert len(report.fatal) == 5 and len(report.table) == len(good)
-    assert [f"{f},{c}" if "," not in c else f'{f},"{c}"' for f, c in zip(report.table.filenames, report.table.captions)] == good
+    assert [
+        f"{f},{c}" if "," not in c else f'{f},"{c}"' for f, c in zip(report.table.filenames, report.table.captions)
+    ] == good
     with pytest.raises(DataError, match="5 problem"):
         train(config_from_dict(micro_config(tmp_path / "raise", root)))
-    result = train(config_from_dict({**micro_config(tmp_path / "skip", root), "data": {"root": str(root), "num_workers": 0,
-                                                                                     "on_error": "skip"}}))  # fmt: skip
+    result = train(
+        config_from_dict(
+            {**micro_config(tmp_path / "skip", root), "data": {"root": str(root), "num_workers": 0, "on_error": "skip"}}
+        )
+    )
     assert result.train_pairs == len(good) == 128 and result.state.global_step == 16
 
 
-def test_a_file_that_breaks_during_training_is_skipped_counted_and_named(small_data: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+def test_a_file_that_breaks_during_training_is_skipped_counted_and_named(
+    small_data: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
     import shutil
+
+    from helpers import micro_config
 
     import finderpartner.train as train_module
     from finderpartner.config import config_from_dict
-    from helpers import micro_config
 
     root = tmp_path / "data"
     shutil.copytree(small_data, root)

@@ -61,15 +61,27 @@ class Plan:
         if budget is None:
             return cls(total=fixed, warmup=train.warmup_steps)
         if train.max_steps and train.max_steps <= SKIP_STEPS + MEASURE_STEPS:
-            log.info("train.max_steps %d is too few steps to measure for train.time_budget: training %d steps",
-                     train.max_steps, train.max_steps)  # fmt: skip
+            log.info(
+                "train.max_steps %d is too few steps to measure for train.time_budget: training %d steps",
+                train.max_steps,
+                train.max_steps,
+            )
             return cls(total=fixed, warmup=train.warmup_steps)
         warmup = max(train.warmup_steps, SKIP_STEPS + MEASURE_STEPS)
         if warmup != train.warmup_steps:
-            log.info("warm-up lengthened from %d to %d steps: it covers the throughput measurement of train.time_budget",
-                     train.warmup_steps, warmup)  # fmt: skip
-        return cls(total=train.max_steps or UNDECIDED, warmup=warmup, budget_s=budget, cap=train.max_steps,
-                   start=start, decided=False)  # fmt: skip
+            log.info(
+                "warm-up lengthened from %d to %d steps: it covers the throughput measurement of train.time_budget",
+                train.warmup_steps,
+                warmup,
+            )
+        return cls(
+            total=train.max_steps or UNDECIDED,
+            warmup=warmup,
+            budget_s=budget,
+            cap=train.max_steps,
+            start=start,
+            decided=False,
+        )
 
     def total_now(self) -> int:
         return self.total
@@ -82,8 +94,12 @@ class Plan:
         self.total, self.decided = total, True
         if self.warmup >= total:
             capped = max(total // 5, SKIP_STEPS + MEASURE_STEPS)
-            log.warning("warm-up of %d steps is not shorter than the %d steps of the time budget: using %d",
-                        self.warmup, total, capped)  # fmt: skip
+            log.warning(
+                "warm-up of %d steps is not shorter than the %d steps of the time budget: using %d",
+                self.warmup,
+                total,
+                capped,
+            )
             self.warmup = capped
 
     def adopt(self, state: Any) -> None:
@@ -100,8 +116,10 @@ class Plan:
         if self.decided:
             return f"{self.total} steps"
         cap = f", at most {self.cap}" if self.cap else ""
-        return (f"time budget {format_duration(self.budget_s)}: steps decided after the first "
-                f"{SKIP_STEPS + MEASURE_STEPS}{cap}")  # fmt: skip
+        return (
+            f"time budget {format_duration(self.budget_s)}: steps decided after the first "
+            f"{SKIP_STEPS + MEASURE_STEPS}{cap}"
+        )
 
     def begin(self, step: int) -> None:
         """The loop starts (or restarts after a resume) at global step ``step``."""

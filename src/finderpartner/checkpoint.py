@@ -65,11 +65,18 @@ def save_checkpoint(
     try:
         checkpoints_dir.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
-        _write(tmp / "model.safetensors", lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, p))
+        _write(
+            tmp / "model.safetensors",
+            lambda p: save_file({k: v.detach().contiguous().cpu() for k, v in model.items()}, p),
+        )
         _write(tmp / "optimizer.pt", lambda p: torch.save(optimizer, p))
         _write(tmp / "rng.safetensors", lambda p: save_file({k: v.contiguous() for k, v in rng.items()}, p))
         _write(tmp / "state.json", lambda p: Path(p).write_text(json.dumps(state, indent=2), encoding="utf-8"))
-        manifest = {"format": FORMAT_VERSION, "step": step, "files": {f.name: _describe(f) for f in sorted(tmp.iterdir())}}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "step": step,
+            "files": {f.name: _describe(f) for f in sorted(tmp.iterdir())},
+        }
         _write(tmp / MANIFEST, lambda p: Path(p).write_text(json.dumps(manifest, indent=2), encoding="utf-8"))
         fsync_dir(tmp)
         if final.exists():  # same step written again (e.g. final save right after a periodic one)
@@ -82,7 +89,11 @@ def save_checkpoint(
         if err is None:
             raise
         previous = latest_checkpoint(checkpoints_dir, check_files=False)
-        kept = f"; the previous checkpoint {previous.name} is intact: resume from it with --resume auto" if previous else ""
+        kept = (
+            f"; the previous checkpoint {previous.name} is intact: resume from it with --resume auto"
+            if previous
+            else ""
+        )
         raise type(err)(f"{err}{kept}") from None
     prune(checkpoints_dir, keep)
     return final
@@ -96,7 +107,9 @@ def load_checkpoint(path: Path, *, verified: bool = False) -> Checkpoint:
     try:
         optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        return Checkpoint(path, load_file(path / "model.safetensors"), optimizer, load_file(path / "rng.safetensors"), state)
+        return Checkpoint(
+            path, load_file(path / "model.safetensors"), optimizer, load_file(path / "rng.safetensors"), state
+        )
     except Exception as e:  # the manifest matched, so this means a format from another version
         raise CheckpointError(f"checkpoint {path} could not be read: {e}") from None
 
@@ -125,7 +138,9 @@ def verify(path: Path) -> str | None:
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     if not checkpoints_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()
+    ]
     return sorted(found)
 
 

@@ -37,8 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("interrupted: nothing half-written was kept (earlier files are intact); a training continues with "
-              "--resume auto", file=sys.stderr)  # fmt: skip
+        print(
+            "interrupted: nothing half-written was kept (earlier files are intact); a training continues with "
+            "--resume auto",
+            file=sys.stderr,
+        )
         return INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit code
         refused = storage_error(e, Path(getattr(e, "filename", None) or "."), verb="use")
@@ -46,8 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {refused}", file=sys.stderr)
             return refused.exit_code
         traceback.print_exc()
-        print(f"internal error: this is a bug in finderpartner {__version__}, not something you did wrong. Please "
-              "report it with the command you ran and the traceback above.", file=sys.stderr)  # fmt: skip
+        print(
+            f"internal error: this is a bug in finderpartner {__version__}, not something you did wrong. Please "
+            "report it with the command you ran and the traceback above.",
+            file=sys.stderr,
+        )
         return INTERNAL_ERROR
 
 
@@ -101,11 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train as configured")
     _add_config_args(p)
-    p.add_argument("--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or the newest complete one")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over in a run folder that holds an earlier run (deletes its checkpoints, best model, metrics)")  # fmt: skip
-    p.add_argument("--create_sample_data", "--create-sample-data", action="store_true",
-                   help="write the sample data to data.root first (without --config: to data/sample, then stop)")  # fmt: skip
+    p.add_argument(
+        "--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or the newest complete one"
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a run folder that holds an earlier run (deletes its checkpoints, best model, metrics)",
+    )
+    p.add_argument(
+        "--create_sample_data",
+        "--create-sample-data",
+        action="store_true",
+        help="write the sample data to data.root first (without --config: to data/sample, then stop)",
+    )
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("eval", help="retrieval metrics of a saved model on a split")
@@ -122,10 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     _add_trust_pickle(p)
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
-    p.add_argument("--out", type=Path, required=True,
-                   help="index folder (new, or an index of the same folder: only new and changed images are embedded)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an index of another folder, another model, or a damaged one at --out")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="index folder (new, or an index of the same folder: only new and changed images are embedded)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an index of another folder, another model, or a damaged one at --out",
+    )
     _add_runtime_args(p)
     _add_backend_args(p)
     p.set_defaults(handler=_index)
@@ -145,18 +167,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_search)
 
-    p = sub.add_parser("export", help="export both encoders and a combined logits model to ONNX, verify with onnxruntime")
+    p = sub.add_parser(
+        "export", help="export both encoders and a combined logits model to ONNX, verify with onnxruntime"
+    )
     p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
     _add_trust_pickle(p)
-    p.add_argument("--out", "--output_dir", dest="out", type=Path, required=True, help="export folder (new, or an earlier export of the same model)")
+    p.add_argument(
+        "--out",
+        "--output_dir",
+        dest="out",
+        type=Path,
+        required=True,
+        help="export folder (new, or an earlier export of the same model)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model at --out")
     p.add_argument("--fp16", action="store_true", help="also write fp16 encoders (for GPUs) and report their accuracy")
-    p.add_argument("--int8", action="store_true", help="also write int8 (dynamic quantization) encoders and report their accuracy")
-    p.add_argument("--exporter", default="auto", choices=["auto", "dynamo", "torchscript"],
-                   help="torch.onnx exporter (auto: dynamo when onnxscript is installed)")  # fmt: skip
+    p.add_argument(
+        "--int8", action="store_true", help="also write int8 (dynamic quantization) encoders and report their accuracy"
+    )
+    p.add_argument(
+        "--exporter",
+        default="auto",
+        choices=["auto", "dynamo", "torchscript"],
+        help="torch.onnx exporter (auto: dynamo when onnxscript is installed)",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--images", type=Path, help="images to verify with (default: the run's validation images)")
-    p.add_argument("--captions", type=Path, help="captions to verify with: a CSV with a caption column, or one per line")
+    p.add_argument(
+        "--captions", type=Path, help="captions to verify with: a CSV with a caption column, or one per line"
+    )
     p.add_argument("--verify-count", type=int, default=32, help="images and captions used for verification")
     p.add_argument("--json", action="store_true", help="print the export info and verification as JSON")
     p.set_defaults(handler=_export)
@@ -167,8 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--index", type=Path, help="gallery index made by `finderpartner index`")
     where.add_argument("--images", type=Path, help="gallery folder (default: the run's validation images, if known)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")  # fmt: skip
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
+    )
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default: 10 MB)")
     _add_runtime_args(p)
@@ -198,14 +240,23 @@ exit codes:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML config (see `finderpartner init-config`)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=1e-4 (repeatable)",
+    )
 
 
 def _add_trust_pickle(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="also load pickle weights (pytorch_model.bin) when the model has no safetensors; pickle can "
-                        "run arbitrary code: only for a model from a source you trust")  # fmt: skip
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also load pickle weights (pytorch_model.bin) when the model has no safetensors; pickle can "
+        "run arbitrary code: only for a model from a source you trust",
+    )
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -216,8 +267,12 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx"],
-                   help="onnx: embed with an export folder (--model is then the folder `finderpartner export` wrote)")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnx"],
+        help="onnx: embed with an export folder (--model is then the folder `finderpartner export` wrote)",
+    )
     p.add_argument("--onnx-variant", default="fp32", choices=["fp32", "fp16", "int8"], help="with --backend onnx")
 
 
@@ -263,8 +318,10 @@ def _check_env(args: argparse.Namespace) -> int:
 def _init_config(args: argparse.Namespace) -> int:
     from .config import preset_config, render_yaml
 
-    header = (f"# FinderPartner config, preset '{args.preset}'. Every key is optional; unknown keys are errors.\n"
-              f"# Train with: finderpartner train --config <this file> [--set key=value ...]\n")  # fmt: skip
+    header = (
+        f"# FinderPartner config, preset '{args.preset}'. Every key is optional; unknown keys are errors.\n"
+        f"# Train with: finderpartner train --config <this file> [--set key=value ...]\n"
+    )
     sys.stdout.write(header + render_yaml(preset_config(args.preset)))
     return 0
 
@@ -272,8 +329,15 @@ def _init_config(args: argparse.Namespace) -> int:
 def _sample_data(args: argparse.Namespace) -> int:
     from .data.sample import make_sample_data
 
-    summary = make_sample_data(args.out, train_images=args.train_images, val_images=args.val_images,
-                               image_size=args.image_size, image_format=args.format, seed=args.seed, overwrite=args.overwrite)  # fmt: skip
+    summary = make_sample_data(
+        args.out,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        image_size=args.image_size,
+        image_format=args.format,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
     for split, c in summary.counts.items():
         print(f"{split}: {c['images']} images, {c['pairs']} pairs, {c['distinct_captions']} distinct captions")
     print(f"sample data in {summary.root}")
@@ -285,20 +349,39 @@ def _validate_data(args: argparse.Namespace) -> int:
 
     splits = args.split or sorted(p.stem.removeprefix("captions_") for p in args.data.glob("captions_*.csv"))
     if not splits:
-        raise DataError(f"{args.data}: no captions_<split>.csv found; a data folder holds images/<split>/ and "
-                        "captions_<split>.csv (see README: Your data)")
+        raise DataError(
+            f"{args.data}: no captions_<split>.csv found; a data folder holds images/<split>/ and "
+            "captions_<split>.csv (see README: Your data)"
+        )
     tokenizer = context = None
     if args.model:
         from .model import load_model
 
         encoder = load_model(args.model, trust_pickle=args.trust_pickle)
         tokenizer, context = encoder.tokenizer, encoder.context_length
-    reports = [validate_split(args.data, s, max_pixels=args.max_pixels, tokenizer=tokenizer, context_length=context,
-                              progress=not args.json) for s in splits]  # fmt: skip
+    reports = [
+        validate_split(
+            args.data,
+            s,
+            max_pixels=args.max_pixels,
+            tokenizer=tokenizer,
+            context_length=context,
+            progress=not args.json,
+        )
+        for s in splits
+    ]
     if args.json:
-        out = {r.split: {"usable_pairs": len(r.table), "rows": r.rows_total,
-                         "problems": [{"file": p.file, "line": p.line, "kind": p.kind, "message": p.message,
-                                       "fatal": p.fatal} for p in r.problems]} for r in reports}  # fmt: skip
+        out = {
+            r.split: {
+                "usable_pairs": len(r.table),
+                "rows": r.rows_total,
+                "problems": [
+                    {"file": p.file, "line": p.line, "kind": p.kind, "message": p.message, "fatal": p.fatal}
+                    for p in r.problems
+                ],
+            }
+            for r in reports
+        }
         print(json.dumps(out, indent=2))
     else:
         for r in reports:
@@ -313,8 +396,10 @@ def _make_shards(args: argparse.Namespace) -> int:
         raise UsageError(f"--shard-size must be at least 1 (got {args.shard_size})")
     shards = write_shards(args.data, args.split, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
     first, last = Path(shards[0]).name, Path(shards[-1]).name
-    print(f"{len(shards)} shard(s) in {args.out}: use data.format: webdataset, data.train_shards: "
-          f"{args.out}/{args.split}-{{{first[-10:-4]}..{last[-10:-4]}}}.tar")  # fmt: skip
+    print(
+        f"{len(shards)} shard(s) in {args.out}: use data.format: webdataset, data.train_shards: "
+        f"{args.out}/{args.split}-{{{first[-10:-4]}..{last[-10:-4]}}}.tar"
+    )
     return 0
 
 
@@ -353,28 +438,47 @@ def _eval(args: argparse.Namespace) -> int:
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     set_attention(encoder.model, "auto", device)  # the kernels training validated with: the same figures, faster
     table = require_usable(
-        validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length), "raise"
+        validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length),
+        "raise",
     )
-    data = require_retrievable(EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images")
+    data = require_retrievable(
+        EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images"
+    )
     result = evaluate_split(
-        encoder.model.to(device), encoder.tokenizer, data, encoder.image_spec,
+        encoder.model.to(device),
+        encoder.tokenizer,
+        data,
+        encoder.image_spec,
         context_length=encoder.context_length,
-        device=device, autocast=autocast_factory(device, precision), batch_size=args.batch_size,
-        num_workers=args.workers, progress=not args.json,
-    )  # fmt: skip
+        device=device,
+        autocast=autocast_factory(device, precision),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.json,
+    )
     model_path = Path(args.model)
     out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
-    paths = write_report(result, out, f"{model_path.name}_{args.split}", {"model": str(args.model), "data": str(args.data),
-                         "split": args.split}, protect={"model": args.model if model_path.is_dir() else None,
-                         "images": table.image_dir, "captions": table.csv_path})  # fmt: skip
+    paths = write_report(
+        result,
+        out,
+        f"{model_path.name}_{args.split}",
+        {"model": str(args.model), "data": str(args.data), "split": args.split},
+        protect={
+            "model": args.model if model_path.is_dir() else None,
+            "images": table.image_dir,
+            "captions": table.csv_path,
+        },
+    )
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     else:
         print(f"{args.split}: {result.num_images} images, {result.num_captions} captions; loss {result.loss:.4f}")
         print(format_metrics(result.metrics))
         s = result.similarity
-        print(f"similarity: matching {s['positive_mean']:.3f} ± {s['positive_std']:.3f}, non-matching "
-              f"{s['negative_mean']:.3f} ± {s['negative_std']:.3f} (AUC {s.get('auc', float('nan')):.3f})")  # fmt: skip
+        print(
+            f"similarity: matching {s['positive_mean']:.3f} ± {s['positive_std']:.3f}, non-matching "
+            f"{s['negative_mean']:.3f} ± {s['negative_std']:.3f} (AUC {s.get('auc', float('nan')):.3f})"
+        )
         print(f"report: {paths['report']}  plot: {paths['plot']}")
     return 0
 
@@ -384,18 +488,24 @@ def _searcher(args: argparse.Namespace) -> Any:
     from .model import load_model, set_attention
 
     if getattr(args, "backend", "torch") == "onnx":
-        return OnnxSearcher(args.model, variant=args.onnx_variant, device=args.device, batch_size=args.batch_size,
-                            num_workers=args.workers)  # fmt: skip
+        return OnnxSearcher(
+            args.model,
+            variant=args.onnx_variant,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.workers,
+        )
     device, precision = _runtime(args)
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     set_attention(encoder.model, "auto", device)
-    return Searcher(encoder, device=device, precision=precision, batch_size=args.batch_size,
-                    num_workers=args.workers)  # fmt: skip
+    return Searcher(encoder, device=device, precision=precision, batch_size=args.batch_size, num_workers=args.workers)
 
 
 def _index(args: argparse.Namespace) -> int:
     searcher = _searcher(args)
-    index, stats = searcher.index_folder(args.images, args.out, overwrite=args.overwrite, model=args.model, progress=True)
+    index, stats = searcher.index_folder(
+        args.images, args.out, overwrite=args.overwrite, model=args.model, progress=True
+    )
     for name, reason in stats.failed:
         log.warning("could not embed %s: %s", name, reason)
     print(f"index {args.out}: {len(index)} images ({stats})")
@@ -404,7 +514,9 @@ def _index(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     if args.prompt is not None and not args.prompt.strip():
-        raise UsageError("--prompt is empty: describe what you are looking for, e.g. --prompt 'a red circle on the left'")
+        raise UsageError(
+            "--prompt is empty: describe what you are looking for, e.g. --prompt 'a red circle on the left'"
+        )
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
     searcher = _searcher(args)
@@ -420,8 +532,15 @@ def _search(args: argparse.Namespace) -> int:
         query = vectors
     hits = index.search(query, args.top_k)[0]
     if args.json:
-        print(json.dumps({"query": args.prompt or str(args.image), "results": [
-            {"rank": h.rank, "path": str(h.path), "score": round(h.score, 6)} for h in hits]}, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "query": args.prompt or str(args.image),
+                    "results": [{"rank": h.rank, "path": str(h.path), "score": round(h.score, 6)} for h in hits],
+                },
+                indent=2,
+            )
+        )
     else:
         print(f"top {len(hits)} of {len(index)} images for {args.prompt or str(args.image)!r}:")
         for h in hits:
@@ -476,9 +595,18 @@ def _export(args: argparse.Namespace) -> int:
 
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else str(args.model)  # usable from any cwd
-    info = export_onnx(encoder, args.out, fingerprint=model_fingerprint(encoder.model), fp16=args.fp16, int8=args.int8,
-                       exporter=args.exporter, opset=args.opset, source=source, overwrite=args.overwrite,
-                       progress=not args.json)  # fmt: skip
+    info = export_onnx(
+        encoder,
+        args.out,
+        fingerprint=model_fingerprint(encoder.model),
+        fp16=args.fp16,
+        int8=args.int8,
+        exporter=args.exporter,
+        opset=args.opset,
+        source=source,
+        overwrite=args.overwrite,
+        progress=not args.json,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         images, captions = args.images, args.captions
         if images is None:
@@ -493,8 +621,10 @@ def _export(args: argparse.Namespace) -> int:
         print(format_verification(report))
         print(f"export folder: {args.out}")
     if not report.ok:
-        raise ExportError(f"the ONNX export in {args.out} does not reproduce PyTorch (see the table above); "
-                          "try --exporter torchscript or another --opset")  # fmt: skip
+        raise ExportError(
+            f"the ONNX export in {args.out} does not reproduce PyTorch (see the table above); "
+            "try --exporter torchscript or another --opset"
+        )
     return 0
 
 

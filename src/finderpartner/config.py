@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -36,7 +36,9 @@ class TinySpec(_Section):
     text_heads: int = Field(2, ge=1, description="text attention heads; must divide text_width")
     context_length: int = Field(32, ge=4, description="maximum caption length in tokens (longer ones are truncated)")
     embed_dim: int = Field(128, ge=8, description="shared embedding size")
-    vocab_size: int = Field(4096, ge=600, description="upper bound of the BPE vocabulary learnt from the training captions")
+    vocab_size: int = Field(
+        4096, ge=600, description="upper bound of the BPE vocabulary learnt from the training captions"
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> TinySpec:
@@ -86,7 +88,9 @@ class ModelConfig(_Section):
         description="also load pickle weights (pytorch_model.bin) when there are no safetensors; pickle can run "
         "arbitrary code: only for models from a source you trust",
     )
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in backward: less memory, ~30% slower"
+    )
     attention: Literal["auto", "sdpa", "eager"] = Field(
         "auto",
         description="attention kernels; 'auto': PyTorch SDPA on GPUs and for fp32 training, on CPUs in bf16 eager for "
@@ -98,7 +102,9 @@ class ModelConfig(_Section):
     @model_validator(mode="after")
     def _lora_or_freeze(self) -> ModelConfig:
         if self.lora.enabled and self.freeze != FreezeConfig():
-            raise ValueError("model.freeze has no effect with model.lora.enabled (LoRA freezes the base model): use one")
+            raise ValueError(
+                "model.freeze has no effect with model.lora.enabled (LoRA freezes the base model): use one"
+            )
         return self
 
 
@@ -110,7 +116,10 @@ class AugmentConfig(_Section):
     )
     hflip: bool = Field(True, description="random horizontal flip; swaps the words 'left' and 'right' in the caption")
     color_jitter: float = Field(
-        0.1, ge=0, le=1, description="brightness/contrast/saturation jitter strength (no hue: it would change colour words)"
+        0.1,
+        ge=0,
+        le=1,
+        description="brightness/contrast/saturation jitter strength (no hue: it would change colour words)",
     )
 
     @field_validator("crop_scale")
@@ -132,21 +141,29 @@ class DataConfig(_Section):
     val_split: str = Field(
         "val", description="split evaluated each epoch; '' or null (--set data.val_split=) disables validation"
     )
-    train_shards: str | None = Field(None, description="webdataset: brace pattern of training shards, e.g. shards/train-{000..099}.tar")
+    train_shards: str | None = Field(
+        None, description="webdataset: brace pattern of training shards, e.g. shards/train-{000..099}.tar"
+    )
     val_shards: str | None = Field(None, description="webdataset: brace pattern of validation shards")
-    train_size: int | None = Field(None, ge=1, description="webdataset: number of training pairs (sets the epoch length)")
-    num_workers: Union[int, Literal["auto"]] = Field("auto", description="DataLoader worker processes ('auto': CPU count, at most 8)")
+    train_size: int | None = Field(
+        None, ge=1, description="webdataset: number of training pairs (sets the epoch length)"
+    )
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader worker processes ('auto': CPU count, at most 8)"
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="bad rows or images found before training: 'raise' (report all) or 'skip' them"
     )
     max_image_pixels: int = Field(89_478_485, ge=1, description="larger images are rejected as decompression bombs")
-    cache_images: Union[bool, Literal["auto"]] = Field(
+    cache_images: bool | Literal["auto"] = Field(
         "auto",
         description="decode the training images once and keep them in memory, pre-resized ('auto': when training "
         "sees the data more than once and the cache fits in cache_max_gb)",
     )
-    cache_max_gb: float = Field(2.0, ge=0, description="memory 'auto' may give the decoded-image cache (in each training process)")
+    cache_max_gb: float = Field(
+        2.0, ge=0, description="memory 'auto' may give the decoded-image cache (in each training process)"
+    )
 
     @field_validator("val_split", mode="before")
     @classmethod
@@ -176,19 +193,27 @@ def parse_duration(text: str) -> float:
 class TrainConfig(_Section):
     epochs: int = Field(5, ge=1, description="passes over the training data (ignored with time_budget)")
     max_steps: int | None = Field(
-        None, ge=1, description="stop after this many optimizer steps (overrides epochs; with time_budget: an upper bound)"
+        None,
+        ge=1,
+        description="stop after this many optimizer steps (overrides epochs; with time_budget: an upper bound)",
     )
     time_budget: str | None = Field(
         None,
         description="train for this long ('90s', '5m', '1h', '1h30m'; counted from the start of the command): the "
         "step count is fixed from the throughput of the first steps, so that the schedule ends on time",
     )
-    batch_size: int = Field(256, ge=2, description="contrastive batch: pairs that are each other's negatives per optimizer step, over all processes")
-    micro_batch_size: Union[int, Literal["auto"]] = Field(
+    batch_size: int = Field(
+        256,
+        ge=2,
+        description="contrastive batch: pairs that are each other's negatives per optimizer step, over all processes",
+    )
+    micro_batch_size: int | Literal["auto"] = Field(
         "auto", description="pairs through the model at once per process; 'auto' probes; results do not depend on it"
     )
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
-    weight_decay: float = Field(0.1, ge=0, description="AdamW decay; never applied to biases, norms, embeddings, logit scale")
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW decay; never applied to biases, norms, embeddings, logit scale"
+    )
     betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW betas")
     eps: float = Field(1e-6, gt=0, description="AdamW epsilon")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up steps before the cosine decay")
@@ -203,7 +228,9 @@ class TrainConfig(_Section):
     eval_every_epochs: int = Field(1, ge=1, description="validate (loss + retrieval) every N epochs and at the end")
     checkpoint_every: int = Field(500, ge=1, description="optimizer steps between full training-state checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="most recent checkpoints kept (the best model is kept apart)")
-    max_nonfinite_steps: int = Field(5, ge=1, description="stop after this many consecutive steps with a non-finite loss or gradient")
+    max_nonfinite_steps: int = Field(
+        5, ge=1, description="stop after this many consecutive steps with a non-finite loss or gradient"
+    )
     compile: bool = Field(False, description="torch.compile the towers (worth it on GPUs for long runs)")
 
     @field_validator("time_budget", mode="before")
@@ -243,8 +270,10 @@ class EvalConfig(_Section):
         if v not in known:
             close = difflib.get_close_matches(v, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown metric {v!r}{hint}; use mean_recall, loss or '<direction>/<metric>' with direction "
-                             f"in {', '.join(directions)} and metric in {', '.join(metrics)}")  # fmt: skip
+            raise ValueError(
+                f"unknown metric {v!r}{hint}; use mean_recall, loss or '<direction>/<metric>' with direction "
+                f"in {', '.join(directions)} and metric in {', '.join(metrics)}"
+            )
         return v
 
 
@@ -328,7 +357,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found; `finderpartner init-config > {path}` writes one") from None
+            raise ConfigError(
+                f"config file {path} not found; `finderpartner init-config > {path}` writes one"
+            ) from None
         except IsADirectoryError:
             raise ConfigError(
                 f"config file {path} is a folder; give the YAML file in it, e.g. {path / 'clip_tiny.yaml'}"

@@ -67,7 +67,9 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 # The three functions behind the tabs (plain Python: the server and the tests call the same code)
 
 
-def image_text_scores(searcher: Any, image_path: str | None, texts: str | None) -> tuple[dict[str, float], list[list[Any]]]:
+def image_text_scores(
+    searcher: Any, image_path: str | None, texts: str | None
+) -> tuple[dict[str, float], list[list[Any]]]:
     """({text: probability}, rows [text, cosine, probability]) of an image against several texts, best first."""
     if not image_path:
         raise user_error("upload an image first")
@@ -93,7 +95,9 @@ def text_similarity(searcher: Any, texts: str | None) -> dict[str, Any]:
     return {"headers": headers, "data": data}
 
 
-def gallery_search(searcher: Any, index: GalleryIndex | None, prompt: str | None, k: float) -> tuple[list[Any], list[list[Any]]]:
+def gallery_search(
+    searcher: Any, index: GalleryIndex | None, prompt: str | None, k: float
+) -> tuple[list[Any], list[list[Any]]]:
     """(thumbnails with captions, rows [rank, score, file]) of the gallery images best matching ``prompt``."""
     if index is None or len(index) == 0:
         raise user_error("no gallery loaded: start the demo with --index INDEX or --images DIR")
@@ -131,14 +135,19 @@ def _thumbnail(path: Path) -> Any:
 def build_demo(searcher: Any, index: GalleryIndex | None = None, *, title: str = "FinderPartner") -> Any:
     """The Gradio app: three tabs, each wired to a named API endpoint, each opening with a worked example."""
     gr = _gradio()
-    gallery_note = (f"Gallery: {len(index)} images in `{index.root}`" if index is not None
-                    else "No gallery loaded (start with `--index INDEX` or `--images DIR`).")  # fmt: skip
+    gallery_note = (
+        f"Gallery: {len(index)} images in `{index.root}`"
+        if index is not None
+        else "No gallery loaded (start with `--index INDEX` or `--images DIR`)."
+    )
     has_gallery = index is not None and len(index) > 0
     example = gallery_search(searcher, index, EXAMPLE_PROMPT, DEFAULT_RESULTS) if has_gallery else ([], [])
     example_image = index.root / example[1][0][2] if has_gallery else None
     with gr.Blocks(title=title, analytics_enabled=False, **_blocks_js(gr)) as demo:
-        gr.Markdown(f"# {title}\nDescribe who or what you are looking for and get the best-matching photos. "
-                    f"Model `{searcher.fingerprint[:12]}`. {gallery_note}")  # fmt: skip
+        gr.Markdown(
+            f"# {title}\nDescribe who or what you are looking for and get the best-matching photos. "
+            f"Model `{searcher.fingerprint[:12]}`. {gallery_note}"
+        )
         with gr.Tabs():
             with gr.Tab("Gallery search"):
                 _search_tab(gr, searcher, index, example)
@@ -154,9 +163,12 @@ def _search_tab(gr: Any, searcher: Any, index: GalleryIndex | None, example: tup
         prompt = gr.Textbox(label="Description", value=EXAMPLE_PROMPT, scale=4)
         k = gr.Slider(1, MAX_RESULTS, value=DEFAULT_RESULTS, step=1, label="Results", scale=1)
     button = gr.Button("Search", variant="primary")
-    gallery = gr.Gallery(example[0], label="Best matches (score · file)", columns=6, height="auto", object_fit="contain")
-    table = gr.Dataframe(example[1] or None, headers=["rank", "score", "file"], label="Scores (cosine similarity)",
-                         interactive=False)  # fmt: skip
+    gallery = gr.Gallery(
+        example[0], label="Best matches (score · file)", columns=6, height="auto", object_fit="contain"
+    )
+    table = gr.Dataframe(
+        example[1] or None, headers=["rank", "score", "file"], label="Scores (cosine similarity)", interactive=False
+    )
     fn = lambda p, n: gallery_search(searcher, index, p, n)  # noqa: E731
     button.click(fn, inputs=[prompt, k], outputs=[gallery, table], api_name="search")
     prompt.submit(fn, inputs=[prompt, k], outputs=[gallery, table], api_name=False)
@@ -166,16 +178,25 @@ def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
     scores, rows = image_text_scores(searcher, str(example), EXAMPLE_TEXTS) if example else (None, None)
     with gr.Row():
         with gr.Column():
-            image = gr.Image(_thumbnail(example) if example else None, type="filepath", label="Image",
-                             sources=["upload", "clipboard"], height=320)  # fmt: skip
+            image = gr.Image(
+                _thumbnail(example) if example else None,
+                type="filepath",
+                label="Image",
+                sources=["upload", "clipboard"],
+                height=320,
+            )
             _explain_unreadable(image)
             texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
             button = gr.Button("Score", variant="primary")
         with gr.Column():
             label = gr.Label(scores, label="Probabilities (softmax over the texts)", num_top_classes=10)
             table = gr.Dataframe(rows, headers=["text", "cosine", "probability"], label="Scores", interactive=False)
-    button.click(lambda i, t: image_text_scores(searcher, i, t), inputs=[image, texts], outputs=[label, table],
-                 api_name="image_texts")  # fmt: skip
+    button.click(
+        lambda i, t: image_text_scores(searcher, i, t),
+        inputs=[image, texts],
+        outputs=[label, table],
+        api_name="image_texts",
+    )
 
 
 def _explain_unreadable(image: Any) -> None:
@@ -201,8 +222,9 @@ def _explain_unreadable(image: Any) -> None:
 def _text_matrix_tab(gr: Any, searcher: Any) -> None:
     texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
     button = gr.Button("Compare", variant="primary")
-    table = gr.Dataframe(text_similarity(searcher, EXAMPLE_TEXTS), label="Cosine similarity between the texts",
-                         interactive=False)  # fmt: skip
+    table = gr.Dataframe(
+        text_similarity(searcher, EXAMPLE_TEXTS), label="Cosine similarity between the texts", interactive=False
+    )
     button.click(lambda t: text_similarity(searcher, t), inputs=[texts], outputs=[table], api_name="text_matrix")
 
 

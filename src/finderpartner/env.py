@@ -7,7 +7,7 @@ import logging
 import os
 import platform
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def cpu_supports_bf16() -> bool:
     """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
     if platform.system() != "Linux":
@@ -52,7 +52,10 @@ def _cpu_flags() -> tuple[str, set[str]]:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor() or "unknown CPU", set()
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "") or platform.processor()
+    name = (
+        next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+        or platform.processor()
+    )
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
     return name or "unknown CPU", set(flags)
 
@@ -66,17 +69,23 @@ def cpu_kind() -> dict[str, Any]:
         expect = "training runs in bf16 (precision auto): the tiny preset at about 5.6 steps/s on 2 cores"
     elif avx512:
         kind = "AVX512 without bf16"
-        expect = ("no native bf16: training runs in fp32 (precision auto), about 2x slower than on CPUs with "
-                  "AVX512-BF16; train.time_budget trains fewer steps in the same time")  # fmt: skip
+        expect = (
+            "no native bf16: training runs in fp32 (precision auto), about 2x slower than on CPUs with "
+            "AVX512-BF16; train.time_budget trains fewer steps in the same time"
+        )
     elif "avx2" in flags:
         kind = "AVX2, no AVX512"
-        expect = ("no native bf16: training runs in fp32 (precision auto), about 3x slower than on CPUs with "
-                  "AVX512-BF16 (the tiny preset: ~1.5-2 steps/s on 2 cores instead of ~5.6); the tiny preset's "
-                  "train.time_budget keeps `make run` near 5 minutes by training fewer steps")  # fmt: skip
+        expect = (
+            "no native bf16: training runs in fp32 (precision auto), about 3x slower than on CPUs with "
+            "AVX512-BF16 (the tiny preset: ~1.5-2 steps/s on 2 cores instead of ~5.6); the tiny preset's "
+            "train.time_budget keeps `make run` near 5 minutes by training fewer steps"
+        )
     else:
         kind = "no AVX2/AVX512" if flags else "unknown (no /proc/cpuinfo)"
-        expect = ("no native bf16: training runs in fp32 (precision auto); expect it several times slower than on "
-                  "CPUs with AVX512-BF16; train.time_budget bounds the run's duration")  # fmt: skip
+        expect = (
+            "no native bf16: training runs in fp32 (precision auto); expect it several times slower than on "
+            "CPUs with AVX512-BF16; train.time_budget bounds the run's duration"
+        )
     return {"name": name, "kind": kind, "avx512": avx512, "amx": "amx_bf16" in flags, "expect": expect}
 
 
@@ -146,8 +155,14 @@ def _package_status(dist: str, module: str, minimum: str, purpose: str) -> dict[
 
     from packaging.version import InvalidVersion, Version
 
-    status: dict[str, Any] = {"name": dist, "version": None, "minimum": minimum, "ok": False, "purpose": purpose,
-                              "problem": None}  # fmt: skip
+    status: dict[str, Any] = {
+        "name": dist,
+        "version": None,
+        "minimum": minimum,
+        "ok": False,
+        "purpose": purpose,
+        "problem": None,
+    }
     try:
         status["version"] = metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -162,31 +177,57 @@ def _package_status(dist: str, module: str, minimum: str, purpose: str) -> dict[
     except InvalidVersion:
         new_enough = True  # a local build with an odd version string: trust it
     status["ok"] = importable and new_enough
-    status["problem"] = None if status["ok"] else ("older than " + minimum if importable else "installed but not importable")
+    status["problem"] = (
+        None if status["ok"] else ("older than " + minimum if importable else "installed but not importable")
+    )
     return status
 
 
 def _gpu_report() -> dict[str, Any]:
     """CUDA devices as plain data; the same keys whether or not there is a GPU (null values when not)."""
-    report: dict[str, Any] = {"available": False, "count": 0, "name": None, "memory_gb": None,
-                              "compute_capability": None, "bf16": False, "cuda_version": None, "devices": []}  # fmt: skip
+    report: dict[str, Any] = {
+        "available": False,
+        "count": 0,
+        "name": None,
+        "memory_gb": None,
+        "compute_capability": None,
+        "bf16": False,
+        "cuda_version": None,
+        "devices": [],
+    }
     if torch is None or not torch.cuda.is_available():
         return report
     for i in range(torch.cuda.device_count()):
         props = torch.cuda.get_device_properties(i)
-        report["devices"].append({"index": i, "name": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
-                                  "compute_capability": f"{props.major}.{props.minor}"})  # fmt: skip
+        report["devices"].append(
+            {
+                "index": i,
+                "name": props.name,
+                "memory_gb": round(props.total_memory / 2**30, 1),
+                "compute_capability": f"{props.major}.{props.minor}",
+            }
+        )
     current = report["devices"][torch.cuda.current_device()]
-    report.update(available=True, count=len(report["devices"]), name=current["name"], memory_gb=current["memory_gb"],
-                  compute_capability=current["compute_capability"], bf16=bool(torch.cuda.is_bf16_supported()),
-                  cuda_version=torch.version.cuda)  # fmt: skip
+    report.update(
+        available=True,
+        count=len(report["devices"]),
+        name=current["name"],
+        memory_gb=current["memory_gb"],
+        compute_capability=current["compute_capability"],
+        bf16=bool(torch.cuda.is_bf16_supported()),
+        cuda_version=torch.version.cuda,
+    )
     return report
 
 
 def _recommendation(gpu: dict[str, Any]) -> dict[str, Any]:
     if torch is None:
-        return {"device": None, "precision": None, "micro_batch_size_base": None,
-                "note": "install PyTorch first (https://pytorch.org/get-started/locally/ for the CUDA build)"}  # fmt: skip
+        return {
+            "device": None,
+            "precision": None,
+            "micro_batch_size_base": None,
+            "note": "install PyTorch first (https://pytorch.org/get-started/locally/ for the CUDA build)",
+        }
     if gpu["available"]:
         precision = resolve_precision("auto", torch.device("cuda", torch.cuda.current_device()))
         mem = gpu["memory_gb"]
@@ -242,8 +283,11 @@ def _model_status(name: str, required: bool) -> dict[str, Any]:
     if cached:
         return {**status, "source": "Hugging Face cache", "ok": True}
     reachable = _hub_reachable()
-    return {**status, "source": "hub (not cached; downloads on first use)" if reachable else "not cached, hub unreachable",
-            "ok": reachable}  # fmt: skip
+    return {
+        **status,
+        "source": "hub (not cached; downloads on first use)" if reachable else "not cached, hub unreachable",
+        "ok": reachable,
+    }
 
 
 def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool]:
@@ -297,32 +341,45 @@ def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
         problems.append(f"model {model['name']}: {model['source']} (download it where there is internet, or use tiny)")
     report["problems"] = problems
     report["ok"] = not problems
-    report["install"] = "pip install " + " ".join(f"'{p['name']}>={p['minimum']}'" for p in missing) if missing else None
+    report["install"] = (
+        "pip install " + " ".join(f"'{p['name']}>={p['minimum']}'" for p in missing) if missing else None
+    )
     return report
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as text for a terminal."""
     py = report["python"]
-    lines = [f"Python {py['version']} on {report['platform']}" + ("" if py["ok"] else f"  !! needs >= {py['minimum']}"),
-             "", "required packages:"]  # fmt: skip
+    lines = [
+        f"Python {py['version']} on {report['platform']}" + ("" if py["ok"] else f"  !! needs >= {py['minimum']}"),
+        "",
+        "required packages:",
+    ]
     for p in report["required"]:
         state = p["version"] or "missing"
         note = "" if p["ok"] else f"  <- {p['problem']}"
-        lines.append(f"  {'ok ' if p['ok'] else '!! '}{p['name']:<14} {state:<16} (>= {p['minimum']}) {p['purpose']}{note}")
+        lines.append(
+            f"  {'ok ' if p['ok'] else '!! '}{p['name']:<14} {state:<16} (>= {p['minimum']}) {p['purpose']}{note}"
+        )
     lines.append("optional packages:")
     for p in report["optional"]:
-        lines.append(f"  {'ok ' if p['ok'] else '-- '}{p['name']:<14} {p['version'] or 'not installed':<16} {p['purpose']}")
+        lines.append(
+            f"  {'ok ' if p['ok'] else '-- '}{p['name']:<14} {p['version'] or 'not installed':<16} {p['purpose']}"
+        )
     lines += ["", _format_gpu(report)]
     rec = report["recommendation"]
     if rec["device"] is not None:
-        lines.append(f"recommended: device {rec['device']}, precision {rec['precision']}, "
-                     f"micro-batch ~{rec['micro_batch_size_base']} for the rtx3060 preset")  # fmt: skip
+        lines.append(
+            f"recommended: device {rec['device']}, precision {rec['precision']}, "
+            f"micro-batch ~{rec['micro_batch_size_base']} for the rtx3060 preset"
+        )
     lines.append(f"  {rec['note']}")
     model = report["model"]
     if model:
         which = "configured model" if model["required"] else "rtx3060 preset model"
-        lines.append(f"{which} {model['name']}: {model['source']}" + ("" if model["ok"] else "  <- cannot be loaded here"))
+        lines.append(
+            f"{which} {model['name']}: {model['source']}" + ("" if model["ok"] else "  <- cannot be loaded here")
+        )
     disk = report["disk"]
     low = "" if disk["ok"] else "  <- low: checkpoints need a few GB"
     lines.append(f"free disk at {disk['path']}: {disk['free_gb']} GB{low}")
@@ -341,7 +398,11 @@ def _format_gpu(report: dict[str, Any]) -> str:
     gpu = report["gpu"]
     if not gpu["available"]:
         cpu = report["cpu"]
-        return (f"GPU: none (CPU: {cpu['name']}, {cpu['cores']} cores, native bf16 {'yes' if cpu['bf16_native'] else 'no'}, "
-                f"AVX512 {'yes' if cpu['avx512'] else 'no'}; {cpu['kind']})\n  {cpu['expect']}")  # fmt: skip
-    return (f"GPU: {gpu['name']} ({gpu['memory_gb']} GB, compute {gpu['compute_capability']}, "
-            f"bf16 {'yes' if gpu['bf16'] else 'no'}, CUDA {gpu['cuda_version']}, {gpu['count']} device(s))")  # fmt: skip
+        return (
+            f"GPU: none (CPU: {cpu['name']}, {cpu['cores']} cores, native bf16 {'yes' if cpu['bf16_native'] else 'no'}, "
+            f"AVX512 {'yes' if cpu['avx512'] else 'no'}; {cpu['kind']})\n  {cpu['expect']}"
+        )
+    return (
+        f"GPU: {gpu['name']} ({gpu['memory_gb']} GB, compute {gpu['compute_capability']}, "
+        f"bf16 {'yes' if gpu['bf16'] else 'no'}, CUDA {gpu['cuda_version']}, {gpu['count']} device(s))"
+    )

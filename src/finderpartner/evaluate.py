@@ -90,9 +90,17 @@ def embed_images(
         with autocast():
             return encode_image(model, normalize(pixels.to(device, non_blocking=True), spec)).float().cpu().numpy()
 
-    out, failures = embed_image_files(paths, spec, encode, int(model.config.projection_dim), batch_size=batch_size,
-                                      num_workers=num_workers, max_pixels=max_pixels, pin_memory=device.type == "cuda",
-                                      progress=progress)  # fmt: skip
+    out, failures = embed_image_files(
+        paths,
+        spec,
+        encode,
+        int(model.config.projection_dim),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        max_pixels=max_pixels,
+        pin_memory=device.type == "cuda",
+        progress=progress,
+    )
     return torch.from_numpy(out), failures
 
 
@@ -142,8 +150,12 @@ class EvalSet:
         from .data.shards import read_pairs
 
         images, captions, _ = read_pairs(urls, max_pixels)
-        return cls(urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)", images, captions,
-                   list(range(len(images))))  # fmt: skip
+        return cls(
+            urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)",
+            images,
+            captions,
+            list(range(len(images))),
+        )
 
 
 def require_retrievable(data: EvalSet, what: str, fixes: str) -> EvalSet:
@@ -186,7 +198,13 @@ def evaluate_split(
         listing = "; ".join(f"{data.images[row]}: {reason}" for row, reason in skipped[:5])
         raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
     text_emb = embed_texts(
-        model, tokenizer, data.captions, context_length=context_length, device=device, autocast=autocast, batch_size=batch_size
+        model,
+        tokenizer,
+        data.captions,
+        context_length=context_length,
+        device=device,
+        autocast=autocast,
+        batch_size=batch_size,
     )
     t2i = torch.tensor(data.text_to_image)
     scale = float(model.logit_scale.detach().float().cpu())
@@ -216,8 +234,14 @@ def evaluate_embeddings(
     return EvalResult(metrics, loss, stats, image_emb.shape[0], text_emb.shape[0], positive, negative)
 
 
-def write_report(result: EvalResult, out_dir: Path, name: str, extra: dict[str, Any] | None = None, *,
-                 protect: dict[str, Any] | None = None) -> dict[str, Path]:  # fmt: skip
+def write_report(
+    result: EvalResult,
+    out_dir: Path,
+    name: str,
+    extra: dict[str, Any] | None = None,
+    *,
+    protect: dict[str, Any] | None = None,
+) -> dict[str, Path]:
     """``<out>/<name>.json``, ``<out>/plots/<name>_similarity.png``, and a line appended to ``<out>/history.jsonl``.
 
     ``out`` follows the output rule (``outputs.claim_output``): a new or empty folder or an evaluation folder,

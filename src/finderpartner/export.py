@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ExportError, FinderPartnerError
+from .errors import ExportError
 from .model import DualEncoder, ImageSpec, encode_image, encode_text, image_spec_of
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,9 @@ def _require(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ExportError(f"ONNX export and inference need {module.split('.')[0]}: pip install 'finderpartner[onnx]'") from None
+        raise ExportError(
+            f"ONNX export and inference need {module.split('.')[0]}: pip install 'finderpartner[onnx]'"
+        ) from None
 
 
 def variant_file(encoder_name: str, variant: str = "fp32") -> str:
@@ -126,9 +128,12 @@ def _example_inputs(encoder: DualEncoder) -> dict[str, torch.Tensor]:
     """Batch 2 (a batch of 1 could be specialised away) and a padded text batch, so masking is traced too."""
     spec = encoder.image_spec
     enc = encoder.tokenizer(
-        ["a photo", "a photo of something on the left"], padding="longest", truncation=True,
-        max_length=encoder.context_length, return_tensors="pt",
-    )  # fmt: skip
+        ["a photo", "a photo of something on the left"],
+        padding="longest",
+        truncation=True,
+        max_length=encoder.context_length,
+        return_tensors="pt",
+    )
     return {
         "pixel_values": torch.randn(2, 3, spec.crop, spec.crop, generator=torch.Generator().manual_seed(0)),
         "input_ids": enc["input_ids"],
@@ -149,8 +154,9 @@ def resolve_exporter(exporter: str) -> str:
     return "dynamo"
 
 
-def _export_graph(graph: _Graph, example: dict[str, torch.Tensor], path: Path, *, exporter: str, opset: int,
-                  context_length: int) -> None:  # fmt: skip
+def _export_graph(
+    graph: _Graph, example: dict[str, torch.Tensor], path: Path, *, exporter: str, opset: int, context_length: int
+) -> None:
     args = tuple(example[name] for name in graph.inputs)
     names = {"input_names": list(graph.inputs), "output_names": list(graph.outputs)}
     # The exporters comment on every Python branch they trace through; the parity check after export is
@@ -160,14 +166,34 @@ def _export_graph(graph: _Graph, example: dict[str, torch.Tensor], path: Path, *
         if exporter == "dynamo":
             from torch.export import Dim
 
-            dims = {"batch": Dim("batch"), "text_batch": Dim("text_batch"), "sequence": Dim("sequence", max=context_length)}
+            dims = {
+                "batch": Dim("batch"),
+                "text_batch": Dim("text_batch"),
+                "sequence": Dim("sequence", max=context_length),
+            }
             shapes = {name: {axis: dims[d] for axis, d in axes.items()} for name, axes in graph.inputs.items()}
             big = sum(p.numel() * p.element_size() for p in graph.module.parameters()) > 1.5 * 2**30
-            torch.onnx.export(graph.module, args, str(path), dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                              external_data=big, verbose=False, **names)  # fmt: skip
+            torch.onnx.export(
+                graph.module,
+                args,
+                str(path),
+                dynamo=True,
+                dynamic_shapes=shapes,
+                opset_version=opset,
+                external_data=big,
+                verbose=False,
+                **names,
+            )
         else:
-            torch.onnx.export(graph.module, args, str(path), dynamo=False, opset_version=opset,
-                              dynamic_axes={**graph.inputs, **graph.outputs}, **names)  # fmt: skip
+            torch.onnx.export(
+                graph.module,
+                args,
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                dynamic_axes={**graph.inputs, **graph.outputs},
+                **names,
+            )
 
 
 class _LogWriter:
@@ -209,8 +235,14 @@ def export_onnx(
 
     out_dir = Path(out_dir)
     model_dir = source if source and Path(source).is_dir() else None
-    claim_output(out_dir, "export", {"model": source}, overwrite=overwrite, legacy=_legacy_export,
-                 protect={"model": model_dir} if model_dir else None)  # fmt: skip
+    claim_output(
+        out_dir,
+        "export",
+        {"model": source},
+        overwrite=overwrite,
+        legacy=_legacy_export,
+        protect={"model": model_dir} if model_dir else None,
+    )
     _require("onnx")
     exporter = resolve_exporter(exporter)
     if exporter == "dynamo":
@@ -228,13 +260,21 @@ def export_onnx(
             for graph in steps:
                 bar.set_postfix_str(graph.name)
                 try:
-                    _export_graph(graph, example, tmp / variant_file(graph.name), exporter=exporter, opset=opset,
-                                  context_length=encoder.context_length)  # fmt: skip
+                    _export_graph(
+                        graph,
+                        example,
+                        tmp / variant_file(graph.name),
+                        exporter=exporter,
+                        opset=opset,
+                        context_length=encoder.context_length,
+                    )
                 except Exception as e:  # the exporters raise many types; the user needs the gist and a way out
                     other = "torchscript" if exporter == "dynamo" else "dynamo"
-                    raise ExportError(f"exporting {graph.name} with the {exporter} exporter failed: "
-                                      f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
-                                      f"try --exporter {other}") from e  # fmt: skip
+                    raise ExportError(
+                        f"exporting {graph.name} with the {exporter} exporter failed: "
+                        f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
+                        f"try --exporter {other}"
+                    ) from e
                 bar.update()
             for variant in variants:
                 for name in (IMAGE_ENCODER, TEXT_ENCODER):
@@ -274,8 +314,9 @@ def _write_preprocessing(encoder: DualEncoder, out: Path) -> None:
             log.debug("no vocab.json/merges.txt written: %s", e)
 
 
-def _info(encoder: DualEncoder, fingerprint: str, exporter: str, opset: int, variants: list[str],
-          source: str | None) -> dict[str, Any]:  # fmt: skip
+def _info(
+    encoder: DualEncoder, fingerprint: str, exporter: str, opset: int, variants: list[str], source: str | None
+) -> dict[str, Any]:
     import transformers
 
     model = encoder.model
@@ -324,8 +365,9 @@ def quantize_int8(src: Path, dst: Path) -> None:
         except Exception as e:  # an optimisation pass that cannot handle the graph: quantize it as exported
             log.debug("quantization pre-processing skipped: %s", e)
             shutil.copy(src, prepared)
-        quantization.quantize_dynamic(str(prepared), str(dst), weight_type=quantization.QuantType.QInt8,
-                                      op_types_to_quantize=["MatMul", "Gemm"])  # fmt: skip
+        quantization.quantize_dynamic(
+            str(prepared), str(dst), weight_type=quantization.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -337,8 +379,11 @@ def load_export_info(export_dir: str | Path) -> dict[str, Any]:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        hint = " (it is a model folder: export it first with `finderpartner export --model M --out DIR`)" if (
-            Path(export_dir) / "config.json").is_file() else ""  # fmt: skip
+        hint = (
+            " (it is a model folder: export it first with `finderpartner export --model M --out DIR`)"
+            if (Path(export_dir) / "config.json").is_file()
+            else ""
+        )
         raise ExportError(f"{export_dir} is not an ONNX export folder: it has no {EXPORT_INFO}{hint}") from None
     except (OSError, ValueError) as e:
         raise ExportError(f"{path} is unreadable ({e}); export the model again") from None
@@ -355,11 +400,18 @@ def image_spec_from_folder(folder: str | Path) -> ImageSpec:
         size = cfg["size"] if isinstance(cfg["size"], dict) else {"shortest_edge": cfg["size"]}
         crop = cfg.get("crop_size")
         crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
-        processor = SimpleNamespace(size=size, crop_size=crop, do_center_crop=cfg.get("do_center_crop", True),
-                                    image_mean=cfg["image_mean"], image_std=cfg["image_std"])  # fmt: skip
+        processor = SimpleNamespace(
+            size=size,
+            crop_size=crop,
+            do_center_crop=cfg.get("do_center_crop", True),
+            image_mean=cfg["image_mean"],
+            image_std=cfg["image_std"],
+        )
         return image_spec_of(processor)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExportError(f"{path} is missing or incomplete ({type(e).__name__}: {e}); export the model again") from None
+        raise ExportError(
+            f"{path} is missing or incomplete ({type(e).__name__}: {e}); export the model again"
+        ) from None
 
 
 def providers_for(device: str = "cpu") -> list[str]:
@@ -369,7 +421,9 @@ def providers_for(device: str = "cpu") -> list[str]:
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
-        raise ExportError("--device cuda: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu or use cpu")
+        raise ExportError(
+            "--device cuda: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu or use cpu"
+        )
     return ["CPUExecutionProvider"]
 
 
@@ -377,8 +431,10 @@ def open_session(path: Path, providers: Sequence[str] | None = None, threads: in
     """An onnxruntime session; ``threads`` pins its intra-op thread count (default: onnxruntime's choice)."""
     ort = _require("onnxruntime")
     if not path.is_file():
-        raise ExportError(f"{path} is missing; export the model again" + (
-            " with --fp16/--int8" if ".fp16." in path.name or ".int8." in path.name else ""))  # fmt: skip
+        raise ExportError(
+            f"{path} is missing; export the model again"
+            + (" with --fp16/--int8" if ".fp16." in path.name or ".int8." in path.name else "")
+        )
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings (unused initializers, ...) are not actionable
     if threads:
@@ -407,19 +463,23 @@ class OnnxEncoders:
         return self.image_session.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})[0]
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.context_length,
-                             return_tensors="np")  # fmt: skip
+        enc = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="np"
+        )
         wanted = {i.name for i in self.text_session.get_inputs()}
         return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        parts = [self.text_session.run(None, self.tokenize(texts[i : i + batch_size]))[0]
-                 for i in range(0, len(texts), batch_size)]  # fmt: skip
+        parts = [
+            self.text_session.run(None, self.tokenize(texts[i : i + batch_size]))[0]
+            for i in range(0, len(texts), batch_size)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, int(self.info["embed_dim"])), np.float32)
 
 
-def load_onnx_encoders(export_dir: str | Path, *, variant: str = "fp32", device: str = "cpu",
-                       threads: int | None = None) -> OnnxEncoders:  # fmt: skip
+def load_onnx_encoders(
+    export_dir: str | Path, *, variant: str = "fp32", device: str = "cpu", threads: int | None = None
+) -> OnnxEncoders:
     """Open an export folder for inference with onnxruntime (``variant``: fp32, or fp16/int8 if exported)."""
     folder = Path(export_dir)
     info = load_export_info(folder)
@@ -509,8 +569,10 @@ def read_verification_inputs(images: Path, captions: Path | None, limit: int = 3
             else:
                 texts = [line.strip() for line in captions.read_text(encoding="utf-8").splitlines() if line.strip()]
         except (OSError, KeyError, UnicodeDecodeError, csv.Error) as e:  # csv.Error: e.g. a 10 MB field
-            raise ExportError(f"cannot read captions from {captions} ({e}): give a CSV with a caption column "
-                              "or a text file with one caption per line") from None  # fmt: skip
+            raise ExportError(
+                f"cannot read captions from {captions} ({e}): give a CSV with a caption column "
+                "or a text file with one caption per line"
+            ) from None
     texts = list(dict.fromkeys(texts))[:limit] or ["a photo", "a photo of a person", "a large red circle on the left"]
     return paths, texts
 
@@ -539,8 +601,9 @@ def verify_export(
     folder = Path(export_dir)
     info = load_export_info(folder)
     pixels = preprocess_images(images, encoder.image_spec)
-    tokens = encoder.tokenizer(list(captions), padding="longest", truncation=True, max_length=encoder.context_length,
-                               return_tensors="pt")  # fmt: skip
+    tokens = encoder.tokenizer(
+        list(captions), padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt"
+    )
     with torch.no_grad():
         ref_img = encode_image(model, pixels).numpy()
         ref_txt = encode_text(model, tokens["input_ids"], tokens["attention_mask"]).numpy()
@@ -561,13 +624,18 @@ def verify_export(
 def _combined_diff(model: nn.Module, folder: Path, pixels: torch.Tensor, tokens: Any) -> float:
     """Max abs difference of clip.onnx's logits to transformers' own CLIP forward."""
     session = open_session(folder / variant_file(COMBINED))
-    feed = {"pixel_values": pixels.numpy(), "input_ids": tokens["input_ids"].numpy(),
-            "attention_mask": tokens["attention_mask"].numpy()}  # fmt: skip
+    feed = {
+        "pixel_values": pixels.numpy(),
+        "input_ids": tokens["input_ids"].numpy(),
+        "attention_mask": tokens["attention_mask"].numpy(),
+    }
     per_image, per_text = session.run(None, feed)
     with torch.no_grad():
         out = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    return max(float(np.abs(out.logits_per_image.numpy() - per_image).max()),
-               float(np.abs(out.logits_per_text.numpy() - per_text).max()))  # fmt: skip
+    return max(
+        float(np.abs(out.logits_per_image.numpy() - per_image).max()),
+        float(np.abs(out.logits_per_text.numpy() - per_text).max()),
+    )
 
 
 def median_ms(fn: Callable[[], Any], *, min_seconds: float = 0.3, max_runs: int = 50, warmup: int = 2) -> float:
@@ -589,8 +657,15 @@ def _repeat(x: Any, n: int) -> Any:
     return x[idx] if not isinstance(x, list) else [x[i] for i in idx]
 
 
-def measure_latency(model: nn.Module, encoder: DualEncoder, folder: Path, variants: Sequence[str], pixels: torch.Tensor,
-                    captions: list[str], batches: Sequence[int]) -> list[Latency]:  # fmt: skip
+def measure_latency(
+    model: nn.Module,
+    encoder: DualEncoder,
+    folder: Path,
+    variants: Sequence[str],
+    pixels: torch.Tensor,
+    captions: list[str],
+    batches: Sequence[int],
+) -> list[Latency]:
     """Per batch size: PyTorch (fp32, eager) vs each ONNX variant, for both encoders, on the same inputs.
 
     onnxruntime gets as many threads as PyTorch uses, so the comparison is of the runtimes, not of thread counts.
@@ -598,13 +673,20 @@ def measure_latency(model: nn.Module, encoder: DualEncoder, folder: Path, varian
     sessions = {v: load_onnx_encoders(folder, variant=v, threads=torch.get_num_threads()) for v in variants}
     rows = []
     for batch in batches:
-        rows += _latency_at(model, encoder.tokenizer, encoder.context_length, sessions, _repeat(pixels, batch),
-                            _repeat(captions, batch))  # fmt: skip
+        rows += _latency_at(
+            model, encoder.tokenizer, encoder.context_length, sessions, _repeat(pixels, batch), _repeat(captions, batch)
+        )
     return rows
 
 
-def _latency_at(model: nn.Module, tokenizer: Any, context_length: int, sessions: dict[str, OnnxEncoders],
-                pixels: torch.Tensor, texts: list[str]) -> list[Latency]:  # fmt: skip
+def _latency_at(
+    model: nn.Module,
+    tokenizer: Any,
+    context_length: int,
+    sessions: dict[str, OnnxEncoders],
+    pixels: torch.Tensor,
+    texts: list[str],
+) -> list[Latency]:
     """Both encoders at one batch size: PyTorch, then each onnxruntime variant, on the same inputs."""
     tok = tokenizer(texts, padding="longest", truncation=True, max_length=context_length, return_tensors="pt")
     with torch.inference_mode():
@@ -612,25 +694,35 @@ def _latency_at(model: nn.Module, tokenizer: Any, context_length: int, sessions:
         t_txt = median_ms(functools.partial(encode_text, model, tok["input_ids"], tok["attention_mask"]))
     px = pixels.numpy()
     onnx_img = {v: median_ms(functools.partial(s.encode_pixels, px)) for v, s in sessions.items()}
-    onnx_txt = {v: median_ms(functools.partial(s.text_session.run, None, s.tokenize(texts))) for v, s in sessions.items()}
+    onnx_txt = {
+        v: median_ms(functools.partial(s.text_session.run, None, s.tokenize(texts))) for v, s in sessions.items()
+    }
     return [Latency(IMAGE_ENCODER, len(texts), t_img, onnx_img), Latency(TEXT_ENCODER, len(texts), t_txt, onnx_txt)]
 
 
 def format_verification(report: Verification) -> str:
     """Parity and latency tables for the terminal."""
     lines = [
-        (f"parity with PyTorch fp32 on {report.images} images and {report.captions} captions "
-         f"(fp32 must reach cosine >= {PARITY_COSINE}):"),
+        (
+            f"parity with PyTorch fp32 on {report.images} images and {report.captions} captions "
+            f"(fp32 must reach cosine >= {PARITY_COSINE}):"
+        ),
         f"  {'graph':<14}{'variant':<9}{'max |diff|':>12}{'min cos':>12}{'mean cos':>12}{'top-1 same':>12}",
     ]
     for p in report.parity:
         agree = f"{p.top1_agreement:>12.3f}" if p.top1_agreement is not None else f"{'':>12}"
-        lines.append(f"  {p.graph:<14}{p.variant:<9}{p.max_abs_diff:>12.2e}{p.min_cosine:>12.6f}{p.mean_cosine:>12.6f}{agree}")
+        lines.append(
+            f"  {p.graph:<14}{p.variant:<9}{p.max_abs_diff:>12.2e}{p.min_cosine:>12.6f}{p.mean_cosine:>12.6f}{agree}"
+        )
     lines.append(f"  clip.onnx logits vs transformers' forward: max |diff| {report.logits_max_abs_diff:.2e}")
     variants = list(report.latency[0].onnx_ms) if report.latency else []
-    lines += ["", "latency, median ms per batch (CPU unless a GPU provider was used):",
-              f"  {'graph':<14}{'batch':>6}{'torch':>10}" + "".join(f"{'onnx ' + v:>12}" for v in variants)
-              + f"{'speed-up':>10}"]  # fmt: skip
+    lines += [
+        "",
+        "latency, median ms per batch (CPU unless a GPU provider was used):",
+        f"  {'graph':<14}{'batch':>6}{'torch':>10}"
+        + "".join(f"{'onnx ' + v:>12}" for v in variants)
+        + f"{'speed-up':>10}",
+    ]
     for r in report.latency:
         cells = "".join(f"{r.onnx_ms[v]:>12.2f}" for v in variants)
         lines.append(f"  {r.graph:<14}{r.batch:>6}{r.torch_ms:>10.2f}{cells}{r.torch_ms / r.onnx_ms['fp32']:>9.2f}x")

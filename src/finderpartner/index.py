@@ -34,7 +34,18 @@ from .outputs import claim_output, replace_dir, write_marker
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}  # HEIC: pillow-heif
+IMAGE_EXTENSIONS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".heic",
+    ".heif",
+}  # HEIC: pillow-heif
 FORMAT_VERSION = 1
 # paths -> (normalised float32 embeddings with NaN rows for failures, [(row, reason)] failures)
 EmbedFn = Callable[[Sequence[Path]], tuple[np.ndarray, list[tuple[int, str]]]]
@@ -66,15 +77,18 @@ class UpdateStats:
         return self.added + self.changed
 
     def __str__(self) -> str:
-        return (f"{self.added} new, {self.changed} changed, {self.removed} removed, {self.unchanged} unchanged"
-                + (f", {len(self.failed)} unreadable" if self.failed else ""))  # fmt: skip
+        return f"{self.added} new, {self.changed} changed, {self.removed} removed, {self.unchanged} unchanged" + (
+            f", {len(self.failed)} unreadable" if self.failed else ""
+        )
 
 
 def _faiss() -> Any:
     try:
         import faiss
     except ImportError:
-        raise FinderPartnerError("the gallery index needs FAISS: pip install 'finderpartner[index]' (faiss-cpu)") from None
+        raise FinderPartnerError(
+            "the gallery index needs FAISS: pip install 'finderpartner[index]' (faiss-cpu)"
+        ) from None
     return faiss
 
 
@@ -114,11 +128,17 @@ class GalleryIndex:
             return [[] for _ in range(len(q))]
         if q.ndim != 2 or q.shape[1] != self.dim:
             # a reshape would silently turn a wrong-sized query into several wrong queries
-            raise IndexMismatchError(f"query vectors have shape {tuple(q.shape)} but the index holds {self.dim}-d "
-                                     "vectors: the query was embedded by another model")  # fmt: skip
+            raise IndexMismatchError(
+                f"query vectors have shape {tuple(q.shape)} but the index holds {self.dim}-d "
+                "vectors: the query was embedded by another model"
+            )
         scores, ids = self.faiss_index.search(q, min(k, len(self)))
         return [
-            [SearchHit(r + 1, self.root / self.files[i], float(s)) for r, (s, i) in enumerate(zip(srow, irow)) if i >= 0]
+            [
+                SearchHit(r + 1, self.root / self.files[i], float(s))
+                for r, (s, i) in enumerate(zip(srow, irow))
+                if i >= 0
+            ]
             for srow, irow in zip(scores, ids)
         ]
 
@@ -155,16 +175,30 @@ class GalleryIndex:
             meta = json.loads((path / "index.json").read_text(encoding="utf-8"))
             faiss_index = _faiss().read_index(str(path / "index.faiss"))
             files, failed = meta["files"], meta["failed"]
-            consistent = meta.get("format") == FORMAT_VERSION and faiss_index.ntotal == len(files) and faiss_index.d == meta["dim"]
+            consistent = (
+                meta.get("format") == FORMAT_VERSION
+                and faiss_index.ntotal == len(files)
+                and faiss_index.d == meta["dim"]
+            )
         except FileNotFoundError:
-            raise DataError(f"{path} is not a gallery index (index.json/index.faiss missing); build one with `finderpartner index`") from None
+            raise DataError(
+                f"{path} is not a gallery index (index.json/index.faiss missing); build one with `finderpartner index`"
+            ) from None
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
-            raise DataError(f"gallery index {path} is damaged ({type(e).__name__}: {e}); rebuild it: finderpartner index "
-                            f"--model <model> --images <folder> --out {path} --overwrite") from None
+            raise DataError(
+                f"gallery index {path} is damaged ({type(e).__name__}: {e}); rebuild it: finderpartner index "
+                f"--model <model> --images <folder> --out {path} --overwrite"
+            ) from None
         if not consistent:
-            raise DataError(f"gallery index {path} is from another version or inconsistent; rebuild it: finderpartner "
-                            f"index --model <model> --images <folder> --out {path} --overwrite")
-        vectors = faiss_index.reconstruct_n(0, faiss_index.ntotal) if faiss_index.ntotal else np.zeros((0, meta["dim"]), np.float32)
+            raise DataError(
+                f"gallery index {path} is from another version or inconsistent; rebuild it: finderpartner "
+                f"index --model <model> --images <folder> --out {path} --overwrite"
+            )
+        vectors = (
+            faiss_index.reconstruct_n(0, faiss_index.ntotal)
+            if faiss_index.ntotal
+            else np.zeros((0, meta["dim"]), np.float32)
+        )
         return cls(
             root=Path(meta["root"]),
             fingerprint=meta["fingerprint"],
@@ -227,7 +261,9 @@ def update_index(
     if index is None and not current:
         raise DataError(f"no images under {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     keep_rows, to_embed, stats = _plan(index, current)
-    failed = {f: v for f, v in (index.failed if index is not None else {}).items() if f in current and f not in to_embed}
+    failed = {
+        f: v for f, v in (index.failed if index is not None else {}).items() if f in current and f not in to_embed
+    }
     new_vectors: np.ndarray | None = None
     embedded_ok: list[str] = []
     if to_embed:
@@ -240,8 +276,12 @@ def update_index(
         new_vectors = np.asarray(vectors, np.float32)[good]
         embedded_ok = [to_embed[i] for i in good]
     if index is not None and new_vectors is not None and new_vectors.shape[1] != index.dim:
-        raise IndexMismatchError(f"embedding size changed ({index.dim} -> {new_vectors.shape[1]}): the index was built by another model")
-    parts = ([index.vectors[keep_rows]] if index is not None else []) + ([new_vectors] if new_vectors is not None else [])
+        raise IndexMismatchError(
+            f"embedding size changed ({index.dim} -> {new_vectors.shape[1]}): the index was built by another model"
+        )
+    parts = ([index.vectors[keep_rows]] if index is not None else []) + (
+        [new_vectors] if new_vectors is not None else []
+    )
     files = ([index.files[r] for r in keep_rows] if index is not None else []) + embedded_ok
     updated = GalleryIndex(
         root=root,
@@ -267,13 +307,21 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "dtype", "torch_dtype"}  # the weights' bytes tell the dtype
+_VOLATILE_CONFIG_KEYS = {
+    "transformers_version",
+    "architectures",
+    "dtype",
+    "torch_dtype",
+}  # the weights' bytes tell the dtype
 
 
 def _stable_config(config: dict[str, Any]) -> dict[str, Any]:
     """The config without bookkeeping keys ('_name_or_path', versions, dtype), at every level."""
-    return {k: _stable_config(v) if isinstance(v, dict) else v for k, v in config.items()
-            if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}  # fmt: skip
+    return {
+        k: _stable_config(v) if isinstance(v, dict) else v
+        for k, v in config.items()
+        if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+    }
 
 
 def default_cache_dir() -> Path:
@@ -324,9 +372,14 @@ def embed_image_files(
 
     out = np.full((len(paths), dim), np.nan, dtype=np.float32)
     failures: list[tuple[int, str]] = []
-    loader = DataLoader(ImageFileDataset(list(paths), EvalTransform(spec), max_pixels), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate, pin_memory=pin_memory,
-                        generator=torch.Generator())  # leave the global RNG stream alone (exact resumes)  # fmt: skip
+    loader = DataLoader(
+        ImageFileDataset(list(paths), EvalTransform(spec), max_pixels),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        generator=torch.Generator(),
+    )  # leave the global RNG stream alone (exact resumes)
     for rows, pixels, bad in tqdm(loader, desc="embedding images", unit="batch", disable=not progress, leave=False):
         failures += [(s.index, s.reason) for s in bad]
         if pixels is not None:
@@ -340,13 +393,21 @@ class Embedder(Protocol):
     @property
     def fingerprint(self) -> str: ...
 
-    def embed_paths(self, paths: Sequence[Path], progress: bool = False) -> tuple[np.ndarray, list[tuple[int, str]]]: ...
+    def embed_paths(
+        self, paths: Sequence[Path], progress: bool = False
+    ) -> tuple[np.ndarray, list[tuple[int, str]]]: ...
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def index_folder(
-    embedder: Embedder, images: Path, out: Path, *, overwrite: bool = False, model: str | None = None, progress: bool = False
+    embedder: Embedder,
+    images: Path,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    model: str | None = None,
+    progress: bool = False,
 ) -> tuple[GalleryIndex, UpdateStats]:
     """Create or update the index at ``out`` for the folder ``images`` and save it.
 
@@ -354,8 +415,14 @@ def index_folder(
     folder; an index of the same folder is updated; one of another folder, another model, or a damaged one is
     replaced only with ``overwrite``; a folder holding anything else is refused.
     """
-    state = claim_output(out, "index", {"images": Path(os.path.abspath(images))}, overwrite=overwrite, legacy=_legacy_index,
-                         protect={"model": model} if model else None)  # fmt: skip
+    state = claim_output(
+        out,
+        "index",
+        {"images": Path(os.path.abspath(images))},
+        overwrite=overwrite,
+        legacy=_legacy_index,
+        protect={"model": model} if model else None,
+    )
     existing = None
     if state == "same":
         try:
@@ -409,7 +476,9 @@ def _update_and_save(
 class Searcher:
     """A PyTorch model ready to embed galleries and queries: what ``search``, ``index``, ``src/main.py`` and the demo use."""
 
-    def __init__(self, encoder: Any, *, device: torch.device, precision: str = "fp32", batch_size: int = 64, num_workers: int = 0):
+    def __init__(
+        self, encoder: Any, *, device: torch.device, precision: str = "fp32", batch_size: int = 64, num_workers: int = 0
+    ):
         from .env import autocast_factory
 
         self.encoder = encoder
@@ -440,16 +509,28 @@ class Searcher:
             return encode_image(self.model, normalize(pixels.to(self.device), self.encoder.image_spec)).cpu().numpy()
 
     def embed_paths(self, paths: Sequence[Path], progress: bool = False) -> tuple[np.ndarray, list[tuple[int, str]]]:
-        return embed_image_files(paths, self.encoder.image_spec, self._encode_pixels, int(self.model.config.projection_dim),
-                                 batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)  # fmt: skip
+        return embed_image_files(
+            paths,
+            self.encoder.image_spec,
+            self._encode_pixels,
+            int(self.model.config.projection_dim),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            progress=progress,
+        )
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         from .evaluate import embed_texts
 
         return embed_texts(
-            self.model, self.encoder.tokenizer, list(texts), context_length=self.encoder.context_length,
-            device=self.device, autocast=self.autocast, batch_size=self.batch_size,
-        ).numpy()  # fmt: skip
+            self.model,
+            self.encoder.tokenizer,
+            list(texts),
+            context_length=self.encoder.context_length,
+            device=self.device,
+            autocast=self.autocast,
+            batch_size=self.batch_size,
+        ).numpy()
 
     def index_folder(
         self, images: Path, out: Path, *, overwrite: bool = False, model: str | None = None, progress: bool = False
@@ -468,8 +549,15 @@ class OnnxSearcher:
     their embeddings differ from fp32 by the accuracy cost that ``export`` reported).
     """
 
-    def __init__(self, export_dir: str | Path, *, variant: str = "fp32", device: str = "cpu", batch_size: int = 64,
-                 num_workers: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        export_dir: str | Path,
+        *,
+        variant: str = "fp32",
+        device: str = "cpu",
+        batch_size: int = 64,
+        num_workers: int = 0,
+    ):
         from .export import load_onnx_encoders
 
         self.onnx = load_onnx_encoders(export_dir, variant=variant, device=device)
@@ -495,8 +583,15 @@ class OnnxSearcher:
         return self.onnx.encode_pixels(normalize(pixels, self.onnx.image_spec).numpy())
 
     def embed_paths(self, paths: Sequence[Path], progress: bool = False) -> tuple[np.ndarray, list[tuple[int, str]]]:
-        return embed_image_files(paths, self.onnx.image_spec, self._encode_pixels, int(self.onnx.info["embed_dim"]),
-                                 batch_size=self.batch_size, num_workers=self.num_workers, progress=progress)  # fmt: skip
+        return embed_image_files(
+            paths,
+            self.onnx.image_spec,
+            self._encode_pixels,
+            int(self.onnx.info["embed_dim"]),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            progress=progress,
+        )
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         return self.onnx.encode_texts(list(texts), batch_size=self.batch_size)
@@ -508,4 +603,3 @@ class OnnxSearcher:
 
     def cached_gallery(self, images: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
         return cached_gallery(self, images, progress=progress)
-

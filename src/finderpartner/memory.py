@@ -85,7 +85,9 @@ def contrastive_backward(
         with autocast():
             chunk_image, chunk_text = embed_pair(model, chunk, spec)
         n = len(chunk)
-        surrogate = (chunk_image * grad_image[offset : offset + n]).sum() + (chunk_text * grad_text[offset : offset + n]).sum()
+        surrogate = (chunk_image * grad_image[offset : offset + n]).sum() + (
+            chunk_text * grad_text[offset : offset + n]
+        ).sum()
         if i == len(chunks) - 1 and scale.requires_grad:
             surrogate = surrogate + scale * grads[2]  # d loss / d logit_scale, through the same backward path
         backward(surrogate)
@@ -170,9 +172,13 @@ def probe_micro_batch(
     model.train()
     try:
         if device.type == "cuda":
-            result = _probe_cuda(model, local_batch, spec, context_length, vocab, eos_token_id, device, autocast, reserve_bytes)
+            result = _probe_cuda(
+                model, local_batch, spec, context_length, vocab, eos_token_id, device, autocast, reserve_bytes
+            )
         else:
-            result = _probe_cpu(model, local_batch, spec, context_length, vocab, eos_token_id, device, autocast, reserve_bytes)
+            result = _probe_cpu(
+                model, local_batch, spec, context_length, vocab, eos_token_id, device, autocast, reserve_bytes
+            )
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
@@ -190,7 +196,9 @@ def _candidates(local_batch: int) -> list[int]:
 
 
 def _one_step(model: nn.Module, batch: Batch, micro: int, spec: ImageSpec, autocast: Any) -> None:
-    contrastive_backward(model, batch, micro_batch_size=micro, spec=spec, autocast=autocast, backward=lambda x: x.backward())
+    contrastive_backward(
+        model, batch, micro_batch_size=micro, spec=spec, autocast=autocast, backward=lambda x: x.backward()
+    )
     model.zero_grad(set_to_none=True)
 
 
@@ -221,7 +229,9 @@ def _probe_cuda(model, local_batch, spec, context_length, vocab, eos, device, au
             f"even a micro-batch of 1 does not fit in {budget / 2**30:.1f} GiB ({reason}); use precision bf16/fp16, "
             "model.gradient_checkpointing, a frozen tower or LoRA, or lower train.memory_reserve_gb"
         )
-    why = f"largest size within {total / 2**30:.1f} GiB minus a {reserve / 2**30:.1f} GiB reserve" + (f" ({reason})" if reason else "")
+    why = f"largest size within {total / 2**30:.1f} GiB minus a {reserve / 2**30:.1f} GiB reserve" + (
+        f" ({reason})" if reason else ""
+    )
     return ProbeResult(best, why, peaks)
 
 
@@ -242,8 +252,10 @@ def _probe_cpu(model, local_batch, spec, context_length, vocab, eos, device, aut
     while micro > sizes[-1] and per_pair * (micro - sizes[-1]) > budget:
         micro //= 2
     predicted = peaks[sizes[-1]] + per_pair * (micro - sizes[-1])
-    why = (f"{'the full batch' if micro == local_batch else 'largest size'} within free memory: ~{predicted / 2**30:.1f} GiB "
-           f"predicted, {available / 2**30:.1f} GiB available, {reserve / 2**30:.1f} GiB reserve (measured {listing})")  # fmt: skip
+    why = (
+        f"{'the full batch' if micro == local_batch else 'largest size'} within free memory: ~{predicted / 2**30:.1f} GiB "
+        f"predicted, {available / 2**30:.1f} GiB available, {reserve / 2**30:.1f} GiB reserve (measured {listing})"
+    )
     return ProbeResult(micro, why, peaks)
 
 

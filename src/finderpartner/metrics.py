@@ -166,7 +166,9 @@ def similarity_stats(
         order = both.argsort(kind="stable")
         rank = np.empty(len(both))
         rank[order] = np.arange(1, len(both) + 1)
-        stats["auc"] = float((rank[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * negative.size))
+        stats["auc"] = float(
+            (rank[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2) / (len(positive) * negative.size)
+        )
     return stats, positive, negative
 
 

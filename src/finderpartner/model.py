@@ -138,7 +138,9 @@ def _init_sincos_positions(weight: torch.Tensor, grid: int) -> None:
     dim = weight.shape[1]
     quarter = dim // 4
     omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter)))
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
     parts = []
     for coord in (ys.reshape(-1), xs.reshape(-1)):
         angles = coord[:, None] * omega[None, :]
@@ -187,13 +189,19 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         model = AutoModel.from_pretrained(source, local_files_only=local_only, use_safetensors=use_safetensors)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
-    except pickle.UnpicklingError as e:  # only reached with trust_pickle: torch's weights-only loader still refuses code
-        raise ModelError(f"{pickled or source}: torch's weights-only loader refused these pickle weights (damaged, or "
-                         f"they hold more than tensors, e.g. code), so nothing was loaded ({_first_line(e)}); get "
-                         "safetensors weights from a source you trust") from None  # fmt: skip
+    except (
+        pickle.UnpicklingError
+    ) as e:  # only reached with trust_pickle: torch's weights-only loader still refuses code
+        raise ModelError(
+            f"{pickled or source}: torch's weights-only loader refused these pickle weights (damaged, or "
+            f"they hold more than tensors, e.g. code), so nothing was loaded ({_first_line(e)}); get "
+            "safetensors weights from a source you trust"
+        ) from None
     except SafetensorError as e:
-        raise ModelError(f"{source}: the safetensors weights cannot be read ({_first_line(e)}): the file is damaged or "
-                         "incomplete; copy or save the model again") from None  # fmt: skip
+        raise ModelError(
+            f"{source}: the safetensors weights cannot be read ({_first_line(e)}): the file is damaged or "
+            "incomplete; copy or save the model again"
+        ) from None
     except (OSError, ValueError) as e:
         if is_dir:
             raise ModelError(f"{source} is not a complete save_pretrained folder: {_first_line(e)}") from None
@@ -281,7 +289,9 @@ def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor
     return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
 
 
-def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def text_features(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Projected (not normalised) text embeddings."""
     return model.text_projection(model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
 
@@ -389,8 +399,10 @@ def set_attention(model: nn.Module, mode: str, device: torch.device, precision: 
         return "default"
     if mode == "auto":
         limit = 0 if precision == "fp32" else EAGER_MAX_TOKENS
-        choice = {name: "eager" if tokens <= limit else "sdpa"
-                  for name, tokens in (("vision_config", vision_tokens), ("text_config", text_tokens))}  # fmt: skip
+        choice = {
+            name: "eager" if tokens <= limit else "sdpa"
+            for name, tokens in (("vision_config", vision_tokens), ("text_config", text_tokens))
+        }
     else:
         choice = {"vision_config": mode, "text_config": mode}
     setter = getattr(model, "set_attn_implementation", None)

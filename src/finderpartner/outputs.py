@@ -30,8 +30,19 @@ from .errors import FinderPartnerError, OutputError, StorageError
 
 MARKER = ".finderpartner.json"
 # errno values that mean "the storage refused the write", not a bug
-_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO,
-                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP}
+_STORAGE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EFBIG,
+    errno.EIO,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENAMETOOLONG,
+    errno.ELOOP,
+}
 # How libraries that do not raise OSError word ENOSPC (torch.save: PytorchStreamWriter; safetensors: Rust io::Error)
 _DISK_FULL_WORDS = ("no space left", "os error 28", "storagefull", "file write failed", "unexpected pos", "disk quota")
 # Names a folder may hold without counting as content (lock files, OS litter)
@@ -55,9 +66,14 @@ def write_marker(folder: Path, kind: str, inputs: Mapping[str, Any], **extra: An
 
 
 def describe_kind(kind: str) -> str:
-    return {"run": "a training run folder", "index": "a gallery index", "export": "an ONNX export folder",
-            "shards": "a WebDataset shard folder", "sample-data": "a sample data set",
-            "eval": "an evaluation report folder"}.get(kind, f"a finderpartner {kind} folder")  # fmt: skip
+    return {
+        "run": "a training run folder",
+        "index": "a gallery index",
+        "export": "an ONNX export folder",
+        "shards": "a WebDataset shard folder",
+        "sample-data": "a sample data set",
+        "eval": "an evaluation report folder",
+    }.get(kind, f"a finderpartner {kind} folder")
 
 
 def check_not_input(out: Path, inputs: Mapping[str, Any], flag: str = "--out") -> None:
@@ -75,8 +91,10 @@ def check_not_input(out: Path, inputs: Mapping[str, Any], flag: str = "--out") -
             how = "contains"
         else:
             continue
-        raise OutputError(f"{flag} {out} {how} the input {name} {value}: writing there could replace your files; "
-                          f"choose a {flag} outside it")  # fmt: skip
+        raise OutputError(
+            f"{flag} {out} {how} the input {name} {value}: writing there could replace your files; "
+            f"choose a {flag} outside it"
+        )
 
 
 def claim_output(
@@ -114,19 +132,24 @@ def claim_output(
         marker = {"kind": kind, "inputs": found} if found is not None else None
     if marker is None:
         listing = ", ".join(sorted(contents)[:5]) + (", ..." if len(contents) > 5 else "")
-        raise OutputError(f"{flag} {out} already exists and holds {len(contents)} item(s) that finderpartner did not "
-                          f"write ({listing}); it never replaces them: choose a new or empty folder")  # fmt: skip
+        raise OutputError(
+            f"{flag} {out} already exists and holds {len(contents)} item(s) that finderpartner did not "
+            f"write ({listing}); it never replaces them: choose a new or empty folder"
+        )
     if marker["kind"] != kind:
-        raise OutputError(f"{flag} {out} is {describe_kind(marker['kind'])}, not {describe_kind(kind)}; "
-                          "choose another folder")  # fmt: skip
+        raise OutputError(
+            f"{flag} {out} is {describe_kind(marker['kind'])}, not {describe_kind(kind)}; choose another folder"
+        )
     previous = marker.get("inputs") or {}
     if (same or _same_inputs)(previous, _plain(inputs)):
         return "same"
     if overwrite:
         return "replace"
     made_from = ", ".join(f"{k} {v}" for k, v in previous.items()) or "other inputs"
-    raise OutputError(f"{flag} {out} is {describe_kind(kind)} made from {made_from}; pass --overwrite to replace it, "
-                      "or choose another folder")  # fmt: skip
+    raise OutputError(
+        f"{flag} {out} is {describe_kind(kind)} made from {made_from}; pass --overwrite to replace it, "
+        "or choose another folder"
+    )
 
 
 def _contents(folder: Path) -> list[str]:
@@ -158,12 +181,16 @@ def storage_error(e: BaseException, path: Path, what: str = "", verb: str = "wri
     )
     if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS and not full:
         reason = e.strerror or str(e)
-        return StorageError(f"could not {verb} {what or path}: {reason} ({e.filename or path}); check the path, the "
-                            "folder's permissions, and whether the disk is mounted read-only")  # fmt: skip
+        return StorageError(
+            f"could not {verb} {what or path}: {reason} ({e.filename or path}); check the path, the "
+            "folder's permissions, and whether the disk is mounted read-only"
+        )
     if not full:
         return None
-    return StorageError(f"disk full while writing {what or path}: {free_space(path)}; free space there (or choose "
-                        "another disk) and run the command again")  # fmt: skip
+    return StorageError(
+        f"disk full while writing {what or path}: {free_space(path)}; free space there (or choose "
+        "another disk) and run the command again"
+    )
 
 
 def free_space(path: Path) -> str:
@@ -291,8 +318,10 @@ class FolderLock:
                 holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
             finally:
                 os.close(fd)
-            raise OutputError(f"{self.what} {self.path.parent} is in use by PID {holder} (another finderpartner "
-                              "process); wait for it to finish, or write elsewhere (e.g. --set experiment=NEW_NAME)") from None  # fmt: skip
+            raise OutputError(
+                f"{self.what} {self.path.parent} is in use by PID {holder} (another finderpartner "
+                "process); wait for it to finish, or write elsewhere (e.g. --set experiment=NEW_NAME)"
+            ) from None
         try:  # best effort: the PID is only for the message above
             os.ftruncate(fd, 0)
             os.lseek(fd, 0, os.SEEK_SET)

@@ -76,7 +76,9 @@ def _trim_jsonl(path: Path, start_step: int) -> None:
     if torn.strip():
         log.warning("%s: ignoring a torn last line (a write that was interrupted)", path)
     if later:
-        log.info("%s: dropping %d line(s) logged after step %d (they are logged again from there)", path, later, start_step)
+        log.info(
+            "%s: dropping %d line(s) logged after step %d (they are logged again from there)", path, later, start_step
+        )
     if torn.strip() or later or len(keep) != len(lines):
         write_text_atomic(path, b"".join(line + b"\n" for line in keep).decode("utf-8"))
 
@@ -140,7 +142,14 @@ class Trackers:
 
 
 def make_trackers(
-    run_dir: Path, *, jsonl: bool, tensorboard: bool, wandb: bool, wandb_project: str, config: dict[str, Any], enabled: bool,
+    run_dir: Path,
+    *,
+    jsonl: bool,
+    tensorboard: bool,
+    wandb: bool,
+    wandb_project: str,
+    config: dict[str, Any],
+    enabled: bool,
     start_step: int = 0,
 ) -> Trackers:
     if not enabled:

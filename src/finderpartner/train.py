@@ -43,10 +43,27 @@ from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UsageError
 from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics, require_retrievable
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
-from .model import (DualEncoder, apply_freezing, apply_lora, build_model, clamp_logit_scale, enable_gradient_checkpointing,
-                    save_model, set_attention)  # fmt: skip
-from .outputs import (MARKER, FolderLock, check_not_input, describe_kind, read_marker, replace_dir, storage_errors,
-                      write_marker, write_text_atomic)  # fmt: skip
+from .model import (
+    DualEncoder,
+    apply_freezing,
+    apply_lora,
+    build_model,
+    clamp_logit_scale,
+    enable_gradient_checkpointing,
+    save_model,
+    set_attention,
+)
+from .outputs import (
+    MARKER,
+    FolderLock,
+    check_not_input,
+    describe_kind,
+    read_marker,
+    replace_dir,
+    storage_errors,
+    write_marker,
+    write_text_atomic,
+)
 from .tracking import Trackers, flatten, make_trackers
 
 log = logging.getLogger(__name__)
@@ -137,8 +154,9 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
         if run.lock is not None:
             run.lock.release()
     best = run.run_dir / "best_model"
-    result = TrainResult(run.run_dir, best, run.state, final, time.perf_counter() - start, run.batches.num_rows,
-                         run.is_main)  # fmt: skip
+    result = TrainResult(
+        run.run_dir, best, run.state, final, time.perf_counter() - start, run.batches.num_rows, run.is_main
+    )
     if run.is_main:
         _summary(run, result)
     return result
@@ -167,17 +185,30 @@ def _setup(cfg: Config, resume: str | None, overwrite: bool = False) -> _Run:
         raise
 
 
-def _build_run(cfg: Config, accelerator: Any, device: torch.device, precision: str, resume: str | None,
-               lock: FolderLock | None, start: float) -> _Run:  # fmt: skip
+def _build_run(
+    cfg: Config,
+    accelerator: Any,
+    device: torch.device,
+    precision: str,
+    resume: str | None,
+    lock: FolderLock | None,
+    start: float,
+) -> _Run:
     from accelerate.utils import set_seed
 
     if device.type == "cpu":
-        log.warning("no CUDA GPU: training on the CPU in %s; expect minutes for the tiny model, hours for ViT-B/32", precision)
+        log.warning(
+            "no CUDA GPU: training on the CPU in %s; expect minutes for the tiny model, hours for ViT-B/32", precision
+        )
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
     data = _load_data(cfg, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
-    cut = long_captions_note(data.captions, encoder.tokenizer, encoder.context_length) if accelerator.is_main_process else None
+    cut = (
+        long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)
+        if accelerator.is_main_process
+        else None
+    )
     if cut:
         log.warning("%s", cut[1])  # once per run: the collator truncates these captions silently
     model = _prepare_model(encoder, cfg, device, precision)
@@ -188,11 +219,27 @@ def _build_run(cfg: Config, accelerator: Any, device: torch.device, precision: s
     batches, loader = _train_loader(cfg, data, encoder, global_batch, accelerator.process_index, world, device)
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
     optimizer = _optimizer(model, cfg)
-    scheduler = _scheduler(optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now,
-                           cfg.train.min_lr_ratio)  # fmt: skip
+    scheduler = _scheduler(
+        optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now, cfg.train.min_lr_ratio
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    run = _Run(cfg, accelerator, device, precision, encoder, optimizer, scheduler, scaler, batches, loader, data.val,
-               Trackers([]), state, plan, lock)  # fmt: skip
+    run = _Run(
+        cfg,
+        accelerator,
+        device,
+        precision,
+        encoder,
+        optimizer,
+        scheduler,
+        scaler,
+        batches,
+        loader,
+        data.val,
+        Trackers([]),
+        state,
+        plan,
+        lock,
+    )
     if resume:
         _resume(run, resume)
         plan.adopt(state)
@@ -212,7 +259,16 @@ def _build_run(cfg: Config, accelerator: Any, device: torch.device, precision: s
 
 
 # What `train` writes in a run folder: the only entries --overwrite removes (eval/ belongs to `finderpartner eval`).
-RUN_ARTEFACTS = ("config.yaml", "metrics.jsonl", "tensorboard", "checkpoints", "best_model", "tokenizer", "wandb", MARKER)
+RUN_ARTEFACTS = (
+    "config.yaml",
+    "metrics.jsonl",
+    "tensorboard",
+    "checkpoints",
+    "best_model",
+    "tokenizer",
+    "wandb",
+    MARKER,
+)
 
 
 def _open_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[FolderLock, str | None]:
@@ -226,9 +282,15 @@ def _open_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[Fol
         raise UsageError("--overwrite starts the run over and --resume continues it: give one of them")
     if cfg.data.format == "csv":
         splits = [s for s in (cfg.data.train_split, cfg.data.val_split) if s]
-        check_not_input(run_dir, {f"{kind} of split {s}": p for s in splits
-                                  for kind, p in zip(("images", "captions"), split_paths(cfg.data.root, s))},
-                        flag="the run folder (output_dir/experiment)")  # fmt: skip
+        check_not_input(
+            run_dir,
+            {
+                f"{kind} of split {s}": p
+                for s in splits
+                for kind, p in zip(("images", "captions"), split_paths(cfg.data.root, s))
+            },
+            flag="the run folder (output_dir/experiment)",
+        )
     lock = FolderLock(run_dir).acquire()
     try:
         resume = _decide_run(run_dir, resume, overwrite)
@@ -248,13 +310,19 @@ def _decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | Non
     marker = read_marker(run_dir)
     if marker is None and not (run_dir / "config.yaml").is_file():  # config.yaml: a run of a version before markers
         listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise OutputError(f"the run folder {run_dir} already exists and holds files that finderpartner train did not "
-                          f"write ({listing}); it never replaces them: choose another output_dir or experiment")  # fmt: skip
+        raise OutputError(
+            f"the run folder {run_dir} already exists and holds files that finderpartner train did not "
+            f"write ({listing}); it never replaces them: choose another output_dir or experiment"
+        )
     if marker is not None and marker.get("kind") != "run":
-        raise OutputError(f"the run folder {run_dir} is {describe_kind(marker['kind'])}; choose another output_dir or experiment")
+        raise OutputError(
+            f"the run folder {run_dir} is {describe_kind(marker['kind'])}; choose another output_dir or experiment"
+        )
     checkpoints = run_dir / "checkpoints"
     metrics = run_dir / "metrics.jsonl"
-    trained = checkpoints.exists() or (run_dir / "best_model").exists() or (metrics.is_file() and metrics.stat().st_size)
+    trained = (
+        checkpoints.exists() or (run_dir / "best_model").exists() or (metrics.is_file() and metrics.stat().st_size)
+    )
     if not trained:  # an attempt that stopped before its first step (bad data, say): nothing to keep or resume
         _clear_run(run_dir)
         return resume if resume != "auto" else None
@@ -265,29 +333,46 @@ def _decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | Non
         damaged = list_checkpoints(checkpoints)
         if damaged:
             problems = "; ".join(f"{p.name}: {verify(p) or 'incomplete'}" for _, p in damaged[-3:])
-            raise CheckpointError(f"--resume auto: none of the {len(damaged)} checkpoint(s) in {checkpoints} is usable "
-                                  f"({problems}). Resume from a copy with --resume PATH, or start the run over with "
-                                  "--overwrite (deletes its checkpoints, best model and metrics)")  # fmt: skip
-        log.warning("--resume auto: %s holds an earlier attempt that never reached a checkpoint: starting over", run_dir)
+            raise CheckpointError(
+                f"--resume auto: none of the {len(damaged)} checkpoint(s) in {checkpoints} is usable "
+                f"({problems}). Resume from a copy with --resume PATH, or start the run over with "
+                "--overwrite (deletes its checkpoints, best model and metrics)"
+            )
+        log.warning(
+            "--resume auto: %s holds an earlier attempt that never reached a checkpoint: starting over", run_dir
+        )
         _clear_run(run_dir)
         return None
     if resume is not None:
         given = Path(os.path.realpath(resume))
         if given == Path(os.path.realpath(run_dir)) or Path(os.path.realpath(run_dir)) in given.parents:
             return resume  # this run's own checkpoint (or the run folder itself)
-        raise OutputError(f"the run folder {run_dir} already holds a run; continuing {resume} there would mix two runs: "
-                          "start it in a new folder with --set experiment=NEW_NAME")  # fmt: skip
+        raise OutputError(
+            f"the run folder {run_dir} already holds a run; continuing {resume} there would mix two runs: "
+            "start it in a new folder with --set experiment=NEW_NAME"
+        )
     if overwrite:
         log.warning("--overwrite: deleting the earlier run in %s (checkpoints, best model, metrics)", run_dir)
         _clear_run(run_dir)
         return None
     steps = [n for n, _ in list_checkpoints(checkpoints)]
-    held = ", ".join(x for x in (f"checkpoints up to step {steps[-1]}" if steps else "",
-                                 "best_model/" if (run_dir / "best_model").exists() else "",
-                                 "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() else "") if x) or "its config"  # fmt: skip
-    raise OutputError(f"the run folder {run_dir} already holds a training run ({held}). Continue it with --resume auto, "
-                      "start a separate run with --set experiment=NEW_NAME, or start this one over with --overwrite "
-                      "(deletes its checkpoints, best model and metrics)")  # fmt: skip
+    held = (
+        ", ".join(
+            x
+            for x in (
+                f"checkpoints up to step {steps[-1]}" if steps else "",
+                "best_model/" if (run_dir / "best_model").exists() else "",
+                "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() else "",
+            )
+            if x
+        )
+        or "its config"
+    )
+    raise OutputError(
+        f"the run folder {run_dir} already holds a training run ({held}). Continue it with --resume auto, "
+        "start a separate run with --set experiment=NEW_NAME, or start this one over with --overwrite "
+        "(deletes its checkpoints, best model and metrics)"
+    )
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -322,10 +407,18 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
             captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
         val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
         if val is not None:
-            require_retrievable(val, "the validation set", "add more validation pairs, or disable validation "
-                                "with --set data.val_shards= (data.val_shards: null)")  # fmt: skip
+            require_retrievable(
+                val,
+                "the validation set",
+                "add more validation pairs, or disable validation with --set data.val_shards= (data.val_shards: null)",
+            )
         if d.train_size and captions and d.train_size != len(captions):
-            log.info("data.train_size %d: the shards hold %d pairs; an epoch is %d pairs", d.train_size, len(captions), d.train_size)
+            log.info(
+                "data.train_size %d: the shards hold %d pairs; an epoch is %d pairs",
+                d.train_size,
+                len(captions),
+                d.train_size,
+            )
         return _Data(captions, d.train_size or len(captions), shards=urls, val=val)
     tables = []
     for split in (d.train_split, d.val_split):
@@ -336,8 +429,11 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
         tables.append(require_usable(report, d.on_error))
     train, val = tables
     if val is not None:
-        require_retrievable(EvalSet.from_table(val), f"validation split {d.val_split!r}", "add more validation pairs, "
-                            "or disable validation with --set data.val_split= (data.val_split: '')")  # fmt: skip
+        require_retrievable(
+            EvalSet.from_table(val),
+            f"validation split {d.val_split!r}",
+            "add more validation pairs, or disable validation with --set data.val_split= (data.val_split: '')",
+        )
     return _Data(list(train.captions), len(train), table=train, val=EvalSet.from_table(val) if val else None)
 
 
@@ -352,8 +448,9 @@ def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: boo
         tokenizer = AutoTokenizer.from_pretrained(saved)
         encoder = build_tiny(cfg.model.tiny, [], seed=cfg.seed, tokenizer=tokenizer)
     else:
-        encoder = build_model(cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed,
-                              trust_pickle=cfg.model.trust_pickle)
+        encoder = build_model(
+            cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed, trust_pickle=cfg.model.trust_pickle
+        )
         if cfg.model.name == TINY and is_main:
             with storage_errors(saved, f"the tokenizer {saved}"):
                 encoder.tokenizer.save_pretrained(saved)
@@ -373,15 +470,15 @@ def _effective_batch(batch_size: int, rows: int, world: int) -> int:
     return smaller
 
 
-def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, precision: str | None = None
-                   ) -> nn.Module:  # fmt: skip
+def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, precision: str | None = None) -> nn.Module:
     """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
     m = cfg.model
     log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
     apply_freezing(encoder.model, **m.freeze.model_dump())
     if m.lora.enabled:
-        encoder.model = apply_lora(encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout,
-                                   target_modules=m.lora.target_modules)  # fmt: skip
+        encoder.model = apply_lora(
+            encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules
+        )
     if m.gradient_checkpointing:
         enable_gradient_checkpointing(encoder.model)
     model = encoder.model.to(device)
@@ -397,13 +494,21 @@ def _choose_micro_batch(run: _Run, local_batch: int) -> int:
     if setting != "auto":
         return min(int(setting), local_batch)
     spec = run.encoder.image_spec
-    key = "|".join(str(x) for x in (
-        run.cfg.model.name, sum(p.numel() for p in run.model.parameters()),
-        sum(p.numel() for p in run.model.parameters() if p.requires_grad), run.precision,
-        torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
-        spec.crop, run.encoder.context_length, run.cfg.model.gradient_checkpointing, local_batch,
-        run.cfg.train.memory_reserve_gb,
-    ))  # fmt: skip
+    key = "|".join(
+        str(x)
+        for x in (
+            run.cfg.model.name,
+            sum(p.numel() for p in run.model.parameters()),
+            sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+            run.precision,
+            torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
+            spec.crop,
+            run.encoder.context_length,
+            run.cfg.model.gradient_checkpointing,
+            local_batch,
+            run.cfg.train.memory_reserve_gb,
+        )
+    )
     result = probe_micro_batch(
         run.model,
         local_batch=local_batch,
@@ -434,9 +539,18 @@ def _train_loader(
         generator=torch.Generator(),  # the loader's own seed draw must not consume the global RNG stream
     )
     if data.shards is not None:
-        stream = ShardStream(data.shards, transform, collator, num_rows=data.num_rows, global_batch=global_batch,
-                             seed=cfg.seed, lanes=max(1, workers), rank=rank, world_size=world,
-                             max_pixels=cfg.data.max_image_pixels)  # fmt: skip
+        stream = ShardStream(
+            data.shards,
+            transform,
+            collator,
+            num_rows=data.num_rows,
+            global_batch=global_batch,
+            seed=cfg.seed,
+            lanes=max(1, workers),
+            rank=rank,
+            world_size=world,
+            max_pixels=cfg.data.max_image_pixels,
+        )
         return stream, DataLoader(stream, batch_size=None, **common)
     assert data.table is not None
     sampler = ContrastiveBatchSampler(data.num_rows, global_batch, cfg.seed, rank, world)
@@ -448,7 +562,9 @@ def _train_loader(
     return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, **common)
 
 
-def _decoded_images(cfg: Config, table: PairTable, transform: TrainTransform, passes: float, progress: bool) -> DecodedImages | None:
+def _decoded_images(
+    cfg: Config, table: PairTable, transform: TrainTransform, passes: float, progress: bool
+) -> DecodedImages | None:
     """The decoded-image cache when it pays (the data is seen more than once) and fits (measured: +8% per step)."""
     setting = cfg.data.cache_images
     if setting is False or (setting == "auto" and passes <= 1):
@@ -456,19 +572,30 @@ def _decoded_images(cfg: Config, table: PairTable, transform: TrainTransform, pa
     side = transform.source_side
     estimate = DecodedImages.estimate_bytes(table, side)
     if setting == "auto" and estimate > cfg.data.cache_max_gb * 2**30:
-        log.info("not caching decoded images: they would take ~%.1f GB (data.cache_max_gb %.1f)", estimate / 2**30, cfg.data.cache_max_gb)
+        log.info(
+            "not caching decoded images: they would take ~%.1f GB (data.cache_max_gb %.1f)",
+            estimate / 2**30,
+            cfg.data.cache_max_gb,
+        )
         return None
     start = time.perf_counter()
     decoded = DecodedImages(table, side, cfg.data.max_image_pixels, progress=progress)
-    log.info("decoded %d images once for all epochs (%d px short side, %.0f MB) in %.1fs",
-             len(decoded), side, decoded.nbytes / 2**20, time.perf_counter() - start)  # fmt: skip
+    log.info(
+        "decoded %d images once for all epochs (%d px short side, %.0f MB) in %.1fs",
+        len(decoded),
+        side,
+        decoded.nbytes / 2**20,
+        time.perf_counter() - start,
+    )
     return decoded
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms, embeddings and the logit scale."""
     no_decay_modules = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm2d)
-    no_decay: set[int] = {id(p) for m in model.modules() if isinstance(m, no_decay_modules) for p in m.parameters(recurse=False)}
+    no_decay: set[int] = {
+        id(p) for m in model.modules() if isinstance(m, no_decay_modules) for p in m.parameters(recurse=False)
+    }
     decay, rest = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -491,7 +618,9 @@ def _scheduler(
     warm-up longer than the run, during the warm-up; until then only warm-up factors are asked for).
     """
     if isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
-        log.warning("warm-up of %d steps is not shorter than the %d training steps: using %d", warmup, total, total // 5)
+        log.warning(
+            "warm-up of %d steps is not shorter than the %d training steps: using %d", warmup, total, total // 5
+        )
         warmup = total // 5
     warmup_now = warmup if callable(warmup) else (lambda: warmup)
     total_now = total if callable(total) else (lambda: total)
@@ -520,7 +649,9 @@ def _resume(run: _Run, resume: str) -> None:
     ckpt = load_checkpoint(path, verified=found is not None)
     saved_cfg = ckpt.state.get("config", {})
     if saved_cfg.get("model") != config_to_dict(run.cfg)["model"]:
-        raise CheckpointError(f"{path} was trained with another model section in its config; resume with the same model settings")
+        raise CheckpointError(
+            f"{path} was trained with another model section in its config; resume with the same model settings"
+        )
     run.model.load_state_dict(ckpt.model)
     run.optimizer.load_state_dict(ckpt.optimizer)
     run.scheduler.load_state_dict(ckpt.state["scheduler"])
@@ -532,8 +663,13 @@ def _resume(run: _Run, resume: str) -> None:
     if cuda and torch.cuda.is_available():
         rng["cuda"] = cuda
     restore_rng(rng)
-    log.info("resumed from %s (step %d, epoch %d, batch %d of the epoch)", path, run.state.global_step, run.state.epoch,
-             run.state.step_in_epoch)  # fmt: skip
+    log.info(
+        "resumed from %s (step %d, epoch %d, batch %d of the epoch)",
+        path,
+        run.state.global_step,
+        run.state.epoch,
+        run.state.step_in_epoch,
+    )
 
 
 def _log_plan(run: _Run) -> None:
@@ -544,10 +680,17 @@ def _log_plan(run: _Run) -> None:
     log.info(
         "model %s: %.1fM parameters (%.1fM trainable) on %s in %s; contrastive batch %d (%d per process, micro-batch %d); "
         "%s (%d per epoch)",
-        run.cfg.model.name, n_params / 1e6, n_train / 1e6, run.device, run.precision, run.batches.global_batch,
-        run.batches.global_batch // run.batches.world_size, run.state.micro_batch_size, run.plan.describe(),
+        run.cfg.model.name,
+        n_params / 1e6,
+        n_train / 1e6,
+        run.device,
+        run.precision,
+        run.batches.global_batch,
+        run.batches.global_batch // run.batches.world_size,
+        run.state.micro_batch_size,
+        run.plan.describe(),
         run.batches.steps_per_epoch,
-    )  # fmt: skip
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -558,8 +701,14 @@ def _loop(run: _Run) -> EvalResult | None:
     state, cfg = run.state, run.cfg
     final: EvalResult | None = None
     total = run.total_steps if run.plan.decided else None  # a time budget fixes it after the first steps
-    bar = tqdm(total=total, initial=state.global_step, desc="training", unit="step", disable=not run.is_main,
-               dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(
+        total=total,
+        initial=state.global_step,
+        desc="training",
+        unit="step",
+        disable=not run.is_main,
+        dynamic_ncols=True,
+    )
     window = _Window()
     run.plan.begin(state.global_step)
     while state.global_step < run.total_steps:
@@ -573,8 +722,11 @@ def _loop(run: _Run) -> EvalResult | None:
                 bar.total = run.total_steps
                 bar.refresh()
             bar.update(1)
-            bar.set_postfix(loss=f"{window.last_loss:.3f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
-                            samples_s=f"{window.samples_per_s:.0f}")  # fmt: skip
+            bar.set_postfix(
+                loss=f"{window.last_loss:.3f}",
+                lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
+                samples_s=f"{window.samples_per_s:.0f}",
+            )
             if state.global_step % cfg.train.log_every == 0:
                 run.trackers.log(window.flush(run), state.global_step)
             if state.global_step % cfg.train.checkpoint_every == 0 and state.global_step < run.total_steps:
@@ -605,10 +757,15 @@ def _decide_steps(run: _Run) -> None:
         checkpoint_s = plan.measured_cost("checkpoint") or _checkpoint_cost_estimate(run)
         remaining = plan.remaining_s() * MARGIN
         more = steps_that_fit(
-            remaining, state.global_step, plan.rate, validation_s=validation_s, checkpoint_s=checkpoint_s,
-            steps_per_epoch=run.batches.steps_per_epoch, eval_every_epochs=cfg.train.eval_every_epochs,
+            remaining,
+            state.global_step,
+            plan.rate,
+            validation_s=validation_s,
+            checkpoint_s=checkpoint_s,
+            steps_per_epoch=run.batches.steps_per_epoch,
+            eval_every_epochs=cfg.train.eval_every_epochs,
             checkpoint_every=cfg.train.checkpoint_every,
-        )  # fmt: skip
+        )
         fits = state.global_step + more
         total[0] = min(fits, plan.cap) if plan.cap else fits
         capped = ""
@@ -617,9 +774,16 @@ def _decide_steps(run: _Run) -> None:
         log.info(
             "time budget %s: %d steps planned at %.2f steps/s (%.1f epochs; %d steps and %.0f s spent so far, "
             "validation ~%.1f s, checkpoint ~%.1f s)%s",
-            format_duration(plan.budget_s or 0), int(total[0]), plan.rate, int(total[0]) / run.batches.steps_per_epoch,
-            state.global_step, time.perf_counter() - plan.start, validation_s, checkpoint_s, capped,
-        )  # fmt: skip
+            format_duration(plan.budget_s or 0),
+            int(total[0]),
+            plan.rate,
+            int(total[0]) / run.batches.steps_per_epoch,
+            state.global_step,
+            time.perf_counter() - plan.start,
+            validation_s,
+            checkpoint_s,
+            capped,
+        )
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(total, src=0)
     plan.fix(max(int(total[0]), state.global_step))
@@ -639,10 +803,17 @@ def _validation_cost(run: _Run) -> float:
     start = time.perf_counter()
     try:
         evaluate_split(
-            run.model, run.encoder.tokenizer, part, run.encoder.image_spec, context_length=run.encoder.context_length,
-            device=run.device, autocast=autocast_factory(run.device, run.precision), batch_size=run.cfg.eval.batch_size,
-            loss_batch_size=run.batches.global_batch, chunk_size=run.cfg.eval.chunk_size,
-        )  # fmt: skip
+            run.model,
+            run.encoder.tokenizer,
+            part,
+            run.encoder.image_spec,
+            context_length=run.encoder.context_length,
+            device=run.device,
+            autocast=autocast_factory(run.device, run.precision),
+            batch_size=run.cfg.eval.batch_size,
+            loss_batch_size=run.batches.global_batch,
+            chunk_size=run.cfg.eval.chunk_size,
+        )
     finally:
         run.model.train()
         restore_rng(rng)
@@ -771,8 +942,11 @@ def _backward_with_oom_retry(run: _Run, batch: Batch) -> torch.Tensor:
             if run.state.micro_batch_size <= 1 or run.batches.world_size > 1:
                 raise TrainingError(_oom_advice(run)) from None
             run.state.micro_batch_size = max(1, run.state.micro_batch_size // 2)
-            log.warning("out of memory at step %d: micro-batch halved to %d, redoing the step", run.state.global_step + 1,
-                        run.state.micro_batch_size)  # fmt: skip
+            log.warning(
+                "out of memory at step %d: micro-batch halved to %d, redoing the step",
+                run.state.global_step + 1,
+                run.state.micro_batch_size,
+            )
 
 
 def _oom_advice(run: _Run) -> str:
@@ -808,8 +982,14 @@ def _skip_nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
     state = run.state
     state.nonfinite_steps += 1
     state.nonfinite_streak += 1
-    log.warning("step %d: non-finite loss (%s) or gradient norm (%s): step skipped (%d in a row, %d in total)",
-                state.global_step + 1, loss, grad_norm, state.nonfinite_streak, state.nonfinite_steps)  # fmt: skip
+    log.warning(
+        "step %d: non-finite loss (%s) or gradient norm (%s): step skipped (%d in a row, %d in total)",
+        state.global_step + 1,
+        loss,
+        grad_norm,
+        state.nonfinite_streak,
+        state.nonfinite_steps,
+    )
     if state.nonfinite_streak >= run.cfg.train.max_nonfinite_steps:
         raise TrainingError(
             f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient (step {state.global_step + 1}). "
@@ -843,8 +1023,13 @@ def _validate(run: _Run) -> EvalResult | None:
         )
         run.model.train()
         run.trackers.log(flatten({"val": result.summary()}), run.state.global_step)
-        log.info("step %d, epoch %d: val loss %.4f, mean recall %.4f", run.state.global_step, run.state.epoch, result.loss,
-                 result.mean_recall)  # fmt: skip
+        log.info(
+            "step %d, epoch %d: val loss %.4f, mean recall %.4f",
+            run.state.global_step,
+            run.state.epoch,
+            result.loss,
+            result.mean_recall,
+        )
         value = result.select(cfg.eval.best_metric)
         if run.state.best_metric is None or value > run.state.best_metric:
             run.state.best_metric, run.state.best_step = value, run.state.global_step
@@ -855,8 +1040,11 @@ def _validate(run: _Run) -> EvalResult | None:
 
 def _save_best(run: _Run, result: EvalResult | None) -> None:
     card = _model_card(run, result)
-    replace_dir(lambda tmp: save_model(run.encoder, tmp, card=card), run.run_dir / "best_model",
-                what=f"the best model {run.run_dir / 'best_model'}")
+    replace_dir(
+        lambda tmp: save_model(run.encoder, tmp, card=card),
+        run.run_dir / "best_model",
+        what=f"the best model {run.run_dir / 'best_model'}",
+    )
     log.info("best model (step %d) saved to %s", run.state.global_step, run.run_dir / "best_model")
 
 
@@ -887,8 +1075,12 @@ def _save_checkpoint(run: _Run) -> None:
 def _versions() -> dict[str, str]:
     import transformers
 
-    return {"finderpartner": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}  # fmt: skip
+    return {
+        "finderpartner": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _model_card(run: _Run, result: EvalResult | None) -> str:
@@ -907,9 +1099,16 @@ def _model_card(run: _Run, result: EvalResult | None) -> str:
         "",
     ]
     if result is not None:
-        lines += [f"## Validation (`{cfg.data.val_split}`, {result.num_images} images, {result.num_captions} captions)", "",
-                  "```", format_metrics(result.metrics), "```", "",
-                  f"Validation loss {result.loss:.4f}; mean recall {result.mean_recall:.4f}.", ""]  # fmt: skip
+        lines += [
+            f"## Validation (`{cfg.data.val_split}`, {result.num_images} images, {result.num_captions} captions)",
+            "",
+            "```",
+            format_metrics(result.metrics),
+            "```",
+            "",
+            f"Validation loss {result.loss:.4f}; mean recall {result.mean_recall:.4f}.",
+            "",
+        ]
     lines += [
         "## Use",
         "",
@@ -933,7 +1132,9 @@ def _summary(run: _Run, result: TrainResult) -> None:
         else f"model: {result.best_model}",
     ]
     if state.skipped_samples or state.nonfinite_steps:
-        lines.append(f"skipped: {state.skipped_samples} unreadable sample(s), {state.nonfinite_steps} non-finite step(s)")
+        lines.append(
+            f"skipped: {state.skipped_samples} unreadable sample(s), {state.nonfinite_steps} non-finite step(s)"
+        )
     if result.final is not None:
         lines += ["final validation:", format_metrics(result.final.metrics)]
     log.info("\n".join(lines))

@@ -25,7 +25,9 @@ class Batch:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.index), move(self.pixel_values), move(self.input_ids), move(self.attention_mask), self.skipped)
+        return Batch(
+            move(self.index), move(self.pixel_values), move(self.input_ids), move(self.attention_mask), self.skipped
+        )
 
     def split(self, size: int) -> list[Batch]:
         """Consecutive micro-batches of at most ``size`` pairs (the order of the contrastive batch is kept)."""

@@ -11,10 +11,10 @@ import csv
 import io
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +96,9 @@ def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
     except csv.Error as e:
         return empty, problems + [Problem(name, 1, "csv_error", _csv_error(e))]
     if header is None:
-        return empty, problems + [Problem(name, None, "empty_csv", "the file is empty; expected the header filename,caption")]
+        return empty, problems + [
+            Problem(name, None, "empty_csv", "the file is empty; expected the header filename,caption")
+        ]
     columns = [h.strip().lower() for h in header]
     missing = [c for c in HEADER if c not in columns]
     extra = [c for c in columns if c not in HEADER]
@@ -140,14 +142,18 @@ def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
             rows.append((fields[fi], fields[ci].strip(), start))
     table = PairTable(image_dir, csv_path, *map(tuple, zip(*rows))) if rows else empty
     if not rows and not any(p.fatal for p in problems):
-        problems.append(Problem(name, None, "no_rows", "no rows: only the header filename,caption; add image,caption lines"))
+        problems.append(
+            Problem(name, None, "no_rows", "no rows: only the header filename,caption; add image,caption lines")
+        )
     return table, problems
 
 
 def _csv_error(e: csv.Error) -> str:
     if "field limit" in str(e):
-        return (f"a field is longer than {csv.field_size_limit()} characters ({e}); a caption that long is usually "
-                "an unclosed quote that swallows the following lines: check the quotes on this line")  # fmt: skip
+        return (
+            f"a field is longer than {csv.field_size_limit()} characters ({e}); a caption that long is usually "
+            "an unclosed quote that swallows the following lines: check the quotes on this line"
+        )
     return f"not valid CSV ({e})"
 
 
@@ -167,7 +173,12 @@ def _decode(raw: bytes, name: str) -> tuple[str, list[Problem]]:
             chunk.decode("utf-8")
         except UnicodeDecodeError as e:
             problems.append(
-                Problem(name, number, "not_utf8", f"not UTF-8 (byte {chunk[e.start]:#04x} at column {e.start + 1}); save the CSV as UTF-8")
+                Problem(
+                    name,
+                    number,
+                    "not_utf8",
+                    f"not UTF-8 (byte {chunk[e.start]:#04x} at column {e.start + 1}); save the CSV as UTF-8",
+                )
             )
             lines[number - 1] = b""  # drop the line; the others are still read and checked
     return b"\n".join(lines).decode("utf-8"), problems
@@ -175,7 +186,10 @@ def _decode(raw: bytes, name: str) -> tuple[str, list[Problem]]:
 
 def _check_row(fields: list[str], fi: int, ci: int, image_dir: Path, root_real: str) -> tuple[str, str] | None:
     if len(fields) != len(HEADER):
-        return "column_count", f"expected 2 fields (filename,caption), got {len(fields)}; quote captions that contain commas"
+        return (
+            "column_count",
+            f"expected 2 fields (filename,caption), got {len(fields)}; quote captions that contain commas",
+        )
     filename, caption = fields[fi], fields[ci]
     if not caption.strip():
         return "empty_caption", f"empty caption for {filename!r}"
@@ -264,8 +278,16 @@ class DecodedImages:
                 return None
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL releases the GIL while decoding
-            self._images = list(tqdm(pool.map(decode, names), total=len(names), desc="decoding images", unit="img",
-                                     disable=not progress, leave=False))  # fmt: skip
+            self._images = list(
+                tqdm(
+                    pool.map(decode, names),
+                    total=len(names),
+                    desc="decoding images",
+                    unit="img",
+                    disable=not progress,
+                    leave=False,
+                )
+            )
         self.nbytes = sum(a.nbytes for a in self._images if a is not None)
 
     @staticmethod
@@ -307,7 +329,12 @@ class ImageFileDataset(Dataset):
     ``paths`` are files, or already decoded PIL images (validation shards held in memory).
     """
 
-    def __init__(self, paths: Sequence[str | Path | Image.Image], transform: Callable[[Any], torch.Tensor], max_pixels: int | None = None):
+    def __init__(
+        self,
+        paths: Sequence[str | Path | Image.Image],
+        transform: Callable[[Any], torch.Tensor],
+        max_pixels: int | None = None,
+    ):
         self.paths = list(paths)
         self.transform = transform
         self.max_pixels = max_pixels

@@ -29,8 +29,14 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 # Saturated, well-separated RGB values; white/black sit far from the 110-155 gray background.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35), "green": (35, 165, 55), "blue": (35, 75, 225), "yellow": (240, 220, 35),
-    "purple": (140, 50, 190), "orange": (245, 135, 20), "white": (250, 250, 250), "black": (15, 15, 15),
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (35, 75, 225),
+    "yellow": (240, 220, 35),
+    "purple": (140, 50, 190),
+    "orange": (245, 135, 20),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
 }
 SHAPES = ("circle", "square", "triangle", "star")
 POSITIONS = ("left", "center", "right")
@@ -60,7 +66,11 @@ def _draw(rng: np.random.Generator, size: int, colour: str, shape: str, pos: str
     # Centres: left hugs the border (large ~0.25, small ~0.15-0.20), center 0.46-0.54, right mirrored. Centre-to-
     # centre gaps stay >= 0.2 of the width, so a random resized crop (which shifts content by up to ~0.2 of the
     # width) cannot turn one position into another.
-    x = {"left": rng.uniform(lo, lo + 0.05), "center": rng.uniform(0.46, 0.54), "right": 1 - rng.uniform(lo, lo + 0.05)}[pos]
+    x = {
+        "left": rng.uniform(lo, lo + 0.05),
+        "center": rng.uniform(0.46, 0.54),
+        "right": 1 - rng.uniform(lo, lo + 0.05),
+    }[pos]
     y = rng.uniform(lo, 1 - lo)
     s2, h = 2 * size, d / 2
     img = Image.new("RGB", (s2, s2), tuple(bg.tolist()))
@@ -70,8 +80,12 @@ def _draw(rng: np.random.Generator, size: int, colour: str, shape: str, pos: str
         draw.ellipse([(px * s2, py * s2) for px, py in pts], fill=col)
     else:
         if shape == "square":  # side 0.9 d: area close to the circle's
-            pts = [(x - 0.45 * d, y - 0.45 * d), (x + 0.45 * d, y - 0.45 * d),
-                   (x + 0.45 * d, y + 0.45 * d), (x - 0.45 * d, y + 0.45 * d)]
+            pts = [
+                (x - 0.45 * d, y - 0.45 * d),
+                (x + 0.45 * d, y - 0.45 * d),
+                (x + 0.45 * d, y + 0.45 * d),
+                (x - 0.45 * d, y + 0.45 * d),
+            ]
         elif shape == "triangle":  # upright, base d, height d
             pts = [(x, y - h), (x + h, y + h), (x - h, y + h)]
         else:  # five-pointed star, fat inner radius so the points survive at small sizes
@@ -86,8 +100,11 @@ def _draw(rng: np.random.Generator, size: int, colour: str, shape: str, pos: str
 
 def _outputs(root: Path) -> list[Path]:
     """Everything this generator writes (and the only things overwrite may remove)."""
-    return [root / "images" / s for s in SPLITS] + [root / f"captions_{s}.csv" for s in SPLITS] + [
-        root / "sample_meta.json"]
+    return (
+        [root / "images" / s for s in SPLITS]
+        + [root / f"captions_{s}.csv" for s in SPLITS]
+        + [root / "sample_meta.json"]
+    )
 
 
 def _summarise(root: Path, meta: dict) -> SampleDataSummary:
@@ -105,24 +122,47 @@ def _summarise(root: Path, meta: dict) -> SampleDataSummary:
         got = {"images": len(files), "pairs": len(body), "distinct_captions": len({r[1] for r in body})}
         want = {"images": n, "pairs": n * cpi, "distinct_captions": min(n, len(COMBOS)) * cpi}
         if rows[:1] != [["filename", "caption"]] or got != want or not {r[0] for r in body} <= files:
-            raise DataError(f"sample data in {root} ({split}) does not match sample_meta.json: found {got}, "
-                            f"expected {want}; pass overwrite to regenerate it")
+            raise DataError(
+                f"sample data in {root} ({split}) does not match sample_meta.json: found {got}, "
+                f"expected {want}; pass overwrite to regenerate it"
+            )
         counts[split] = got
     return SampleDataSummary(root=root, counts=counts)
 
 
-def make_sample_data(out: str | Path, *, train_images: int = 4000, val_images: int = 300, image_size: int = 96,
-                     captions_per_image: int = 2, image_format: str = "jpg", seed: int = 0,
-                     overwrite: bool = False) -> SampleDataSummary:
+def make_sample_data(
+    out: str | Path,
+    *,
+    train_images: int = 4000,
+    val_images: int = 300,
+    image_size: int = 96,
+    captions_per_image: int = 2,
+    image_format: str = "jpg",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> SampleDataSummary:
     """Write ``images/{train,val}/*.<fmt>`` and ``captions_{train,val}.csv`` under ``out``; reuse a finished set."""
-    if train_images < 0 or val_images < 0 or image_size < 32 or image_format not in ("jpg", "png") \
-            or not 1 <= captions_per_image <= len(TEMPLATES):
-        raise ConfigError("sample data needs train_images, val_images >= 0, image_size >= 32, image_format 'jpg' or 'png' "
-                         f"and 1 <= captions_per_image <= {len(TEMPLATES)}")
+    if (
+        train_images < 0
+        or val_images < 0
+        or image_size < 32
+        or image_format not in ("jpg", "png")
+        or not 1 <= captions_per_image <= len(TEMPLATES)
+    ):
+        raise ConfigError(
+            "sample data needs train_images, val_images >= 0, image_size >= 32, image_format 'jpg' or 'png' "
+            f"and 1 <= captions_per_image <= {len(TEMPLATES)}"
+        )
     root = Path(out)
-    meta = {"format_version": FORMAT_VERSION, "train_images": train_images, "val_images": val_images,
-            "image_size": image_size, "captions_per_image": captions_per_image, "image_format": image_format,
-            "seed": seed}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "train_images": train_images,
+        "val_images": val_images,
+        "image_size": image_size,
+        "captions_per_image": captions_per_image,
+        "image_format": image_format,
+        "seed": seed,
+    }
     meta_path = root / "sample_meta.json"
     try:
         same = json.loads(meta_path.read_text(encoding="utf-8")) == meta
@@ -139,11 +179,15 @@ def make_sample_data(out: str | Path, *, train_images: int = 4000, val_images: i
     existing = [p for p in _outputs(root) if p.exists()]
     ours = meta_path.exists() or (read_marker(root) or {}).get("kind") == "sample-data"
     if existing and not ours:  # a real data set (or anything else) with the same names: never ours to replace
-        raise OutputError(f"{root} already holds {', '.join(p.relative_to(root).as_posix() for p in existing)}, which "
-                          "sample-data did not write; it never replaces them: choose another --out")  # fmt: skip
+        raise OutputError(
+            f"{root} already holds {', '.join(p.relative_to(root).as_posix() for p in existing)}, which "
+            "sample-data did not write; it never replaces them: choose another --out"
+        )
     if existing and not overwrite:
-        raise OutputError(f"{root} already contains sample data made with other arguments (or an unfinished run): "
-                          f"{', '.join(p.relative_to(root).as_posix() for p in existing)}; pass --overwrite to replace it")  # fmt: skip
+        raise OutputError(
+            f"{root} already contains sample data made with other arguments (or an unfinished run): "
+            f"{', '.join(p.relative_to(root).as_posix() for p in existing)}; pass --overwrite to replace it"
+        )
     with storage_errors(root, f"sample data in {root}"):
         for p in existing:  # only our own outputs; anything else in OUT is left alone
             if p.is_dir() and not p.is_symlink():
@@ -183,5 +227,4 @@ def _generate(root: Path, meta: dict) -> None:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(["filename", "caption"])
             writer.writerows(rows)
-    log.info("wrote %d+%d sample images to %s in %.1fs", train_images, val_images, root,
-             time.perf_counter() - start)
+    log.info("wrote %d+%d sample images to %s in %.1fs", train_images, val_images, root, time.perf_counter() - start)

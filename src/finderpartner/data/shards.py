@@ -15,9 +15,9 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +38,9 @@ def _wds() -> Any:
     try:
         import webdataset
     except ImportError:
-        raise DataError("data.format webdataset needs the webdataset package: pip install 'finderpartner[shards]'") from None
+        raise DataError(
+            "data.format webdataset needs the webdataset package: pip install 'finderpartner[shards]'"
+        ) from None
     return webdataset
 
 
@@ -63,7 +65,9 @@ def raw_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
     return _wds().tariterators.tarfile_samples(({"url": u} for u in urls), handler=warn)
 
 
-def decode_sample(sample: dict[str, Any], max_pixels: int | None, min_side: int | None = None) -> tuple[Image.Image, str]:
+def decode_sample(
+    sample: dict[str, Any], max_pixels: int | None, min_side: int | None = None
+) -> tuple[Image.Image, str]:
     """PIL image and caption of a raw sample; raises ValueError naming the key when something is missing."""
     key = f"{sample.get('__url__')}:{sample.get('__key__')}"
     image_bytes = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
@@ -189,7 +193,9 @@ def read_pairs(urls: list[str], max_pixels: int | None = None) -> tuple[list[Ima
     return images, captions, keys
 
 
-def write_shards(root: str | Path, split: str, out: str | Path, *, shard_size: int = 1000, overwrite: bool = False) -> list[str]:
+def write_shards(
+    root: str | Path, split: str, out: str | Path, *, shard_size: int = 1000, overwrite: bool = False
+) -> list[str]:
     """Write a CSV-layout split as shards ``<out>/<split>-000000.tar`` ... (one sample per CSV row).
 
     ``out`` follows the output rule (``outputs.claim_output``): a new or empty folder, or one that make-shards
@@ -202,7 +208,9 @@ def write_shards(root: str | Path, split: str, out: str | Path, *, shard_size: i
 
     out, data_root = Path(out), Path(os.path.abspath(root))
     image_dir, csv_path = split_paths(root, split)
-    claim_output(out, "shards", {"data": data_root}, overwrite=overwrite, overlap={"images": image_dir, "captions": csv_path})
+    claim_output(
+        out, "shards", {"data": data_root}, overwrite=overwrite, overlap={"images": image_dir, "captions": csv_path}
+    )
     table, problems = read_split(root, split)
     fatal = [p for p in problems if p.fatal]
     if fatal:

@@ -62,7 +62,7 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_s
         pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
         try:
             img = Image.open(path)
-        except UnidentifiedImageError as e:
+        except UnidentifiedImageError:
             raise UnidentifiedImageError(unidentified_message(path)) from None
         finally:
             Image.MAX_IMAGE_PIXELS = pil_limit
@@ -105,8 +105,10 @@ def unidentified_message(path: str | Path | BinaryIO, name: str | None = None) -
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS or Path(name).suffix.lower() in (".heic", ".heif"):
         if HEIF_SUPPORT:
             return f"{name} is a HEIC/HEIF file that pillow-heif cannot decode (damaged?); convert it to JPEG"
-        return (f"{name} is a HEIC/HEIF photo, which Pillow cannot read by itself: install the plugin pillow-heif "
-                f"(pip install pillow-heif) and it is read as is, or convert the photo to JPEG ({readable})")  # fmt: skip
+        return (
+            f"{name} is a HEIC/HEIF photo, which Pillow cannot read by itself: install the plugin pillow-heif "
+            f"(pip install pillow-heif) and it is read as is, or convert the photo to JPEG ({readable})"
+        )
     return f"{name} is not an image in a supported format ({readable}); convert it to JPEG or PNG"
 
 
@@ -183,7 +185,11 @@ class TrainTransform:
             caption = swap_left_right(caption)
         if self.color_jitter > 0:
             j = self.color_jitter
-            for enhancer, r in ((ImageEnhance.Brightness, u[5]), (ImageEnhance.Contrast, u[6]), (ImageEnhance.Color, u[7])):
+            for enhancer, r in (
+                (ImageEnhance.Brightness, u[5]),
+                (ImageEnhance.Contrast, u[6]),
+                (ImageEnhance.Color, u[7]),
+            ):
                 img = enhancer(img).enhance(1 - j + 2 * j * r)
         return to_uint8_tensor(img), caption
 

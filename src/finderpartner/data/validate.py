@@ -63,7 +63,9 @@ def validate_split(
         if reason is None:
             keep.append(i)
         else:
-            problems.append(Problem(str(table.csv_path), table.lines[i], reason[0], f"{table.filenames[i]!r}: {reason[1]}"))
+            problems.append(
+                Problem(str(table.csv_path), table.lines[i], reason[0], f"{table.filenames[i]!r}: {reason[1]}")
+            )
     table = table.select(keep)
     if tokenizer is not None and context_length and len(table):
         problems += _long_captions(table, tokenizer, context_length)
@@ -80,13 +82,17 @@ def require_usable(report: SplitReport, on_error: str) -> PairTable:
     for p in report.problems:
         log.warning("%s%s", p, "" if p.fatal else " (warning)")
     if report.fatal:
-        log.warning("%s: skipping %d bad row(s); training on %d pair(s)", report.split, len(report.fatal), len(report.table))
+        log.warning(
+            "%s: skipping %d bad row(s); training on %d pair(s)", report.split, len(report.fatal), len(report.table)
+        )
     if len(report.table) == 0:
         raise DataError(f"{report.split}: no usable pairs in {report.table.csv_path}")
     return report.table
 
 
-def _check_images(table: PairTable, max_pixels: int | None, workers: int | None, progress: bool) -> dict[str, tuple[str, str]]:
+def _check_images(
+    table: PairTable, max_pixels: int | None, workers: int | None, progress: bool
+) -> dict[str, tuple[str, str]]:
     unique = sorted(set(table.filenames))
 
     def check(name: str) -> tuple[str, tuple[str, str] | None]:
@@ -105,7 +111,9 @@ def _check_images(table: PairTable, max_pixels: int | None, workers: int | None,
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(check, unique)
-        results = tqdm(results, total=len(unique), desc="checking images", unit="img", disable=not progress, leave=False)
+        results = tqdm(
+            results, total=len(unique), desc="checking images", unit="img", disable=not progress, leave=False
+        )
         return {name: reason for name, reason in results if reason is not None}
 
 
@@ -131,5 +139,7 @@ def long_captions_note(captions: list[str], tokenizer: Any, context_length: int)
     first = next(i for i, c in enumerate(captions) if c in long)
     count = sum(1 for c in captions if c in long)
     example = captions[first] if len(captions[first]) <= 80 else captions[first][:77] + "..."
-    return first, (f"{count} of {len(captions)} captions ({len(long)} distinct) are longer than the model's "
-                   f"{context_length}-token context and are cut, e.g. {example!r}")  # fmt: skip
+    return first, (
+        f"{count} of {len(captions)} captions ({len(long)} distinct) are longer than the model's "
+        f"{context_length}-token context and are cut, e.g. {example!r}"
+    )
