@@ -170,10 +170,13 @@ def write_open_clip_csv(root: Path, split: str, out: Path, rows: int | None = No
 # The two models
 
 
-def tiny_spec(image_size: int = 64, patch_size: int | None = None) -> Any:
-    from finderpartner.config import TinySpec
+def tiny_spec(image_size: int = 64, patch_size: int | None = None, *, preset: bool = False) -> Any:
+    """The issue-6 tiny spec (or, with ``preset``, configs/clip_tiny.yaml's) at ``image_size`` / ``patch_size``."""
+    from finderpartner.config import TinySpec, load_config
 
-    return TinySpec(**{**TINY_SPEC, "image_size": image_size, "patch_size": patch_size or TINY_SPEC["patch_size"]})
+    base = load_config(TINY_CONFIG).model.tiny.model_dump() if preset else TINY_SPEC
+    fields = {k: base[k] for k in TINY_SPEC}
+    return TinySpec(**{**fields, "image_size": image_size, "patch_size": patch_size or fields["patch_size"]})
 
 
 def caption_tokenizer(root: Path, out_dir: Path) -> Any:
@@ -525,8 +528,23 @@ def tail(text: str, lines: int = 25) -> str:
 # Trainer command lines and their logs
 
 
+# What open_clip_command gives open_clip (``--aug-cfg``); ours gets the same unless a caller overrides it.
+OPEN_CLIP_AUGMENT = {"data.augment.crop_scale": [0.9, 1.0], "data.augment.color_jitter": 0.1}
+
+
+def spec_overrides(spec: Any) -> dict[str, Any]:
+    """``--set`` overrides that make our trainer build exactly ``spec`` (whatever configs/clip_tiny.yaml says)."""
+    return {f"model.tiny.{k}": getattr(spec, k) for k in TINY_SPEC}
+
+
 def ours_command(overrides: dict[str, Any], patches: Sequence[str] = ()) -> list[str]:
-    """``finderpartner train`` with ``--set`` overrides; through benchmarks/patches.py when patches are asked for."""
+    """``finderpartner train`` with ``--set`` overrides; through benchmarks/patches.py when patches are asked for.
+
+    The model is the issue-6 tiny spec and the augmentation open_clip's unless ``overrides`` say otherwise: the
+    preset in configs/clip_tiny.yaml may change (issue 15 gave it 16-pixel patches) without changing what the
+    benchmarks compare.
+    """
+    overrides = {**spec_overrides(tiny_spec()), **OPEN_CLIP_AUGMENT, **overrides}
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={_yaml_value(v)}")]
     args = ["train", "--config", str(TINY_CONFIG), *sets]
     if patches:

@@ -36,7 +36,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-image-size", type=int, default=96, help="JPEG size of generated data (default 96)")
     p.add_argument("--train-images", type=int, default=2000, help="images in generated data (2 captions each)")
     p.add_argument("--image-size", type=int, default=64, help="model input resolution (tiny spec: 64)")
-    p.add_argument("--patch-size", type=int, default=8, help="ViT patch size (tiny spec: 8)")
+    p.add_argument("--patch-size", type=int, default=None, help="ViT patch size (default: the spec's)")
+    p.add_argument(
+        "--spec",
+        choices=["issue6", "preset"],
+        default="issue6",
+        help="model for both trainers: the issue-6 tiny spec (patch 8, ViT width 192 x 4 layers; default) or "
+        "configs/clip_tiny.yaml's (what `make run` trains: patch 16, width 256 x 3 layers)",
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
@@ -82,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     data = common.sample_data(args.data, image_size=args.data_image_size, train_images=args.train_images, val_images=16)
-    spec = common.tiny_spec(args.image_size, args.patch_size)
+    spec = common.tiny_spec(args.image_size, args.patch_size, preset=args.spec == "preset")
     tokenizer = common.caption_tokenizer(data, tmp / "tokenizer")
     model_dir = common.open_clip_model_dir(spec, tokenizer, tmp / "open_clip_model")
     ours, theirs = common.build_both(spec, tokenizer, model_dir)
@@ -140,8 +147,7 @@ def run_ours(
         "train.log_every": args.log_every,
         "train.checkpoint_every": 10**9,
         "train.precision": args.ours_precision,
-        "model.tiny.image_size": spec.image_size,
-        "model.tiny.patch_size": spec.patch_size,
+        **common.spec_overrides(spec),
         "tracking.tensorboard": False,
         "data.augment.hflip": args.ours_hflip,
     }
