@@ -81,7 +81,7 @@ def _decode_loader(ctx: dict[str, Any], workers: int, batch: int) -> Any:
 
 
 def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = False) -> Any:
-    """Our loader exactly as ``train._train_loader`` builds it (persistent workers and prefetch aside)."""
+    """Our loader as ``data.sources.FolderData.batches`` builds it (persistent workers and prefetch aside)."""
     from torch.utils.data import DataLoader
 
     from finderpartner.data.collate import Collator

@@ -147,7 +147,7 @@ def _channels_last(_: str | None) -> None:
 
 @patch("prefetch")
 def _prefetch(value: str | None) -> None:
-    """src change: ``prefetch_factor=N`` in ``train._train_loader`` (ours uses 4; PyTorch's default is 2)."""
+    """src change: ``prefetch_factor=N`` in ``data.sources.Loading.loader_options`` (ours: 4; PyTorch's default: 2)."""
     _loader_kwargs(prefetch_factor=int(value or 2))
 
 
@@ -158,16 +158,18 @@ def _no_persistent(_: str | None) -> None:
 
 
 def _loader_kwargs(**changes: Any) -> None:
-    from finderpartner import train
+    """Change the DataLoader options of training (``data.sources.Loading.loader_options``) when workers are used."""
+    from finderpartner.data.sources import Loading
 
-    loader_cls = _require(train, "DataLoader")
+    original = _require(Loading, "loader_options")
 
-    def loader(*args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("num_workers", 0) > 0:
-            kwargs.update(changes)
-        return loader_cls(*args, **kwargs)
+    def loader_options(self: Any, *, persistent: bool) -> dict[str, Any]:
+        options = original(self, persistent=persistent)
+        if options.get("num_workers", 0) > 0:
+            options.update(changes)
+        return options
 
-    train.DataLoader = loader
+    Loading.loader_options = loader_options
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -232,13 +232,14 @@ def test_a_file_that_breaks_during_training_is_skipped_counted_and_named(
 
     from helpers import micro_config
 
+    import finderpartner.data.sources as sources
     import finderpartner.train as train_module
     from finderpartner.config import config_from_dict
 
     root = tmp_path / "data"
     shutil.copytree(small_data, root)
     victim = root / "images" / "train" / sorted(p.name for p in (root / "images" / "train").iterdir())[0]
-    real = train_module.require_usable
+    real = sources.require_usable
 
     def validate_then_break(report, on_error):  # the file changes on disk after the check, before training reads it
         table = real(report, on_error)
@@ -246,7 +247,7 @@ def test_a_file_that_breaks_during_training_is_skipped_counted_and_named(
             victim.write_bytes(b"garbage")
         return table
 
-    monkeypatch.setattr(train_module, "require_usable", validate_then_break)
+    monkeypatch.setattr(sources, "require_usable", validate_then_break)
     with caplog.at_level(logging.WARNING, logger="finderpartner"):
         result = train_module.train(config_from_dict(micro_config(tmp_path, root)))
     # 2 rows name the image, each seen once per epoch; every step still trains on a valid (smaller) batch

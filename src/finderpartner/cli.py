@@ -429,9 +429,10 @@ def _runtime(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .data.sources import EvalSet, require_retrievable
     from .data.validate import require_usable, validate_split
     from .env import autocast_factory
-    from .evaluate import EvalSet, evaluate_split, format_metrics, require_retrievable, write_report
+    from .evaluate import evaluate_split, format_metrics, write_report
     from .model import load_model, set_attention
 
     device, precision = _runtime(args)

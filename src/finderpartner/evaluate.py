@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.dataset import PairTable
+from .data.sources import EvalSet
 from .data.transforms import normalize
 from .errors import DataError
 from .loss import clip_loss
@@ -129,43 +129,6 @@ def embed_texts(
         with autocast():
             parts.append(encode_text(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
     return torch.cat(parts)
-
-
-@dataclass
-class EvalSet:
-    """What an evaluation ranks: images (files or decoded), captions, and the image of each caption."""
-
-    name: str
-    images: list[Any]  # paths, or PIL images (validation shards are read into memory)
-    captions: list[str]
-    text_to_image: list[int]
-
-    @classmethod
-    def from_table(cls, table: PairTable) -> EvalSet:
-        filenames, row_to_image = table.images()
-        return cls(str(table.csv_path), [table.image_dir / f for f in filenames], list(table.captions), row_to_image)
-
-    @classmethod
-    def from_shards(cls, urls: list[str], max_pixels: int | None = None) -> EvalSet:
-        from .data.shards import read_pairs
-
-        images, captions, _ = read_pairs(urls, max_pixels)
-        return cls(
-            urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)",
-            images,
-            captions,
-            list(range(len(images))),
-        )
-
-
-def require_retrievable(data: EvalSet, what: str, fixes: str) -> EvalSet:
-    """Refuse a set with fewer than 2 distinct images: its loss is NaN and every recall 1.0, which means nothing."""
-    if len(data.images) < 2:
-        raise DataError(
-            f"{what} ({data.name}) has {len(data.images)} distinct image(s) in {len(data.captions)} pair(s): retrieval "
-            f"needs at least 2 images (with one, the loss is undefined and every recall is 1.0); {fixes}"
-        )
-    return data
 
 
 def evaluate_split(

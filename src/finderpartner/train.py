@@ -35,13 +35,13 @@ from .budget import MARGIN, Plan, format_duration, steps_that_fit
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify
 from .config import TINY, Config, config_to_dict, render_yaml
 from .data.collate import Batch, Collator
-from .data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable, num_workers, split_paths
-from .data.shards import ShardStream
+from .data.dataset import num_workers, split_paths
+from .data.sources import Batches, EvalSet, Loading, open_training_data
 from .data.transforms import TrainTransform
-from .data.validate import long_captions_note, require_usable, validate_split
+from .data.validate import long_captions_note
 from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UsageError
-from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics, require_retrievable
+from .evaluate import EvalResult, evaluate_split, format_metrics
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
 from .model import (
     DualEncoder,
@@ -109,7 +109,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    batches: ContrastiveBatchSampler | ShardStream  # defines each step's pairs; set_position() seeks
+    batches: Batches  # defines each step's pairs; set_position() seeks
     loader: DataLoader
     val: EvalSet | None
     trackers: Trackers
@@ -202,7 +202,7 @@ def _build_run(
         )
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
-    data = _load_data(cfg, progress=accelerator.is_main_process)
+    data = open_training_data(cfg, need_captions=cfg.model.name == TINY, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
     cut = (
         long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)
@@ -216,7 +216,19 @@ def _build_run(
     world = accelerator.num_processes
     global_batch = _effective_batch(cfg.train.batch_size, data.num_rows, world)
     state = TrainState()
-    batches, loader = _train_loader(cfg, data, encoder, global_batch, accelerator.process_index, world, device)
+    aug = cfg.data.augment
+    batches, loader = data.batches(
+        Loading(
+            transform=TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter),
+            collate=Collator(encoder.tokenizer, encoder.context_length),
+            global_batch=global_batch,
+            rank=accelerator.process_index,
+            world=world,
+            seed=cfg.seed,
+            device=device,
+            workers=num_workers(cfg.data.num_workers),
+        )
+    )
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
     optimizer = _optimizer(model, cfg)
     scheduler = _scheduler(
@@ -385,58 +397,6 @@ def _clear_run(run_dir: Path) -> None:
                 p.unlink()
 
 
-@dataclass
-class _Data:
-    """What training reads: CSV rows (exact sampler) or shards (deterministic stream), and the validation set."""
-
-    captions: list[str]  # training captions (the tiny model learns its tokenizer from them)
-    num_rows: int
-    table: PairTable | None = None
-    shards: list[str] | None = None
-    val: EvalSet | None = None
-
-
-def _load_data(cfg: Config, progress: bool) -> _Data:
-    d = cfg.data
-    if d.format == "webdataset":
-        from .data.shards import expand_shards, raw_samples
-
-        urls = expand_shards(d.train_shards or "")
-        captions: list[str] = []
-        if cfg.model.name == TINY or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
-            captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
-        val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
-        if val is not None:
-            require_retrievable(
-                val,
-                "the validation set",
-                "add more validation pairs, or disable validation with --set data.val_shards= (data.val_shards: null)",
-            )
-        if d.train_size and captions and d.train_size != len(captions):
-            log.info(
-                "data.train_size %d: the shards hold %d pairs; an epoch is %d pairs",
-                d.train_size,
-                len(captions),
-                d.train_size,
-            )
-        return _Data(captions, d.train_size or len(captions), shards=urls, val=val)
-    tables = []
-    for split in (d.train_split, d.val_split):
-        if not split:
-            tables.append(None)
-            continue
-        report = validate_split(d.root, split, max_pixels=d.max_image_pixels, progress=progress)
-        tables.append(require_usable(report, d.on_error))
-    train, val = tables
-    if val is not None:
-        require_retrievable(
-            EvalSet.from_table(val),
-            f"validation split {d.val_split!r}",
-            "add more validation pairs, or disable validation with --set data.val_split= (data.val_split: '')",
-        )
-    return _Data(list(train.captions), len(train), table=train, val=EvalSet.from_table(val) if val else None)
-
-
 def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: bool) -> DualEncoder:
     """The starting model. The tiny model's tokenizer is learnt once and kept in the run folder for resumes."""
     saved = cfg.run_dir / "tokenizer"
@@ -522,72 +482,6 @@ def _choose_micro_batch(run: _Run, local_batch: int) -> int:
     )
     log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
     return result.micro_batch_size
-
-
-def _train_loader(
-    cfg: Config, data: _Data, encoder: DualEncoder, global_batch: int, rank: int, world: int, device: torch.device
-) -> tuple[ContrastiveBatchSampler | ShardStream, DataLoader]:
-    aug = cfg.data.augment
-    transform = TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
-    collator = Collator(encoder.tokenizer, encoder.context_length)
-    workers = num_workers(cfg.data.num_workers)
-    common = dict(
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0 and data.shards is None,  # a stream's workers must see set_position()
-        prefetch_factor=4 if workers > 0 else None,
-        generator=torch.Generator(),  # the loader's own seed draw must not consume the global RNG stream
-    )
-    if data.shards is not None:
-        stream = ShardStream(
-            data.shards,
-            transform,
-            collator,
-            num_rows=data.num_rows,
-            global_batch=global_batch,
-            seed=cfg.seed,
-            lanes=max(1, workers),
-            rank=rank,
-            world_size=world,
-            max_pixels=cfg.data.max_image_pixels,
-        )
-        return stream, DataLoader(stream, batch_size=None, **common)
-    assert data.table is not None
-    sampler = ContrastiveBatchSampler(data.num_rows, global_batch, cfg.seed, rank, world)
-    passes = cfg.train.max_steps / sampler.steps_per_epoch if cfg.train.max_steps else cfg.train.epochs
-    if cfg.train.time_budget and not cfg.train.max_steps:
-        passes = math.inf  # not known before the budget is measured: assume more than one pass
-    decoded = _decoded_images(cfg, data.table, transform, passes, progress=rank == 0)
-    dataset = PairDataset(data.table, transform, cfg.data.max_image_pixels, decoded)
-    return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, **common)
-
-
-def _decoded_images(
-    cfg: Config, table: PairTable, transform: TrainTransform, passes: float, progress: bool
-) -> DecodedImages | None:
-    """The decoded-image cache when it pays (the data is seen more than once) and fits (measured: +8% per step)."""
-    setting = cfg.data.cache_images
-    if setting is False or (setting == "auto" and passes <= 1):
-        return None
-    side = transform.source_side
-    estimate = DecodedImages.estimate_bytes(table, side)
-    if setting == "auto" and estimate > cfg.data.cache_max_gb * 2**30:
-        log.info(
-            "not caching decoded images: they would take ~%.1f GB (data.cache_max_gb %.1f)",
-            estimate / 2**30,
-            cfg.data.cache_max_gb,
-        )
-        return None
-    start = time.perf_counter()
-    decoded = DecodedImages(table, side, cfg.data.max_image_pixels, progress=progress)
-    log.info(
-        "decoded %d images once for all epochs (%d px short side, %.0f MB) in %.1fs",
-        len(decoded),
-        side,
-        decoded.nbytes / 2**20,
-        time.perf_counter() - start,
-    )
-    return decoded
 
 
 def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:

@@ -1,0 +1,255 @@
+"""Data sources: what training and evaluation read, behind one interface for CSV folders and WebDataset shards.
+
+The trainer asks ``open_training_data(cfg)`` for a :class:`TrainingData` and never branches on the format:
+
+* :class:`FolderData` — ``<root>/images/<split>/`` plus ``captions_<split>.csv``, checked row by row before
+  training (``data.on_error``); batches come from an exact sampler (every pair once per epoch, resumable to the
+  step), with decoded images cached in memory when the data is seen more than once.
+* :class:`ShardData` — WebDataset tar shards read as a deterministic stream (resumable to the step as well).
+
+Both give the training captions (the tiny model learns its tokenizer from them), the number of pairs that makes an
+epoch, the validation set as an :class:`EvalSet`, and ``batches(...)``: the batch source (``steps_per_epoch``,
+``set_position``) and its ``DataLoader``. A new format is one more class here with those four things.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import Config
+from ..errors import DataError
+from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
+from .shards import ShardStream, expand_shards, raw_samples, read_pairs
+from .transforms import TrainTransform
+from .validate import require_usable, validate_split
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation data
+
+
+@dataclass
+class EvalSet:
+    """What an evaluation ranks: images (files or decoded), captions, and the image of each caption."""
+
+    name: str
+    images: list[Any]  # paths, or PIL images (validation shards are read into memory)
+    captions: list[str]
+    text_to_image: list[int]
+
+    @classmethod
+    def from_table(cls, table: PairTable) -> EvalSet:
+        filenames, row_to_image = table.images()
+        return cls(str(table.csv_path), [table.image_dir / f for f in filenames], list(table.captions), row_to_image)
+
+    @classmethod
+    def from_shards(cls, urls: list[str], max_pixels: int | None = None) -> EvalSet:
+        images, captions, _ = read_pairs(urls, max_pixels)
+        return cls(
+            urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)",
+            images,
+            captions,
+            list(range(len(images))),
+        )
+
+
+def require_retrievable(data: EvalSet, what: str, fixes: str) -> EvalSet:
+    """Refuse a set with fewer than 2 distinct images: its loss is NaN and every recall 1.0, which means nothing."""
+    if len(data.images) < 2:
+        raise DataError(
+            f"{what} ({data.name}) has {len(data.images)} distinct image(s) in {len(data.captions)} pair(s): retrieval "
+            f"needs at least 2 images (with one, the loss is undefined and every recall is 1.0); {fixes}"
+        )
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training data
+
+
+class Batches(Protocol):
+    """A source of contrastive batches: the sampler of a folder, or the stream of shards."""
+
+    global_batch: int
+    world_size: int
+    num_rows: int
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+    def set_position(self, epoch: int, start_step: int = 0) -> None: ...
+
+
+@dataclass
+class Loading:
+    """How batches are loaded, the same for every source."""
+
+    transform: TrainTransform
+    collate: Callable[[list[Any]], Any]
+    global_batch: int
+    rank: int
+    world: int
+    seed: int
+    device: torch.device
+    workers: int
+
+    def loader_options(self, *, persistent: bool) -> dict[str, Any]:
+        return dict(
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=self.workers > 0 and persistent,
+            prefetch_factor=4 if self.workers > 0 else None,
+            generator=torch.Generator(),  # the loader's own seed draw must not consume the global RNG stream
+        )
+
+
+class TrainingData(Protocol):
+    captions: list[str]  # training captions ([] when not needed and costly to read)
+    num_rows: int  # pairs per epoch
+    val: EvalSet | None
+
+    def batches(self, loading: Loading) -> tuple[Batches, DataLoader]: ...
+
+
+def open_training_data(cfg: Config, *, need_captions: bool, progress: bool) -> TrainingData:
+    """The configured training data (``data.format``), checked, with its validation set.
+
+    ``need_captions``: the caller needs every training caption (the tiny model's tokenizer is learnt from them);
+    shards are then read once in full.
+    """
+    if cfg.data.format == "webdataset":
+        return ShardData.open(cfg, need_captions=need_captions)
+    return FolderData.open(cfg, progress=progress)
+
+
+@dataclass
+class FolderData:
+    """A folder split: rows checked before training, an exact sampler, decoded images cached when it pays."""
+
+    table: PairTable
+    val: EvalSet | None
+    cfg: Config
+
+    @classmethod
+    def open(cls, cfg: Config, *, progress: bool) -> FolderData:
+        d = cfg.data
+        train = require_usable(
+            validate_split(d.root, d.train_split, max_pixels=d.max_image_pixels, progress=progress), d.on_error
+        )
+        val = None
+        if d.val_split:
+            table = require_usable(
+                validate_split(d.root, d.val_split, max_pixels=d.max_image_pixels, progress=progress), d.on_error
+            )
+            val = require_retrievable(
+                EvalSet.from_table(table),
+                f"validation split {d.val_split!r}",
+                "add more validation pairs, or disable validation with --set data.val_split= (data.val_split: '')",
+            )
+        return cls(train, val, cfg)
+
+    @property
+    def captions(self) -> list[str]:
+        return list(self.table.captions)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.table)
+
+    def batches(self, loading: Loading) -> tuple[Batches, DataLoader]:
+        train = self.cfg.train
+        sampler = ContrastiveBatchSampler(
+            self.num_rows, loading.global_batch, loading.seed, loading.rank, loading.world
+        )
+        passes = train.max_steps / sampler.steps_per_epoch if train.max_steps else train.epochs
+        if train.time_budget and not train.max_steps:
+            passes = math.inf  # not known before the budget is measured: assume more than one pass
+        decoded = self._decoded_images(loading.transform, passes, progress=loading.rank == 0)
+        dataset = PairDataset(self.table, loading.transform, self.cfg.data.max_image_pixels, decoded)
+        options = loading.loader_options(persistent=True)
+        return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=loading.collate, **options)
+
+    def _decoded_images(self, transform: TrainTransform, passes: float, progress: bool) -> DecodedImages | None:
+        """The decoded-image cache when it pays (the data is seen more than once) and fits (measured: +8% per step)."""
+        d = self.cfg.data
+        if d.cache_images is False or (d.cache_images == "auto" and passes <= 1):
+            return None
+        side = transform.source_side
+        estimate = DecodedImages.estimate_bytes(self.table, side)
+        if d.cache_images == "auto" and estimate > d.cache_max_gb * 2**30:
+            log.info(
+                "not caching decoded images: they would take ~%.1f GB (data.cache_max_gb %.1f)",
+                estimate / 2**30,
+                d.cache_max_gb,
+            )
+            return None
+        start = time.perf_counter()
+        decoded = DecodedImages(self.table, side, d.max_image_pixels, progress=progress)
+        log.info(
+            "decoded %d images once for all epochs (%d px short side, %.0f MB) in %.1fs",
+            len(decoded),
+            side,
+            decoded.nbytes / 2**20,
+            time.perf_counter() - start,
+        )
+        return decoded
+
+
+@dataclass
+class ShardData:
+    """WebDataset shards: a deterministic stream; an epoch is ``data.train_size`` pairs (or all of them, counted)."""
+
+    urls: list[str]
+    captions: list[str]
+    num_rows: int
+    val: EvalSet | None
+    max_pixels: int | None
+
+    @classmethod
+    def open(cls, cfg: Config, *, need_captions: bool) -> ShardData:
+        d = cfg.data
+        urls = expand_shards(d.train_shards or "")
+        captions: list[str] = []
+        if need_captions or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
+            captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
+        val = None
+        if d.val_shards:
+            val = require_retrievable(
+                EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels),
+                "the validation set",
+                "add more validation pairs, or disable validation with --set data.val_shards= (data.val_shards: null)",
+            )
+        if d.train_size and captions and d.train_size != len(captions):
+            log.info(
+                "data.train_size %d: the shards hold %d pairs; an epoch is %d pairs",
+                d.train_size,
+                len(captions),
+                d.train_size,
+            )
+        return cls(urls, captions, d.train_size or len(captions), val, d.max_image_pixels)
+
+    def batches(self, loading: Loading) -> tuple[Batches, DataLoader]:
+        stream = ShardStream(
+            self.urls,
+            loading.transform,
+            loading.collate,
+            num_rows=self.num_rows,
+            global_batch=loading.global_batch,
+            seed=loading.seed,
+            lanes=max(1, loading.workers),
+            rank=loading.rank,
+            world_size=loading.world,
+            max_pixels=self.max_pixels,
+        )
+        # A stream's workers must see set_position(): they are not kept between epochs.
+        return stream, DataLoader(stream, batch_size=None, **loading.loader_options(persistent=False))
