@@ -138,9 +138,32 @@ class ClipLoss(Objective):
         return {"logit_scale": float(self.logit_scale.detach().exp())}
 
 
+class SigmoidLoss(Objective):
+    """SigLIP's pairwise sigmoid loss: logits = exp(t') * cos + b, loss = -mean log sigmoid(label * logits).
+
+    Labels are +1 on the diagonal (matching pairs), -1 elsewhere. It owns both of its parameters (the HF
+    CLIPModel has no place for a bias; its ``logit_scale`` is left as it was): the trainer optimizes them, and
+    keeps them in the training checkpoint, without knowing their names. Init as SigLIP: t' = log 10, b = -10.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = nn.Parameter(torch.tensor(-10.0))
+
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        logits = self.log_scale.float().exp() * image_emb.float() @ text_emb.float().t() + self.bias.float()
+        labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
+        return -F.logsigmoid(labels * logits).mean()
+
+    def log_values(self) -> dict[str, float]:
+        return {"sigmoid_scale": float(self.log_scale.detach().exp()), "sigmoid_bias": float(self.bias.detach())}
+
+
 # train.loss -> the objective for a model. A new objective is a subclass above and one entry here.
 OBJECTIVES: dict[str, Callable[[nn.Module], Objective]] = {
     "clip": lambda model: ClipLoss(model.logit_scale),
+    "sigmoid": lambda model: SigmoidLoss(),
 }
 
 
