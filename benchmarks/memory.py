@@ -35,8 +35,11 @@ import common  # noqa: E402
 
 from finderpartner.config import TinySpec  # noqa: E402
 from finderpartner.env import autocast_factory, resolve_device, resolve_precision  # noqa: E402
-from finderpartner.memory import contrastive_backward, is_oom, peak_rss_bytes, reset_peak_rss, synthetic_batch  # noqa: E402
+from finderpartner.loss import ClipLoss  # noqa: E402
+from finderpartner.memory import is_oom, peak_rss_bytes, reset_peak_rss  # noqa: E402
 from finderpartner.model import CLIP_MEAN, CLIP_STD, ImageSpec, build_tiny  # noqa: E402
+from finderpartner.probe import synthetic_batch  # noqa: E402
+from finderpartner.step import contrastive_backward  # noqa: E402
 
 GiB = 2**30
 
@@ -77,7 +80,13 @@ def step(model, spec, ctx, batch_size: int, micro: int, device, autocast) -> flo
     batch.input_ids[:, -1] = int(model.config.text_config.eos_token_id)
     t0 = time.perf_counter()
     contrastive_backward(
-        model, batch, micro_batch_size=micro, spec=spec, autocast=autocast, backward=lambda x: x.backward()
+        model,
+        ClipLoss(model.logit_scale),
+        batch,
+        micro_batch_size=micro,
+        spec=spec,
+        autocast=autocast,
+        backward=lambda x: x.backward(),
     )
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -41,17 +41,17 @@ def _require(module: Any, attr: str) -> Any:
 
 
 def _after_setup(hook: Callable[[Any], None]) -> None:
-    """Run ``hook(run)`` on the trainer's ``_Run`` right after ``train._setup`` built it."""
+    """Run ``hook(run)`` on the trainer's ``Run`` right after ``train.setup`` built it."""
     from finderpartner import train
 
-    original = _require(train, "_setup")
+    original = _require(train, "setup")
 
     def setup(*args: Any, **kwargs: Any) -> Any:
         run = original(*args, **kwargs)
         hook(run)
         return run
 
-    train._setup = setup
+    train.setup = setup
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -64,15 +64,15 @@ def _adamw_variant(**flags: bool) -> None:
 
     from finderpartner import train
 
-    original = _require(train, "_optimizer")
+    original = _require(train, "build_optimizer")
 
-    def optimizer(model: Any, cfg: Any) -> torch.optim.Optimizer:
-        base = original(model, cfg)
+    def optimizer(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        base = original(*args, **kwargs)
         groups = [{k: v for k, v in g.items() if k in ("params", "weight_decay", "lr")} for g in base.param_groups]
         d = base.defaults
         return torch.optim.AdamW(groups, lr=d["lr"], betas=d["betas"], eps=d["eps"], **flags)
 
-    train._optimizer = optimizer
+    train.build_optimizer = optimizer
 
 
 @patch("unfused_adamw")
@@ -130,14 +130,14 @@ def _channels_last(_: str | None) -> None:
     """src change: model and pixel batches in channels-last memory format (only the patch embedding is a conv)."""
     import torch
 
-    from finderpartner import memory
+    from finderpartner import step
 
-    normalize = _require(memory, "normalize")
+    normalize = _require(step, "normalize")
 
     def channels_last(pixels: Any, spec: Any, *args: Any, **kwargs: Any) -> Any:
         return normalize(pixels, spec, *args, **kwargs).contiguous(memory_format=torch.channels_last)
 
-    memory.normalize = channels_last
+    step.normalize = channels_last
     _after_setup(lambda run: run.model.to(memory_format=torch.channels_last))
 
 

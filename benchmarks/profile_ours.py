@@ -50,7 +50,7 @@ BUCKETS: list[tuple[str, re.Pattern[str]]] = [
     ("zero_grad", re.compile(r"(^|\.)zero_grad \(torch/")),
     ("forward: vision", re.compile(r"^(CLIPVisionTransformer\.forward|image_features) \(")),
     ("forward: text", re.compile(r"^(CLIPTextTransformer\.forward|text_features) \(")),
-    ("loss", re.compile(r"^(contrastive_loss|clip_loss|global_batch) \(finderpartner/")),
+    ("loss", re.compile(r"^((Objective|ClipLoss)\.(forward|loss)|clip_loss|global_batch) \(finderpartner/")),
     ("normalise pixels", re.compile(r"^normalize \(finderpartner/data/transforms\.py")),
     (
         "logging / progress bar",
@@ -248,8 +248,9 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
     import torch
 
     from finderpartner.env import autocast_factory, resolve_precision
-    from finderpartner.memory import contrastive_backward
+    from finderpartner.loss import ClipLoss
     from finderpartner.model import set_attention
+    from finderpartner.step import contrastive_backward
 
     encoder, b = real_batch(size, batch)
     model, spec = encoder.model, encoder.image_spec
@@ -263,7 +264,13 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
     def fwd_bwd(m: Any = model, micro_batch: int = batch, batch_: Any = b) -> Any:
         m.zero_grad(set_to_none=True)
         return contrastive_backward(
-            m, batch_, micro_batch_size=micro_batch, spec=spec, autocast=autocast, backward=lambda loss: loss.backward()
+            m,
+            ClipLoss(m.logit_scale),
+            batch_,
+            micro_batch_size=micro_batch,
+            spec=spec,
+            autocast=autocast,
+            backward=lambda loss: loss.backward(),
         )
 
     out: dict[str, Any] = {
@@ -410,7 +417,8 @@ def _compile(encoder: Any, b: Any, spec: Any, autocast: Any, repeats: int) -> di
 
     import torch
 
-    from finderpartner.memory import contrastive_backward
+    from finderpartner.loss import ClipLoss
+    from finderpartner.step import contrastive_backward
 
     model = copy.deepcopy(encoder.model)
     for tower in (model.vision_model, model.text_model):
@@ -419,7 +427,13 @@ def _compile(encoder: Any, b: Any, spec: Any, autocast: Any, repeats: int) -> di
     def step(m: Any) -> Any:
         m.zero_grad(set_to_none=True)
         return contrastive_backward(
-            m, b, micro_batch_size=len(b), spec=spec, autocast=autocast, backward=lambda loss: loss.backward()
+            m,
+            ClipLoss(m.logit_scale),
+            b,
+            micro_batch_size=len(b),
+            spec=spec,
+            autocast=autocast,
+            backward=lambda loss: loss.backward(),
         )
 
     try:

@@ -1,4 +1,5 @@
-"""The contrastive batch does not depend on memory: gradient cache, OOM recovery, micro-batch probing, levers."""
+"""The contrastive batch does not depend on memory: gradient cache and OOM recovery (step.py), micro-batch probing
+(probe.py), memory levers."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import torch
 from helpers import MICRO_SPEC, micro_config
 from safetensors.torch import load_file
 
-import finderpartner.memory as memory
+import finderpartner.probe as probe
+import finderpartner.step as step
 from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.collate import Collator
 from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
-from finderpartner.memory import contrastive_backward, probe_micro_batch
+from finderpartner.loss import ClipLoss
 from finderpartner.model import apply_freezing, apply_lora, build_tiny, enable_gradient_checkpointing, plain_model
-from finderpartner.train import _optimizer, train
+from finderpartner.probe import probe_micro_batch
+from finderpartner.step import contrastive_backward
+from finderpartner.train import build_optimizer, train
 
 
 def _batch(small_data: Path, encoder, n: int):
@@ -30,6 +34,7 @@ def _grads(model, batch, micro: int, spec) -> dict[str, torch.Tensor]:
     model.zero_grad(set_to_none=True)
     contrastive_backward(
         model,
+        ClipLoss(model.logit_scale),
         batch,
         micro_batch_size=micro,
         spec=spec,
@@ -77,14 +82,14 @@ def test_gradient_cache_replays_dropout_identically(small_data: Path, monkeypatc
     cached = _grads(model, batch, 32, encoder.image_spec)
     assert all(torch.equal(full[n], cached[n]) for n in full)  # same seed, same path: deterministic
     outputs: list[torch.Tensor] = []
-    real_embed_pair = memory.embed_pair
+    real_embed_pair = step.embed_pair
 
     def recording_embed_pair(*args, **kwargs):  # type: ignore[no-untyped-def]
         image, text = real_embed_pair(*args, **kwargs)
         outputs.append(torch.cat([image, text], dim=1).detach())
         return image, text
 
-    monkeypatch.setattr(memory, "embed_pair", recording_embed_pair)
+    monkeypatch.setattr(step, "embed_pair", recording_embed_pair)
     torch.manual_seed(5)
     split = _grads(model, batch, 8, encoder.image_spec)
     # 4 micro-batches embedded without gradients, then again with them: the same dropout masks both times, so
@@ -100,7 +105,7 @@ def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(
 ) -> None:
     reference = train(config_from_dict(micro_config(tmp_path / "a", small_data)))
 
-    real = memory.embed_pair
+    real = step.embed_pair
     calls = {"n": 0}
 
     def oom_once_in_step_3(model, batch, spec):
@@ -109,7 +114,7 @@ def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, batch, spec)
 
-    monkeypatch.setattr(memory, "embed_pair", oom_once_in_step_3)
+    monkeypatch.setattr(step, "embed_pair", oom_once_in_step_3)
     recovered = train(config_from_dict(micro_config(tmp_path / "b", small_data, micro_batch_size=16)))
     assert recovered.state.micro_batch_size == 8 and recovered.state.global_step == reference.state.global_step
     ours = load_file(sorted((recovered.run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
@@ -127,18 +132,20 @@ def test_oom_at_micro_batch_one_says_what_to_change(small_data: Path, tmp_path: 
     def always_oom(model, batch, spec):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(memory, "embed_pair", always_oom)
+    monkeypatch.setattr(step, "embed_pair", always_oom)
     with pytest.raises(TrainingError, match="out of memory at micro-batch 1.*gradient_checkpointing.*LoRA"):
         train(config_from_dict(micro_config(tmp_path, small_data, micro_batch_size=2)))
 
 
 def _changed_after_steps(model, small_data: Path, encoder, steps: int = 2) -> set[str]:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = _optimizer(model, config_from_dict({"train": {"lr": 1e-2}}))
+    objective = ClipLoss(model.logit_scale)
+    opt = build_optimizer(model, objective, config_from_dict({"train": {"lr": 1e-2}}))
     batch = _batch(small_data, encoder, 16)
     for _ in range(steps):
         contrastive_backward(
             model,
+            objective,
             batch,
             micro_batch_size=16,
             spec=encoder.image_spec,
@@ -212,16 +219,17 @@ def test_cpu_probe_picks_a_size_and_caches_it(small_data: Path, tmp_path: Path, 
         reserve_bytes=0,
         cache_key="test-key",
     )
-    first = probe_micro_batch(encoder.model, **args)
+    objective = ClipLoss(encoder.model.logit_scale)
+    first = probe_micro_batch(encoder.model, objective, **args)
     assert first.micro_batch_size == 32 and "the full batch within free memory" in first.reason and first.peak_bytes
     assert "pairs/s" in first.reason
     assert all(p.grad is None for p in encoder.model.parameters())  # probing leaves no gradients behind
-    again = probe_micro_batch(encoder.model, **args)
+    again = probe_micro_batch(encoder.model, objective, **args)
     assert again.micro_batch_size == first.micro_batch_size and again.reason.startswith("cached")
     # The decision: with 1 MiB per pair (as measured) and 10 MiB free beyond the peak, 16 pairs fit, 32 do not.
-    monkeypatch.setattr(memory, "_cpu_step_peak", lambda model, size, *rest: (2**30 + size * 2**20, 100.0))
-    monkeypatch.setattr(memory, "_available_memory_bytes", lambda: 10 * 2**20)
-    tight = probe_micro_batch(encoder.model, **{**args, "cache_key": None})
+    monkeypatch.setattr(probe, "_cpu_step_peak", lambda setup, size: (2**30 + size * 2**20, 100.0))
+    monkeypatch.setattr(probe, "available_memory_bytes", lambda: 10 * 2**20)
+    tight = probe_micro_batch(encoder.model, objective, **{**args, "cache_key": None})
     assert tight.micro_batch_size == 16 and tight.reason.startswith("largest size within free memory")
 
 

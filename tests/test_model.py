@@ -14,10 +14,9 @@ from PIL import Image
 from finderpartner.config import TinySpec
 from finderpartner.data.transforms import EvalTransform, normalize
 from finderpartner.errors import ModelError
+from finderpartner.loss import MAX_LOGIT_SCALE, ClipLoss
 from finderpartner.model import (
-    MAX_LOGIT_SCALE,
     build_tiny,
-    clamp_logit_scale,
     encode_image,
     encode_text,
     load_model,
@@ -80,7 +79,7 @@ def test_attention_auto_is_eager_for_short_cpu_sequences_and_gives_the_same_embe
 def test_logit_scale_is_clamped_at_100(encoder) -> None:
     with torch.no_grad():
         encoder.model.logit_scale.fill_(10.0)
-    clamp_logit_scale(encoder.model)
+    ClipLoss(encoder.model.logit_scale).clamp_()  # the objective owns the temperature's clamp
     assert float(encoder.model.logit_scale.detach().exp()) == pytest.approx(100.0)
     with torch.no_grad():
         encoder.model.logit_scale.fill_(np.log(1 / 0.07))

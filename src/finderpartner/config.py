@@ -210,6 +210,11 @@ class TrainConfig(_Section):
     micro_batch_size: int | Literal["auto"] = Field(
         "auto", description="pairs through the model at once per process; 'auto' probes; results do not depend on it"
     )
+    loss: Literal["clip", "sigmoid"] = Field(
+        "clip",
+        description="training objective: 'clip' (symmetric InfoNCE, learnable temperature = logit_scale); "
+        "'sigmoid' (SigLIP: learnable temperature and bias, kept in the checkpoints, not in the saved model)",
+    )
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(
         0.1, ge=0, description="AdamW decay; never applied to biases, norms, embeddings, logit scale"

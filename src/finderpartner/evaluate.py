@@ -6,6 +6,7 @@ Computing and writing are separate: ``evaluate_split`` returns a result, ``write
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from torch import nn
 from .data.sources import EvalSet
 from .data.transforms import normalize
 from .errors import DataError
-from .loss import clip_loss
+from .loss import ClipLoss, Objective
 from .metrics import mean_recall, retrieval_metrics, similarity_stats
 from .model import ImageSpec, encode_image, encode_text
 
@@ -141,12 +142,17 @@ def evaluate_split(
     device: torch.device,
     autocast: Autocast = contextlib.nullcontext,
     batch_size: int = 256,
+    objective: Objective | None = None,
     loss_batch_size: int = 256,
     chunk_size: int = 1024,
     num_workers: int = 0,
     progress: bool = False,
 ) -> EvalResult:
-    """Retrieval metrics, contrastive loss and similarity statistics of one split."""
+    """Retrieval metrics, contrastive loss and similarity statistics of one split.
+
+    The loss is ``objective``'s (training passes its own; default: CLIP's with the model's temperature) over
+    consecutive blocks of ``loss_batch_size`` pairs.
+    """
     image_emb, skipped = embed_images(
         model,
         data.images,
@@ -170,8 +176,8 @@ def evaluate_split(
         batch_size=batch_size,
     )
     t2i = torch.tensor(data.text_to_image)
-    scale = float(model.logit_scale.detach().float().cpu())
-    return evaluate_embeddings(image_emb, text_emb, t2i, data.captions, scale, loss_batch_size, chunk_size)
+    objective = objective if objective is not None else ClipLoss(model.logit_scale)
+    return evaluate_embeddings(image_emb, text_emb, t2i, data.captions, objective, loss_batch_size, chunk_size)
 
 
 def evaluate_embeddings(
@@ -179,18 +185,20 @@ def evaluate_embeddings(
     text_emb: torch.Tensor,
     text_to_image: torch.Tensor,
     captions: list[str],
-    logit_scale: float,
+    objective: Objective,
     loss_batch_size: int = 256,
     chunk_size: int = 1024,
 ) -> EvalResult:
     metrics = retrieval_metrics(image_emb, text_emb, text_to_image, captions, chunk_size=chunk_size)
-    # Contrastive loss over consecutive blocks of rows (the training objective at the training batch size).
+    # Contrastive loss over consecutive blocks of rows (the training objective at the training batch size), on a
+    # CPU copy of the objective's parameters where the embeddings are; ``loss`` gathers nothing across processes.
     losses, sizes = [], []
-    scale = torch.tensor(logit_scale)
+    on_cpu = copy.deepcopy(objective).cpu()
     for start in range(0, len(captions), loss_batch_size):
         rows = torch.arange(start, min(start + loss_batch_size, len(captions)))
         if len(rows) > 1:
-            losses.append(float(clip_loss(image_emb[text_to_image[rows]], text_emb[rows], scale)))
+            with torch.no_grad():
+                losses.append(float(on_cpu.loss(image_emb[text_to_image[rows]], text_emb[rows])))
             sizes.append(len(rows))
     loss = float(np.average(losses, weights=sizes)) if losses else float("nan")
     stats, positive, negative = similarity_stats(image_emb, text_emb, text_to_image)

@@ -1,16 +1,32 @@
-"""Contrastive loss over the global batch, and the feature gathering that makes a batch global.
+"""The training objective as an object, and the feature gathering that makes a batch global.
+
+An ``Objective`` is an ``nn.Module``: the loss of a contrastive batch plus everything about its own learnable
+parameters (CLIP: the temperature) that the trainer would otherwise special-case by name: their weight-decay
+rule, their clamp after each optimizer step, the values worth logging, and how their gradients are reduced
+across processes. The trainer, the gradient cache and validation only iterate over ``objective.parameters()``,
+so a new loss (with its own parameters) is a new subclass here and an entry in ``OBJECTIVES``.
 
 Gathering is kept apart from the loss maths (as in open_clip). Each process computes the loss of the whole
 global batch with its own features in place of their gathered copies, so the gradient it gets is the full
 derivative of the global loss with respect to its features; the trainer then *sums* parameter gradients
-across processes. The result equals a single process holding the whole batch.
+across processes. The result equals a single process holding the whole batch. The objective's own
+parameters are the exception: every process already holds their full gradient (they see the whole gathered
+batch), so after the sum they are divided by the number of processes (``average_summed_gradients_``).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so that exp(scale) <= 100
 
 
 def world() -> tuple[int, int]:
@@ -53,6 +69,107 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
-def contrastive_loss(local_image: torch.Tensor, local_text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP loss of the global batch (all processes), differentiable in this process's embeddings."""
-    return clip_loss(global_batch(local_image), global_batch(local_text), logit_scale)
+class Objective(nn.Module):
+    """A contrastive objective over normalised embeddings, owning the rules of its learnable parameters.
+
+    Subclasses implement ``loss``; the defaults below suit parameters like a temperature or a bias: no weight
+    decay, no clamp, nothing logged.
+    """
+
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """The loss of exactly these pairs (row i of both is pair i), in this process only: no gathering.
+
+        Validation calls this on fixed-size blocks of a split; ``forward`` calls it on the global batch.
+        """
+        raise NotImplementedError
+
+    def forward(self, local_image: torch.Tensor, local_text: torch.Tensor) -> torch.Tensor:
+        """The loss of the global batch (all processes), differentiable in this process's embeddings."""
+        return self.loss(global_batch(local_image), global_batch(local_text))
+
+    def no_decay(self) -> list[nn.Parameter]:
+        """Which of this objective's parameters skip weight decay (decaying a temperature or bias is meaningless)."""
+        return list(self.parameters())
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep the parameters in their valid range; the trainer calls this after every optimizer step."""
+
+    def log_values(self) -> dict[str, float]:
+        """Figures the trainer logs as ``train/<name>`` (readable values, e.g. a temperature as exp(scale))."""
+        return {}
+
+    @torch.no_grad()
+    def average_summed_gradients_(self, world_size: int) -> None:
+        """Undo the cross-process SUM for these parameters: each process already held their full gradient.
+
+        The trainer sums every gradient across processes (right for the towers: each process holds the part
+        that flows through its own features). The objective's parameters see the whole gathered batch in every
+        process, so the sum is ``world_size`` times the single-process gradient; dividing restores it exactly.
+        """
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad /= world_size
+
+
+class ClipLoss(Objective):
+    """CLIP's symmetric InfoNCE with a learnable temperature: logits = exp(logit_scale) * cos.
+
+    The temperature is the model's own ``logit_scale`` Parameter, held by reference (the same tensor, not a
+    copy), while this objective owns its rules (no weight decay, clamp to exp <= 100, gradient averaging,
+    logging). Holding a reference rather than owning a copy means the trained temperature is in the HF
+    CLIPModel at every moment: ``best_model/`` and exports carry it with no write-back step, checkpoints keep
+    it in the model weights (checkpoints written before objectives existed resume unchanged), and evaluation
+    of a saved model gives the same numbers as validation during training.
+    """
+
+    def __init__(self, logit_scale: nn.Parameter) -> None:
+        super().__init__()
+        self.logit_scale = logit_scale
+
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return clip_loss(image_emb, text_emb, self.logit_scale)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def log_values(self) -> dict[str, float]:
+        return {"logit_scale": float(self.logit_scale.detach().exp())}
+
+
+class SigmoidLoss(Objective):
+    """SigLIP's pairwise sigmoid loss: logits = exp(t') * cos + b, loss = -mean log sigmoid(label * logits).
+
+    Labels are +1 on the diagonal (matching pairs), -1 elsewhere. It owns both of its parameters (the HF
+    CLIPModel has no place for a bias; its ``logit_scale`` is left as it was): the trainer optimizes them, and
+    keeps them in the training checkpoint, without knowing their names. Init as SigLIP: t' = log 10, b = -10.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = nn.Parameter(torch.tensor(-10.0))
+
+    def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        logits = self.log_scale.float().exp() * image_emb.float() @ text_emb.float().t() + self.bias.float()
+        labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
+        return -F.logsigmoid(labels * logits).mean()
+
+    def log_values(self) -> dict[str, float]:
+        return {"sigmoid_scale": float(self.log_scale.detach().exp()), "sigmoid_bias": float(self.bias.detach())}
+
+
+# train.loss -> the objective for a model. A new objective is a subclass above and one entry here.
+OBJECTIVES: dict[str, Callable[[nn.Module], Objective]] = {
+    "clip": lambda model: ClipLoss(model.logit_scale),
+    "sigmoid": lambda model: SigmoidLoss(),
+}
+
+
+def build_objective(name: str, model: nn.Module) -> Objective:
+    """The objective ``train.loss`` names, for ``model`` (already on its device: the objective is moved there)."""
+    if name not in OBJECTIVES:
+        raise ConfigError(f"train.loss {name!r} is not an objective; choose one of {', '.join(sorted(OBJECTIVES))}")
+    device = next(model.parameters()).device
+    return OBJECTIVES[name](model).to(device)

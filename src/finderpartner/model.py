@@ -9,7 +9,6 @@ return type changed in 5.x.
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 import re
 from collections.abc import Iterable
@@ -29,7 +28,6 @@ log = logging.getLogger(__name__)
 # OpenAI CLIP's normalisation; the tiny model uses it too so that pretrained and tiny share one data path.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so that exp(scale) <= 100
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'org/name' or 'name', never a path
 
 
@@ -304,12 +302,6 @@ def encode_image(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
 def encode_text(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """L2-normalised text embeddings, float32."""
     return F.normalize(text_features(model, input_ids, attention_mask).float(), dim=-1)
-
-
-@torch.no_grad()
-def clamp_logit_scale(model: nn.Module) -> None:
-    """Keep exp(logit_scale) <= 100, as CLIP does after every optimizer step."""
-    model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 ``train(cfg)`` = set up (run folder, data, model, optimizer, resume) -> for each epoch: steps, then
 validation and the best model -> final checkpoint and summary. A step is one contrastive batch: the
-gradient cache (``memory.py``) makes its result independent of the micro-batch, and a CUDA OOM halves the
+gradient cache (``step.py``) makes its result independent of the micro-batch, and a CUDA OOM halves the
 micro-batch and redoes the same step. Gradients are summed across processes explicitly (the model is not
 wrapped in DDP) because each process already holds the full derivative of the global loss for its features.
+The objective (``loss.py``, ``train.loss``) is an object with its own parameters and their rules: the trainer
+optimizes, clamps, logs and checkpoints them without knowing their names.
 """
 
 from __future__ import annotations
@@ -42,13 +44,12 @@ from .data.validate import long_captions_note
 from .env import autocast_factory, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UsageError
 from .evaluate import EvalResult, evaluate_split, format_metrics
-from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
+from .loss import Objective, build_objective
 from .model import (
     DualEncoder,
     apply_freezing,
     apply_lora,
     build_model,
-    clamp_logit_scale,
     enable_gradient_checkpointing,
     save_model,
     set_attention,
@@ -64,6 +65,8 @@ from .outputs import (
     write_marker,
     write_text_atomic,
 )
+from .probe import probe_micro_batch
+from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, flatten, make_trackers
 
 log = logging.getLogger(__name__)
@@ -98,14 +101,15 @@ class TrainResult:
 
 
 @dataclass
-class _Run:
-    """The objects of one training run, built once by ``_setup``; derived numbers included."""
+class Run:
+    """The objects of one training run, built once by ``setup``; derived numbers included."""
 
     cfg: Config
     accelerator: Any
     device: torch.device
     precision: str
     encoder: DualEncoder
+    objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -142,7 +146,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
     are deleted). Without either, a run folder that holds a run is refused: runs are never mixed.
     """
     start = time.perf_counter()
-    run = _setup(cfg, resume, overwrite)
+    run = setup(cfg, resume, overwrite)
     try:
         _log_plan(run)
         stepped = run.state.global_step < run.total_steps  # False when resuming a finished run
@@ -166,7 +170,8 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
 # Setup
 
 
-def _setup(cfg: Config, resume: str | None, overwrite: bool = False) -> _Run:
+def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
+    """Everything a run needs, resumed where asked: ``train`` calls it first (benchmarks wrap it to adjust a run)."""
     from accelerate import Accelerator
 
     start = time.perf_counter()  # a time budget counts from here
@@ -193,7 +198,7 @@ def _build_run(
     resume: str | None,
     lock: FolderLock | None,
     start: float,
-) -> _Run:
+) -> Run:
     from accelerate.utils import set_seed
 
     if device.type == "cpu":
@@ -230,17 +235,19 @@ def _build_run(
         )
     )
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
-    optimizer = _optimizer(model, cfg)
+    objective = build_objective(cfg.train.loss, model)
+    optimizer = build_optimizer(model, objective, cfg)
     scheduler = _scheduler(
         optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now, cfg.train.min_lr_ratio
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    run = _Run(
+    run = Run(
         cfg,
         accelerator,
         device,
         precision,
         encoder,
+        objective,
         optimizer,
         scheduler,
         scaler,
@@ -449,7 +456,7 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, prec
     return model
 
 
-def _choose_micro_batch(run: _Run, local_batch: int) -> int:
+def _choose_micro_batch(run: Run, local_batch: int) -> int:
     setting = run.cfg.train.micro_batch_size
     if setting != "auto":
         return min(int(setting), local_batch)
@@ -471,6 +478,7 @@ def _choose_micro_batch(run: _Run, local_batch: int) -> int:
     )
     result = probe_micro_batch(
         run.model,
+        run.objective,
         local_batch=local_batch,
         spec=spec,
         context_length=run.encoder.context_length,
@@ -484,18 +492,26 @@ def _choose_micro_batch(run: _Run, local_batch: int) -> int:
     return result.micro_batch_size
 
 
-def _optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and the logit scale."""
+def parameter_groups(model: nn.Module, objective: Objective, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices; none on biases, norms, embeddings and the objective's ``no_decay()``.
+
+    Parameters keep the order of ``step_parameters`` (the model's, then the objective's own): a checkpoint's
+    optimizer state is matched to parameters by position.
+    """
     no_decay_modules = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm2d)
     no_decay: set[int] = {
         id(p) for m in model.modules() if isinstance(m, no_decay_modules) for p in m.parameters(recurse=False)
-    }
+    } | {id(p) for p in objective.no_decay()}
     decay, rest = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (rest if p.ndim < 2 or id(p) in no_decay or name.endswith("logit_scale") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    for p in step_parameters(model, objective):
+        if p.requires_grad:
+            (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, objective: Objective, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over ``parameter_groups`` (benchmarks wrap this to compare optimizer variants)."""
+    groups = parameter_groups(model, objective, cfg.train.weight_decay)
     kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "eps": cfg.train.eps}
     try:  # one fused kernel over all parameters (CUDA; CPU since torch 2.4): measured +3% per step on the CPU
         return torch.optim.AdamW(groups, fused=True, **kwargs)
@@ -529,7 +545,7 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _resume(run: _Run, resume: str) -> None:
+def _resume(run: Run, resume: str) -> None:
     checkpoints = run.run_dir / "checkpoints"
     found = None  # a checkpoint latest_checkpoint() chose: already checked against its manifest
     if resume == "auto":
@@ -546,7 +562,8 @@ def _resume(run: _Run, resume: str) -> None:
         raise CheckpointError(
             f"{path} was trained with another model section in its config; resume with the same model settings"
         )
-    run.model.load_state_dict(ckpt.model)
+    run.model.load_state_dict({k: v for k, v in ckpt.model.items() if not k.startswith(OBJECTIVE_PREFIX)})
+    _restore_objective(run, ckpt.model, path)
     run.optimizer.load_state_dict(ckpt.optimizer)
     run.scheduler.load_state_dict(ckpt.state["scheduler"])
     run.scaler.load_state_dict(ckpt.state["scaler"])
@@ -566,7 +583,7 @@ def _resume(run: _Run, resume: str) -> None:
     )
 
 
-def _log_plan(run: _Run) -> None:
+def _log_plan(run: Run) -> None:
     if not run.is_main:
         return
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -591,7 +608,7 @@ def _log_plan(run: _Run) -> None:
 # The loop
 
 
-def _loop(run: _Run) -> EvalResult | None:
+def _loop(run: Run) -> EvalResult | None:
     state, cfg = run.state, run.cfg
     final: EvalResult | None = None
     total = run.total_steps if run.plan.decided else None  # a time budget fixes it after the first steps
@@ -642,7 +659,137 @@ def _loop(run: _Run) -> EvalResult | None:
     return final
 
 
-def _decide_steps(run: _Run) -> None:
+class _Window:
+    """Running figures between two log lines: loss, throughput, time waiting for data."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+        self.samples = 0
+        self.data_wait = 0.0
+        self.start = time.perf_counter()
+        self._data_start = self.start
+        self.last_loss = float("nan")
+        self.samples_per_s = 0.0
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave time spent outside training steps (checkpoints, validation) out of the throughput."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
+
+    def mark_data_start(self) -> None:
+        self._data_start = time.perf_counter()
+
+    def mark_data_end(self) -> None:
+        self.data_wait += time.perf_counter() - self._data_start
+
+    def add(self, loss: float, grad_norm: float, samples: int) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.samples += samples
+        self.last_loss = loss
+        elapsed = time.perf_counter() - self.start
+        self.samples_per_s = self.samples / elapsed if elapsed > 0 else 0.0
+
+    def flush(self, run: Run) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        finite = [x for x in self.losses if math.isfinite(x)]
+        metrics = {
+            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
+            "train/grad_norm": max(self.grad_norms) if self.grad_norms else float("nan"),
+            "train/lr": run.scheduler.get_last_lr()[0],
+            **{f"train/{name}": value for name, value in run.objective.log_values().items()},
+            "train/samples_per_s": self.samples / elapsed,
+            "train/data_wait_fraction": self.data_wait / elapsed,
+            "train/epoch": run.state.epoch + run.state.step_in_epoch / max(1, run.batches.steps_per_epoch),
+            "train/micro_batch_size": run.state.micro_batch_size,
+        }
+        self.__init__()
+        return metrics
+
+
+def _train_step(run: Run, batch: Batch, window: _Window) -> None:
+    """One optimizer step on one contrastive batch; non-finite steps are skipped, OOM halves the micro-batch."""
+    state = run.state
+    if batch.skipped:
+        state.skipped_samples += len(batch.skipped)
+        for s in batch.skipped:
+            log.warning("step %d: skipped %s (%s)", state.global_step + 1, s.path, s.reason)
+    batch = batch.to(run.device, non_blocking=True)
+    loss, state.micro_batch_size = backward_with_oom_retry(
+        run.model,
+        run.objective,
+        batch,
+        micro_batch_size=state.micro_batch_size,
+        spec=run.encoder.image_spec,
+        autocast=autocast_factory(run.device, run.precision),
+        backward=lambda loss: run.scaler.scale(loss).backward(),
+        may_halve=run.batches.world_size == 1,  # processes must agree on it: a halving would need a vote
+        oom_advice=lambda micro: _oom_advice(run, micro),
+        step=state.global_step + 1,
+    )
+    sum_gradients_across_processes(run.model, run.objective)
+    if run.scaler.is_enabled():
+        run.scaler.unscale_(run.optimizer)
+    params = [p for p in step_parameters(run.model, run.objective) if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip or float("inf"))
+    loss_value, norm_value = float(loss), float(grad_norm)
+    if math.isfinite(loss_value) and (math.isfinite(norm_value) or run.scaler.is_enabled()):
+        run.scaler.step(run.optimizer)  # plain optimizer.step() when the scaler is disabled
+        run.scaler.update()
+        run.objective.clamp_()
+        state.nonfinite_streak = 0
+        run.scheduler.step()
+    else:
+        _skip_nonfinite(run, loss_value, norm_value)
+        with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.global_step += 1
+    state.step_in_epoch += 1
+    state.samples_seen += run.batches.global_batch
+    window.add(loss_value, norm_value, len(batch) * run.batches.world_size)
+
+
+def _oom_advice(run: Run, micro_batch_size: int) -> str:
+    where = "at micro-batch 1" if micro_batch_size <= 1 else "in a multi-process run"
+    return (
+        f"out of memory {where} ({run.precision}, model {run.cfg.model.name}). To fit: precision bf16/fp16 "
+        "(train.precision), model.gradient_checkpointing: true, a smaller image size, freezing a tower "
+        "(model.freeze.image_tower / text_tower) or LoRA (model.lora.enabled)"
+        + ("; or set train.micro_batch_size lower explicitly" if run.batches.world_size > 1 else "")
+    )
+
+
+def _skip_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
+    state = run.state
+    state.nonfinite_steps += 1
+    state.nonfinite_streak += 1
+    log.warning(
+        "step %d: non-finite loss (%s) or gradient norm (%s): step skipped (%d in a row, %d in total)",
+        state.global_step + 1,
+        loss,
+        grad_norm,
+        state.nonfinite_streak,
+        state.nonfinite_steps,
+    )
+    if state.nonfinite_streak >= run.cfg.train.max_nonfinite_steps:
+        raise TrainingError(
+            f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient (step {state.global_step + 1}). "
+            "Lower train.lr, use precision bf16 instead of fp16, or check the data; the last checkpoint is intact."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time budget: after the first steps, how many fit
+
+
+def _decide_steps(run: Run) -> None:
     """Fix the step count of a time-budget run: the main process decides from what it measured, the others agree."""
     plan, state, cfg = run.plan, run.state, run.cfg
     total = torch.zeros(1, dtype=torch.long, device=run.device if dist.is_initialized() else "cpu")
@@ -684,7 +831,7 @@ def _decide_steps(run: _Run) -> None:
     state.planned_steps = plan.total
 
 
-def _validation_cost(run: _Run) -> float:
+def _validation_cost(run: Run) -> float:
     """Seconds per validation: measured when one ran already, else timed on a slice of the split and scaled up."""
     measured = run.plan.measured_cost("validation")
     if measured is not None:
@@ -705,6 +852,7 @@ def _validation_cost(run: _Run) -> float:
             device=run.device,
             autocast=autocast_factory(run.device, run.precision),
             batch_size=run.cfg.eval.batch_size,
+            objective=run.objective,
             loss_batch_size=run.batches.global_batch,
             chunk_size=run.cfg.eval.chunk_size,
         )
@@ -716,7 +864,7 @@ def _validation_cost(run: _Run) -> float:
     return seconds * scale + _bytes(run.model.state_dict()) / 200e6  # + saving the best model
 
 
-def _checkpoint_cost_estimate(run: _Run) -> float:
+def _checkpoint_cost_estimate(run: Run) -> float:
     """Seconds per checkpoint before one was written: its bytes at 200 MB/s."""
     return 0.05 + (_bytes(run.model.state_dict()) + _bytes(run.optimizer.state_dict()["state"])) / 200e6
 
@@ -729,173 +877,11 @@ def _bytes(tree: Any) -> int:
     return 0
 
 
-class _Window:
-    """Running figures between two log lines: loss, throughput, time waiting for data."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.grad_norms: list[float] = []
-        self.samples = 0
-        self.data_wait = 0.0
-        self.start = time.perf_counter()
-        self._data_start = self.start
-        self.last_loss = float("nan")
-        self.samples_per_s = 0.0
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave time spent outside training steps (checkpoints, validation) out of the throughput."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - t0
-
-    def mark_data_start(self) -> None:
-        self._data_start = time.perf_counter()
-
-    def mark_data_end(self) -> None:
-        self.data_wait += time.perf_counter() - self._data_start
-
-    def add(self, loss: float, grad_norm: float, samples: int) -> None:
-        self.losses.append(loss)
-        self.grad_norms.append(grad_norm)
-        self.samples += samples
-        self.last_loss = loss
-        elapsed = time.perf_counter() - self.start
-        self.samples_per_s = self.samples / elapsed if elapsed > 0 else 0.0
-
-    def flush(self, run: _Run) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        finite = [x for x in self.losses if math.isfinite(x)]
-        metrics = {
-            "train/loss": sum(finite) / len(finite) if finite else float("nan"),
-            "train/grad_norm": max(self.grad_norms) if self.grad_norms else float("nan"),
-            "train/lr": run.scheduler.get_last_lr()[0],
-            "train/logit_scale": float(run.model.logit_scale.detach().exp()),
-            "train/samples_per_s": self.samples / elapsed,
-            "train/data_wait_fraction": self.data_wait / elapsed,
-            "train/epoch": run.state.epoch + run.state.step_in_epoch / max(1, run.batches.steps_per_epoch),
-            "train/micro_batch_size": run.state.micro_batch_size,
-        }
-        self.__init__()
-        return metrics
-
-
-def _train_step(run: _Run, batch: Batch, window: _Window) -> None:
-    """One optimizer step on one contrastive batch; non-finite steps are skipped, OOM halves the micro-batch."""
-    state = run.state
-    if batch.skipped:
-        state.skipped_samples += len(batch.skipped)
-        for s in batch.skipped:
-            log.warning("step %d: skipped %s (%s)", state.global_step + 1, s.path, s.reason)
-    batch = batch.to(run.device, non_blocking=True)
-    loss = _backward_with_oom_retry(run, batch)
-    _sum_gradients_across_processes(run.model)
-    if run.scaler.is_enabled():
-        run.scaler.unscale_(run.optimizer)
-    params = [p for p in run.model.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, run.cfg.train.grad_clip or float("inf"))
-    loss_value, norm_value = float(loss), float(grad_norm)
-    if math.isfinite(loss_value) and (math.isfinite(norm_value) or run.scaler.is_enabled()):
-        run.scaler.step(run.optimizer)  # plain optimizer.step() when the scaler is disabled
-        run.scaler.update()
-        clamp_logit_scale(run.model)
-        state.nonfinite_streak = 0
-        run.scheduler.step()
-    else:
-        _skip_nonfinite(run, loss_value, norm_value)
-        with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
-            run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    state.global_step += 1
-    state.step_in_epoch += 1
-    state.samples_seen += run.batches.global_batch
-    window.add(loss_value, norm_value, len(batch) * run.batches.world_size)
-
-
-def _backward_with_oom_retry(run: _Run, batch: Batch) -> torch.Tensor:
-    rng = capture_rng()
-    while True:
-        try:
-            return contrastive_backward(
-                run.model,
-                batch,
-                micro_batch_size=run.state.micro_batch_size,
-                spec=run.encoder.image_spec,
-                autocast=autocast_factory(run.device, run.precision),
-                backward=lambda loss: run.scaler.scale(loss).backward(),
-            )
-        except Exception as e:
-            if not is_oom(e):
-                raise
-            run.optimizer.zero_grad(set_to_none=True)
-            free_memory()
-            restore_rng(rng)
-            if run.state.micro_batch_size <= 1 or run.batches.world_size > 1:
-                raise TrainingError(_oom_advice(run)) from None
-            run.state.micro_batch_size = max(1, run.state.micro_batch_size // 2)
-            log.warning(
-                "out of memory at step %d: micro-batch halved to %d, redoing the step",
-                run.state.global_step + 1,
-                run.state.micro_batch_size,
-            )
-
-
-def _oom_advice(run: _Run) -> str:
-    where = "at micro-batch 1" if run.state.micro_batch_size <= 1 else "in a multi-process run"
-    return (
-        f"out of memory {where} ({run.precision}, model {run.cfg.model.name}). To fit: precision bf16/fp16 "
-        "(train.precision), model.gradient_checkpointing: true, a smaller image size, freezing a tower "
-        "(model.freeze.image_tower / text_tower) or LoRA (model.lora.enabled)"
-        + ("; or set train.micro_batch_size lower explicitly" if run.batches.world_size > 1 else "")
-    )
-
-
-def _sum_gradients_across_processes(model: nn.Module) -> None:
-    """Each process holds d(global loss)/d(params) through its own features: the total is their sum.
-
-    The logit scale's gradient is the same full value in every process, so it is averaged instead.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    params = [p for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-        offset += n
-    if model.logit_scale.grad is not None:
-        model.logit_scale.grad /= dist.get_world_size()
-
-
-def _skip_nonfinite(run: _Run, loss: float, grad_norm: float) -> None:
-    state = run.state
-    state.nonfinite_steps += 1
-    state.nonfinite_streak += 1
-    log.warning(
-        "step %d: non-finite loss (%s) or gradient norm (%s): step skipped (%d in a row, %d in total)",
-        state.global_step + 1,
-        loss,
-        grad_norm,
-        state.nonfinite_streak,
-        state.nonfinite_steps,
-    )
-    if state.nonfinite_streak >= run.cfg.train.max_nonfinite_steps:
-        raise TrainingError(
-            f"{state.nonfinite_streak} steps in a row had a non-finite loss or gradient (step {state.global_step + 1}). "
-            "Lower train.lr, use precision bf16 instead of fp16, or check the data; the last checkpoint is intact."
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Validation, best model, checkpoints
 
 
-def _validate(run: _Run) -> EvalResult | None:
+def _validate(run: Run) -> EvalResult | None:
     if run.val is None:
         return None
     result = None
@@ -910,6 +896,7 @@ def _validate(run: _Run) -> EvalResult | None:
             device=run.device,
             autocast=autocast_factory(run.device, run.precision),
             batch_size=cfg.eval.batch_size,
+            objective=run.objective,
             loss_batch_size=run.batches.global_batch,
             chunk_size=cfg.eval.chunk_size,
             # worker processes only pay off for large splits (each evaluation would start them anew)
@@ -918,10 +905,11 @@ def _validate(run: _Run) -> EvalResult | None:
         run.model.train()
         run.trackers.log(flatten({"val": result.summary()}), run.state.global_step)
         log.info(
-            "step %d, epoch %d: val loss %.4f, mean recall %.4f",
+            "step %d, epoch %d: val loss %.4f (at contrastive batch %d, the training batch), mean recall %.4f",
             run.state.global_step,
             run.state.epoch,
             result.loss,
+            run.batches.global_batch,
             result.mean_recall,
         )
         value = result.select(cfg.eval.best_metric)
@@ -932,7 +920,7 @@ def _validate(run: _Run) -> EvalResult | None:
     return result
 
 
-def _save_best(run: _Run, result: EvalResult | None) -> None:
+def _save_best(run: Run, result: EvalResult | None) -> None:
     card = _model_card(run, result)
     replace_dir(
         lambda tmp: save_model(run.encoder, tmp, card=card),
@@ -942,7 +930,7 @@ def _save_best(run: _Run, result: EvalResult | None) -> None:
     log.info("best model (step %d) saved to %s", run.state.global_step, run.run_dir / "best_model")
 
 
-def _save_checkpoint(run: _Run) -> None:
+def _save_checkpoint(run: Run) -> None:
     if run.is_main:
         rng = capture_rng()
         tensors = {"cpu": rng["cpu"], **{f"cuda_{i}": s for i, s in enumerate(rng.get("cuda", []))}}
@@ -957,13 +945,38 @@ def _save_checkpoint(run: _Run) -> None:
         save_checkpoint(
             run.run_dir / "checkpoints",
             run.state.global_step,
-            model=run.model.state_dict(),
+            model={**run.model.state_dict(), **_objective_tensors(run)},
             optimizer=run.optimizer.state_dict(),
             rng=tensors,
             state=state,
             keep=run.cfg.train.keep_checkpoints,
         )
     run.accelerator.wait_for_everyone()
+
+
+# Checkpoint keys of the objective's parameters that are not the model's (next to the model's own weights).
+OBJECTIVE_PREFIX = "objective."
+
+
+def _objective_tensors(run: Run) -> dict[str, torch.Tensor]:
+    """The objective's parameters that the model's state does not hold, by checkpoint key.
+
+    None for CLIP (its temperature is the model's ``logit_scale``), so its checkpoints are as before.
+    """
+    in_model = {id(p) for p in run.model.parameters()}
+    return {
+        OBJECTIVE_PREFIX + name: p.detach() for name, p in run.objective.named_parameters() if id(p) not in in_model
+    }
+
+
+def _restore_objective(run: Run, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """Load the objective's own parameters; a checkpoint without them (older, or CLIP) leaves their initial values."""
+    for key, p in _objective_tensors(run).items():
+        if key in saved:
+            with torch.no_grad():
+                p.copy_(saved[key])
+        else:
+            log.warning("%s holds no %s: it starts from its initial value", path, key)
 
 
 def _versions() -> dict[str, str]:
@@ -977,7 +990,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _model_card(run: _Run, result: EvalResult | None) -> str:
+def _model_card(run: Run, result: EvalResult | None) -> str:
     cfg = run.cfg
     lines = [
         "---",
@@ -1016,7 +1029,7 @@ def _model_card(run: _Run, result: EvalResult | None) -> str:
     return "\n".join(lines)
 
 
-def _summary(run: _Run, result: TrainResult) -> None:
+def _summary(run: Run, result: TrainResult) -> None:
     state = run.state
     lines = [
         f"finished {state.global_step} steps ({state.samples_seen} pairs) in {result.seconds / 60:.1f} min",

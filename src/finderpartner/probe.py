@@ -1,0 +1,226 @@
+"""Choosing the micro-batch (``train.micro_batch_size: auto``) by running real steps on synthetic batches.
+
+The probe measures this model, precision and image size on this machine: on CUDA the peak allocation of one
+forward+backward step per candidate size, on the CPU the peak resident memory at two small sizes, extrapolated.
+The answer is cached per setup (``<cache>/micro_batch.json``), since probing costs a few steps' time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data.collate import Batch
+from .errors import TrainingError
+from .index import default_cache_dir
+from .loss import Objective
+from .memory import available_memory_bytes, free_memory, is_oom, peak_rss_bytes, reset_peak_rss
+from .model import ImageSpec
+from .step import contrastive_backward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    micro_batch_size: int
+    reason: str
+    peak_bytes: dict[int, int]  # micro-batch size -> measured peak (CUDA: allocated; CPU: resident)
+
+
+def synthetic_batch(size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device) -> Batch:
+    """Worst-case inputs for probing: full-length captions, random pixels."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, vocab_size), (size, context_length), generator=g)
+    return Batch(
+        torch.arange(size),
+        torch.randint(0, 256, (size, 3, image_size, image_size), dtype=torch.uint8, generator=g),
+        ids,
+        torch.ones_like(ids),
+    ).to(device)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What one probing step runs: this model and objective on worst-case synthetic batches."""
+
+    model: nn.Module
+    objective: Objective
+    spec: ImageSpec
+    context_length: int
+    vocab: int
+    eos: int
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+
+    def batch(self, size: int) -> Batch:
+        """``size`` worst-case pairs: random pixels, full-length captions ending in the end-of-text token."""
+        batch = synthetic_batch(size, self.spec.crop, self.context_length, self.vocab, self.device)
+        batch.input_ids[:, -1] = self.eos
+        return batch
+
+    def step(self, batch: Batch) -> None:
+        """One forward+backward step of ``batch`` in one micro-batch; no gradients are left behind."""
+        contrastive_backward(
+            self.model,
+            self.objective,
+            batch,
+            micro_batch_size=len(batch),
+            spec=self.spec,
+            autocast=self.autocast,
+            backward=lambda x: x.backward(),
+        )
+        self.model.zero_grad(set_to_none=True)
+        self.objective.zero_grad(set_to_none=True)
+
+
+def probe_micro_batch(
+    model: nn.Module,
+    objective: Objective,
+    *,
+    local_batch: int,
+    spec: ImageSpec,
+    context_length: int,
+    eos_token_id: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    reserve_bytes: int,
+    cache_key: str | None = None,
+) -> ProbeResult:
+    """Choose the micro-batch by running real forward+backward steps on this model, precision and image size.
+
+    CUDA: the largest size whose peak allocation leaves ``reserve_bytes`` free (an OOM ends the search).
+    CPU: the full local batch when its (extrapolated) peak resident memory leaves the reserve free, else the largest
+    power-of-two fraction of it that does: on a CPU splitting only adds work.
+    """
+    cached = _read_cache(cache_key)
+    if cached is not None:
+        return ProbeResult(min(cached, local_batch), f"cached for {cache_key}", {})
+    vocab = int(model.config.text_config.vocab_size)
+    setup = _Setup(model, objective, spec, context_length, vocab, eos_token_id, device, autocast)
+    was_training = model.training
+    model.train()
+    try:
+        if device.type == "cuda":
+            result = _probe_cuda(setup, local_batch, reserve_bytes)
+        else:
+            result = _probe_cpu(setup, local_batch, reserve_bytes)
+    finally:
+        model.zero_grad(set_to_none=True)
+        objective.zero_grad(set_to_none=True)
+        model.train(was_training)
+        free_memory()
+    _write_cache(cache_key, result.micro_batch_size)
+    return result
+
+
+def _candidates(local_batch: int) -> list[int]:
+    sizes, m = [], 1
+    while m < local_batch:
+        sizes.append(m)
+        m *= 2
+    return sizes + [local_batch]
+
+
+def _probe_cuda(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
+    device = setup.device
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = total - reserve
+    peaks: dict[int, int] = {}
+    best, reason = 0, ""
+    for size in _candidates(local_batch):
+        batch = setup.batch(size)
+        free_memory()
+        torch.cuda.reset_peak_memory_stats(device)
+        try:
+            setup.step(batch)
+        except RuntimeError as e:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
+            if not is_oom(e):
+                raise
+            reason = f"out of memory at {size}"
+            break
+        peaks[size] = torch.cuda.max_memory_allocated(device)
+        if peaks[size] > budget:
+            reason = f"{size} peaks at {peaks[size] / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget"
+            break
+        best = size
+    if best == 0:
+        raise TrainingError(
+            f"even a micro-batch of 1 does not fit in {budget / 2**30:.1f} GiB ({reason}); use precision bf16/fp16, "
+            "model.gradient_checkpointing, a frozen tower or LoRA, or lower train.memory_reserve_gb"
+        )
+    why = f"largest size within {total / 2**30:.1f} GiB minus a {reserve / 2**30:.1f} GiB reserve" + (
+        f" ({reason})" if reason else ""
+    )
+    return ProbeResult(best, why, peaks)
+
+
+def _probe_cpu(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
+    """On a CPU splitting a batch never speeds it up (it adds a forward pass), so the full local batch is used when
+    its memory fits. Peak resident memory is measured at two small sizes and extrapolated linearly (running the
+    full batch just to find out could get the process killed by the kernel's OOM killer)."""
+    sizes = sorted({min(4, local_batch), min(8, local_batch)})
+    measured = {size: _cpu_step_peak(setup, size) for size in sizes}
+    peaks = {size: peak for size, (peak, _) in measured.items()}
+    per_pair = max(0.0, (peaks[sizes[-1]] - peaks[sizes[0]]) / max(1, sizes[-1] - sizes[0]))
+    listing = ", ".join(f"{s}: {p / 2**30:.2f} GiB, {v:.0f} pairs/s" for s, (p, v) in measured.items())
+    available = available_memory_bytes()
+    if available is None:
+        return ProbeResult(local_batch, f"free memory unknown: the full batch (measured {listing})", peaks)
+    budget = available - reserve  # how much more this process may grow beyond the measured peak
+    micro = local_batch
+    while micro > sizes[-1] and per_pair * (micro - sizes[-1]) > budget:
+        micro //= 2
+    predicted = peaks[sizes[-1]] + per_pair * (micro - sizes[-1])
+    why = (
+        f"{'the full batch' if micro == local_batch else 'largest size'} within free memory: ~{predicted / 2**30:.1f} GiB "
+        f"predicted, {available / 2**30:.1f} GiB available, {reserve / 2**30:.1f} GiB reserve (measured {listing})"
+    )
+    return ProbeResult(micro, why, peaks)
+
+
+def _cpu_step_peak(setup: _Setup, size: int) -> tuple[int, float]:
+    """Peak resident memory (bytes) and pairs/s of one forward+backward step of ``size`` pairs."""
+    batch = setup.batch(size)
+    reset_peak_rss()
+    t0 = time.perf_counter()
+    setup.step(batch)
+    return peak_rss_bytes(), size / (time.perf_counter() - t0)
+
+
+def _cache_file() -> Path:
+    return default_cache_dir() / "micro_batch.json"
+
+
+def _read_cache(key: str | None) -> int | None:
+    if key is None:
+        return None
+    try:
+        return int(json.loads(_cache_file().read_text(encoding="utf-8"))[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_cache(key: str | None, value: int) -> None:
+    if key is None:
+        return
+    path = _cache_file()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        data[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        log.debug("micro-batch cache not written: %s", e)

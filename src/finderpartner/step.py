@@ -1,0 +1,186 @@
+"""One training step's gradients: embed, the gradient cache, OOM retry, the cross-process gradient sum.
+
+The contrastive batch (pairs that see each other as negatives) is a property of the objective; the
+micro-batch (pairs through the model at once) is a property of the hardware. The gradient cache (GradCache,
+Gao et al. 2021) separates the two: embed every micro-batch without autograd, compute the loss of the whole
+batch and its gradient with respect to the embeddings (and the objective's own parameters), then re-run each
+micro-batch with autograd and back-propagate the cached embedding gradients. Parameter gradients equal those
+of one full-batch pass while only one micro-batch of activations is alive at a time; the price is one extra
+forward pass. The optimizer step itself (clipping, skipping non-finite steps, the schedule) is the trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .data.collate import Batch
+from .data.transforms import normalize
+from .errors import TrainingError
+from .loss import Objective
+from .memory import free_memory, is_oom
+from .model import ImageSpec, image_features, text_features
+
+log = logging.getLogger(__name__)
+
+Backward = Callable[[torch.Tensor], None]
+Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def embed_pair(model: nn.Module, batch: Batch, spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised float32 image and text embeddings of a (micro-)batch whose tensors are on the model's device."""
+    pixels = normalize(batch.pixel_values, spec)
+    image = F.normalize(image_features(model, pixels).float(), dim=-1)
+    text = F.normalize(text_features(model, batch.input_ids, batch.attention_mask).float(), dim=-1)
+    return image, text
+
+
+def contrastive_backward(
+    model: nn.Module,
+    objective: Objective,
+    batch: Batch,
+    *,
+    micro_batch_size: int,
+    spec: ImageSpec,
+    autocast: Autocast,
+    backward: Backward,
+) -> torch.Tensor:
+    """Accumulate into ``.grad`` the gradient of the objective on ``batch``; returns the (detached) loss.
+
+    ``backward`` runs ``.backward()`` on a scalar (through a gradient scaler for fp16).
+    """
+    if micro_batch_size >= len(batch):
+        with autocast():
+            image, text = embed_pair(model, batch, spec)
+        loss = objective(image, text)
+        backward(loss)
+        return loss.detach()
+
+    chunks = batch.split(micro_batch_size)
+    rng_states, cached = [], []
+    with torch.no_grad():  # pass 1: embeddings only, no activations kept
+        for chunk in chunks:
+            rng_states.append(capture_rng())
+            with autocast():
+                cached.append(embed_pair(model, chunk, spec))
+    rng_after = capture_rng()
+    image = torch.cat([c[0] for c in cached]).requires_grad_()
+    text = torch.cat([c[1] for c in cached]).requires_grad_()
+    loss = objective(image, text)
+    own = [p for p in objective.parameters() if p.requires_grad]
+    grad_image, grad_text, *grad_own = torch.autograd.grad(loss, [image, text, *own])
+
+    offset = 0
+    for i, (chunk, state) in enumerate(zip(chunks, rng_states)):  # pass 2: same randomness, real backward
+        restore_rng(state)
+        with autocast():
+            chunk_image, chunk_text = embed_pair(model, chunk, spec)
+        n = len(chunk)
+        surrogate = (chunk_image * grad_image[offset : offset + n]).sum() + (
+            chunk_text * grad_text[offset : offset + n]
+        ).sum()
+        if i == len(chunks) - 1:  # d loss / d (objective's parameters), through the same backward path (scaler)
+            for p, g in zip(own, grad_own):
+                surrogate = surrogate + (p * g).sum()
+        backward(surrogate)
+        offset += n
+    restore_rng(rng_after)
+    return loss.detach()
+
+
+def backward_with_oom_retry(
+    model: nn.Module,
+    objective: Objective,
+    batch: Batch,
+    *,
+    micro_batch_size: int,
+    spec: ImageSpec,
+    autocast: Autocast,
+    backward: Backward,
+    may_halve: bool,
+    oom_advice: Callable[[int], str],
+    step: int,
+) -> tuple[torch.Tensor, int]:
+    """``contrastive_backward``, redone with half the micro-batch after an out-of-memory error.
+
+    Returns the loss and the micro-batch that fit. The randomness is rewound before a retry, so the step that
+    succeeds is the step that would have run (the gradient cache makes its result independent of the
+    micro-batch). ``may_halve`` is False where processes must agree on the micro-batch (more than one);
+    then, or at micro-batch 1, a ``TrainingError`` carries ``oom_advice(micro_batch_size)``.
+    """
+    rng = capture_rng()
+    while True:
+        try:
+            loss = contrastive_backward(
+                model,
+                objective,
+                batch,
+                micro_batch_size=micro_batch_size,
+                spec=spec,
+                autocast=autocast,
+                backward=backward,
+            )
+            return loss, micro_batch_size
+        except RuntimeError as e:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
+            if not is_oom(e):
+                raise
+            model.zero_grad(set_to_none=True)
+            objective.zero_grad(set_to_none=True)
+            free_memory()
+            restore_rng(rng)
+            if micro_batch_size <= 1 or not may_halve:
+                raise TrainingError(oom_advice(micro_batch_size)) from None
+            micro_batch_size = max(1, micro_batch_size // 2)
+            log.warning("out of memory at step %d: micro-batch halved to %d, redoing the step", step, micro_batch_size)
+
+
+def step_parameters(model: nn.Module, objective: Objective) -> list[nn.Parameter]:
+    """Everything a step trains: the model's parameters, then the objective's own ones (each tensor once).
+
+    The CLIP objective's temperature is the model's own parameter, so for it this is ``model.parameters()``.
+    """
+    seen = {id(p) for p in model.parameters()}
+    return list(model.parameters()) + [p for p in objective.parameters() if id(p) not in seen]
+
+
+def sum_gradients_across_processes(model: nn.Module, objective: Objective) -> None:
+    """Each process holds d(global loss)/d(params) through its own features: the total is their sum.
+
+    The objective's parameters get the same full gradient in every process; it divides their sum back
+    (``Objective.average_summed_gradients_``), so N processes give exactly the single-process gradient.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = [p for p in step_parameters(model, objective) if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+    objective.average_summed_gradients_(dist.get_world_size())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Randomness: the gradient cache replays each micro-batch's dropout; an OOM retry and validation rewind it
+
+
+def capture_rng() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
