@@ -29,6 +29,7 @@ from .data.transforms import normalize
 from .errors import TrainingError
 from .loss import contrastive_loss
 from .model import ImageSpec, image_features, text_features
+from .paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -303,8 +304,6 @@ def reset_peak_rss() -> None:
 
 
 def _cache_file() -> Path:
-    from .index import default_cache_dir
-
     return default_cache_dir() / "micro_batch.json"
 
 

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 from . import __version__
 from .budget import MARGIN, Plan, format_duration, steps_that_fit
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify
-from .config import TINY, Config, config_to_dict, render_yaml
+from .config import Config, config_to_dict, render_yaml
 from .data.collate import Batch, Collator
 from .data.dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable, num_workers, split_paths
-from .data.shards import ShardStream
+from .data.shards import ShardStream, expand_shards, raw_samples
 from .data.transforms import TrainTransform
 from .data.validate import long_captions_note, require_usable, validate_split
 from .env import autocast_factory, resolve_device, resolve_precision
@@ -44,10 +44,12 @@ from .errors import CheckpointError, ConfigError, OutputError, TrainingError, Us
 from .evaluate import EvalResult, EvalSet, evaluate_split, format_metrics, require_retrievable
 from .memory import capture_rng, contrastive_backward, free_memory, is_oom, probe_micro_batch, restore_rng
 from .model import (
+    TINY_KIND,
     DualEncoder,
     apply_freezing,
     apply_lora,
     build_model,
+    build_tiny,
     clamp_logit_scale,
     enable_gradient_checkpointing,
     save_model,
@@ -399,11 +401,9 @@ class _Data:
 def _load_data(cfg: Config, progress: bool) -> _Data:
     d = cfg.data
     if d.format == "webdataset":
-        from .data.shards import expand_shards, raw_samples
-
         urls = expand_shards(d.train_shards or "")
         captions: list[str] = []
-        if cfg.model.name == TINY or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
+        if cfg.model.is_tiny or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
             captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
         val = EvalSet.from_shards(expand_shards(d.val_shards), d.max_image_pixels) if d.val_shards else None
         if val is not None:
@@ -440,18 +440,14 @@ def _load_data(cfg: Config, progress: bool) -> _Data:
 def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: bool) -> DualEncoder:
     """The starting model. The tiny model's tokenizer is learnt once and kept in the run folder for resumes."""
     saved = cfg.run_dir / "tokenizer"
-    if cfg.model.name == TINY and resuming and saved.is_dir():
+    if cfg.model.is_tiny and resuming and saved.is_dir():
         from transformers import AutoTokenizer
-
-        from .model import build_tiny
 
         tokenizer = AutoTokenizer.from_pretrained(saved)
         encoder = build_tiny(cfg.model.tiny, [], seed=cfg.seed, tokenizer=tokenizer)
     else:
-        encoder = build_model(
-            cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed, trust_pickle=cfg.model.trust_pickle
-        )
-        if cfg.model.name == TINY and is_main:
+        encoder = build_model(cfg.model, captions=captions, seed=cfg.seed)
+        if encoder.kind == TINY_KIND and is_main:
             with storage_errors(saved, f"the tokenizer {saved}"):
                 encoder.tokenizer.save_pretrained(saved)
     return encoder
@@ -529,7 +525,7 @@ def _train_loader(
 ) -> tuple[ContrastiveBatchSampler | ShardStream, DataLoader]:
     aug = cfg.data.augment
     transform = TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
-    collator = Collator(encoder.tokenizer, encoder.context_length)
+    collator = Collator(encoder.text_tokenizer())
     workers = num_workers(cfg.data.num_workers)
     common = dict(
         num_workers=workers,
@@ -803,11 +799,8 @@ def _validation_cost(run: _Run) -> float:
     start = time.perf_counter()
     try:
         evaluate_split(
-            run.model,
-            run.encoder.tokenizer,
+            run.encoder,
             part,
-            run.encoder.image_spec,
-            context_length=run.encoder.context_length,
             device=run.device,
             autocast=autocast_factory(run.device, run.precision),
             batch_size=run.cfg.eval.batch_size,
@@ -1008,11 +1001,8 @@ def _validate(run: _Run) -> EvalResult | None:
     if run.is_main:
         cfg = run.cfg
         result = evaluate_split(
-            run.model,
-            run.encoder.tokenizer,
+            run.encoder,
             run.val,
-            run.encoder.image_spec,
-            context_length=run.encoder.context_length,
             device=run.device,
             autocast=autocast_factory(run.device, run.precision),
             batch_size=cfg.eval.batch_size,
