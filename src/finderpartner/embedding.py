@@ -26,8 +26,7 @@ from .env import autocast_factory
 from .model import DualEncoder
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
-# paths -> (normalised float32 embeddings with NaN rows for failures, [(row, reason)] failures)
-Failures = list[tuple[int, str]]
+Failures = list[tuple[int, str]]  # (row, reason) of each image that could not be read: its row is NaN
 
 
 def _collate(samples: list[Any]) -> tuple[list[int], torch.Tensor | None, list[Any]]:
