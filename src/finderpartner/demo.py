@@ -207,7 +207,7 @@ def _explain_unreadable(image: Any) -> None:
             return preprocess(payload)
         except gr.Error:
             raise
-        except Exception:
+        except DECODE_ERRORS:  # what opening a file that is not an image raises, in PIL or in Gradio's checks
             path, name = getattr(payload, "path", None), getattr(payload, "orig_name", None)
             detail = unidentified_message(path, name or Path(path or "upload").name) if path else "empty upload"
             raise user_error(f"the upload is not a readable image: {detail}") from None
