@@ -93,7 +93,7 @@ def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = F
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=Collator(ctx["tokenizer"], 32),
+        collate_fn=Collator(ctx["tokenize"]),
         prefetch_factor=4 if workers else None,
     )
 
@@ -157,9 +157,15 @@ def prepare(size: int, train_images: int, batch: int, batches: int, pipelines: l
     )  # configs/clip_tiny.yaml's augmentation (flip and jitter 0.1 are defaults)
     from finderpartner.model import build_tiny
 
-    image_spec = build_tiny(spec, [], tokenizer=tokenizer).image_spec
-    transform = TrainTransform(image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
-    ctx: dict[str, Any] = {"root": root, "table": table, "tokenizer": tokenizer, "transform": transform, "tmp": tmp}
+    encoder = build_tiny(spec, [], tokenizer=tokenizer)
+    transform = TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter)
+    ctx: dict[str, Any] = {
+        "root": root,
+        "table": table,
+        "tokenize": encoder.text_tokenizer(),
+        "transform": transform,
+        "tmp": tmp,
+    }
     if "ours+cache" in pipelines:
         from finderpartner.data.dataset import DecodedImages
 

@@ -55,8 +55,8 @@ def timings_ms(fn: Callable[[], Any], runs: int, warmup: int = 3) -> list[float]
 def build(tmp: Path, exporter: str, variants: list[str]) -> tuple[Any, Path, list[Path], list[str]]:
     """The tiny model, its export, and real inputs (sample images and captions)."""
     from finderpartner.config import TinySpec
+    from finderpartner.embedding import model_fingerprint
     from finderpartner.export import export_onnx
-    from finderpartner.index import model_fingerprint
     from finderpartner.model import build_tiny
 
     data = common.sample_data(None, image_size=96, train_images=0, val_images=128)
@@ -88,19 +88,18 @@ def measure(
 ) -> list[dict[str, Any]]:
     import torch
 
-    from finderpartner.export import _repeat, load_onnx_encoders, preprocess_images
+    from finderpartner.export import _repeat, preprocess_images
     from finderpartner.model import encode_image, encode_text
+    from finderpartner.onnx_runtime import load_onnx_encoders
 
     torch.set_num_threads(threads)
     model = encoder.model.eval()
     sessions = {v: load_onnx_encoders(export, variant=v, threads=threads) for v in variants}
-    pixels_all = preprocess_images(images, encoder.image_spec)
+    pixels_all = preprocess_images(encoder, images)
     rows = []
     for batch in batches:
         pixels, texts = _repeat(pixels_all, batch), _repeat(captions, batch)
-        tok = encoder.tokenizer(
-            texts, padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt"
-        )
+        tok = encoder.tokenize(texts)
         cases: dict[tuple[str, str], Callable[[], Any]] = {
             ("image", "torch"): functools.partial(encode_image, model, pixels),
             ("text", "torch"): functools.partial(encode_text, model, tok["input_ids"], tok["attention_mask"]),

@@ -70,7 +70,8 @@ def batch_ms(search: Any, queries: np.ndarray, repeats: int = 5) -> float:
 
 
 def measure(size: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    from finderpartner.index import FileStamp, GalleryIndex
+    from finderpartner.data.files import FileStamp
+    from finderpartner.index import GalleryIndex
 
     vectors = unit_vectors(size, args.dim, seed=0)
     queries = unit_vectors(args.queries, args.dim, seed=1)

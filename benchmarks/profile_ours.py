@@ -217,7 +217,7 @@ def real_batch(size: int, batch: int) -> tuple[Any, Any]:
     loader = DataLoader(
         PairDataset(table, transform),
         batch_sampler=ContrastiveBatchSampler(len(table), batch, 0),
-        collate_fn=Collator(encoder.tokenizer, encoder.context_length),
+        collate_fn=Collator(encoder.text_tokenizer()),
     )
     torch.manual_seed(0)
     return encoder, next(iter(loader))

@@ -178,7 +178,7 @@ class OpenClipScorer:
         import torch
 
         from finderpartner.data.transforms import normalize
-        from finderpartner.index import embed_image_files
+        from finderpartner.embedding import embed_image_files
 
         def encode(pixels: torch.Tensor) -> Any:
             return self.model.encode_image(normalize(pixels, self.spec), normalize=True).float().numpy()

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without installing
+from finderpartner.embedding import Searcher  # noqa: E402
 from finderpartner.env import resolve_device, resolve_precision  # noqa: E402
-from finderpartner.index import Searcher  # noqa: E402
 from finderpartner.model import load_model, set_attention  # noqa: E402
 
 

@@ -95,7 +95,7 @@ def test_collate_tokenizes_and_drops_unreadable(small_data: Path, tmp_path: Path
     samples = [ds[(i, i)] for i in range(4)]
     ds_bad = PairDataset(table.__class__(tmp_path, table.csv_path, ("broken.jpg",), ("x",), (9,)), TrainTransform(SPEC))
     samples.append(ds_bad[(0, 0)])
-    batch = Collator(encoder.tokenizer, 16)(samples)
+    batch = Collator(encoder.text_tokenizer())(samples)
     assert len(batch) == 4 and batch.input_ids.shape[0] == 4 and batch.input_ids.shape[1] <= 16
     assert len(batch.skipped) == 1 and "broken.jpg" in batch.skipped[0].path
     assert [len(b) for b in batch.split(3)] == [3, 1]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from finderpartner.index import Searcher
+from finderpartner.embedding import Searcher
+from finderpartner.index import index_folder
 from finderpartner.model import load_model
 
 gr = pytest.importorskip("gradio")
@@ -34,7 +35,7 @@ def searcher(trained_model: Path) -> Searcher:
 
 @pytest.fixture(scope="module")
 def index(searcher: Searcher, small_data: Path, tmp_path_factory: pytest.TempPathFactory):
-    gallery, _ = searcher.index_folder(small_data / "images" / "val", tmp_path_factory.mktemp("demo") / "idx")
+    gallery, _ = index_folder(searcher, small_data / "images" / "val", tmp_path_factory.mktemp("demo") / "idx")
     return gallery
 
 

@@ -11,24 +11,26 @@ import torch
 
 from finderpartner.cli import main
 from finderpartner.data.dataset import read_split
+from finderpartner.embedding import model_fingerprint
+from finderpartner.errors import ExportError
 from finderpartner.export import (
+    PARITY_COSINE,
+    compare,
+    export_onnx,
+    preprocess_images,
+    verify_export,
+)
+from finderpartner.model import encode_image, encode_text, load_model
+from finderpartner.onnx_runtime import (
     COMBINED,
     EXPORT_INFO,
     IMAGE_ENCODER,
-    PARITY_COSINE,
     TEXT_ENCODER,
-    ExportError,
-    compare,
-    export_onnx,
     image_spec_from_folder,
     load_onnx_encoders,
     open_session,
-    preprocess_images,
     variant_file,
-    verify_export,
 )
-from finderpartner.index import model_fingerprint
-from finderpartner.model import encode_image, encode_text, load_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -85,7 +87,7 @@ def test_export_folder_is_self_contained(exported: Path, encoder, trained_model:
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
 def test_image_encoder_matches_pytorch(exported: Path, encoder, val_images: list[Path], batch: int) -> None:
-    pixels = preprocess_images(val_images[:batch], encoder.image_spec)  # real images, the model's preprocessing
+    pixels = preprocess_images(encoder, val_images[:batch])  # real images, the model's preprocessing
     with torch.no_grad():
         ref = encode_image(encoder.model, pixels).numpy()
     got = load_onnx_encoders(exported).encode_pixels(pixels.numpy())
@@ -126,7 +128,7 @@ def test_text_encoder_matches_pytorch(
 def test_combined_model_gives_clip_logits(
     exported: Path, encoder, val_images: list[Path], val_captions: list[str]
 ) -> None:
-    pixels = preprocess_images(val_images[:3], encoder.image_spec)
+    pixels = preprocess_images(encoder, val_images[:3])
     tok = encoder.tokenizer(val_captions[:5], padding="longest", return_tensors="pt")
     per_image, per_text = open_session(exported / variant_file(COMBINED)).run(
         None,

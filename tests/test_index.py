@@ -14,17 +14,18 @@ from helpers import MICRO_SPEC
 
 from finderpartner.cli import main
 from finderpartner.config import TinySpec
+from finderpartner.data.files import FileStamp, scan_images
+from finderpartner.embedding import Searcher, model_fingerprint
 from finderpartner.errors import DataError, OutputError
 from finderpartner.index import (
-    FileStamp,
     GalleryIndex,
     IndexMismatchError,
-    OnnxSearcher,
-    Searcher,
-    scan_images,
+    cached_gallery,
+    index_folder,
     update_index,
 )
 from finderpartner.model import build_tiny, load_model, save_model
+from finderpartner.onnx_runtime import OnnxSearcher
 
 pytest.importorskip("faiss")
 CPU = torch.device("cpu")
@@ -151,7 +152,7 @@ def test_search_equals_brute_force_on_random_vectors() -> None:
 
 
 def test_search_equals_brute_force_on_real_embeddings(searcher, small_data: Path, tmp_path: Path) -> None:
-    index, _ = searcher.index_folder(small_data / "images" / "val", tmp_path / "idx")
+    index, _ = index_folder(searcher, small_data / "images" / "val", tmp_path / "idx")
     _assert_brute_force(index, searcher.embed_texts(PROMPTS), 7)
     loaded = GalleryIndex.load(tmp_path / "idx")
     assert loaded.files == index.files and np.array_equal(loaded.vectors, index.vectors)
@@ -161,20 +162,20 @@ def test_an_index_built_by_another_model_is_refused(
     searcher, gallery: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "idx"
-    searcher.index_folder(gallery, out)
+    index_folder(searcher, gallery, out)
     other = build_tiny(TinySpec(**MICRO_SPEC), PROMPTS * 3, seed=11)
     with pytest.raises(IndexMismatchError, match=r"built by another model .*rebuild it: finderpartner index"):
-        Searcher(other, device=CPU).index_folder(gallery, out)
+        index_folder(Searcher(other, device=CPU), gallery, out)
     other_dir = save_model(other, tmp_path / "other_model")
     code = main(["search", "--model", str(other_dir), "--index", str(out), "--prompt", "a red circle"])
     assert code == IndexMismatchError.exit_code == 8
     assert "was built by another model" in capsys.readouterr().err
     with pytest.raises(OutputError, match="is inside the input images"):
-        searcher.index_folder(tmp_path, out)  # --out inside the gallery
+        index_folder(searcher, tmp_path, out)  # --out inside the gallery
     second = shutil.copytree(gallery, tmp_path / "second_gallery")
     with pytest.raises(OutputError, match=r"gallery index made from images .*pass --overwrite"):
-        searcher.index_folder(second, out)  # the same index folder for another gallery
-    searcher.index_folder(second, out, overwrite=True)
+        index_folder(searcher, second, out)  # the same index folder for another gallery
+    index_folder(searcher, second, out, overwrite=True)
     assert GalleryIndex.load(out).root == Path(second).resolve()
     with pytest.raises(IndexMismatchError, match="embedded by another model"):
         GalleryIndex.load(out).search(np.ones(16, np.float32))  # a 16-d query against 32-d vectors
@@ -199,7 +200,6 @@ def test_damaged_or_missing_index_gets_a_clear_error(tmp_path: Path) -> None:
 def onnx_export(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("onnxruntime")
     from finderpartner.export import export_onnx
-    from finderpartner.index import model_fingerprint
 
     encoder = load_model(trained_model)
     out = tmp_path_factory.mktemp("onnx") / "export"
@@ -216,8 +216,8 @@ def test_onnx_backend_returns_the_same_top_k_as_torch(
     onnx = OnnxSearcher(onnx_export, batch_size=8)
     assert onnx.fingerprint == searcher.fingerprint  # an index from either backend serves both
     images = small_data / "images" / "val"
-    index, _ = searcher.index_folder(images, tmp_path / "idx")
-    onnx_index, _ = onnx.index_folder(images, tmp_path / "onnx_idx")
+    index, _ = index_folder(searcher, images, tmp_path / "idx")
+    onnx_index, _ = index_folder(onnx, images, tmp_path / "onnx_idx")
     assert onnx_index.files == index.files and np.abs(onnx_index.vectors - index.vectors).max() < 1e-5
     queries = {"torch": searcher.embed_texts(PROMPTS), "onnx": onnx.embed_texts(PROMPTS)}
     image_query = sorted(images.glob("*.jpg"))[4]
@@ -255,6 +255,6 @@ def test_cached_gallery_through_a_symlink_and_the_real_path(
     link = tmp_path / "link"
     link.symlink_to(gallery, target_is_directory=True)
     for folder in (link, gallery, link):  # each spelling has its own cached index; none is refused
-        index, stats = searcher.cached_gallery(folder)
+        index, stats = cached_gallery(searcher, folder)
         assert len(index) == 6 and index.root == Path(os.path.abspath(folder))
     assert stats.embedded == 0  # the second visit through the link reuses its index

@@ -27,7 +27,7 @@ from finderpartner.train import build_optimizer, train
 def _batch(small_data: Path, encoder, n: int):
     table, _ = read_split(small_data, "train")
     ds = PairDataset(table, TrainTransform(encoder.image_spec))
-    return Collator(encoder.tokenizer, encoder.context_length)([ds[(i, 1000 + i)] for i in range(n)])
+    return Collator(encoder.text_tokenizer())([ds[(i, 1000 + i)] for i in range(n)])
 
 
 def _grads(model, batch, micro: int, spec) -> dict[str, torch.Tensor]:

@@ -258,16 +258,16 @@ def test_cached_hub_model_with_only_pickle_weights_is_refused(
 def test_in_hf_cache_does_not_swallow_real_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub
 
-    from finderpartner.model import _in_hf_cache
+    from finderpartner.env import in_hf_cache
 
-    assert _in_hf_cache("not a valid repo id!") is False  # an invalid id is simply not cached
+    assert in_hf_cache("not a valid repo id!") is False  # an invalid id is simply not cached
 
     def broken(*_: object, **__: object) -> None:
         raise PermissionError("cache folder not readable")
 
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", broken)
     with pytest.raises(PermissionError):
-        _in_hf_cache("openai/clip-vit-base-patch32")
+        in_hf_cache("openai/clip-vit-base-patch32")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -300,7 +300,8 @@ def test_demo_refuses_empty_texts(trained_model: Path, small_data: Path) -> None
     import torch
 
     from finderpartner.demo import gallery_search, image_text_scores, text_similarity
-    from finderpartner.index import Searcher
+    from finderpartner.embedding import Searcher
+    from finderpartner.index import cached_gallery
     from finderpartner.model import load_model
 
     searcher = Searcher(load_model(trained_model), device=torch.device("cpu"), precision="fp32", batch_size=8)
@@ -310,7 +311,7 @@ def test_demo_refuses_empty_texts(trained_model: Path, small_data: Path) -> None
     with pytest.raises(gr.Error, match="enter at least one text"):
         text_similarity(searcher, "")
     with pytest.raises(gr.Error, match="describe who or what"):
-        gallery_search(searcher, searcher.cached_gallery(small_data / "images" / "val")[0], "   ", 5)
+        gallery_search(searcher, cached_gallery(searcher, small_data / "images" / "val")[0], "   ", 5)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -590,7 +591,7 @@ def test_demo_upload_that_is_not_an_image_gets_a_clear_message(trained_model: Pa
     import torch
 
     from finderpartner.demo import launch_demo
-    from finderpartner.index import Searcher
+    from finderpartner.embedding import Searcher
     from finderpartner.model import load_model
 
     searcher = Searcher(load_model(trained_model), device=torch.device("cpu"), precision="fp32", batch_size=8)

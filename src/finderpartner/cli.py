@@ -446,11 +446,8 @@ def _eval(args: argparse.Namespace) -> int:
         EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images"
     )
     result = evaluate_split(
-        encoder.model.to(device),
-        encoder.tokenizer,
+        encoder,
         data,
-        encoder.image_spec,
-        context_length=encoder.context_length,
         device=device,
         autocast=autocast_factory(device, precision),
         batch_size=args.batch_size,
@@ -485,8 +482,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _searcher(args: argparse.Namespace) -> Any:
-    from .index import OnnxSearcher, Searcher
+    from .embedding import Searcher
     from .model import load_model, set_attention
+    from .onnx_runtime import OnnxSearcher
 
     if getattr(args, "backend", "torch") == "onnx":
         return OnnxSearcher(
@@ -503,9 +501,11 @@ def _searcher(args: argparse.Namespace) -> Any:
 
 
 def _index(args: argparse.Namespace) -> int:
+    from .index import index_folder
+
     searcher = _searcher(args)
-    index, stats = searcher.index_folder(
-        args.images, args.out, overwrite=args.overwrite, model=args.model, progress=True
+    index, stats = index_folder(
+        searcher, args.images, args.out, overwrite=args.overwrite, model=args.model, progress=True
     )
     for name, reason in stats.failed:
         log.warning("could not embed %s: %s", name, reason)
@@ -551,7 +551,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
     """The index to search: --index (checked against the model), --images (cached), else the run's val images."""
-    from .index import GalleryIndex
+    from .index import GalleryIndex, cached_gallery
 
     if args.index is not None:
         index = GalleryIndex.load(args.index)
@@ -560,7 +560,7 @@ def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
     images = args.images or _default_gallery(Path(getattr(searcher, "source", None) or args.model))
     if images is None:
         return None
-    index, stats = searcher.cached_gallery(images, progress=progress)
+    index, stats = cached_gallery(searcher, images, progress=progress)
     if stats.embedded or stats.removed:
         log.info("gallery %s: %s", images, stats)
     return index
@@ -590,8 +590,8 @@ def _default_gallery(model_dir: Path) -> Path | None:
 def _export(args: argparse.Namespace) -> int:
     import tempfile
 
+    from .embedding import model_fingerprint
     from .export import ExportError, export_onnx, format_verification, read_verification_inputs, verify_export
-    from .index import model_fingerprint
     from .model import load_model
 
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)

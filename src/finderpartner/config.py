@@ -99,6 +99,11 @@ class ModelConfig(_Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
+    @property
+    def is_tiny(self) -> bool:
+        """Whether this config builds the randomly initialised preset (asked before a model exists)."""
+        return self.name == TINY
+
     @model_validator(mode="after")
     def _lora_or_freeze(self) -> ModelConfig:
         if self.lora.enabled and self.freeze != FreezeConfig():

@@ -1,4 +1,4 @@
-"""Gradio web demo over a searcher (``index.Searcher`` or ``index.OnnxSearcher``) and an optional gallery index.
+"""Gradio web demo over a searcher (``embedding.Searcher`` or ``onnx_runtime.OnnxSearcher``) and an optional gallery index.
 
 Three tabs, each also a named API endpoint (``gradio_client`` calls them by ``api_name``):
 
@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from .data.transforms import DECODE_ERRORS, load_image, unidentified_message
 from .errors import FinderPartnerError
 from .index import GalleryIndex
 
@@ -115,13 +117,9 @@ def gallery_search(
 
 def _thumbnail(path: Path) -> Any:
     """A small copy of a gallery image (the server never hands out the original file), grey if unreadable."""
-    from PIL import Image
-
-    from .data.transforms import load_image
-
     try:
         img = load_image(path, max_pixels=100_000_000)
-    except Exception as e:  # changed on disk since indexing: show a placeholder, the ranking is still right
+    except DECODE_ERRORS as e:  # changed on disk since indexing: show a placeholder, the ranking is still right
         log.warning("cannot show %s: %s", path, e)
         return Image.new("RGB", (THUMBNAIL_PX, THUMBNAIL_PX), (200, 200, 200))
     img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
@@ -202,8 +200,6 @@ def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
 def _explain_unreadable(image: Any) -> None:
     """Gradio opens an upload itself before our function sees it, and its error shows the server's temporary path
     and its internals. Say instead that the file is not a readable image, and which formats are."""
-    from .data.transforms import unidentified_message
-
     gr, preprocess = _gradio(), image.preprocess
 
     def checked(payload: Any) -> Any:
@@ -211,7 +207,7 @@ def _explain_unreadable(image: Any) -> None:
             return preprocess(payload)
         except gr.Error:
             raise
-        except Exception:
+        except DECODE_ERRORS:  # what opening a file that is not an image raises, in PIL or in Gradio's checks
             path, name = getattr(payload, "path", None), getattr(payload, "orig_name", None)
             detail = unidentified_message(path, name or Path(path or "upload").name) if path else "empty upload"
             raise user_error(f"the upload is not a readable image: {detail}") from None

@@ -90,7 +90,12 @@ def cpu_kind() -> dict[str, Any]:
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:
-    """'fp32', 'bf16' or 'fp16' for this device (DESIGN.md: precision auto)."""
+    """'fp32', 'bf16' or 'fp16' for this device.
+
+    ``auto`` takes the fastest that trains reliably: on CUDA bf16 from Ampere on (same range as fp32, no loss
+    scaling) else fp16 with a GradScaler; on a CPU bf16 where it has native bf16 instructions, else fp32 (emulated
+    bf16 is slower than fp32). An explicit choice the device cannot do is a ConfigError, not a silent fallback.
+    """
     if device.type == "cuda":
         bf16_ok = torch.cuda.is_bf16_supported()
         if setting == "auto":
@@ -266,20 +271,31 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _model_status(name: str, required: bool) -> dict[str, Any]:
+def in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hugging Face cache holds ``repo_id`` (its config.json): loadable without the hub.
+
+    Raises ImportError when huggingface_hub is missing or broken: that is not the same as "not cached".
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # HFValidationError: an id that is not a valid repo name is simply "not cached"
+        return False
+
+
+def _model_status(name: str, required: bool, is_tiny: bool) -> dict[str, Any]:
     """Whether the model can be loaded here: tiny (built), a local folder, the HF cache, or the hub."""
     status: dict[str, Any] = {"name": name, "required": required}
-    if name == "tiny":
+    if is_tiny:
         return {**status, "source": "built from the config (no download)", "ok": True}
     if Path(name).expanduser().is_dir():
         ok = (Path(name).expanduser() / "config.json").is_file()
         return {**status, "source": "local folder" if ok else "local folder without config.json", "ok": ok}
     try:
-        from .model import _in_hf_cache
-
-        cached = _in_hf_cache(name)
-    except ImportError:  # torch or transformers missing: reported above
-        cached = False
+        cached = in_hf_cache(name)
+    except ImportError as e:  # a missing or broken huggingface_hub (reported above) cannot tell what is cached
+        return {**status, "source": f"cannot check the Hugging Face cache: {e}", "ok": False}
     if cached:
         return {**status, "source": "Hugging Face cache", "ok": True}
     reachable = _hub_reachable()
@@ -290,15 +306,16 @@ def _model_status(name: str, required: bool) -> dict[str, Any]:
     }
 
 
-def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool]:
-    """(model name, output folder, whether they are required) from the config, else from the rtx3060 preset."""
+def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool, bool]:
+    """(model name, output folder, whether they are required, whether the model is the tiny preset) from the
+    config, else from the rtx3060 preset."""
     try:
         from .config import load_config, preset_config
 
         cfg = load_config(config_path) if config_path is not None else preset_config("rtx3060")
     except ImportError:  # pydantic or pyyaml missing: reported above
-        return None, Path("outputs"), False
-    return cfg.model.name, Path(cfg.output_dir), config_path is not None
+        return None, Path("outputs"), False, False
+    return cfg.model.name, Path(cfg.output_dir), config_path is not None, cfg.model.is_tiny
 
 
 def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
@@ -313,7 +330,7 @@ def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
     required = [_package_status(d, m, v, p) for d, (m, v, p) in REQUIRED.items()]
     optional = [_package_status(d, m, v, p) for d, (m, v, p) in OPTIONAL.items()]
     gpu = _gpu_report()
-    model_name, output_dir, model_required = _configured(config_path)
+    model_name, output_dir, model_required, model_is_tiny = _configured(config_path)
     probe = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path.cwd())
     free_gb = round(shutil.disk_usage(probe).free / 2**30, 1)
     report: dict[str, Any] = {
@@ -330,7 +347,7 @@ def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
         "cpu": {"cores": cpu_cores(), "bf16_native": cpu_supports_bf16(), **cpu_kind()},
         "recommendation": _recommendation(gpu),
         "disk": {"path": str(output_dir), "free_gb": free_gb, "ok": free_gb >= LOW_DISK_GB},
-        "model": _model_status(model_name, model_required) if model_name else None,
+        "model": _model_status(model_name, model_required, model_is_tiny) if model_name else None,
     }
     missing = [p for p in required if not p["ok"]]
     problems = [f"{p['name']}: {p['problem']} (needs >= {p['minimum']}, for {p['purpose']})" for p in missing]

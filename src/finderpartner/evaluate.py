@@ -10,24 +10,22 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from .data.sources import EvalSet
-from .data.transforms import normalize
+from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
 from .loss import ClipLoss, Objective
 from .metrics import mean_recall, retrieval_metrics, similarity_stats
-from .model import ImageSpec, encode_image, encode_text
+from .model import DualEncoder
+from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
 
 log = logging.getLogger(__name__)
-Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 @dataclass
@@ -69,76 +67,10 @@ class EvalResult:
         return -value if metric.endswith("_rank") else value  # a lower rank is better
 
 
-@torch.no_grad()
-def embed_images(
-    model: nn.Module,
-    paths: Sequence[Any],
-    spec: ImageSpec,
-    *,
-    device: torch.device,
-    autocast: Autocast = contextlib.nullcontext,
-    batch_size: int = 256,
-    num_workers: int = 0,
-    max_pixels: int | None = None,
-    progress: bool = False,
-) -> tuple[torch.Tensor, list[tuple[int, str]]]:
-    """Normalised embeddings (float32, CPU) of image files (or PIL images); unreadable ones are NaN rows, listed."""
-    from .index import embed_image_files
-
-    model.eval()
-
-    def encode(pixels: torch.Tensor) -> np.ndarray:
-        with autocast():
-            return encode_image(model, normalize(pixels.to(device, non_blocking=True), spec)).float().cpu().numpy()
-
-    out, failures = embed_image_files(
-        paths,
-        spec,
-        encode,
-        int(model.config.projection_dim),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        max_pixels=max_pixels,
-        pin_memory=device.type == "cuda",
-        progress=progress,
-    )
-    return torch.from_numpy(out), failures
-
-
-@torch.no_grad()
-def embed_texts(
-    model: nn.Module,
-    tokenizer: Any,
-    texts: Sequence[str],
-    *,
-    context_length: int,
-    device: torch.device,
-    autocast: Autocast = contextlib.nullcontext,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """Normalised text embeddings (float32, CPU)."""
-    model.eval()
-    parts = []
-    for start in range(0, len(texts), batch_size):
-        enc = tokenizer(
-            list(texts[start : start + batch_size]),
-            padding="longest",
-            truncation=True,
-            max_length=context_length,
-            return_tensors="pt",
-        )
-        with autocast():
-            parts.append(encode_text(model, enc["input_ids"].to(device), enc["attention_mask"].to(device)).cpu())
-    return torch.cat(parts)
-
-
 def evaluate_split(
-    model: nn.Module,
-    tokenizer: Any,
+    encoder: DualEncoder,
     data: EvalSet,
-    spec: ImageSpec,
     *,
-    context_length: int,
     device: torch.device,
     autocast: Autocast = contextlib.nullcontext,
     batch_size: int = 256,
@@ -148,16 +80,15 @@ def evaluate_split(
     num_workers: int = 0,
     progress: bool = False,
 ) -> EvalResult:
-    """Retrieval metrics, contrastive loss and similarity statistics of one split.
+    """Retrieval metrics, contrastive loss and similarity statistics of one split (the model moves to ``device``).
 
     The loss is ``objective``'s (training passes its own; default: CLIP's with the model's temperature) over
     consecutive blocks of ``loss_batch_size`` pairs.
     """
+    encoder.model.to(device)
     image_emb, skipped = embed_images(
-        model,
+        encoder,
         data.images,
-        spec,
-        device=device,
         autocast=autocast,
         batch_size=batch_size,
         num_workers=num_workers,
@@ -166,17 +97,9 @@ def evaluate_split(
     if skipped:
         listing = "; ".join(f"{data.images[row]}: {reason}" for row, reason in skipped[:5])
         raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
-    text_emb = embed_texts(
-        model,
-        tokenizer,
-        data.captions,
-        context_length=context_length,
-        device=device,
-        autocast=autocast,
-        batch_size=batch_size,
-    )
+    text_emb = embed_texts(encoder, data.captions, autocast=autocast, batch_size=batch_size)
     t2i = torch.tensor(data.text_to_image)
-    objective = objective if objective is not None else ClipLoss(model.logit_scale)
+    objective = objective if objective is not None else ClipLoss(encoder.model.logit_scale)
     return evaluate_embeddings(image_emb, text_emb, t2i, data.captions, objective, loss_batch_size, chunk_size)
 
 
@@ -218,8 +141,6 @@ def write_report(
     ``out`` follows the output rule (``outputs.claim_output``): a new or empty folder or an evaluation folder,
     never one holding other files, nor one inside ``protect`` (the model and the data).
     """
-    from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
-
     claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
     report = out_dir / f"{name}.json"

@@ -11,7 +11,8 @@ tokenizer files, preprocessor_config.json                             the model'
 finderpartner_export.json                                             fingerprint, embedding size, files, versions
 ```
 
-Batch size is dynamic everywhere, and so is the text length (up to the model's context length). The
+Batch size is dynamic everywhere, and so is the text length (up to the model's context length). Reading an
+export (and searching with it) is ``onnx_runtime.py``; this module writes and verifies. The
 fingerprint is the source model's (``index.model_fingerprint``), so a gallery index built with PyTorch is
 searched with the export and vice versa.
 """
@@ -19,6 +20,7 @@ searched with the export and vice versa.
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
 import json
 import logging
@@ -30,7 +32,6 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -38,34 +39,34 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .data.files import scan_images
+from .data.transforms import load_image, normalize
 from .errors import ExportError
-from .model import DualEncoder, ImageSpec, encode_image, encode_text, image_spec_of
+from .model import VOCAB_FILE_ERRORS, DualEncoder, encode_image, encode_text
+from .onnx_runtime import (
+    COMBINED,
+    EXPORT_INFO,
+    FORMAT_VERSION,
+    IMAGE_ENCODER,
+    TEXT_ENCODER,
+    OnnxEncoders,
+    load_export_info,
+    load_onnx_encoders,
+    onnx_tool_errors,
+    open_session,
+    require_optional,
+    variant_file,
+)
+from .outputs import claim_output, replace_dir, write_marker
+from .tokenizer import save_vocab_files
 
 log = logging.getLogger(__name__)
 
-EXPORT_INFO = "finderpartner_export.json"
-FORMAT_VERSION = 1
-IMAGE_ENCODER, TEXT_ENCODER, COMBINED = "image_encoder", "text_encoder", "clip"
-VARIANTS = ("fp32", "fp16", "int8")
 PARITY_COSINE = 0.9999  # fp32 ONNX must agree with PyTorch at least this well on every embedding
 EXPORTERS = ("auto", "dynamo", "torchscript")
-
-
-def _require(module: str) -> Any:
-    """Import an optional ONNX dependency, or say how to install it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ExportError(
-            f"ONNX export and inference need {module.split('.')[0]}: pip install 'finderpartner[onnx]'"
-        ) from None
-
-
-def variant_file(encoder_name: str, variant: str = "fp32") -> str:
-    """File name of an encoder graph: ``image_encoder.onnx``, ``text_encoder.int8.onnx``, ..."""
-    return f"{encoder_name}.onnx" if variant == "fp32" else f"{encoder_name}.{variant}.onnx"
+# What torch.onnx.export raises for a model it cannot export (torch.export's and dynamo's errors are
+# RuntimeErrors; the TorchScript tracer also raises the others); anything else is a bug and propagates.
+EXPORTER_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError, KeyError)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -127,13 +128,7 @@ def _graphs(model: nn.Module) -> list[_Graph]:
 def _example_inputs(encoder: DualEncoder) -> dict[str, torch.Tensor]:
     """Batch 2 (a batch of 1 could be specialised away) and a padded text batch, so masking is traced too."""
     spec = encoder.image_spec
-    enc = encoder.tokenizer(
-        ["a photo", "a photo of something on the left"],
-        padding="longest",
-        truncation=True,
-        max_length=encoder.context_length,
-        return_tensors="pt",
-    )
+    enc = encoder.tokenize(["a photo", "a photo of something on the left"])
     return {
         "pixel_values": torch.randn(2, 3, spec.crop, spec.crop, generator=torch.Generator().manual_seed(0)),
         "input_ids": enc["input_ids"],
@@ -231,8 +226,6 @@ def export_onnx(
     of the same model is replaced, one of another model only with ``overwrite``, any other folder never.
     Returns the folder's ``finderpartner_export.json`` content. The model is put in eval mode on the CPU.
     """
-    from .outputs import claim_output, replace_dir, write_marker
-
     out_dir = Path(out_dir)
     model_dir = source if source and Path(source).is_dir() else None
     claim_output(
@@ -243,10 +236,10 @@ def export_onnx(
         legacy=_legacy_export,
         protect={"model": model_dir} if model_dir else None,
     )
-    _require("onnx")
+    require_optional("onnx")
     exporter = resolve_exporter(exporter)
     if exporter == "dynamo":
-        _require("onnxscript")
+        require_optional("onnxscript")
     model = encoder.model.cpu().float().eval()
     example = _example_inputs(encoder)
     info: dict[str, Any] = {}
@@ -268,7 +261,7 @@ def export_onnx(
                         opset=opset,
                         context_length=encoder.context_length,
                     )
-                except Exception as e:  # the exporters raise many types; the user needs the gist and a way out
+                except EXPORTER_ERRORS as e:  # the user needs the gist and a way out
                     other = "torchscript" if exporter == "dynamo" else "dynamo"
                     raise ExportError(
                         f"exporting {graph.name} with the {exporter} exporter failed: "
@@ -306,11 +299,9 @@ def _write_preprocessing(encoder: DualEncoder, out: Path) -> None:
     encoder.image_processor.save_pretrained(out)
     if not (out / "vocab.json").exists() and getattr(encoder.tokenizer, "is_fast", False):
         # as in model.save_model: transformers 4's slow CLIPTokenizer reads vocab.json/merges.txt
-        from .tokenizer import save_vocab_files
-
         try:
             save_vocab_files(encoder.tokenizer, out)
-        except Exception as e:  # not a BPE tokenizer: tokenizer.json is enough
+        except VOCAB_FILE_ERRORS as e:  # not a BPE tokenizer: tokenizer.json is enough
             log.debug("no vocab.json/merges.txt written: %s", e)
 
 
@@ -336,7 +327,7 @@ def _info(
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "onnx": _require("onnx").__version__,
+            "onnx": require_optional("onnx").__version__,
             "python": platform.python_version(),
         },
     }
@@ -344,8 +335,8 @@ def _info(
 
 def convert_fp16(src: Path, dst: Path) -> None:
     """fp16 weights and activations; inputs and outputs stay float32 so callers need not change."""
-    onnx = _require("onnx")
-    float16 = _require("onnxruntime.transformers.float16")
+    onnx = require_optional("onnx")
+    float16 = require_optional("onnxruntime.transformers.float16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about every value clamped into fp16 range
         model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
@@ -354,7 +345,7 @@ def convert_fp16(src: Path, dst: Path) -> None:
 
 def quantize_int8(src: Path, dst: Path) -> None:
     """Dynamic int8 quantization of the matrix multiplications (weights int8, activations quantized per batch)."""
-    quantization = _require("onnxruntime.quantization")
+    quantization = require_optional("onnxruntime.quantization")
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         try:
@@ -362,145 +353,12 @@ def quantize_int8(src: Path, dst: Path) -> None:
             from onnxruntime.quantization.shape_inference import quant_pre_process
 
             quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        except Exception as e:  # an optimisation pass that cannot handle the graph: quantize it as exported
+        except onnx_tool_errors() as e:  # an optimisation pass that cannot handle the graph: quantize it as exported
             log.debug("quantization pre-processing skipped: %s", e)
             shutil.copy(src, prepared)
         quantization.quantize_dynamic(
             str(prepared), str(dst), weight_type=quantization.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
         )
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reading the folder: onnxruntime sessions plus the tokenizer and preprocessing, no PyTorch model
-
-
-def load_export_info(export_dir: str | Path) -> dict[str, Any]:
-    path = Path(export_dir) / EXPORT_INFO
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        hint = (
-            " (it is a model folder: export it first with `finderpartner export --model M --out DIR`)"
-            if (Path(export_dir) / "config.json").is_file()
-            else ""
-        )
-        raise ExportError(f"{export_dir} is not an ONNX export folder: it has no {EXPORT_INFO}{hint}") from None
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path} is unreadable ({e}); export the model again") from None
-    if info.get("format") != FORMAT_VERSION:
-        raise ExportError(f"{export_dir} was written by another version (format {info.get('format')}); export again")
-    return info
-
-
-def image_spec_from_folder(folder: str | Path) -> ImageSpec:
-    """The model's preprocessing (resize, crop, mean, std) from a saved ``preprocessor_config.json``."""
-    path = Path(folder) / "preprocessor_config.json"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-        size = cfg["size"] if isinstance(cfg["size"], dict) else {"shortest_edge": cfg["size"]}
-        crop = cfg.get("crop_size")
-        crop = {"height": crop, "width": crop} if isinstance(crop, int) else crop
-        processor = SimpleNamespace(
-            size=size,
-            crop_size=crop,
-            do_center_crop=cfg.get("do_center_crop", True),
-            image_mean=cfg["image_mean"],
-            image_std=cfg["image_std"],
-        )
-        return image_spec_of(processor)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ExportError(
-            f"{path} is missing or incomplete ({type(e).__name__}: {e}); export the model again"
-        ) from None
-
-
-def providers_for(device: str = "cpu") -> list[str]:
-    """onnxruntime execution providers: CUDA first when asked for (or 'auto') and available, always CPU."""
-    ort = _require("onnxruntime")
-    available = ort.get_available_providers()
-    if device in ("cuda", "auto") and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cuda":
-        raise ExportError(
-            "--device cuda: this onnxruntime has no CUDA provider; pip install onnxruntime-gpu or use cpu"
-        )
-    return ["CPUExecutionProvider"]
-
-
-def open_session(path: Path, providers: Sequence[str] | None = None, threads: int | None = None) -> Any:
-    """An onnxruntime session; ``threads`` pins its intra-op thread count (default: onnxruntime's choice)."""
-    ort = _require("onnxruntime")
-    if not path.is_file():
-        raise ExportError(
-            f"{path} is missing; export the model again"
-            + (" with --fp16/--int8" if ".fp16." in path.name or ".int8." in path.name else "")
-        )
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: its warnings (unused initializers, ...) are not actionable
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"]))
-
-
-@dataclass
-class OnnxEncoders:
-    """The two exported encoders with their tokenizer and preprocessing: embeds raw texts and pixels."""
-
-    folder: Path
-    info: dict[str, Any]
-    tokenizer: Any
-    image_spec: ImageSpec
-    image_session: Any
-    text_session: Any
-    variant: str = "fp32"
-
-    @property
-    def context_length(self) -> int:
-        return int(self.info["context_length"])
-
-    def encode_pixels(self, pixel_values: np.ndarray) -> np.ndarray:
-        """Normalised float32 (B, 3, H, W) -> L2-normalised embeddings."""
-        return self.image_session.run(None, {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)})[0]
-
-    def tokenize(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(
-            list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="np"
-        )
-        wanted = {i.name for i in self.text_session.get_inputs()}
-        return {k: np.asarray(v, dtype=np.int64) for k, v in enc.items() if k in wanted}
-
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        parts = [
-            self.text_session.run(None, self.tokenize(texts[i : i + batch_size]))[0]
-            for i in range(0, len(texts), batch_size)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, int(self.info["embed_dim"])), np.float32)
-
-
-def load_onnx_encoders(
-    export_dir: str | Path, *, variant: str = "fp32", device: str = "cpu", threads: int | None = None
-) -> OnnxEncoders:
-    """Open an export folder for inference with onnxruntime (``variant``: fp32, or fp16/int8 if exported)."""
-    folder = Path(export_dir)
-    info = load_export_info(folder)
-    if variant != "fp32" and variant not in info.get("variants", {}):
-        raise ExportError(f"{folder} has no {variant} variant; export it with --{variant}")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise ExportError(f"cannot load the tokenizer saved in {folder} ({e}); export the model again") from None
-    providers = providers_for(device)
-    return OnnxEncoders(
-        folder=folder,
-        info=info,
-        tokenizer=tokenizer,
-        image_spec=image_spec_from_folder(folder),
-        image_session=open_session(folder / variant_file(IMAGE_ENCODER, variant), providers, threads),
-        text_session=open_session(folder / variant_file(TEXT_ENCODER, variant), providers, threads),
-        variant=variant,
-    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -553,13 +411,9 @@ def compare(reference: np.ndarray, candidate: np.ndarray) -> tuple[float, float,
 
 def read_verification_inputs(images: Path, captions: Path | None, limit: int = 32) -> tuple[list[Path], list[str]]:
     """Up to ``limit`` image files under ``images`` and captions from a CSV (``caption`` column) or text file."""
-    from .index import scan_images
-
     paths = [images / name for name in list(scan_images(images))[:limit]]
     if not paths:
         raise ExportError(f"no images under {images} to verify the export with")
-    import csv
-
     texts: list[str] = []
     if captions is not None:
         try:
@@ -577,12 +431,9 @@ def read_verification_inputs(images: Path, captions: Path | None, limit: int = 3
     return paths, texts
 
 
-def preprocess_images(paths: Sequence[Path], spec: ImageSpec) -> torch.Tensor:
-    """Real images through the model's inference preprocessing (EvalTransform + normalize)."""
-    from .data.transforms import EvalTransform, load_image, normalize
-
-    transform = EvalTransform(spec)
-    return normalize(torch.stack([transform(load_image(p)) for p in paths]), spec)
+def preprocess_images(encoder: DualEncoder, paths: Sequence[Path]) -> torch.Tensor:
+    """Real image files through the model's inference preprocessing, normalised: what the ONNX graphs take."""
+    return normalize(encoder.preprocess([load_image(p) for p in paths]), encoder.image_spec)
 
 
 def verify_export(
@@ -600,10 +451,8 @@ def verify_export(
     model = encoder.model.cpu().float().eval()
     folder = Path(export_dir)
     info = load_export_info(folder)
-    pixels = preprocess_images(images, encoder.image_spec)
-    tokens = encoder.tokenizer(
-        list(captions), padding="longest", truncation=True, max_length=encoder.context_length, return_tensors="pt"
-    )
+    pixels = preprocess_images(encoder, images)
+    tokens = encoder.tokenize(captions)
     with torch.no_grad():
         ref_img = encode_image(model, pixels).numpy()
         ref_txt = encode_text(model, tokens["input_ids"], tokens["attention_mask"]).numpy()
@@ -673,22 +522,19 @@ def measure_latency(
     sessions = {v: load_onnx_encoders(folder, variant=v, threads=torch.get_num_threads()) for v in variants}
     rows = []
     for batch in batches:
-        rows += _latency_at(
-            model, encoder.tokenizer, encoder.context_length, sessions, _repeat(pixels, batch), _repeat(captions, batch)
-        )
+        rows += _latency_at(model, encoder, sessions, _repeat(pixels, batch), _repeat(captions, batch))
     return rows
 
 
 def _latency_at(
     model: nn.Module,
-    tokenizer: Any,
-    context_length: int,
+    encoder: DualEncoder,
     sessions: dict[str, OnnxEncoders],
     pixels: torch.Tensor,
     texts: list[str],
 ) -> list[Latency]:
     """Both encoders at one batch size: PyTorch, then each onnxruntime variant, on the same inputs."""
-    tok = tokenizer(texts, padding="longest", truncation=True, max_length=context_length, return_tensors="pt")
+    tok = encoder.tokenize(texts)
     with torch.inference_mode():
         t_img = median_ms(functools.partial(encode_image, model, pixels))
         t_txt = median_ms(functools.partial(encode_text, model, tok["input_ids"], tok["attention_mask"]))

@@ -6,9 +6,9 @@ to load, and the fingerprint of the model that made the vectors). Updating re-em
 files (a file counts as changed when its size or modification time changed) and drops removed ones. An
 index made by another model is refused: its vectors mean nothing here.
 
-Two searchers embed galleries and queries: ``Searcher`` with the PyTorch model, ``OnnxSearcher`` with an
-export folder through onnxruntime alone. Both carry the source model's fingerprint, so either can search
-an index the other built.
+This module is the store and its update logic only. What embeds is an ``Embedder``: ``embedding.Searcher``
+(the PyTorch model) or ``onnx_runtime.OnnxSearcher`` (an export folder through onnxruntime alone). Both carry
+the source model's fingerprint, so either can search an index the other built.
 """
 
 from __future__ import annotations
@@ -25,36 +25,17 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from .data.files import IMAGE_EXTENSIONS, FileStamp, scan_images
 from .errors import DataError, FinderPartnerError, IndexMismatchError
-from .model import ImageSpec
 from .outputs import claim_output, replace_dir, write_marker
+from .paths import default_cache_dir
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".webp",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".heic",
-    ".heif",
-}  # HEIC: pillow-heif
 FORMAT_VERSION = 1
 # paths -> (normalised float32 embeddings with NaN rows for failures, [(row, reason)] failures)
 EmbedFn = Callable[[Sequence[Path]], tuple[np.ndarray, list[tuple[int, str]]]]
-
-
-@dataclass(frozen=True)
-class FileStamp:
-    size: int
-    mtime_ns: int
 
 
 @dataclass
@@ -210,24 +191,6 @@ class GalleryIndex:
         )
 
 
-def scan_images(root: Path) -> dict[str, FileStamp]:
-    """Image files under ``root`` (recursively, by extension; hidden files and folders skipped) with their stamps."""
-    if not root.is_dir():
-        raise DataError(f"image folder {root} not found")
-    found: dict[str, FileStamp] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
-                full = Path(dirpath) / name
-                try:
-                    st = full.stat()
-                except OSError:  # a dangling symlink, or deleted while we walk: not part of the gallery
-                    continue
-                found[full.relative_to(root).as_posix()] = FileStamp(st.st_size, st.st_mtime_ns)
-    return found
-
-
 def _plan(index: GalleryIndex | None, current: dict[str, FileStamp]) -> tuple[list[int], list[str], UpdateStats]:
     """Rows of ``index`` to keep, files to embed, and the counts, for the files found now."""
     stats = UpdateStats()
@@ -294,101 +257,17 @@ def update_index(
     return updated, stats
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 of the model's config and weights: equal exactly when the embeddings would be.
-
-    Bookkeeping (where the model was loaded from, which transformers wrote it) is left out: the same weights
-    reached through another path embed the same, and an index built from them stays valid.
-    """
-    h = hashlib.sha256(json.dumps(_stable_config(model.config.to_dict()), sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-_VOLATILE_CONFIG_KEYS = {
-    "transformers_version",
-    "architectures",
-    "dtype",
-    "torch_dtype",
-}  # the weights' bytes tell the dtype
-
-
-def _stable_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The config without bookkeeping keys ('_name_or_path', versions, dtype), at every level."""
-    return {
-        k: _stable_config(v) if isinstance(v, dict) else v
-        for k, v in config.items()
-        if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS
-    }
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("FINDERPARTNER_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "finderpartner"
-    )
-    return Path(base)
-
-
 def gallery_cache_path(images: Path) -> Path:
     """Where ``search --images DIR`` keeps the index of DIR (one per folder; rebuilt if the model changes)."""
     key = hashlib.sha256(os.path.abspath(images).encode()).hexdigest()[:16]  # the index's own notion of its root
     return default_cache_dir() / "galleries" / key
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Embedding image files with any backend
-
-
-def _collate(samples: list[Any]) -> tuple[list[int], torch.Tensor | None, list[Any]]:
-    from .data.dataset import Skipped
-
-    good = [s for s in samples if not isinstance(s, Skipped)]
-    bad = [s for s in samples if isinstance(s, Skipped)]
-    pixels = torch.stack([s["pixel_values"] for s in good]) if good else None
-    return [s["index"] for s in good], pixels, bad
-
-
-def embed_image_files(
-    paths: Sequence[Any],
-    spec: ImageSpec,
-    encode: Callable[[torch.Tensor], np.ndarray],
-    dim: int,
-    *,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    max_pixels: int | None = None,
-    pin_memory: bool = False,
-    progress: bool = False,
-) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """Embed image files (or PIL images) with ``encode`` (uint8 pixels (B, 3, H, W) -> (B, dim)).
-
-    Unreadable files are NaN rows and listed as (row, reason). Decoding and the model's preprocessing
-    (EvalTransform) run in ``num_workers`` DataLoader processes. Evaluation, indexing and search all embed here.
-    """
-    from .data.dataset import ImageFileDataset
-    from .data.transforms import EvalTransform
-
-    out = np.full((len(paths), dim), np.nan, dtype=np.float32)
-    failures: list[tuple[int, str]] = []
-    loader = DataLoader(
-        ImageFileDataset(list(paths), EvalTransform(spec), max_pixels),
-        batch_size=batch_size,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        generator=torch.Generator(),
-    )  # leave the global RNG stream alone (exact resumes)
-    for rows, pixels, bad in tqdm(loader, desc="embedding images", unit="batch", disable=not progress, leave=False):
-        failures += [(s.index, s.reason) for s in bad]
-        if pixels is not None:
-            out[rows] = encode(pixels)
-    return out, failures
-
-
 class Embedder(Protocol):
-    """What indexing and search need from a model: ``Searcher`` (PyTorch) and ``OnnxSearcher`` provide it."""
+    """What indexing and search need from a model (``embedding.Searcher``, ``onnx_runtime.OnnxSearcher``).
+
+    Declared here, by its user, so that the index imports no inference back end.
+    """
 
     @property
     def fingerprint(self) -> str: ...
@@ -467,139 +346,3 @@ def _update_and_save(
     if existing is None or stats.embedded or stats.removed or stats.failed:
         index.save(out)
     return index, stats
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Searchers
-
-
-class Searcher:
-    """A PyTorch model ready to embed galleries and queries: what ``search``, ``index``, ``src/main.py`` and the demo use."""
-
-    def __init__(
-        self, encoder: Any, *, device: torch.device, precision: str = "fp32", batch_size: int = 64, num_workers: int = 0
-    ):
-        from .env import autocast_factory
-
-        self.encoder = encoder
-        self.device = device
-        self.autocast = autocast_factory(device, precision)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.model = encoder.model.to(device).eval()
-        self._fingerprint: str | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.model)
-        return self._fingerprint
-
-    @property
-    def logit_scale(self) -> float:
-        """exp(logit_scale): the factor CLIP multiplies cosines by before a softmax."""
-        return float(self.model.logit_scale.detach().float().exp())
-
-    @torch.no_grad()
-    def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        from .data.transforms import normalize
-        from .model import encode_image
-
-        with self.autocast():
-            return encode_image(self.model, normalize(pixels.to(self.device), self.encoder.image_spec)).cpu().numpy()
-
-    def embed_paths(self, paths: Sequence[Path], progress: bool = False) -> tuple[np.ndarray, list[tuple[int, str]]]:
-        return embed_image_files(
-            paths,
-            self.encoder.image_spec,
-            self._encode_pixels,
-            int(self.model.config.projection_dim),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            progress=progress,
-        )
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        from .evaluate import embed_texts
-
-        return embed_texts(
-            self.model,
-            self.encoder.tokenizer,
-            list(texts),
-            context_length=self.encoder.context_length,
-            device=self.device,
-            autocast=self.autocast,
-            batch_size=self.batch_size,
-        ).numpy()
-
-    def index_folder(
-        self, images: Path, out: Path, *, overwrite: bool = False, model: str | None = None, progress: bool = False
-    ) -> tuple[GalleryIndex, UpdateStats]:
-        return index_folder(self, images, out, overwrite=overwrite, model=model, progress=progress)
-
-    def cached_gallery(self, images: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
-        return cached_gallery(self, images, progress=progress)
-
-
-class OnnxSearcher:
-    """The same as ``Searcher`` with an export folder (``finderpartner export``): onnxruntime, no PyTorch model.
-
-    The tokenizer and preprocessing come from the export folder; the fingerprint is the source model's, so
-    indexes are shared with ``Searcher``. ``variant`` picks fp32 or an fp16/int8 export (same fingerprint:
-    their embeddings differ from fp32 by the accuracy cost that ``export`` reported).
-    """
-
-    def __init__(
-        self,
-        export_dir: str | Path,
-        *,
-        variant: str = "fp32",
-        device: str = "cpu",
-        batch_size: int = 64,
-        num_workers: int = 0,
-    ):
-        from .export import load_onnx_encoders
-
-        self.onnx = load_onnx_encoders(export_dir, variant=variant, device=device)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-
-    @property
-    def fingerprint(self) -> str:
-        return str(self.onnx.info["fingerprint"])
-
-    @property
-    def source(self) -> str | None:
-        """The model folder the export was made from (to find the run's validation images)."""
-        return self.onnx.info.get("source")
-
-    @property
-    def logit_scale(self) -> float:
-        return float(self.onnx.info["logit_scale"])
-
-    def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        from .data.transforms import normalize
-
-        return self.onnx.encode_pixels(normalize(pixels, self.onnx.image_spec).numpy())
-
-    def embed_paths(self, paths: Sequence[Path], progress: bool = False) -> tuple[np.ndarray, list[tuple[int, str]]]:
-        return embed_image_files(
-            paths,
-            self.onnx.image_spec,
-            self._encode_pixels,
-            int(self.onnx.info["embed_dim"]),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            progress=progress,
-        )
-
-    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.onnx.encode_texts(list(texts), batch_size=self.batch_size)
-
-    def index_folder(
-        self, images: Path, out: Path, *, overwrite: bool = False, model: str | None = None, progress: bool = False
-    ) -> tuple[GalleryIndex, UpdateStats]:
-        return index_folder(self, images, out, overwrite=overwrite, model=model, progress=progress)
-
-    def cached_gallery(self, images: Path, *, progress: bool = False) -> tuple[GalleryIndex, UpdateStats]:
-        return cached_gallery(self, images, progress=progress)

@@ -1,6 +1,6 @@
 """Retrieval and classification metrics: pure functions of embeddings, no I/O.
 
-Conventions (DESIGN.md): ranks are 1-based; a query's rank is that of its best-scoring correct answer;
+Conventions, chosen so that figures compare with published CLIP results: ranks are 1-based; a query's rank is that of its best-scoring correct answer;
 ties count against the query (a wrong answer scoring exactly as high as the best correct one ranks above
 it); the median rank follows open_clip (``floor(median(rank - 1)) + 1``). Queries are ranked in chunks so
 that memory stays ``chunk_size x candidates``; chunked and full give identical results.

@@ -8,46 +8,54 @@ return type changed in 5.x.
 
 from __future__ import annotations
 
+import functools
 import logging
 import pickle
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from .config import TINY, TinySpec
+from .config import ModelConfig, TinySpec
+from .data.transforms import EvalTransform, ImageSpec, normalize
+from .env import in_hf_cache
 from .errors import ModelError
+from .tokenizer import build_caption_tokenizer, save_vocab_files
 
 log = logging.getLogger(__name__)
 
 # OpenAI CLIP's normalisation; the tiny model uses it too so that pretrained and tiny share one data path.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# What writing vocab.json/merges.txt raises for a tokenizer that has no such files (no BPE backend), or a disk
+# that refuses them; both only cost transformers 4's slow tokenizer, so they are logged, not fatal.
+VOCAB_FILE_ERRORS = (AttributeError, OSError)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'org/name' or 'name', never a path
 
 
-@dataclass(frozen=True)
-class ImageSpec:
-    """Preprocessing taken from the model's image processor: resize shortest edge, centre crop, normalise."""
-
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+TINY_KIND, PRETRAINED_KIND = "tiny", "pretrained"  # DualEncoder.kind: built from the preset, or loaded
 
 
 @dataclass
 class DualEncoder:
-    """A model with the tokenizer and image processor that belong to it."""
+    """A model with the tokenizer and image processor that belong to it: the one way to use a model.
+
+    Callers hand this object around instead of its parts, so that tokenising (``tokenize``) and "preprocess,
+    normalise, encode" (``encode_images``) are written once, here, and cannot drift apart between training,
+    evaluation, indexing and export. ``kind`` says where the model came from ("tiny": the randomly initialised
+    preset, "pretrained": a loaded folder or hub model) so that nobody compares model names with "tiny".
+    """
 
     model: nn.Module
     tokenizer: Any
     image_processor: Any
+    kind: str = PRETRAINED_KIND
 
     @property
     def context_length(self) -> int:
@@ -57,6 +65,66 @@ class DualEncoder:
     @property
     def image_spec(self) -> ImageSpec:
         return image_spec_of(self.image_processor)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def logit_scale(self) -> float:
+        """The learnt temperature as stored (log scale); ``exp`` of it multiplies cosines before a softmax."""
+        return float(self.model.logit_scale.detach().float().cpu())
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` (B, L): padded to the longest text, cut at the context length."""
+        return tokenize_texts(self.tokenizer, texts, self.context_length)
+
+    def text_tokenizer(self) -> Callable[[Sequence[str]], dict[str, torch.Tensor]]:
+        """``tokenize`` without the model attached: cheap to pickle into DataLoader worker processes."""
+        return functools.partial(tokenize_texts, self.tokenizer, context_length=self.context_length)
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The model's inference preprocessing (resize, centre crop) of PIL images: a uint8 (B, 3, H, W) batch."""
+        transform = EvalTransform(self.image_spec)
+        return torch.stack([transform(image) for image in images])
+
+    def encode_images(self, images: torch.Tensor | Sequence[Image.Image]) -> torch.Tensor:
+        """L2-normalised float32 embeddings of PIL images or an unnormalised (uint8 or float 0-255) pixel batch.
+
+        Normalisation happens here, on the model's device. No ``torch.no_grad``: training needs the gradients,
+        and inference callers choose no_grad or inference_mode themselves.
+        """
+        pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
+        return encode_image(self.model, normalize(pixels.to(self.device, non_blocking=True), self.image_spec))
+
+    def encode_texts(self, texts: Sequence[str] | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """L2-normalised float32 embeddings of texts, or of a token batch from ``tokenize``."""
+        tokens = texts if isinstance(texts, Mapping) else self.tokenize(texts)
+        device = self.device
+        return encode_text(self.model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+
+    def save(self, out_dir: str | Path, card: str | None = None) -> Path:
+        """A plain ``save_pretrained`` folder (``save_model``)."""
+        return save_model(self, out_dir, card=card)
+
+    @classmethod
+    def load(cls, path: str | Path, trust_pickle: bool = False) -> DualEncoder:
+        """A saved folder or hub id (``load_model``)."""
+        return load_model(path, trust_pickle=trust_pickle)
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], context_length: int, *, tensors: str = "pt") -> dict[str, Any]:
+    """The one tokenizer call: pad to the longest text, truncate to ``context_length``.
+
+    ``DualEncoder.tokenize`` and the ONNX runtime (which has a tokenizer but no PyTorch model) both use it, so
+    an export tokenises exactly as the model it came from.
+    """
+    enc = tokenizer(list(texts), padding="longest", truncation=True, max_length=context_length, return_tensors=tensors)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def image_spec_of(processor: Any) -> ImageSpec:
@@ -71,22 +139,21 @@ def image_spec_of(processor: Any) -> ImageSpec:
 # Building and loading
 
 
-def build_model(
-    name: str, *, tiny: TinySpec, captions: Iterable[str] | None = None, seed: int = 0, trust_pickle: bool = False
-) -> DualEncoder:
-    """The model a training run starts from: the tiny preset, a local folder or a hub id."""
-    if name == TINY:
+def build_model(config: ModelConfig, *, captions: Iterable[str] | None = None, seed: int = 0) -> DualEncoder:
+    """The model a training run starts from: the tiny preset, a local folder or a hub id.
+
+    The one factory that decides by the configured name; everything after asks the result's ``kind``.
+    """
+    if config.is_tiny:
         if captions is None:
             raise ModelError("the tiny model learns its tokenizer from the training captions; none were given")
-        return build_tiny(tiny, captions, seed=seed)
-    return load_model(name, trust_pickle=trust_pickle)
+        return build_tiny(config.tiny, captions, seed=seed)
+    return load_model(config.name, trust_pickle=config.trust_pickle)
 
 
 def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokenizer: Any = None) -> DualEncoder:
     """A small randomly initialised CLIP plus a BPE tokenizer learnt from ``captions`` (or the one given)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from .tokenizer import build_caption_tokenizer
 
     if tokenizer is None:
         tokenizer = build_caption_tokenizer(captions, vocab_size=spec.vocab_size, context_length=spec.context_length)
@@ -122,7 +189,7 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )
-    return DualEncoder(model, tokenizer, processor)
+    return DualEncoder(model, tokenizer, processor, kind=TINY_KIND)
 
 
 @torch.no_grad()
@@ -171,7 +238,7 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
     from safetensors import SafetensorError
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
-    local_only = is_dir or _in_hf_cache(source)
+    local_only = is_dir or in_hf_cache(source)
     pickled = _pickle_only(source, is_dir)
     if pickled and not trust_pickle:
         raise ModelError(
@@ -217,7 +284,7 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
     for attr in ("vision_model", "text_model", "visual_projection", "text_projection", "logit_scale"):
         if not hasattr(model, attr):
             raise ModelError(f"{source}: {type(model).__name__} is not a CLIP-style dual encoder (no {attr})")
-    return DualEncoder(model, tokenizer, processor)
+    return DualEncoder(model, tokenizer, processor, kind=PRETRAINED_KIND)
 
 
 def _pickle_only(source: str, is_dir: bool) -> str | None:
@@ -240,15 +307,6 @@ def _pickle_only(source: str, is_dir: bool) -> str | None:
     return next((f for f in map(find, PICKLE_WEIGHTS) if f), None)
 
 
-def _in_hf_cache(repo_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except ValueError:  # HFValidationError: an id that is not a valid repo name is simply "not cached"
-        return False
-
-
 def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
@@ -267,11 +325,9 @@ def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = 
     encoder.image_processor.save_pretrained(out)
     if not (out / "vocab.json").exists() and getattr(encoder.tokenizer, "is_fast", False):
         # transformers 5 no longer writes vocab.json/merges.txt; transformers 4's slow CLIPTokenizer needs them.
-        from .tokenizer import save_vocab_files
-
         try:
             save_vocab_files(encoder.tokenizer, out)
-        except Exception as e:  # not a BPE tokenizer: nothing a slow CLIP tokenizer could read anyway
+        except VOCAB_FILE_ERRORS as e:  # not a BPE tokenizer: nothing a slow CLIP tokenizer could read anyway
             log.debug("no vocab.json/merges.txt written: %s", e)
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")

@@ -22,10 +22,10 @@ from torch import nn
 
 from .data.collate import Batch
 from .errors import TrainingError
-from .index import default_cache_dir
 from .loss import Objective
 from .memory import available_memory_bytes, free_memory, is_oom, peak_rss_bytes, reset_peak_rss
 from .model import ImageSpec
+from .paths import default_cache_dir
 from .step import contrastive_backward
 
 log = logging.getLogger(__name__)

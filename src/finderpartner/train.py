@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .budget import MARGIN, Plan, format_duration, steps_that_fit
 from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify
-from .config import TINY, Config, config_to_dict, render_yaml
+from .config import Config, config_to_dict, render_yaml
 from .data.collate import Batch, Collator
 from .data.dataset import num_workers, split_paths
 from .data.sources import Batches, EvalSet, Loading, open_training_data
@@ -46,10 +46,12 @@ from .errors import CheckpointError, ConfigError, OutputError, TrainingError, Us
 from .evaluate import EvalResult, evaluate_split, format_metrics
 from .loss import Objective, build_objective
 from .model import (
+    TINY_KIND,
     DualEncoder,
     apply_freezing,
     apply_lora,
     build_model,
+    build_tiny,
     enable_gradient_checkpointing,
     save_model,
     set_attention,
@@ -207,7 +209,7 @@ def _build_run(
         )
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
-    data = open_training_data(cfg, need_captions=cfg.model.name == TINY, progress=accelerator.is_main_process)
+    data = open_training_data(cfg, need_captions=cfg.model.is_tiny, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
     cut = (
         long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)
@@ -225,7 +227,7 @@ def _build_run(
     batches, loader = data.batches(
         Loading(
             transform=TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter),
-            collate=Collator(encoder.tokenizer, encoder.context_length),
+            collate=Collator(encoder.text_tokenizer()),
             global_batch=global_batch,
             rank=accelerator.process_index,
             world=world,
@@ -407,18 +409,14 @@ def _clear_run(run_dir: Path) -> None:
 def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: bool) -> DualEncoder:
     """The starting model. The tiny model's tokenizer is learnt once and kept in the run folder for resumes."""
     saved = cfg.run_dir / "tokenizer"
-    if cfg.model.name == TINY and resuming and saved.is_dir():
+    if cfg.model.is_tiny and resuming and saved.is_dir():
         from transformers import AutoTokenizer
-
-        from .model import build_tiny
 
         tokenizer = AutoTokenizer.from_pretrained(saved)
         encoder = build_tiny(cfg.model.tiny, [], seed=cfg.seed, tokenizer=tokenizer)
     else:
-        encoder = build_model(
-            cfg.model.name, tiny=cfg.model.tiny, captions=captions, seed=cfg.seed, trust_pickle=cfg.model.trust_pickle
-        )
-        if cfg.model.name == TINY and is_main:
+        encoder = build_model(cfg.model, captions=captions, seed=cfg.seed)
+        if encoder.kind == TINY_KIND and is_main:
             with storage_errors(saved, f"the tokenizer {saved}"):
                 encoder.tokenizer.save_pretrained(saved)
     return encoder
@@ -844,11 +842,8 @@ def _validation_cost(run: Run) -> float:
     start = time.perf_counter()
     try:
         evaluate_split(
-            run.model,
-            run.encoder.tokenizer,
+            run.encoder,
             part,
-            run.encoder.image_spec,
-            context_length=run.encoder.context_length,
             device=run.device,
             autocast=autocast_factory(run.device, run.precision),
             batch_size=run.cfg.eval.batch_size,
@@ -888,11 +883,8 @@ def _validate(run: Run) -> EvalResult | None:
     if run.is_main:
         cfg = run.cfg
         result = evaluate_split(
-            run.model,
-            run.encoder.tokenizer,
+            run.encoder,
             run.val,
-            run.encoder.image_spec,
-            context_length=run.encoder.context_length,
             device=run.device,
             autocast=autocast_factory(run.device, run.precision),
             batch_size=cfg.eval.batch_size,

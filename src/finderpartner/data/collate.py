@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,17 +40,21 @@ class Batch:
         return Batch(self.index, pin(self.pixel_values), pin(self.input_ids), pin(self.attention_mask), self.skipped)
 
 
-class Collator:
-    """Builds a ``Batch``; captions are tokenised here so that the work runs in the DataLoader workers."""
+Tokenize = Callable[[list[str]], Mapping[str, torch.Tensor]]  # captions -> input_ids, attention_mask
 
-    def __init__(self, tokenizer: Any, context_length: int):
-        self.tokenizer = tokenizer
-        self.context_length = context_length
+
+class Collator:
+    """Builds a ``Batch``; captions are tokenised here so that the work runs in the DataLoader workers.
+
+    ``tokenize`` is the model's own (``DualEncoder.text_tokenizer()``: picklable, without the model), so
+    training tokenises exactly as evaluation and search do.
+    """
+
+    def __init__(self, tokenize: Tokenize):
+        self._tokenize = tokenize
 
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(
-            captions, padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
-        )
+        enc = self._tokenize(captions)
         return enc["input_ids"], enc["attention_mask"]
 
     def __call__(self, samples: list[dict[str, Any] | Skipped]) -> Batch:

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .transforms import load_image
+from ..env import cpu_cores
+from .transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ class PairDataset(Dataset):
         try:
             cached = self.decoded.get(index) if self.decoded is not None else None
             img = Image.fromarray(cached) if cached is not None else load_image(path, self.max_pixels, self.min_side)
-        except Exception as e:  # never crash an epoch for one file: the collate function drops and reports it
+        except DECODE_ERRORS as e:  # never crash an epoch for one file: the collate function drops and reports it
             return Skipped(index, str(path), f"{type(e).__name__}: {e}")
         rng = torch.Generator().manual_seed(seed)
         pixels, caption = self.transform(img, self.table.captions[index], rng)
@@ -274,7 +275,7 @@ class DecodedImages:
         def decode(name: str) -> np.ndarray | None:
             try:
                 return np.asarray(_shrink(load_image(table.image_dir / name, max_pixels, side), side), dtype=np.uint8)
-            except Exception:  # reported when the dataset reads the file itself
+            except DECODE_ERRORS:  # reported when the dataset reads the file itself
                 return None
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL releases the GIL while decoding
@@ -302,7 +303,7 @@ class DecodedImages:
             try:
                 with Image.open(table.image_dir / name) as img:
                     w, h = img.size
-            except Exception:
+            except DECODE_ERRORS:  # a header that cannot be read: left out of the estimate
                 continue
             scale = min(1.0, side / max(1, min(w, h)))
             total += round(w * scale) * round(h * scale) * 3
@@ -347,7 +348,7 @@ class ImageFileDataset(Dataset):
         item = self.paths[index]
         try:
             img = item if isinstance(item, Image.Image) else load_image(item, self.max_pixels, self.min_side)
-        except Exception as e:
+        except DECODE_ERRORS as e:
             return Skipped(index, str(self.paths[index]), f"{type(e).__name__}: {e}")
         return {"index": index, "pixel_values": self.transform(img)}
 
@@ -408,6 +409,4 @@ class ContrastiveBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def num_workers(setting: int | str) -> int:
-    from ..env import cpu_cores
-
     return min(8, cpu_cores()) if setting == "auto" else int(setting)

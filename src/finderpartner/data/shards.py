@@ -25,8 +25,9 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
+from ..outputs import claim_output, read_marker, storage_errors, write_marker
 from .collate import Batch, Collator
-from .dataset import Skipped, sample_seed
+from .dataset import Skipped, read_split, sample_seed, split_paths
 from .transforms import ImageTooLarge, load_image, to_rgb
 
 log = logging.getLogger(__name__)
@@ -203,9 +204,6 @@ def write_shards(
     are written to a temporary folder first, then moved in; shards of an earlier, larger run of the same split
     are removed.
     """
-    from ..outputs import claim_output, read_marker, storage_errors, write_marker
-    from .dataset import read_split, split_paths
-
     out, data_root = Path(out), Path(os.path.abspath(root))
     image_dir, csv_path = split_paths(root, split)
     claim_output(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
-from ..model import ImageSpec
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """A model's inference preprocessing (from its image processor): resize shortest edge, centre crop, normalise.
+
+    It lives with the transforms that apply it, so that the model module can use them without an import circle.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
 
 try:  # HEIC/HEIF (iPhone photos): Pillow reads them once the maintained plugin pillow-heif is installed
     import pillow_heif
@@ -49,6 +62,23 @@ class ImageTooLarge(ValueError):
 
 
 _OPEN_LOCK = threading.Lock()
+
+
+# What decoding a damaged or hostile file raises: PIL's decoders are not consistent (truncated data: OSError or
+# EOFError; broken chunks: SyntaxError or struct.error; bad headers: ValueError, IndexError, KeyError, TypeError,
+# ZeroDivisionError). Readers that must survive one bad file catch exactly these, so a bug elsewhere still surfaces.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    EOFError,
+    SyntaxError,
+    struct.error,
+    ValueError,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    Image.DecompressionBombError,
+)
 
 
 def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_side: int | None = None) -> Image.Image:
