@@ -35,7 +35,7 @@ def _setup(small_data: Path) -> tuple[torch.nn.Module, SigmoidLoss, Batch, Image
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
     ds = PairDataset(table, TrainTransform(encoder.image_spec))  # augmentation seeded per pair: the same everywhere
-    batch = Collator(encoder.tokenizer, encoder.context_length)([ds[(i, 1000 + i)] for i in range(PAIRS)])
+    batch = Collator(encoder.text_tokenizer())([ds[(i, 1000 + i)] for i in range(PAIRS)])
     return encoder.model.train(), SigmoidLoss(), batch, encoder.image_spec
 
 
