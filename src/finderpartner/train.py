@@ -15,10 +15,8 @@ import contextlib
 import dataclasses
 import logging
 import math
-import os
 import platform
 import re
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -34,15 +32,15 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .budget import MARGIN, Plan, format_duration, steps_that_fit
-from .checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify
-from .config import Config, config_to_dict, render_yaml
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, config_to_dict
 from .data.collate import Batch, Collator
-from .data.dataset import num_workers, split_paths
+from .data.dataset import num_workers
 from .data.sources import Batches, EvalSet, Loading, open_training_data
 from .data.transforms import TrainTransform
 from .data.validate import long_captions_note
 from .env import autocast_factory, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, OutputError, TrainingError, UsageError
+from .errors import CheckpointError, ConfigError, TrainingError
 from .evaluate import EvalResult, evaluate_split, format_metrics
 from .loss import Objective, build_objective
 from .model import (
@@ -57,17 +55,12 @@ from .model import (
     set_attention,
 )
 from .outputs import (
-    MARKER,
     FolderLock,
-    check_not_input,
-    describe_kind,
-    read_marker,
     replace_dir,
     storage_errors,
-    write_marker,
-    write_text_atomic,
 )
 from .probe import probe_micro_batch
+from .rundir import open_run_dir
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, flatten, make_trackers
 
@@ -183,7 +176,7 @@ def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
     precision = resolve_precision(cfg.train.precision, device)
     lock = None
     if accelerator.is_main_process:
-        lock, resume = _open_run_dir(cfg, resume, overwrite)
+        lock, resume = open_run_dir(cfg, resume, overwrite)
     try:
         return _build_run(cfg, accelerator, device, precision, resume, lock, start)
     except BaseException:
@@ -277,133 +270,6 @@ def _build_run(
         start_step=state.global_step,
     )
     return run
-
-
-# What `train` writes in a run folder: the only entries --overwrite removes (eval/ belongs to `finderpartner eval`).
-RUN_ARTEFACTS = (
-    "config.yaml",
-    "metrics.jsonl",
-    "tensorboard",
-    "checkpoints",
-    "best_model",
-    "tokenizer",
-    "wandb",
-    MARKER,
-)
-
-
-def _open_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[FolderLock, str | None]:
-    """Lock the run folder and decide what this run does with it; returns the lock and the checkpoint to resume.
-
-    Runs are never mixed: a folder that holds an earlier run is resumed (``--resume``), or started over
-    (``--overwrite``), or refused with those choices. A folder holding anything else is refused.
-    """
-    run_dir = cfg.run_dir
-    if overwrite and resume:
-        raise UsageError("--overwrite starts the run over and --resume continues it: give one of them")
-    if cfg.data.format == "csv":
-        splits = [s for s in (cfg.data.train_split, cfg.data.val_split) if s]
-        check_not_input(
-            run_dir,
-            {
-                f"{kind} of split {s}": p
-                for s in splits
-                for kind, p in zip(("images", "captions"), split_paths(cfg.data.root, s))
-            },
-            flag="the run folder (output_dir/experiment)",
-        )
-    lock = FolderLock(run_dir).acquire()
-    try:
-        resume = _decide_run(run_dir, resume, overwrite)
-        with storage_errors(run_dir, f"the run folder {run_dir}"):
-            write_marker(run_dir, "run", {"experiment": cfg.experiment})
-            write_text_atomic(run_dir / "config.yaml", render_yaml(cfg))
-    except BaseException:
-        lock.release()
-        raise
-    return lock, resume
-
-
-def _decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
-    entries = sorted(p.name for p in run_dir.iterdir() if p.name not in (".lock",) and not p.name.startswith(".tmp-"))
-    if not entries:
-        return resume if resume != "auto" else None
-    marker = read_marker(run_dir)
-    if marker is None and not (run_dir / "config.yaml").is_file():  # config.yaml: a run of a version before markers
-        listing = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise OutputError(
-            f"the run folder {run_dir} already exists and holds files that finderpartner train did not "
-            f"write ({listing}); it never replaces them: choose another output_dir or experiment"
-        )
-    if marker is not None and marker.get("kind") != "run":
-        raise OutputError(
-            f"the run folder {run_dir} is {describe_kind(marker['kind'])}; choose another output_dir or experiment"
-        )
-    checkpoints = run_dir / "checkpoints"
-    metrics = run_dir / "metrics.jsonl"
-    trained = (
-        checkpoints.exists() or (run_dir / "best_model").exists() or (metrics.is_file() and metrics.stat().st_size)
-    )
-    if not trained:  # an attempt that stopped before its first step (bad data, say): nothing to keep or resume
-        _clear_run(run_dir)
-        return resume if resume != "auto" else None
-    if resume == "auto":
-        found = latest_checkpoint(checkpoints)
-        if found is not None:
-            return str(found)
-        damaged = list_checkpoints(checkpoints)
-        if damaged:
-            problems = "; ".join(f"{p.name}: {verify(p) or 'incomplete'}" for _, p in damaged[-3:])
-            raise CheckpointError(
-                f"--resume auto: none of the {len(damaged)} checkpoint(s) in {checkpoints} is usable "
-                f"({problems}). Resume from a copy with --resume PATH, or start the run over with "
-                "--overwrite (deletes its checkpoints, best model and metrics)"
-            )
-        log.warning(
-            "--resume auto: %s holds an earlier attempt that never reached a checkpoint: starting over", run_dir
-        )
-        _clear_run(run_dir)
-        return None
-    if resume is not None:
-        given = Path(os.path.realpath(resume))
-        if given == Path(os.path.realpath(run_dir)) or Path(os.path.realpath(run_dir)) in given.parents:
-            return resume  # this run's own checkpoint (or the run folder itself)
-        raise OutputError(
-            f"the run folder {run_dir} already holds a run; continuing {resume} there would mix two runs: "
-            "start it in a new folder with --set experiment=NEW_NAME"
-        )
-    if overwrite:
-        log.warning("--overwrite: deleting the earlier run in %s (checkpoints, best model, metrics)", run_dir)
-        _clear_run(run_dir)
-        return None
-    steps = [n for n, _ in list_checkpoints(checkpoints)]
-    held = (
-        ", ".join(
-            x
-            for x in (
-                f"checkpoints up to step {steps[-1]}" if steps else "",
-                "best_model/" if (run_dir / "best_model").exists() else "",
-                "metrics.jsonl" if (run_dir / "metrics.jsonl").exists() else "",
-            )
-            if x
-        )
-        or "its config"
-    )
-    raise OutputError(
-        f"the run folder {run_dir} already holds a training run ({held}). Continue it with --resume auto, "
-        "start a separate run with --set experiment=NEW_NAME, or start this one over with --overwrite "
-        "(deletes its checkpoints, best model and metrics)"
-    )
-
-
-def _clear_run(run_dir: Path) -> None:
-    with storage_errors(run_dir, f"the run folder {run_dir}"):
-        for name in RUN_ARTEFACTS:
-            p = run_dir / name
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            elif p.exists() or p.is_symlink():
-                p.unlink()
 
 
 def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: bool) -> DualEncoder:
