@@ -68,16 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    for add in (
+        _add_check_env_command,
+        _add_init_config_command,
+        _add_sample_data_command,
+        _add_validate_data_command,
+        _add_make_shards_command,
+        _add_train_command,
+        _add_eval_command,
+        _add_index_command,
+        _add_search_command,
+        _add_export_command,
+        _add_demo_command,
+    ):
+        add(sub)
+    return parser
 
+
+def _add_check_env_command(sub: Any) -> None:
     p = sub.add_parser("check-env", help="report the Python packages, GPU and recommended settings")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config", type=Path, help="also check this config's model and output folder")
     p.set_defaults(handler=_check_env)
 
+
+def _add_init_config_command(sub: Any) -> None:
     p = sub.add_parser("init-config", help="print a commented default config (YAML) on stdout")
     p.add_argument("--preset", default="rtx3060", choices=["rtx3060", "tiny"], help="starting point (default: rtx3060)")
     p.set_defaults(handler=_init_config)
 
+
+def _add_sample_data_command(sub: Any) -> None:
     p = sub.add_parser("sample-data", help="write the synthetic sample data set")
     p.add_argument("--out", type=Path, default=Path("data/sample"), help="output folder (default: data/sample)")
     p.add_argument("--train-images", type=int, default=4000)
@@ -88,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace sample data made with other settings")
     p.set_defaults(handler=_sample_data)
 
+
+def _add_validate_data_command(sub: Any) -> None:
     p = sub.add_parser("validate-data", help="check a data folder and report every problem at once")
     p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
     p.add_argument("--split", action="append", help="split(s) to check (default: every captions_*.csv)")
@@ -97,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_validate_data)
 
+
+def _add_make_shards_command(sub: Any) -> None:
     p = sub.add_parser("make-shards", help="write a split of the folder layout as WebDataset tar shards")
     p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
     p.add_argument("--split", default="train")
@@ -105,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a shard folder made from another data folder")
     p.set_defaults(handler=_make_shards)
 
+
+def _add_train_command(sub: Any) -> None:
     p = sub.add_parser("train", help="train as configured")
     _add_config_args(p)
     p.add_argument(
@@ -123,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_train)
 
+
+def _add_eval_command(sub: Any) -> None:
     p = sub.add_parser("eval", help="retrieval metrics of a saved model on a split")
     p.add_argument("--model", required=True, help="saved model folder (e.g. outputs/clip_tiny/best_model) or hub id")
     _add_trust_pickle(p)
@@ -133,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(handler=_eval)
 
+
+def _add_index_command(sub: Any) -> None:
     p = sub.add_parser("index", help="embed a folder of images into a FAISS index (updates only what changed)")
     p.add_argument("--model", required=True)
     _add_trust_pickle(p)
@@ -152,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(p)
     p.set_defaults(handler=_index)
 
+
+def _add_search_command(sub: Any) -> None:
     p = sub.add_parser("search", help="rank images by a text description (or by similarity to an image)")
     p.add_argument("--model", required=True)
     _add_trust_pickle(p)
@@ -167,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_search)
 
+
+def _add_export_command(sub: Any) -> None:
     p = sub.add_parser(
         "export", help="export both encoders and a combined logits model to ONNX, verify with onnxruntime"
     )
@@ -200,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the export info and verification as JSON")
     p.set_defaults(handler=_export)
 
+
+def _add_demo_command(sub: Any) -> None:
     p = sub.add_parser("demo", help="web demo: image-text scores, text comparison, gallery search by prompt")
     p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
     _add_trust_pickle(p)
@@ -216,7 +253,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(p)
     _add_backend_args(p)
     p.set_defaults(handler=_demo)
-    return parser
 
 
 def exit_code_table() -> str:

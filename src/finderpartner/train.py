@@ -204,31 +204,16 @@ def _build_run(
     run_dir = cfg.run_dir
     data = open_training_data(cfg, need_captions=cfg.model.is_tiny, progress=accelerator.is_main_process)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
-    cut = (
-        long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)
-        if accelerator.is_main_process
-        else None
-    )
-    if cut:
+    if accelerator.is_main_process and (
+        cut := long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)
+    ):
         log.warning("%s", cut[1])  # once per run: the collator truncates these captions silently
     model = _prepare_model(encoder, cfg, device, precision)
 
     world = accelerator.num_processes
     global_batch = _effective_batch(cfg.train.batch_size, data.num_rows, world)
     state = TrainState()
-    aug = cfg.data.augment
-    batches, loader = data.batches(
-        Loading(
-            transform=TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter),
-            collate=Collator(encoder.text_tokenizer()),
-            global_batch=global_batch,
-            rank=accelerator.process_index,
-            world=world,
-            seed=cfg.seed,
-            device=device,
-            workers=num_workers(cfg.data.num_workers),
-        )
-    )
+    batches, loader = data.batches(_loading(cfg, encoder, global_batch, accelerator.process_index, world, device))
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
     objective = build_objective(cfg.train.loss, model)
     optimizer = build_optimizer(model, objective, cfg)
@@ -270,6 +255,23 @@ def _build_run(
         start_step=state.global_step,
     )
     return run
+
+
+def _loading(
+    cfg: Config, encoder: DualEncoder, global_batch: int, rank: int, world: int, device: torch.device
+) -> Loading:
+    """How this process loads training batches: the augmentation, the collator, its share of each batch."""
+    aug = cfg.data.augment
+    return Loading(
+        transform=TrainTransform(encoder.image_spec, tuple(aug.crop_scale), aug.hflip, aug.color_jitter),
+        collate=Collator(encoder.text_tokenizer()),
+        global_batch=global_batch,
+        rank=rank,
+        world=world,
+        seed=cfg.seed,
+        device=device,
+        workers=num_workers(cfg.data.num_workers),
+    )
 
 
 def _load_encoder(cfg: Config, captions: list[str], resuming: bool, is_main: bool) -> DualEncoder:
