@@ -37,23 +37,26 @@ from finderpartner.config import TinySpec  # noqa: E402
 from finderpartner.env import autocast_factory, resolve_device, resolve_precision  # noqa: E402
 from finderpartner.loss import ClipLoss  # noqa: E402
 from finderpartner.memory import is_oom, peak_rss_bytes, reset_peak_rss  # noqa: E402
-from finderpartner.model import CLIP_MEAN, CLIP_STD, ImageSpec, build_tiny  # noqa: E402
+from finderpartner.model import CLIP_MEAN, CLIP_STD, DualEncoder, build_tiny  # noqa: E402
 from finderpartner.probe import synthetic_batch  # noqa: E402
 from finderpartner.step import contrastive_backward  # noqa: E402
 
 GiB = 2**30
 
 
-def build(arch: str) -> tuple[torch.nn.Module, ImageSpec, int]:
-    """(model, image spec, context length) for an architecture, randomly initialised."""
+def build(arch: str) -> tuple[DualEncoder, int]:
+    """(encoder, context length) for an architecture, randomly initialised."""
     if arch == "tiny":
         enc = build_tiny(TinySpec(), ["a large red circle on the left", "a small blue star in the center"] * 8)
-        return enc.model, enc.image_spec, 32
-    from transformers import CLIPConfig, CLIPModel
+        return enc, 32
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     torch.manual_seed(0)
     model = CLIPModel(CLIPConfig())  # the defaults are ViT-B/32: 224 px, patch 32, 12+12 layers, embed 512
-    return model, ImageSpec(224, 224, CLIP_MEAN, CLIP_STD), 77
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, image_mean=CLIP_MEAN, image_std=CLIP_STD
+    )
+    return DualEncoder(model, None, processor), 77  # synthetic token batches: no tokenizer needed
 
 
 class Meter:
@@ -75,16 +78,16 @@ class Meter:
         return torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else peak_rss_bytes()
 
 
-def step(model, spec, ctx, batch_size: int, micro: int, device, autocast) -> float:
-    batch = synthetic_batch(batch_size, spec.crop, ctx, int(model.config.text_config.vocab_size), device)
+def step(encoder, ctx, batch_size: int, micro: int, device, autocast) -> float:
+    model = encoder.model
+    batch = synthetic_batch(batch_size, encoder.image_spec.crop, ctx, int(model.config.text_config.vocab_size), device)
     batch.input_ids[:, -1] = int(model.config.text_config.eos_token_id)
     t0 = time.perf_counter()
     contrastive_backward(
-        model,
+        encoder,
         ClipLoss(model.logit_scale),
         batch,
         micro_batch_size=micro,
-        spec=spec,
         autocast=autocast,
         backward=lambda x: x.backward(),
     )
@@ -107,13 +110,13 @@ def measured(meter: Meter, *step_args: Any) -> tuple[float, int] | None:
 
 
 def measure(arch: str, sizes: list[int], cap_gb: float, device: torch.device, precision: str, max_batch: int) -> dict:
-    model, spec, ctx = build(arch)
-    model = model.to(device).train()
+    encoder, ctx = build(arch)
+    encoder.model.to(device).train()
     autocast = autocast_factory(device, precision)
     meter = Meter(device, int(cap_gb * GiB))
     rows, fits = [], 0
     for m in sizes:  # increasing: on CPU the resident set only shrinks lazily
-        result = measured(meter, model, spec, ctx, m, m, device, autocast)
+        result = measured(meter, encoder, ctx, m, m, device, autocast)
         if result is None:
             rows.append({"micro_batch": m, "peak_gb": None, "oom": True})
             break
@@ -127,7 +130,7 @@ def measure(arch: str, sizes: list[int], cap_gb: float, device: torch.device, pr
     micro = max(1, fits)
     cached, batch, with_cache = [], max(2 * micro, 2), fits
     while fits and batch <= max_batch:
-        result = measured(meter, model, spec, ctx, batch, micro, device, autocast)
+        result = measured(meter, encoder, ctx, batch, micro, device, autocast)
         if result is None:
             break
         seconds, peak = result

@@ -130,14 +130,14 @@ def _channels_last(_: str | None) -> None:
     """src change: model and pixel batches in channels-last memory format (only the patch embedding is a conv)."""
     import torch
 
-    from finderpartner import step
+    from finderpartner import model
 
-    normalize = _require(step, "normalize")
+    normalize = _require(model, "normalize")  # what DualEncoder.encode_images normalises pixel batches with
 
     def channels_last(pixels: Any, spec: Any, *args: Any, **kwargs: Any) -> Any:
         return normalize(pixels, spec, *args, **kwargs).contiguous(memory_format=torch.channels_last)
 
-    step.normalize = channels_last
+    model.normalize = channels_last
     _after_setup(lambda run: run.model.to(memory_format=torch.channels_last))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import re
 import shutil
 import statistics
@@ -264,11 +265,10 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
     def fwd_bwd(m: Any = model, micro_batch: int = batch, batch_: Any = b) -> Any:
         m.zero_grad(set_to_none=True)
         return contrastive_backward(
-            m,
+            dataclasses.replace(encoder, model=m),
             ClipLoss(m.logit_scale),
             batch_,
             micro_batch_size=micro_batch,
-            spec=spec,
             autocast=autocast,
             backward=lambda loss: loss.backward(),
         )
@@ -427,11 +427,10 @@ def _compile(encoder: Any, b: Any, spec: Any, autocast: Any, repeats: int) -> di
     def step(m: Any) -> Any:
         m.zero_grad(set_to_none=True)
         return contrastive_backward(
-            m,
+            dataclasses.replace(encoder, model=m),
             ClipLoss(m.logit_scale),
             b,
             micro_batch_size=len(b),
-            spec=spec,
             autocast=autocast,
             backward=lambda loss: loss.backward(),
         )

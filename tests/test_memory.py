@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -30,14 +31,14 @@ def _batch(small_data: Path, encoder, n: int):
     return Collator(encoder.text_tokenizer())([ds[(i, 1000 + i)] for i in range(n)])
 
 
-def _grads(model, batch, micro: int, spec) -> dict[str, torch.Tensor]:
+def _grads(encoder, batch, micro: int) -> dict[str, torch.Tensor]:
+    model = encoder.model
     model.zero_grad(set_to_none=True)
     contrastive_backward(
-        model,
+        encoder,
         ClipLoss(model.logit_scale),
         batch,
         micro_batch_size=micro,
-        spec=spec,
         autocast=contextlib.nullcontext,
         backward=lambda loss: loss.backward(),
     )
@@ -47,10 +48,10 @@ def _grads(model, batch, micro: int, spec) -> dict[str, torch.Tensor]:
 def test_gradient_cache_equals_full_batch_gradients(small_data: Path) -> None:
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
-    model = encoder.model.train()
+    encoder.model.train()
     batch = _batch(small_data, encoder, 64)
-    full = _grads(model, batch, 64, encoder.image_spec)  # 1 x 64
-    cached = _grads(model, batch, 8, encoder.image_spec)  # 8 x 8
+    full = _grads(encoder, batch, 64)  # 1 x 64
+    cached = _grads(encoder, batch, 8)  # 8 x 8
     assert full.keys() == cached.keys() and "logit_scale" in full
     # Attention key biases get an exactly-zero gradient in theory (softmax ignores a shift shared by a row);
     # what autograd returns for them is rounding noise (~1e-9), whose relative difference means nothing.
@@ -77,9 +78,9 @@ def test_gradient_cache_replays_dropout_identically(small_data: Path, monkeypatc
         layer.self_attn.dropout = 0.2
     batch = _batch(small_data, encoder, 32)
     torch.manual_seed(5)
-    full = _grads(model, batch, 32, encoder.image_spec)
+    full = _grads(encoder, batch, 32)
     torch.manual_seed(5)
-    cached = _grads(model, batch, 32, encoder.image_spec)
+    cached = _grads(encoder, batch, 32)
     assert all(torch.equal(full[n], cached[n]) for n in full)  # same seed, same path: deterministic
     outputs: list[torch.Tensor] = []
     real_embed_pair = step.embed_pair
@@ -91,7 +92,7 @@ def test_gradient_cache_replays_dropout_identically(small_data: Path, monkeypatc
 
     monkeypatch.setattr(step, "embed_pair", recording_embed_pair)
     torch.manual_seed(5)
-    split = _grads(model, batch, 8, encoder.image_spec)
+    split = _grads(encoder, batch, 8)
     # 4 micro-batches embedded without gradients, then again with them: the same dropout masks both times, so
     # the cached embeddings the loss was computed from are exactly the ones back-propagated.
     assert len(outputs) == 8
@@ -108,11 +109,11 @@ def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(
     real = step.embed_pair
     calls = {"n": 0}
 
-    def oom_once_in_step_3(model, batch, spec):
+    def oom_once_in_step_3(encoder, batch):
         calls["n"] += 1
         if calls["n"] == 3:  # 1 call per step with micro == batch: this is step 3
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, batch, spec)
+        return real(encoder, batch)
 
     monkeypatch.setattr(step, "embed_pair", oom_once_in_step_3)
     recovered = train(config_from_dict(micro_config(tmp_path / "b", small_data, micro_batch_size=16)))
@@ -129,7 +130,7 @@ def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(
 def test_oom_at_micro_batch_one_says_what_to_change(small_data: Path, tmp_path: Path, monkeypatch) -> None:
     from finderpartner.errors import TrainingError
 
-    def always_oom(model, batch, spec):
+    def always_oom(encoder, batch):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(step, "embed_pair", always_oom)
@@ -144,11 +145,10 @@ def _changed_after_steps(model, small_data: Path, encoder, steps: int = 2) -> se
     batch = _batch(small_data, encoder, 16)
     for _ in range(steps):
         contrastive_backward(
-            model,
+            dataclasses.replace(encoder, model=model),  # the model may be wrapped (LoRA)
             objective,
             batch,
             micro_batch_size=16,
-            spec=encoder.image_spec,
             autocast=contextlib.nullcontext,
             backward=lambda loss: loss.backward(),
         )
@@ -211,25 +211,22 @@ def test_cpu_probe_picks_a_size_and_caches_it(small_data: Path, tmp_path: Path, 
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
     args = dict(
         local_batch=32,
-        spec=encoder.image_spec,
-        context_length=16,
-        eos_token_id=1,
         device=torch.device("cpu"),
         autocast=contextlib.nullcontext,
         reserve_bytes=0,
         cache_key="test-key",
     )
     objective = ClipLoss(encoder.model.logit_scale)
-    first = probe_micro_batch(encoder.model, objective, **args)
+    first = probe_micro_batch(encoder, objective, **args)
     assert first.micro_batch_size == 32 and "the full batch within free memory" in first.reason and first.peak_bytes
     assert "pairs/s" in first.reason
     assert all(p.grad is None for p in encoder.model.parameters())  # probing leaves no gradients behind
-    again = probe_micro_batch(encoder.model, objective, **args)
+    again = probe_micro_batch(encoder, objective, **args)
     assert again.micro_batch_size == first.micro_batch_size and again.reason.startswith("cached")
     # The decision: with 1 MiB per pair (as measured) and 10 MiB free beyond the peak, 16 pairs fit, 32 do not.
     monkeypatch.setattr(probe, "_cpu_step_peak", lambda setup, size: (2**30 + size * 2**20, 100.0))
     monkeypatch.setattr(probe, "available_memory_bytes", lambda: 10 * 2**20)
-    tight = probe_micro_batch(encoder.model, objective, **{**args, "cache_key": None})
+    tight = probe_micro_batch(encoder, objective, **{**args, "cache_key": None})
     assert tight.micro_batch_size == 16 and tight.reason.startswith("largest size within free memory")
 
 
@@ -238,9 +235,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(small_data: Path) -> No
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
     model = encoder.model.train()
     batch = _batch(small_data, encoder, 16)
-    plain = _grads(model, batch, 8, encoder.image_spec)
+    plain = _grads(encoder, batch, 8)
     enable_gradient_checkpointing(model)
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
-    ckpt = _grads(model, batch, 8, encoder.image_spec)
+    ckpt = _grads(encoder, batch, 8)
     for n in plain:
         assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-7), n

@@ -23,34 +23,33 @@ from finderpartner.data.collate import Batch, Collator
 from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
 from finderpartner.loss import Objective, SigmoidLoss, build_objective
-from finderpartner.model import ImageSpec, build_tiny
+from finderpartner.model import DualEncoder, build_tiny
 from finderpartner.step import contrastive_backward, sum_gradients_across_processes
 from finderpartner.train import train
 
 PAIRS = 16
 
 
-def _setup(small_data: Path) -> tuple[torch.nn.Module, SigmoidLoss, Batch, ImageSpec]:
+def _setup(small_data: Path) -> tuple[DualEncoder, SigmoidLoss, Batch]:
     """The same model (seed 0), objective and 16-pair batch in every process that asks."""
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
     ds = PairDataset(table, TrainTransform(encoder.image_spec))  # augmentation seeded per pair: the same everywhere
     batch = Collator(encoder.text_tokenizer())([ds[(i, 1000 + i)] for i in range(PAIRS)])
-    return encoder.model.train(), SigmoidLoss(), batch, encoder.image_spec
+    encoder.model.train()
+    return encoder, SigmoidLoss(), batch
 
 
-def _grads(
-    model: torch.nn.Module, objective: Objective, batch: Batch, micro: int, spec: ImageSpec
-) -> dict[str, torch.Tensor]:
+def _grads(encoder: DualEncoder, objective: Objective, batch: Batch, micro: int) -> dict[str, torch.Tensor]:
     """Gradients of one step on ``batch`` in micro-batches of ``micro``, the objective's as ``objective.<name>``."""
+    model = encoder.model
     model.zero_grad(set_to_none=True)
     objective.zero_grad(set_to_none=True)
     contrastive_backward(
-        model,
+        encoder,
         objective,
         batch,
         micro_batch_size=micro,
-        spec=spec,
         autocast=contextlib.nullcontext,
         backward=lambda loss: loss.backward(),
     )
@@ -59,9 +58,9 @@ def _grads(
 
 
 def test_sigmoid_loss_through_the_gradient_cache(small_data: Path) -> None:
-    model, objective, batch, spec = _setup(small_data)
-    full = _grads(model, objective, batch, PAIRS, spec)  # 1 x 16
-    cached = _grads(model, objective, batch, 4, spec)  # 4 x 4
+    encoder, objective, batch = _setup(small_data)
+    full = _grads(encoder, objective, batch, PAIRS)  # 1 x 16
+    cached = _grads(encoder, objective, batch, 4)  # 4 x 4
     assert full.keys() == cached.keys() and {"objective.bias", "objective.log_scale"} <= full.keys()
     assert "logit_scale" not in full  # the model's own temperature is not this objective's
     zero = {n for n in full if n.endswith("k_proj.bias")}  # exactly zero in theory: rounding noise only
@@ -71,8 +70,8 @@ def test_sigmoid_loss_through_the_gradient_cache(small_data: Path) -> None:
 
 
 def test_two_gloo_processes_give_the_bias_exactly_the_single_process_gradient(small_data: Path, tmp_path: Path) -> None:
-    model, objective, batch, spec = _setup(small_data)
-    one = _grads(model, objective, batch, 4, spec)  # micro-batches of 4: the same chunks each process embeds
+    encoder, objective, batch = _setup(small_data)
+    one = _grads(encoder, objective, batch, 4)  # micro-batches of 4: the same chunks each process embeds
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "grads.safetensors"
@@ -108,9 +107,10 @@ def _worker(small_data: Path, out: Path) -> None:
     """One of two processes: its half of the batch, the trainer's cross-process gradient reduction."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, objective, batch, spec = _setup(small_data)
+    encoder, objective, batch = _setup(small_data)
     local = batch.split(PAIRS // world)[rank]  # rank order = the global batch's row order, as in training
-    _grads(model, objective, local, 4, spec)
+    _grads(encoder, objective, local, 4)
+    model = encoder.model
     sum_gradients_across_processes(model, objective)
     named = [*model.named_parameters(), *(("objective." + n, p) for n, p in objective.named_parameters())]
     grads = {n: p.grad.clone() for n, p in named if p.grad is not None}

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from .data.collate import Batch
 from .errors import TrainingError
 from .loss import Objective
 from .memory import available_memory_bytes, free_memory, is_oom, peak_rss_bytes, reset_peak_rss
-from .model import ImageSpec
+from .model import DualEncoder
 from .paths import default_cache_dir
 from .step import contrastive_backward
 
@@ -52,11 +51,10 @@ def synthetic_batch(size: int, image_size: int, context_length: int, vocab_size:
 
 @dataclass(frozen=True)
 class _Setup:
-    """What one probing step runs: this model and objective on worst-case synthetic batches."""
+    """What one probing step runs: this encoder and objective on worst-case synthetic batches."""
 
-    model: nn.Module
+    encoder: DualEncoder
     objective: Objective
-    spec: ImageSpec
     context_length: int
     vocab: int
     eos: int
@@ -65,33 +63,29 @@ class _Setup:
 
     def batch(self, size: int) -> Batch:
         """``size`` worst-case pairs: random pixels, full-length captions ending in the end-of-text token."""
-        batch = synthetic_batch(size, self.spec.crop, self.context_length, self.vocab, self.device)
+        batch = synthetic_batch(size, self.encoder.image_spec.crop, self.context_length, self.vocab, self.device)
         batch.input_ids[:, -1] = self.eos
         return batch
 
     def step(self, batch: Batch) -> None:
         """One forward+backward step of ``batch`` in one micro-batch; no gradients are left behind."""
         contrastive_backward(
-            self.model,
+            self.encoder,
             self.objective,
             batch,
             micro_batch_size=len(batch),
-            spec=self.spec,
             autocast=self.autocast,
             backward=lambda x: x.backward(),
         )
-        self.model.zero_grad(set_to_none=True)
+        self.encoder.model.zero_grad(set_to_none=True)
         self.objective.zero_grad(set_to_none=True)
 
 
 def probe_micro_batch(
-    model: nn.Module,
+    encoder: DualEncoder,
     objective: Objective,
     *,
     local_batch: int,
-    spec: ImageSpec,
-    context_length: int,
-    eos_token_id: int,
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
     reserve_bytes: int,
@@ -106,8 +100,10 @@ def probe_micro_batch(
     cached = _read_cache(cache_key)
     if cached is not None:
         return ProbeResult(min(cached, local_batch), f"cached for {cache_key}", {})
+    model = encoder.model
     vocab = int(model.config.text_config.vocab_size)
-    setup = _Setup(model, objective, spec, context_length, vocab, eos_token_id, device, autocast)
+    eos_token_id = int(encoder.tokenizer.eos_token_id)
+    setup = _Setup(encoder, objective, encoder.context_length, vocab, eos_token_id, device, autocast)
     was_training = model.training
     model.train()
     try:

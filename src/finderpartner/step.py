@@ -18,15 +18,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from .data.collate import Batch
-from .data.transforms import normalize
 from .errors import TrainingError
 from .loss import Objective
 from .memory import free_memory, is_oom
-from .model import ImageSpec, image_features, text_features
+from .model import DualEncoder
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +32,19 @@ Backward = Callable[[torch.Tensor], None]
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
-def embed_pair(model: nn.Module, batch: Batch, spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_pair(encoder: DualEncoder, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised float32 image and text embeddings of a (micro-)batch whose tensors are on the model's device."""
-    pixels = normalize(batch.pixel_values, spec)
-    image = F.normalize(image_features(model, pixels).float(), dim=-1)
-    text = F.normalize(text_features(model, batch.input_ids, batch.attention_mask).float(), dim=-1)
+    image = encoder.encode_images(batch.pixel_values)
+    text = encoder.encode_texts({"input_ids": batch.input_ids, "attention_mask": batch.attention_mask})
     return image, text
 
 
 def contrastive_backward(
-    model: nn.Module,
+    encoder: DualEncoder,
     objective: Objective,
     batch: Batch,
     *,
     micro_batch_size: int,
-    spec: ImageSpec,
     autocast: Autocast,
     backward: Backward,
 ) -> torch.Tensor:
@@ -58,7 +54,7 @@ def contrastive_backward(
     """
     if micro_batch_size >= len(batch):
         with autocast():
-            image, text = embed_pair(model, batch, spec)
+            image, text = embed_pair(encoder, batch)
         loss = objective(image, text)
         backward(loss)
         return loss.detach()
@@ -69,7 +65,7 @@ def contrastive_backward(
         for chunk in chunks:
             rng_states.append(capture_rng())
             with autocast():
-                cached.append(embed_pair(model, chunk, spec))
+                cached.append(embed_pair(encoder, chunk))
     rng_after = capture_rng()
     image = torch.cat([c[0] for c in cached]).requires_grad_()
     text = torch.cat([c[1] for c in cached]).requires_grad_()
@@ -81,7 +77,7 @@ def contrastive_backward(
     for i, (chunk, state) in enumerate(zip(chunks, rng_states)):  # pass 2: same randomness, real backward
         restore_rng(state)
         with autocast():
-            chunk_image, chunk_text = embed_pair(model, chunk, spec)
+            chunk_image, chunk_text = embed_pair(encoder, chunk)
         n = len(chunk)
         surrogate = (chunk_image * grad_image[offset : offset + n]).sum() + (
             chunk_text * grad_text[offset : offset + n]
@@ -96,12 +92,11 @@ def contrastive_backward(
 
 
 def backward_with_oom_retry(
-    model: nn.Module,
+    encoder: DualEncoder,
     objective: Objective,
     batch: Batch,
     *,
     micro_batch_size: int,
-    spec: ImageSpec,
     autocast: Autocast,
     backward: Backward,
     may_halve: bool,
@@ -119,11 +114,10 @@ def backward_with_oom_retry(
     while True:
         try:
             loss = contrastive_backward(
-                model,
+                encoder,
                 objective,
                 batch,
                 micro_batch_size=micro_batch_size,
-                spec=spec,
                 autocast=autocast,
                 backward=backward,
             )
@@ -131,7 +125,7 @@ def backward_with_oom_retry(
         except RuntimeError as e:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
             if not is_oom(e):
                 raise
-            model.zero_grad(set_to_none=True)
+            encoder.model.zero_grad(set_to_none=True)
             objective.zero_grad(set_to_none=True)
             free_memory()
             restore_rng(rng)

@@ -343,12 +343,9 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
         )
     )
     result = probe_micro_batch(
-        run.model,
+        run.encoder,
         run.objective,
         local_batch=local_batch,
-        spec=spec,
-        context_length=run.encoder.context_length,
-        eos_token_id=run.encoder.tokenizer.eos_token_id,
         device=run.device,
         autocast=autocast_factory(run.device, run.precision),
         reserve_bytes=int(run.cfg.train.memory_reserve_gb * 2**30),
@@ -587,11 +584,10 @@ def _train_step(run: Run, batch: Batch, window: _Window) -> None:
             log.warning("step %d: skipped %s (%s)", state.global_step + 1, s.path, s.reason)
     batch = batch.to(run.device, non_blocking=True)
     loss, state.micro_batch_size = backward_with_oom_retry(
-        run.model,
+        run.encoder,
         run.objective,
         batch,
         micro_batch_size=state.micro_batch_size,
-        spec=run.encoder.image_spec,
         autocast=autocast_factory(run.device, run.precision),
         backward=lambda loss: run.scaler.scale(loss).backward(),
         may_halve=run.batches.world_size == 1,  # processes must agree on it: a halving would need a vote
