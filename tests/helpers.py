@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 # A very small CLIP so that whole training runs take seconds on a 2-core CPU.
@@ -40,3 +44,11 @@ def micro_config(tmp: Path, data: Path, **train: object) -> dict:
         },
         "tracking": {"tensorboard": False},
     }
+
+
+def run_torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone`` with ``processes`` real processes (gloo on a CPU), this checkout's src/ importable."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    command = [torchrun, "--standalone", "--nproc_per_node", str(processes), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-from helpers import micro_config
+from helpers import micro_config, run_torchrun
 from safetensors.torch import load_file
 
 from finderpartner.config import config_from_dict
@@ -23,26 +19,7 @@ def test_two_gloo_processes_match_one_process(small_data: Path, tmp_path: Path) 
 
     cfg_file = tmp_path / "two.yaml"
     cfg_file.write_text(yaml.safe_dump({**raw, "experiment": "two"}))
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "finderpartner.cli",
-            "-q",
-            "train",
-            "--config",
-            str(cfg_file),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_torchrun("-m", "finderpartner.cli", "-q", "train", "--config", str(cfg_file))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("best model:") == 1  # only the main process reports
 
@@ -64,25 +41,7 @@ def test_two_processes_agree_on_the_step_count_a_time_budget_decides(small_data:
     raw = micro_config(tmp_path, small_data, time_budget="20s", max_steps=400, warmup_steps=30)
     cfg_file = tmp_path / "budget.yaml"
     cfg_file.write_text(yaml.safe_dump({**raw, "experiment": "budget"}))
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "finderpartner.cli",
-            "train",
-            "--config",
-            str(cfg_file),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_torchrun("-m", "finderpartner.cli", "train", "--config", str(cfg_file))
     assert run.returncode == 0, run.stderr[-3000:]
     log = run.stdout + run.stderr
     assert log.count("steps planned at") == 1, log[-3000:]  # decided once, by the main process

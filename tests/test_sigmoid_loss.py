@@ -7,15 +7,12 @@ Run as a script (by torchrun), this file is the worker of the two-process test.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from helpers import MICRO_SPEC, micro_config
+from helpers import MICRO_SPEC, micro_config, run_torchrun
 from safetensors.torch import load_file, save_file
 
 from finderpartner.config import TinySpec, config_from_dict
@@ -72,16 +69,8 @@ def test_sigmoid_loss_through_the_gradient_cache(small_data: Path) -> None:
 def test_two_gloo_processes_give_the_bias_exactly_the_single_process_gradient(small_data: Path, tmp_path: Path) -> None:
     encoder, objective, batch = _setup(small_data)
     one = _grads(encoder, objective, batch, 4)  # micro-batches of 4: the same chunks each process embeds
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "grads.safetensors"
-    run = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", __file__, str(small_data), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    run = run_torchrun(__file__, str(small_data), str(out))
     assert run.returncode == 0, run.stderr[-3000:]
     two = load_file(out)
     assert two.keys() == one.keys()
