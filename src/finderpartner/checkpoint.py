@@ -135,6 +135,11 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def manifest_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint's manifest, which lists every file's SHA-256: the checkpoint's identity."""
+    return _sha256(path / MANIFEST)
+
+
 def list_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     if not checkpoints_dir.is_dir():
         return []

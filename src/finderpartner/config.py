@@ -242,8 +242,13 @@ class TrainConfig(_Section):
         5, ge=1, description="stop after this many consecutive steps with a non-finite loss or gradient"
     )
     compile: bool = Field(False, description="torch.compile the towers (worth it on GPUs for long runs)")
+    dist_timeout: str = Field(
+        "30m",
+        description="multi-process runs: how long a process waits for the others at a collective (a checkpoint or "
+        "validation in progress) before the run fails; NCCL's own default (10m) can be too short",
+    )
 
-    @field_validator("time_budget", mode="before")
+    @field_validator("time_budget", "dist_timeout", mode="before")
     @classmethod
     def _duration(cls, v: Any) -> Any:
         if v is None:
@@ -256,6 +261,10 @@ class TrainConfig(_Section):
         if seconds < 1:
             raise ValueError(f"must be at least 1 second, got {v!r}")
         return str(v).strip()
+
+    @property
+    def dist_timeout_s(self) -> float:
+        return parse_duration(self.dist_timeout)
 
     @property
     def time_budget_s(self) -> float | None:

@@ -11,9 +11,13 @@ import gc
 
 import torch
 
+# torch.OutOfMemoryError since torch 2.5; torch.cuda.OutOfMemoryError (the same class there) before.
+_OOM_ERROR: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
 
 def is_oom(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+    """A CUDA out-of-memory error, or another backend's RuntimeError saying so (MPS, XPU, a CPU allocation)."""
+    return isinstance(error, _OOM_ERROR) or "out of memory" in str(error).lower()
 
 
 def free_memory() -> None:

@@ -3,6 +3,11 @@
 The probe measures this model, precision and image size on this machine: on CUDA the peak allocation of one
 forward+backward step per candidate size, on the CPU the peak resident memory at two small sizes, extrapolated.
 The answer is cached per setup (``<cache>/micro_batch.json``), since probing costs a few steps' time.
+
+Probing never communicates with other processes: each process probes (or reads its cache) alone, counting the
+optimizer state that does not exist yet, and only then do all of them agree on one size (``agree``: the
+trainer's all_reduce(min)), which is what the cache keeps. A cache hit in one process and a miss in another, or
+an out-of-memory error in only one, therefore cannot leave them waiting in different collectives.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from .loss import Objective
 from .memory import available_memory_bytes, free_memory, is_oom, peak_rss_bytes, reset_peak_rss
 from .model import DualEncoder
 from .paths import default_cache_dir
-from .step import contrastive_backward
+from .step import embed_pair
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +73,14 @@ class _Setup:
         return batch
 
     def step(self, batch: Batch) -> None:
-        """One forward+backward step of ``batch`` in one micro-batch; no gradients are left behind."""
-        contrastive_backward(
-            self.encoder,
-            self.objective,
-            batch,
-            micro_batch_size=len(batch),
-            autocast=self.autocast,
-            backward=lambda x: x.backward(),
-        )
+        """One forward+backward step of ``batch`` in one micro-batch; no gradients are left behind.
+
+        The loss is the objective's loss of these pairs alone (``Objective.loss``): nothing is gathered from other
+        processes. The global batch's loss matrix is left out of the measurement; it is small beside activations.
+        """
+        with self.autocast():
+            image, text = embed_pair(self.encoder, batch)
+        self.objective.loss(image, text).backward()
         self.encoder.model.zero_grad(set_to_none=True)
         self.objective.zero_grad(set_to_none=True)
 
@@ -89,17 +93,62 @@ def probe_micro_batch(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
     reserve_bytes: int,
+    state_bytes: int = 0,
     cache_key: str | None = None,
+    agree: Callable[[int], int] = lambda size: size,
 ) -> ProbeResult:
     """Choose the micro-batch by running real forward+backward steps on this model, precision and image size.
 
-    CUDA: the largest size whose peak allocation leaves ``reserve_bytes`` free (an OOM ends the search).
-    CPU: the full local batch when its (extrapolated) peak resident memory leaves the reserve free, else the largest
-    power-of-two fraction of it that does: on a CPU splitting only adds work.
+    CUDA: the largest size whose peak allocation plus ``state_bytes`` (optimizer state not yet allocated; see
+    ``optimizer_state_bytes``) leaves ``reserve_bytes`` free (an OOM ends the search). CPU: the full local batch
+    when its (extrapolated) peak resident memory leaves the same free, else the largest power-of-two fraction of
+    it that does: on a CPU splitting only adds work. ``agree`` turns this process's answer into the one all
+    processes use (0 means "not even 1 fits here"); that agreed size is cached under ``cache_key``.
     """
     cached = _read_cache(cache_key)
     if cached is not None:
-        return ProbeResult(min(cached, local_batch), f"cached for {cache_key}", {})
+        result = ProbeResult(min(cached, local_batch), f"cached for {cache_key}", {})
+    else:
+        try:
+            result = _probe(encoder, objective, local_batch, device, autocast, reserve_bytes + state_bytes)
+        except TrainingError:  # nothing fits here: still take part in the agreement (0 wins a minimum), then stop
+            agree(0)
+            raise
+    agreed = agree(result.micro_batch_size)
+    if agreed == 0:
+        raise TrainingError(
+            "another process could not fit even a micro-batch of 1 (see its error); "
+            "use precision bf16/fp16, model.gradient_checkpointing, a frozen tower or LoRA"
+        )
+    if agreed != result.micro_batch_size:
+        result = ProbeResult(agreed, f"the smallest of all processes' sizes (here: {result.reason})", result.peak_bytes)
+    _write_cache(cache_key, agreed)
+    return result
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes the optimizer's state will take once created (it is created lazily, at the first step).
+
+    Adam(W): the two moments (three with amsgrad) in each trainable parameter's dtype, plus a float32 step
+    count. Parameters whose state exists already (a resumed run) count 0: their memory is in the measurement.
+    """
+    total = 0
+    for group in optimizer.param_groups:
+        moments = 3 if group.get("amsgrad") else 2
+        for p in group["params"]:
+            if p.requires_grad and p not in optimizer.state:
+                total += moments * p.numel() * p.element_size() + 4
+    return total
+
+
+def _probe(
+    encoder: DualEncoder,
+    objective: Objective,
+    local_batch: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+    reserve_bytes: int,
+) -> ProbeResult:
     model = encoder.model
     vocab = int(model.config.text_config.vocab_size)
     eos_token_id = int(encoder.tokenizer.eos_token_id)
@@ -116,7 +165,6 @@ def probe_micro_batch(
         objective.zero_grad(set_to_none=True)
         model.train(was_training)
         free_memory()
-    _write_cache(cache_key, result.micro_batch_size)
     return result
 
 
@@ -131,6 +179,9 @@ def _candidates(local_batch: int) -> list[int]:
 def _probe_cuda(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
     device = setup.device
     total = torch.cuda.get_device_properties(device).total_memory
+    # A cap set with torch.cuda.set_per_process_memory_fraction (an emulated smaller card) is the real total.
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    total = int(total * min(1.0, fraction))
     budget = total - reserve
     peaks: dict[int, int] = {}
     best, reason = 0, ""
@@ -144,6 +195,9 @@ def _probe_cuda(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
             if not is_oom(e):
                 raise
             reason = f"out of memory at {size}"
+        if reason:  # outside the except clause: the failed attempt's tensors are released by now
+            del batch
+            free_memory()
             break
         peaks[size] = torch.cuda.max_memory_allocated(device)
         if peaks[size] > budget:
@@ -152,10 +206,11 @@ def _probe_cuda(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
         best = size
     if best == 0:
         raise TrainingError(
-            f"even a micro-batch of 1 does not fit in {budget / 2**30:.1f} GiB ({reason}); use precision bf16/fp16, "
-            "model.gradient_checkpointing, a frozen tower or LoRA, or lower train.memory_reserve_gb"
+            f"even a micro-batch of 1 does not fit in {budget / 2**30:.1f} GiB ({reason}; the budget leaves room for "
+            "the reserve and the optimizer state); use precision bf16/fp16, model.gradient_checkpointing, a frozen "
+            "tower or LoRA, or lower train.memory_reserve_gb"
         )
-    why = f"largest size within {total / 2**30:.1f} GiB minus a {reserve / 2**30:.1f} GiB reserve" + (
+    why = f"largest size within {total / 2**30:.1f} GiB minus {reserve / 2**30:.1f} GiB (reserve, optimizer state)" + (
         f" ({reason})" if reason else ""
     )
     return ProbeResult(best, why, peaks)
@@ -180,7 +235,8 @@ def _probe_cpu(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
     predicted = peaks[sizes[-1]] + per_pair * (micro - sizes[-1])
     why = (
         f"{'the full batch' if micro == local_batch else 'largest size'} within free memory: ~{predicted / 2**30:.1f} GiB "
-        f"predicted, {available / 2**30:.1f} GiB available, {reserve / 2**30:.1f} GiB reserve (measured {listing})"
+        f"predicted, {available / 2**30:.1f} GiB available, {reserve / 2**30:.1f} GiB kept for the reserve and the "
+        f"optimizer state (measured {listing})"
     )
     return ProbeResult(micro, why, peaks)
 
@@ -215,7 +271,7 @@ def _write_cache(key: str | None, value: int) -> None:
         data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         data[key] = value
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # processes of one run write the same value side by side
         tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
         os.replace(tmp, path)
     except (OSError, ValueError) as e:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ from .errors import TrainingError
 from .loss import Objective
 from .memory import free_memory, is_oom
 from .model import DualEncoder
+from .processes import any_true
 
 log = logging.getLogger(__name__)
 
@@ -47,48 +48,85 @@ def contrastive_backward(
     micro_batch_size: int,
     autocast: Autocast,
     backward: Backward,
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """Accumulate into ``.grad`` the gradient of the objective on ``batch``; returns the (detached) loss.
 
-    ``backward`` runs ``.backward()`` on a scalar (through a gradient scaler for fp16).
+    ``backward`` runs ``.backward()`` on a scalar (through a gradient scaler for fp16). Returns None when this
+    or any other process ran out of memory: the gradients accumulated so far are then partial (the caller
+    zeroes them). Processes vote on that before each cross-process exchange (``processes.any_true``), so that
+    every process leaves the step at the same point and none waits in a collective the others skipped.
     """
     if micro_batch_size >= len(batch):
-        with autocast():
-            image, text = embed_pair(encoder, batch)
-        loss = objective(image, text)
-        backward(loss)
-        return loss.detach()
+        with _catching_oom() as failed:
+            with autocast():
+                image, text = embed_pair(encoder, batch)
+        if any_true(bool(failed)):
+            return None
+        with _catching_oom() as failed:  # the objective gathers the other processes' embeddings first
+            loss = objective(image, text)
+            backward(loss)
+        return None if any_true(bool(failed)) else loss.detach()
 
     chunks = batch.split(micro_batch_size)
     rng_states, cached = [], []
-    with torch.no_grad():  # pass 1: embeddings only, no activations kept
+    with _catching_oom() as failed, torch.no_grad():  # pass 1: embeddings only, no activations kept
         for chunk in chunks:
             rng_states.append(capture_rng())
             with autocast():
                 cached.append(embed_pair(encoder, chunk))
+    if any_true(bool(failed)):
+        return None
     rng_after = capture_rng()
     image = torch.cat([c[0] for c in cached]).requires_grad_()
     text = torch.cat([c[1] for c in cached]).requires_grad_()
-    loss = objective(image, text)
+    del cached
+    loss = objective(image, text)  # gathers across processes: the whole batch's loss matrix is assumed to fit
     own = [p for p in objective.parameters() if p.requires_grad]
     grad_image, grad_text, *grad_own = torch.autograd.grad(loss, [image, text, *own])
 
     offset = 0
-    for i, (chunk, state) in enumerate(zip(chunks, rng_states)):  # pass 2: same randomness, real backward
-        restore_rng(state)
-        with autocast():
-            chunk_image, chunk_text = embed_pair(encoder, chunk)
-        n = len(chunk)
-        surrogate = (chunk_image * grad_image[offset : offset + n]).sum() + (
-            chunk_text * grad_text[offset : offset + n]
-        ).sum()
-        if i == len(chunks) - 1:  # d loss / d (objective's parameters), through the same backward path (scaler)
-            for p, g in zip(own, grad_own):
-                surrogate = surrogate + (p * g).sum()
-        backward(surrogate)
-        offset += n
+    with _catching_oom() as failed:
+        for i, (chunk, state) in enumerate(zip(chunks, rng_states)):  # pass 2: same randomness, real backward
+            restore_rng(state)
+            with autocast():
+                chunk_image, chunk_text = embed_pair(encoder, chunk)
+            n = len(chunk)
+            surrogate = (chunk_image * grad_image[offset : offset + n]).sum() + (
+                chunk_text * grad_text[offset : offset + n]
+            ).sum()
+            if i == len(chunks) - 1:  # d loss / d (objective's parameters), through the same backward path (scaler)
+                for p, g in zip(own, grad_own):
+                    surrogate = surrogate + (p * g).sum()
+            backward(surrogate)
+            offset += n
     restore_rng(rng_after)
-    return loss.detach()
+    return None if any_true(bool(failed)) else loss.detach()
+
+
+class _OomFlag:
+    """Set by ``_catching_oom`` when the block ran out of memory."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def __bool__(self) -> bool:
+        return self.set
+
+
+@contextlib.contextmanager
+def _catching_oom() -> Iterator[_OomFlag]:
+    """Swallow an out-of-memory error of the block and flag it; any other error propagates.
+
+    The error (and its traceback, which holds the failed attempt's activations) is dropped as the ``except``
+    clause ends, so memory freed afterwards is really freed.
+    """
+    flag = _OomFlag()
+    try:
+        yield flag
+    except RuntimeError as e:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
+        if not is_oom(e):
+            raise
+        flag.set = True
 
 
 def backward_with_oom_retry(
@@ -99,40 +137,32 @@ def backward_with_oom_retry(
     micro_batch_size: int,
     autocast: Autocast,
     backward: Backward,
-    may_halve: bool,
     oom_advice: Callable[[int], str],
     step: int,
 ) -> tuple[torch.Tensor, int]:
-    """``contrastive_backward``, redone with half the micro-batch after an out-of-memory error.
+    """``contrastive_backward``, redone with half the micro-batch after an out-of-memory error in any process.
 
-    Returns the loss and the micro-batch that fit. The randomness is rewound before a retry, so the step that
-    succeeds is the step that would have run (the gradient cache makes its result independent of the
-    micro-batch). ``may_halve`` is False where processes must agree on the micro-batch (more than one);
-    then, or at micro-batch 1, a ``TrainingError`` carries ``oom_advice(micro_batch_size)``.
+    Returns the loss and the micro-batch that fit. Every process learns of an OOM anywhere (the vote inside
+    ``contrastive_backward``), so all of them free the failed attempt's memory, halve and redo the same step
+    together. The randomness is rewound before a retry, so the step that succeeds is the step that would have
+    run (the gradient cache makes its result independent of the micro-batch). At micro-batch 1 a
+    ``TrainingError`` carries ``oom_advice(micro_batch_size)``.
     """
     rng = capture_rng()
     while True:
-        try:
-            loss = contrastive_backward(
-                encoder,
-                objective,
-                batch,
-                micro_batch_size=micro_batch_size,
-                autocast=autocast,
-                backward=backward,
-            )
+        loss = contrastive_backward(
+            encoder, objective, batch, micro_batch_size=micro_batch_size, autocast=autocast, backward=backward
+        )
+        if loss is not None:
             return loss, micro_batch_size
-        except RuntimeError as e:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
-            if not is_oom(e):
-                raise
-            encoder.model.zero_grad(set_to_none=True)
-            objective.zero_grad(set_to_none=True)
-            free_memory()
-            restore_rng(rng)
-            if micro_batch_size <= 1 or not may_halve:
-                raise TrainingError(oom_advice(micro_batch_size)) from None
-            micro_batch_size = max(1, micro_batch_size // 2)
-            log.warning("out of memory at step %d: micro-batch halved to %d, redoing the step", step, micro_batch_size)
+        encoder.model.zero_grad(set_to_none=True)
+        objective.zero_grad(set_to_none=True)
+        free_memory()  # the failed attempt's tensors died with contrastive_backward's frame
+        restore_rng(rng)
+        if micro_batch_size <= 1:
+            raise TrainingError(oom_advice(micro_batch_size))
+        micro_batch_size = max(1, micro_batch_size // 2)
+        log.warning("out of memory at step %d: micro-batch halved to %d, redoing the step", step, micro_batch_size)
 
 
 def step_parameters(model: nn.Module, objective: Objective) -> list[nn.Parameter]:

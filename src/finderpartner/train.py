@@ -15,12 +15,14 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import platform
 import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .budget import MARGIN, Plan, format_duration, steps_that_fit
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import MANIFEST, latest_checkpoint, load_checkpoint, manifest_digest, save_checkpoint, verify
 from .config import Config, config_to_dict
 from .data.collate import Batch, Collator
 from .data.dataset import num_workers
@@ -59,7 +61,8 @@ from .outputs import (
     replace_dir,
     storage_errors,
 )
-from .probe import probe_micro_batch
+from .probe import optimizer_state_bytes, probe_micro_batch
+from .processes import all_min, from_main
 from .rundir import open_run_dir
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, flatten, make_trackers
@@ -166,23 +169,91 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
 
 
 def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
-    """Everything a run needs, resumed where asked: ``train`` calls it first (benchmarks wrap it to adjust a run)."""
-    from accelerate import Accelerator
+    """Everything a run needs, resumed where asked: ``train`` calls it first (benchmarks wrap it to adjust a run).
 
+    In a multi-process run the main process alone locks the run folder, decides what the run does with it and
+    chooses the checkpoint to resume; the others wait for that decision (``processes.from_main``) and load the
+    same checkpoint, after checking it is the same file (checkpoints must be on a filesystem all processes share).
+    """
     start = time.perf_counter()  # a time budget counts from here
-    device_type = resolve_device(cfg.train.device).type
-    accelerator = Accelerator(cpu=device_type == "cpu", mixed_precision="no")  # autocast is ours: see env.py
+    accelerator = _accelerator(cfg)
     device = accelerator.device
     precision = resolve_precision(cfg.train.precision, device)
-    lock = None
-    if accelerator.is_main_process:
-        lock, resume = open_run_dir(cfg, resume, overwrite)
+    lock: FolderLock | None = None
+
+    def decide() -> Resume | None:
+        nonlocal lock
+        lock, chosen = open_run_dir(cfg, resume, overwrite)
+        return _choose_checkpoint(cfg.run_dir, chosen)
+
     try:
-        return _build_run(cfg, accelerator, device, precision, resume, lock, start)
+        chosen = from_main(decide)
+        return _build_run(cfg, accelerator, device, precision, chosen, lock, start)
     except BaseException:
         if lock is not None:
             lock.release()
         raise
+
+
+# Accelerate plugins that shard or wrap the model: this trainer sums gradients itself (see the module docstring).
+_UNSUPPORTED_PLUGINS = {
+    "ACCELERATE_USE_FSDP": "FSDP",
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
+}
+
+
+def _accelerator(cfg: Config) -> Any:
+    """Accelerate's process state: the process group (with ``train.dist_timeout``) and this process's device."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    asked = [name for key, name in _UNSUPPORTED_PLUGINS.items() if os.environ.get(key, "").lower() in ("1", "true")]
+    if asked:
+        raise ConfigError(
+            f"the accelerate config asks for {' and '.join(asked)}, which this trainer does not use: it is data "
+            "parallel (each process holds the whole model; gradients are summed across processes). To fit a large "
+            "model use train.precision bf16, model.gradient_checkpointing, a frozen tower or LoRA; launch with a "
+            "plain multi-GPU accelerate config or torchrun"
+        )
+    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if mixed not in ("no", "", cfg.train.precision):
+        log.warning(
+            "the accelerate config's mixed_precision %s is not used: train.precision (%s) decides",
+            mixed,
+            cfg.train.precision,
+        )
+    device_type = resolve_device(cfg.train.device).type
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
+    # autocast is ours (see env.py): accelerate's mixed precision stays off
+    return Accelerator(cpu=device_type == "cpu", mixed_precision="no", kwargs_handlers=[timeout])
+
+
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run resumes from, as the main process chose it: its path and its manifest's SHA-256."""
+
+    path: Path  # checked against its manifest by the main process; every other process checks it again
+    manifest_sha256: str
+
+
+def _choose_checkpoint(run_dir: Path, resume: str | None) -> Resume | None:
+    """The checkpoint ``--resume`` names (a checkpoint, a run folder, or ``auto``, the newest intact one)."""
+    if resume is None:
+        return None
+    checkpoints = run_dir / "checkpoints"
+    found = None  # a checkpoint latest_checkpoint() chose: already checked against its manifest
+    if resume == "auto":
+        found = latest_checkpoint(checkpoints)
+        if found is None:
+            log.info("--resume auto: no complete checkpoint in %s; starting from scratch", checkpoints)
+            return None
+    elif (Path(resume) / "checkpoints").is_dir():  # a run folder was given
+        found = latest_checkpoint(Path(resume) / "checkpoints")
+    path = Path(os.path.abspath(found or resume))
+    if found is None and (problem := verify(path)):
+        raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
+    return Resume(path, manifest_digest(path))
 
 
 def _build_run(
@@ -190,7 +261,7 @@ def _build_run(
     accelerator: Any,
     device: torch.device,
     precision: str,
-    resume: str | None,
+    resume: Resume | None,
     lock: FolderLock | None,
     start: float,
 ) -> Run:
@@ -339,6 +410,7 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
             run.encoder.context_length,
             run.cfg.model.gradient_checkpointing,
             local_batch,
+            run.batches.world_size,
             run.cfg.train.memory_reserve_gb,
         )
     )
@@ -349,7 +421,9 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
         device=run.device,
         autocast=autocast_factory(run.device, run.precision),
         reserve_bytes=int(run.cfg.train.memory_reserve_gb * 2**30),
+        state_bytes=optimizer_state_bytes(run.optimizer),
         cache_key=key,
+        agree=all_min,  # every process probes alone; all of them use the smallest size any found
     )
     log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
     return result.micro_batch_size
@@ -408,22 +482,29 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _resume(run: Run, resume: str) -> None:
-    checkpoints = run.run_dir / "checkpoints"
-    found = None  # a checkpoint latest_checkpoint() chose: already checked against its manifest
-    if resume == "auto":
-        found = latest_checkpoint(checkpoints)
-        if found is None:
-            log.info("--resume auto: no complete checkpoint in %s; starting from scratch", checkpoints)
-            return
-    elif (Path(resume) / "checkpoints").is_dir():  # a run folder was given
-        found = latest_checkpoint(Path(resume) / "checkpoints")
-    path = found or Path(resume)
-    ckpt = load_checkpoint(path, verified=found is not None)
+def _resume(run: Run, resume: Resume) -> None:
+    path = resume.path
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(
+            f"process {run.accelerator.process_index} cannot read the checkpoint {path} that the main process chose: "
+            "a multi-machine run needs output_dir on a filesystem every machine shares (NFS, Lustre, ...)"
+        )
+    if manifest_digest(path) != resume.manifest_sha256:
+        raise CheckpointError(
+            f"process {run.accelerator.process_index} sees a different {path / MANIFEST} than the main process: "
+            "every machine must see the same output_dir (a shared filesystem), not a copy of its own"
+        )
+    ckpt = load_checkpoint(path, verified=run.is_main)  # the main process verified it while choosing it
     saved_cfg = ckpt.state.get("config", {})
     if saved_cfg.get("model") != config_to_dict(run.cfg)["model"]:
         raise CheckpointError(
             f"{path} was trained with another model section in its config; resume with the same model settings"
+        )
+    saved_world, world = int(ckpt.state.get("world_size", 1)), run.batches.world_size
+    if saved_world != world and run.cfg.data.format == "webdataset":
+        raise CheckpointError(
+            f"{path} was trained by {saved_world} process(es), this run has {world}: a shard stream's order depends "
+            f"on the number of processes, so resume it with {saved_world} (torchrun --nproc_per_node ... / --nnodes)"
         )
     run.model.load_state_dict({k: v for k, v in ckpt.model.items() if not k.startswith(OBJECTIVE_PREFIX)})
     _restore_objective(run, ckpt.model, path)
@@ -432,6 +513,19 @@ def _resume(run: Run, resume: str) -> None:
     run.scaler.load_state_dict(ckpt.state["scaler"])
     for f in dataclasses.fields(TrainState):
         setattr(run.state, f.name, ckpt.state["trainer"].get(f.name, getattr(run.state, f.name)))
+    if saved_world != world:
+        # The data position is global (batch k of an epoch is the same pairs for any number of processes), so
+        # the run continues exactly; only the per-process share, and with it the micro-batch, changes.
+        log.info(
+            "%s was trained by %d process(es), this run has %d: each contrastive batch of %d is re-split "
+            "(%d per process); the micro-batch is chosen again",
+            path,
+            saved_world,
+            world,
+            run.batches.global_batch,
+            run.batches.global_batch // world,
+        )
+        run.state.micro_batch_size = 0
     rng = {"cpu": ckpt.rng["cpu"]}
     cuda = [ckpt.rng[k] for k in sorted(ckpt.rng) if k.startswith("cuda_")]
     if cuda and torch.cuda.is_available():
@@ -590,7 +684,6 @@ def _train_step(run: Run, batch: Batch, window: _Window) -> None:
         micro_batch_size=state.micro_batch_size,
         autocast=autocast_factory(run.device, run.precision),
         backward=lambda loss: run.scaler.scale(loss).backward(),
-        may_halve=run.batches.world_size == 1,  # processes must agree on it: a halving would need a vote
         oom_advice=lambda micro: _oom_advice(run, micro),
         step=state.global_step + 1,
     )
@@ -619,12 +712,11 @@ def _train_step(run: Run, batch: Batch, window: _Window) -> None:
 
 
 def _oom_advice(run: Run, micro_batch_size: int) -> str:
-    where = "at micro-batch 1" if micro_batch_size <= 1 else "in a multi-process run"
+    where = " (in one of the processes)" if run.batches.world_size > 1 else ""
     return (
-        f"out of memory {where} ({run.precision}, model {run.cfg.model.name}). To fit: precision bf16/fp16 "
-        "(train.precision), model.gradient_checkpointing: true, a smaller image size, freezing a tower "
-        "(model.freeze.image_tower / text_tower) or LoRA (model.lora.enabled)"
-        + ("; or set train.micro_batch_size lower explicitly" if run.batches.world_size > 1 else "")
+        f"out of memory at micro-batch {micro_batch_size}{where} ({run.precision}, model {run.cfg.model.name}). "
+        "To fit: precision bf16/fp16 (train.precision), model.gradient_checkpointing: true, a smaller image size, "
+        "freezing a tower (model.freeze.image_tower / text_tower) or LoRA (model.lora.enabled)"
     )
 
 
