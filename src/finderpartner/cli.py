@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm(loggers=[logging.getLogger("finderpartner")]):
             return int(args.handler(args) or 0)
     except FinderPartnerError as e:
-        print(f"error: {e}", file=sys.stderr)
+        rank = _launched_rank()
+        print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(
@@ -328,15 +329,30 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging(verbose: bool, quiet: bool) -> None:
+    """Log lines on stderr; in a multi-process run each line names its process, and only the main one (rank 0)
+    reports progress: the others print warnings and errors (all of it with -v)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    rank = _launched_rank()
+    if rank is not None and rank > 0 and not verbose:
+        level = max(level, logging.WARNING)
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    where = "" if rank is None else f"[rank {rank}] "
+    handler.setFormatter(logging.Formatter(f"%(asctime)s {where}%(levelname)-7s %(message)s", "%H:%M:%S"))
     pkg = logging.getLogger("finderpartner")
     pkg.handlers[:] = [handler]
     pkg.setLevel(level)
     pkg.propagate = False
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def _launched_rank() -> int | None:
+    """This process's rank when a launcher (torchrun, accelerate launch, SLURM's srun) started several, else None."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return int(os.environ.get("RANK", "0")) if world > 1 else None
+    except ValueError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------

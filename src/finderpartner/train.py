@@ -42,7 +42,7 @@ from .data.sources import Batches, EvalSet, Loading, open_training_data
 from .data.transforms import TrainTransform
 from .data.validate import long_captions_note
 from .env import autocast_factory, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, TrainingError, UsageError
 from .evaluate import EvalResult, evaluate_split, format_metrics
 from .loss import Objective, build_objective
 from .model import (
@@ -216,6 +216,13 @@ def _accelerator(cfg: Config) -> Any:
             "model use train.precision bf16, model.gradient_checkpointing, a frozen tower or LoRA; launch with a "
             "plain multi-GPU accelerate config or torchrun"
         )
+    asked_for = _accelerate_launch_processes()
+    if asked_for > 1:
+        raise UsageError(
+            f"accelerate launch was asked for {asked_for} processes but started only this one (its single-process "
+            f"launcher, used when it sees no GPUs): add --multi_gpu (the processes then train on the CPU, over gloo), "
+            f"or launch with torchrun --nproc_per_node {asked_for}"
+        )
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if mixed not in ("no", "", cfg.train.precision):
         log.warning(
@@ -227,6 +234,27 @@ def _accelerator(cfg: Config) -> Any:
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
     # autocast is ours (see env.py): accelerate's mixed precision stays off
     return Accelerator(cpu=device_type == "cpu", mixed_precision="no", kwargs_handlers=[timeout])
+
+
+def _accelerate_launch_processes() -> int:
+    """The --num_processes of an ``accelerate launch`` that started this process alone (0 when not that case).
+
+    Accelerate's single-process launcher sets ACCELERATE_USE_CPU and no WORLD_SIZE; the number asked for is read
+    from the launcher's command line (Linux /proc; elsewhere this check is skipped).
+    """
+    if "ACCELERATE_USE_CPU" not in os.environ or "WORLD_SIZE" in os.environ:
+        return 0
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = f.read().decode("utf-8", "replace").split("\0")
+    except OSError:
+        return 0
+    for i, arg in enumerate(parent):
+        for flag in ("--num_processes", "--num-processes"):
+            value = arg[len(flag) + 1 :] if arg.startswith(flag + "=") else parent[i + 1] if arg == flag else None
+            if value is not None and value.isdigit():
+                return int(value)
+    return 0
 
 
 @dataclass(frozen=True)
