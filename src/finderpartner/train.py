@@ -215,7 +215,7 @@ def _build_run(
     state = TrainState()
     batches, loader = data.batches(_loading(cfg, encoder, global_batch, accelerator.process_index, world, device))
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
-    objective = build_objective(cfg.train.loss, model)
+    objective = build_objective(cfg.train.loss, model, local_loss=cfg.train.local_loss)
     optimizer = build_optimizer(model, objective, cfg)
     scheduler = _scheduler(
         optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now, cfg.train.min_lr_ratio
