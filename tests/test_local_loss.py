@@ -14,16 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import MICRO_SPEC, run_torchrun
+import yaml
+from helpers import MICRO_SPEC, micro_config, run_torchrun
 from safetensors.torch import load_file, save_file
 
-from finderpartner.config import TinySpec
+from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.collate import Batch, Collator
 from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
 from finderpartner.loss import Objective, build_objective
 from finderpartner.model import DualEncoder, build_tiny
 from finderpartner.step import contrastive_backward, sum_gradients_across_processes
+from finderpartner.train import train
 
 PAIRS = 16
 ROWS = (9, 7)  # uneven local batches of the two processes
@@ -128,6 +130,28 @@ def test_two_gloo_processes_with_local_loss_give_the_global_gradients(small_data
     print("\nlocal loss, 2 gloo processes (9 + 7 rows) vs 1 process global loss, worst relative gradient difference:")
     for name, value in worst_all.items():
         print(f"  {name}: {value:.2e}")
+
+
+def test_a_two_process_local_loss_run_trains_and_logs_as_one_process(small_data: Path, tmp_path: Path) -> None:
+    raw = micro_config(tmp_path, small_data, epochs=1, micro_batch_size=4)
+    one = train(config_from_dict({**raw, "experiment": "one"}))  # the global loss in one process
+    cfg_file = tmp_path / "two.yaml"
+    cfg_file.write_text(yaml.safe_dump({**raw, "experiment": "two", "train": {**raw["train"], "local_loss": True}}))
+    run = run_torchrun("-m", "finderpartner.cli", "-q", "train", "--config", str(cfg_file))
+    assert run.returncode == 0, run.stderr[-3000:]
+    two_dir = tmp_path / "outputs" / "two"
+    ours = load_file(sorted((two_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+    theirs = load_file(sorted((one.run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
+    worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+    print(f"\nlocal loss, 2 gloo processes vs global loss, 1 process: max abs weight difference {worst:.2e}")
+    assert worst <= 1e-5, worst
+
+    def logged(run_dir: Path) -> list[float]:
+        lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [line["train/loss"] for line in lines if "train/loss" in line]
+
+    assert len(logged(two_dir)) == len(logged(one.run_dir)) == 4
+    assert all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(logged(two_dir), logged(one.run_dir)))
 
 
 def _worker(small_data: Path, out: Path) -> None:
