@@ -220,6 +220,12 @@ class TrainConfig(_Section):
         description="training objective: 'clip' (symmetric InfoNCE, learnable temperature = logit_scale); "
         "'sigmoid' (SigLIP: learnable temperature and bias, kept in the checkpoints, not in the saved model)",
     )
+    local_loss: bool = Field(
+        False,
+        description="for many processes: each computes the loss rows of its own pairs against all gathered ones, "
+        "O(local x global) instead of O(global^2) per process, with a gradient-carrying gather (open_clip's "
+        "--local-loss --gather-with-grad); gradients and the logged loss are the same as without it",
+    )
     lr: float = Field(1e-5, gt=0, description="peak learning rate (AdamW)")
     weight_decay: float = Field(
         0.1, ge=0, description="AdamW decay; never applied to biases, norms, embeddings, logit scale"

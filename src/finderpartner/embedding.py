@@ -116,7 +116,7 @@ def embed_texts(
     for start in range(0, len(texts), batch_size):
         with autocast():
             parts.append(encoder.encode_texts(texts[start : start + batch_size]).cpu())
-    return torch.cat(parts)
+    return torch.cat(parts) if parts else torch.empty((0, encoder.embed_dim))
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

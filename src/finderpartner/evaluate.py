@@ -1,6 +1,7 @@
 """Evaluation: embed a split, compute metrics (``metrics.py``), write reports and plots.
 
-Computing and writing are separate: ``evaluate_split`` returns a result, ``write_report`` stores it.
+Computing and writing are separate: ``evaluate_split`` returns a result, ``write_report`` stores it. In a
+multi-process run (``distributed=True``) every process embeds its own share of the split and gets the same result.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .data.sources import EvalSet
 from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
-from .loss import ClipLoss, Objective
+from .loss import ClipLoss, Objective, gather_features, world
 from .metrics import mean_recall, retrieval_metrics, similarity_stats
 from .model import DualEncoder
 from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
@@ -79,28 +81,48 @@ def evaluate_split(
     chunk_size: int = 1024,
     num_workers: int = 0,
     progress: bool = False,
+    distributed: bool = False,
 ) -> EvalResult:
     """Retrieval metrics, contrastive loss and similarity statistics of one split (the model moves to ``device``).
 
     The loss is ``objective``'s (training passes its own; default: CLIP's with the model's temperature) over
     consecutive blocks of ``loss_batch_size`` pairs.
+
+    ``distributed``: every process of the default process group calls this together. Each embeds a contiguous
+    share of the images and of the captions (``share``), the shares are gathered into the whole split in its
+    order, and every process computes the same metrics from them (a no-op with one process).
     """
+    rank, size = world() if distributed else (0, 1)
     encoder.model.to(device)
+    images, captions = share(len(data.images), rank, size), share(len(data.captions), rank, size)
     image_emb, skipped = embed_images(
         encoder,
-        data.images,
+        data.images[images],
         autocast=autocast,
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,
     )
+    skipped = [(images.start + row, reason) for row, reason in skipped]
+    if size > 1:  # every process raises, or none does
+        everyone: list[Any] = [None] * size
+        dist.all_gather_object(everyone, skipped)
+        skipped = [failure for failures in everyone for failure in failures]
     if skipped:
         listing = "; ".join(f"{data.images[row]}: {reason}" for row, reason in skipped[:5])
         raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
-    text_emb = embed_texts(encoder, data.captions, autocast=autocast, batch_size=batch_size)
+    text_emb = embed_texts(encoder, data.captions[captions], autocast=autocast, batch_size=batch_size)
+    if size > 1:  # on the device: the backend's (NCCL gathers CUDA tensors only)
+        image_emb = torch.cat(gather_features(image_emb.to(device))).cpu()
+        text_emb = torch.cat(gather_features(text_emb.to(device))).cpu()
     t2i = torch.tensor(data.text_to_image)
     objective = objective if objective is not None else ClipLoss(encoder.model.logit_scale)
     return evaluate_embeddings(image_emb, text_emb, t2i, data.captions, objective, loss_batch_size, chunk_size)
+
+
+def share(rows: int, rank: int, size: int) -> slice:
+    """Process ``rank``'s contiguous share of ``rows`` rows: the shares of all processes partition them, in order."""
+    return slice(rank * rows // size, (rank + 1) * rows // size)
 
 
 def evaluate_embeddings(

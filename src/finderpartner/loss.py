@@ -12,12 +12,19 @@ derivative of the global loss with respect to its features; the trainer then *su
 across processes. The result equals a single process holding the whole batch. The objective's own
 parameters are the exception: every process already holds their full gradient (they see the whole gathered
 batch), so after the sum they are divided by the number of processes (``average_summed_gradients_``).
+
+With ``local_loss`` (open_clip's ``--local-loss`` with ``--gather-with-grad``, for large world sizes) each process
+computes only its share of the global loss: the rows of its own pairs against every gathered column, O(local x
+global) instead of O(global^2). The gather then carries gradients (``gather_with_grad``: its backward sums the
+gradient of the gathered batch over processes), the shares of all processes add up to the global loss, and every
+gradient, the objective's own parameters' included, is a share whose cross-process sum is exact.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,20 +43,61 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def _row_counts(local: torch.Tensor) -> list[int]:
+    """How many rows each process holds, in rank order."""
+    n = torch.tensor([local.shape[0]], device=local.device)
+    counts = [torch.zeros_like(n) for _ in range(world()[1])]
+    dist.all_gather(counts, n)
+    return [int(c.item()) for c in counts]
+
+
+def _gather_padded(local: torch.Tensor, rows: list[int]) -> list[torch.Tensor]:
+    """Every process's rows in rank order (no gradient), ``rows[r]`` of them from process r.
+
+    ``all_gather`` needs equal shapes: each process pads to the longest batch (at least one row), the pads are cut.
+    """
+    padded = local.detach().new_zeros((max(1, *rows), *local.shape[1:]))
+    padded[: local.shape[0]] = local.detach()
+    parts = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(parts, padded.contiguous())
+    return [p[:r] for p, r in zip(parts, rows)]
+
+
 def gather_features(local: torch.Tensor) -> list[torch.Tensor]:
     """Every process's features (no gradient), in rank order; batches may differ in size between processes."""
+    if world()[1] == 1:
+        return [local.detach()]
+    return _gather_padded(local, _row_counts(local))
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All processes' rows concatenated in rank order; the backward returns this process's rows of the gradient
+    summed over processes (every process's loss depends on every process's rows).
+
+    Not ``torch.distributed.nn.functional.all_gather``: its backward needs reduce_scatter / all_to_all, which gloo
+    lacks; one all_reduce of the gathered gradient works on every backend. Every process must run the backward.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, local: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        rank = world()[0]
+        ctx.start, ctx.stop = sum(rows[:rank]), sum(rows[: rank + 1])
+        return torch.cat(_gather_padded(local, rows))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        return total[ctx.start : ctx.stop], None
+
+
+def gather_with_grad(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The global batch, differentiable in every process's rows (``_GatherWithGrad``), and the row ours start at."""
     rank, size = world()
     if size == 1:
-        return [local.detach()]
-    n = torch.tensor([local.shape[0]], device=local.device)
-    counts = [torch.zeros_like(n) for _ in range(size)]
-    dist.all_gather(counts, n)
-    longest = int(max(c.item() for c in counts))
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    padded[: local.shape[0]] = local.detach()
-    parts = [torch.empty_like(padded) for _ in range(size)]
-    dist.all_gather(parts, padded)
-    return [p[: int(c.item())] for p, c in zip(parts, counts)]
+        return local, 0
+    rows = _row_counts(local)
+    return _GatherWithGrad.apply(local, rows), sum(rows[:rank])
 
 
 def global_batch(local: torch.Tensor) -> torch.Tensor:
@@ -72,9 +120,11 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
 class Objective(nn.Module):
     """A contrastive objective over normalised embeddings, owning the rules of its learnable parameters.
 
-    Subclasses implement ``loss``; the defaults below suit parameters like a temperature or a bias: no weight
-    decay, no clamp, nothing logged.
+    Subclasses implement ``loss`` and ``local_part``; the defaults below suit parameters like a temperature or a
+    bias: no weight decay, no clamp, nothing logged.
     """
+
+    local_loss: bool = False  # each process computes only its share of the global loss (``build_objective``)
 
     def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """The loss of exactly these pairs (row i of both is pair i), in this process only: no gathering.
@@ -83,9 +133,36 @@ class Objective(nn.Module):
         """
         raise NotImplementedError
 
+    def local_part(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        all_image: torch.Tensor,
+        all_text: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        """This process's share of ``loss(all_image, all_text)``: the loss terms of its own pairs (``image_emb`` and
+        ``text_emb``, rows ``start:start + len(image_emb)`` of the global batch) against every column.
+
+        The shares of all processes sum to the global loss (and so do their gradients, the columns' included).
+        """
+        raise NotImplementedError
+
     def forward(self, local_image: torch.Tensor, local_text: torch.Tensor) -> torch.Tensor:
-        """The loss of the global batch (all processes), differentiable in this process's embeddings."""
-        return self.loss(global_batch(local_image), global_batch(local_text))
+        """The loss of the global batch (all processes), differentiable in this process's embeddings.
+
+        With ``local_loss`` the gradient is that of this process's share (``local_part``); the value is still the
+        global loss (the shares summed across processes, a scalar all_reduce), so that what the trainer logs, and
+        its decision to skip a non-finite step, are the same in every process.
+        """
+        if not self.local_loss or world()[1] == 1:  # one process: its share is the whole, the global loss itself
+            return self.loss(global_batch(local_image), global_batch(local_text))
+        all_image, start = gather_with_grad(local_image)
+        all_text, _ = gather_with_grad(local_text)
+        share = self.local_part(local_image, local_text, all_image, all_text, start)
+        total = share.detach().clone()
+        dist.all_reduce(total)
+        return share + (total - share.detach())  # the value of the sum, the gradient of this share
 
     def no_decay(self) -> list[nn.Parameter]:
         """Which of this objective's parameters skip weight decay (decaying a temperature or bias is meaningless)."""
@@ -106,7 +183,10 @@ class Objective(nn.Module):
         The trainer sums every gradient across processes (right for the towers: each process holds the part
         that flows through its own features). The objective's parameters see the whole gathered batch in every
         process, so the sum is ``world_size`` times the single-process gradient; dividing restores it exactly.
+        With ``local_loss`` each process held only its share's gradient: the sum is already exact.
         """
+        if self.local_loss:
+            return
         for p in self.parameters():
             if p.grad is not None:
                 p.grad /= world_size
@@ -129,6 +209,23 @@ class ClipLoss(Objective):
 
     def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         return clip_loss(image_emb, text_emb, self.logit_scale)
+
+    def local_part(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        all_image: torch.Tensor,
+        all_text: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        # Our images against all texts and our texts against all images (columns of clip_loss's logits), each
+        # direction's mean weighted by our share of the rows.
+        scale = self.logit_scale.float().exp()
+        image_rows = scale * image_emb.float() @ all_text.float().t()
+        text_rows = (scale * all_image.float() @ text_emb.float().t()).t()
+        labels = torch.arange(start, start + image_emb.shape[0], device=image_rows.device)
+        share = (F.cross_entropy(image_rows, labels) + F.cross_entropy(text_rows, labels)) / 2
+        return share * (image_emb.shape[0] / all_image.shape[0])
 
     @torch.no_grad()
     def clamp_(self) -> None:
@@ -156,6 +253,21 @@ class SigmoidLoss(Objective):
         labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
         return -F.logsigmoid(labels * logits).mean()
 
+    def local_part(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        all_image: torch.Tensor,
+        all_text: torch.Tensor,
+        start: int,
+    ) -> torch.Tensor:
+        # Our rows of the pairwise matrix (our images against all texts), scaled from their mean to the global mean.
+        n, total = image_emb.shape[0], all_text.shape[0]
+        logits = self.log_scale.float().exp() * image_emb.float() @ all_text.float().t() + self.bias.float()
+        labels = -torch.ones_like(logits)
+        labels[:, start : start + n] += 2 * torch.eye(n, device=logits.device)
+        return -F.logsigmoid(labels * logits).mean() * (n / total)
+
     def log_values(self) -> dict[str, float]:
         return {"sigmoid_scale": float(self.log_scale.detach().exp()), "sigmoid_bias": float(self.bias.detach())}
 
@@ -167,9 +279,14 @@ OBJECTIVES: dict[str, Callable[[nn.Module], Objective]] = {
 }
 
 
-def build_objective(name: str, model: nn.Module) -> Objective:
-    """The objective ``train.loss`` names, for ``model`` (already on its device: the objective is moved there)."""
+def build_objective(name: str, model: nn.Module, *, local_loss: bool = False) -> Objective:
+    """The objective ``train.loss`` names, for ``model`` (already on its device: the objective is moved there).
+
+    ``local_loss`` (``train.local_loss``): each process computes its share of the global loss (see the module).
+    """
     if name not in OBJECTIVES:
         raise ConfigError(f"train.loss {name!r} is not an objective; choose one of {', '.join(sorted(OBJECTIVES))}")
     device = next(model.parameters()).device
-    return OBJECTIVES[name](model).to(device)
+    objective = OBJECTIVES[name](model).to(device)
+    objective.local_loss = local_loss
+    return objective

@@ -314,7 +314,7 @@ def _build_run(
     state = TrainState()
     batches, loader = data.batches(_loading(cfg, encoder, global_batch, accelerator.process_index, world, device))
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
-    objective = build_objective(cfg.train.loss, model)
+    objective = build_objective(cfg.train.loss, model, local_loss=cfg.train.local_loss)
     optimizer = build_optimizer(model, objective, cfg)
     scheduler = _scheduler(
         optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now, cfg.train.min_lr_ratio
@@ -775,8 +775,8 @@ def _decide_steps(run: Run) -> None:
     """Fix the step count of a time-budget run: the main process decides from what it measured, the others agree."""
     plan, state, cfg = run.plan, run.state, run.cfg
     total = torch.zeros(1, dtype=torch.long, device=run.device if dist.is_initialized() else "cpu")
+    validation_s = 0.0 if run.val is None else _validation_cost(run)  # every process: validation is shared
     if run.is_main:
-        validation_s = 0.0 if run.val is None else _validation_cost(run)
         checkpoint_s = plan.measured_cost("checkpoint") or _checkpoint_cost_estimate(run)
         remaining = plan.remaining_s() * MARGIN
         more = steps_that_fit(
@@ -814,7 +814,10 @@ def _decide_steps(run: Run) -> None:
 
 
 def _validation_cost(run: Run) -> float:
-    """Seconds per validation: measured when one ran already, else timed on a slice of the split and scaled up."""
+    """Seconds per validation: measured when one ran already, else timed on a slice of the split and scaled up.
+
+    Every process calls this (the slice is validated as validation runs: shared between the processes).
+    """
     measured = run.plan.measured_cost("validation")
     if measured is not None:
         return measured
@@ -834,6 +837,7 @@ def _validation_cost(run: Run) -> float:
             objective=run.objective,
             loss_batch_size=run.batches.global_batch,
             chunk_size=run.cfg.eval.chunk_size,
+            distributed=True,
         )
     finally:
         run.model.train()
@@ -861,24 +865,35 @@ def _bytes(tree: Any) -> int:
 
 
 def _validate(run: Run) -> EvalResult | None:
+    """Validate on every process (each embeds its share of the split); the main process logs and saves the best model.
+
+    Every process keeps the same ``best_metric`` / ``best_step`` (the main process's value is broadcast), so that
+    all make the same decision whichever checkpoint they later resume from.
+    """
     if run.val is None:
         return None
-    result = None
+    cfg = run.cfg
+    result = evaluate_split(
+        run.encoder,
+        run.val,
+        device=run.device,
+        autocast=autocast_factory(run.device, run.precision),
+        batch_size=cfg.eval.batch_size,
+        objective=run.objective,
+        loss_batch_size=run.batches.global_batch,
+        chunk_size=cfg.eval.chunk_size,
+        # worker processes only pay off for large splits (each evaluation would start them anew)
+        num_workers=num_workers(cfg.data.num_workers) if len(run.val.images) >= 2000 else 0,
+        distributed=True,
+    )
+    run.model.train()
+    value = torch.tensor([result.select(cfg.eval.best_metric)], dtype=torch.float64, device=run.device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(value, src=0)  # the same everywhere already; this makes the decision provably common
+    improved = run.state.best_metric is None or float(value) > run.state.best_metric
+    if improved:
+        run.state.best_metric, run.state.best_step = float(value), run.state.global_step
     if run.is_main:
-        cfg = run.cfg
-        result = evaluate_split(
-            run.encoder,
-            run.val,
-            device=run.device,
-            autocast=autocast_factory(run.device, run.precision),
-            batch_size=cfg.eval.batch_size,
-            objective=run.objective,
-            loss_batch_size=run.batches.global_batch,
-            chunk_size=cfg.eval.chunk_size,
-            # worker processes only pay off for large splits (each evaluation would start them anew)
-            num_workers=num_workers(cfg.data.num_workers) if len(run.val.images) >= 2000 else 0,
-        )
-        run.model.train()
         run.trackers.log(flatten({"val": result.summary()}), run.state.global_step)
         log.info(
             "step %d, epoch %d: val loss %.4f (at contrastive batch %d, the training batch), mean recall %.4f",
@@ -888,9 +903,7 @@ def _validate(run: Run) -> EvalResult | None:
             run.batches.global_batch,
             result.mean_recall,
         )
-        value = result.select(cfg.eval.best_metric)
-        if run.state.best_metric is None or value > run.state.best_metric:
-            run.state.best_metric, run.state.best_step = value, run.state.global_step
+        if improved:
             _save_best(run, result)
     run.accelerator.wait_for_everyone()
     return result
