@@ -177,8 +177,10 @@ def step_parameters(model: nn.Module, objective: Objective) -> list[nn.Parameter
 def sum_gradients_across_processes(model: nn.Module, objective: Objective) -> None:
     """Each process holds d(global loss)/d(params) through its own features: the total is their sum.
 
-    The objective's parameters get the same full gradient in every process; it divides their sum back
-    (``Objective.average_summed_gradients_``), so N processes give exactly the single-process gradient.
+    With the global loss the objective's parameters get the same full gradient in every process, and the
+    objective divides their sum back (``Objective.average_summed_gradients_``); with ``train.local_loss`` each
+    process holds only its share of it and the sum is already right. Either way N processes give exactly the
+    single-process gradient.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
