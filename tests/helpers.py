@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,42 @@ def micro_config(tmp: Path, data: Path, **train: object) -> dict:
     }
 
 
-def run_torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess[str]:
-    """``torchrun --standalone`` with ``processes`` real processes (gloo on a CPU), this checkout's src/ importable."""
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched job: this checkout's src/ importable, one thread per process."""
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1", **extra}
+
+
+def torchrun_command(*args: str, processes: int = 2) -> list[str]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
-    command = [torchrun, "--standalone", "--nproc_per_node", str(processes), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return [torchrun, "--standalone", "--nproc_per_node", str(processes), *args]
+
+
+def run_torchrun(
+    *args: str, processes: int = 2, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone`` with ``processes`` real processes (gloo on a CPU), this checkout's src/ importable.
+
+    A hang is a failure: ``timeout`` raises ``subprocess.TimeoutExpired`` (and the job is killed).
+    """
+    return run_job(torchrun_command(*args, processes=processes), env=env, timeout=timeout)
+
+
+def run_job(
+    command: list[str], *, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """A launcher and the processes it starts, in a session of their own: on a timeout all of them are killed."""
+    proc = subprocess.Popen(
+        command,
+        env=launcher_env(**(env or {})),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
