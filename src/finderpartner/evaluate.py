@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .data.dataset import image_name
 from .data.sources import EvalSet
 from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
@@ -95,7 +96,7 @@ def evaluate_split(
         progress=progress,
     )
     if skipped:
-        listing = "; ".join(f"{data.images[row]}: {reason}" for row, reason in skipped[:5])
+        listing = "; ".join(f"{image_name(data.images[row])}: {reason}" for row, reason in skipped[:5])
         raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
     text_emb = embed_texts(encoder, data.captions, autocast=autocast, batch_size=batch_size)
     t2i = torch.tensor(data.text_to_image)
