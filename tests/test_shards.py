@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MICRO_SPEC, micro_config
+from helpers import MICRO_SPEC, micro_config, run_torchrun
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -278,3 +278,35 @@ def test_bad_validation_samples_are_named_by_shard_and_key(tmp_path: Path, caplo
     encoder = build_tiny(TinySpec(**MICRO_SPEC), val.captions, seed=1)
     with pytest.raises(DataError, match=rf"1 image\(s\) of .* could not be read \({url}:truncated: "):
         evaluate_split(encoder, val, device=torch.device("cpu"))  # the body is decoded (and found cut) here
+
+
+_READ_ON_RANK_0 = """
+import json, sys
+import torch.distributed as dist
+import finderpartner.data.sources as sources
+from finderpartner.config import config_from_dict
+from finderpartner.data.shards import raw_samples
+
+dist.init_process_group("gloo")
+reads = []
+sources.raw_samples = lambda urls: reads.append(len(urls)) or raw_samples(urls)  # observes the full reads
+data = sources.ShardData.open(config_from_dict(json.loads(sys.argv[1])), need_captions=True)
+print(json.dumps({"rank": dist.get_rank(), "reads": reads, "rows": data.num_rows, "captions": data.captions}))
+dist.destroy_process_group()
+"""
+
+
+def test_only_rank_0_reads_the_shards_and_broadcasts(shards: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(shards, bare)
+    (bare / "sizes.json").unlink()  # nothing known: the pairs are counted and the captions read, once
+    script = tmp_path / "read.py"
+    script.write_text(_READ_ON_RANK_0)
+    run = run_torchrun(str(script), json.dumps(_config(tmp_path, bare)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = sorted(
+        (json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
+    )
+    assert [r["reads"] for r in ranks] == [[4], []]
+    assert ranks[0]["rows"] == ranks[1]["rows"] == 128 and ranks[0]["captions"] == ranks[1]["captions"]
+    assert len(ranks[1]["captions"]) == 128
