@@ -158,9 +158,9 @@ class DataConfig(_Section):
     )
     resampled: bool = Field(
         False,
-        description="webdataset: each DataLoader worker draws shards with replacement from all training shards "
-        "(open_clip's --dataset-resampled): any number of shards feeds any number of processes x workers; an epoch "
-        "is still data.train_size (or all) pairs, some repeated and some missed; deterministic and resumable",
+        description="webdataset: each worker draws shards with replacement from all training shards (open_clip's "
+        "--dataset-resampled), so few shards feed many processes x workers; an epoch is still train_size (or all) "
+        "pairs, some repeated, some missed; reproducible and resumable",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     on_error: Literal["raise", "skip"] = Field(
