@@ -156,6 +156,12 @@ class DataConfig(_Section):
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes ('auto': CPU count, at most 8)"
     )
+    resampled: bool = Field(
+        False,
+        description="webdataset: each worker draws shards with replacement from all training shards (open_clip's "
+        "--dataset-resampled), so few shards feed many processes x workers; an epoch is still train_size (or all) "
+        "pairs, some repeated, some missed; reproducible and resumable",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="bad rows or images found before training: 'raise' (report all) or 'skip' them"
@@ -179,6 +185,11 @@ class DataConfig(_Section):
     def _shards_given(self) -> DataConfig:
         if self.format == "webdataset" and not self.train_shards:
             raise ValueError("format 'webdataset' needs data.train_shards")
+        if self.resampled and self.format != "webdataset":
+            raise ValueError(
+                "data.resampled draws WebDataset shards with replacement: it needs data.format 'webdataset' (the "
+                "'csv' folder layout already sees every pair once per epoch); remove data.resampled or use shards"
+            )
         return self
 
 

@@ -48,7 +48,7 @@ def embed_image_files(
     pin_memory: bool = False,
     progress: bool = False,
 ) -> tuple[np.ndarray, Failures]:
-    """Embed image files (or PIL images) with ``encode`` (uint8 pixels (B, 3, H, W) -> (B, dim)).
+    """Embed image files (or encoded image bytes, or PIL images) with ``encode`` (uint8 pixels (B, 3, H, W) -> (B, dim)).
 
     Unreadable files are NaN rows and listed as (row, reason). Decoding and the model's preprocessing
     (EvalTransform) run in ``num_workers`` DataLoader processes. Evaluation, indexing and search all embed here.
@@ -81,7 +81,7 @@ def embed_images(
     max_pixels: int | None = None,
     progress: bool = False,
 ) -> tuple[torch.Tensor, Failures]:
-    """Normalised embeddings (float32, CPU) of image files (or PIL images); unreadable ones are NaN rows, listed."""
+    """Normalised embeddings (float32, CPU) of image files (or encoded bytes, or PIL images); unreadable ones are NaN rows, listed."""
     encoder.model.eval()
 
     def encode(pixels: torch.Tensor) -> np.ndarray:

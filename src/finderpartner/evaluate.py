@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .data.dataset import image_name
 from .data.sources import EvalSet
 from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
@@ -109,7 +110,7 @@ def evaluate_split(
         dist.all_gather_object(everyone, skipped)
         skipped = [failure for failures in everyone for failure in failures]
     if skipped:
-        listing = "; ".join(f"{data.images[row]}: {reason}" for row, reason in skipped[:5])
+        listing = "; ".join(f"{image_name(data.images[row])}: {reason}" for row, reason in skipped[:5])
         raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
     text_emb = embed_texts(encoder, data.captions[captions], autocast=autocast, batch_size=batch_size)
     if size > 1:  # on the device: the backend's (NCCL gathers CUDA tensors only)

@@ -324,15 +324,37 @@ def _shrink(img: Image.Image, side: int) -> Image.Image:
     return img.resize(size, Image.BICUBIC, reducing_gap=3.0)
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image's encoded file bytes (JPEG, PNG, ...) and a name for messages (a shard sample: ``<shard>:<key>``).
+
+    Validation shards keep these instead of decoded images: a fraction of the memory, decoded when embedded.
+    """
+
+    name: str
+    data: bytes = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def image_name(item: Any) -> str:
+    """How an image entry is named in messages: its path, or the name of encoded bytes."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return f"<{len(item)} encoded bytes>"
+    return str(item)
+
+
 class ImageFileDataset(Dataset):
     """Images for embedding (evaluation, gallery indexing): deterministic preprocessing, failures reported.
 
-    ``paths`` are files, or already decoded PIL images (validation shards held in memory).
+    ``paths`` are files, encoded image bytes (``EncodedImage`` or ``bytes``: validation shards, decoded here,
+    lazily), or already decoded PIL images.
     """
 
     def __init__(
         self,
-        paths: Sequence[str | Path | Image.Image],
+        paths: Sequence[str | Path | Image.Image | EncodedImage | bytes],
         transform: Callable[[Any], torch.Tensor],
         max_pixels: int | None = None,
     ):
@@ -347,9 +369,15 @@ class ImageFileDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | Skipped:
         item = self.paths[index]
         try:
-            img = item if isinstance(item, Image.Image) else load_image(item, self.max_pixels, self.min_side)
+            if isinstance(item, Image.Image):
+                img = item
+            elif isinstance(item, (EncodedImage, bytes, bytearray, memoryview)):
+                data = item.data if isinstance(item, EncodedImage) else item
+                img = load_image(io.BytesIO(data), self.max_pixels, self.min_side)
+            else:
+                img = load_image(item, self.max_pixels, self.min_side)
         except DECODE_ERRORS as e:
-            return Skipped(index, str(self.paths[index]), f"{type(e).__name__}: {e}")
+            return Skipped(index, image_name(item), f"{type(e).__name__}: {e}")
         return {"index": index, "pixel_values": self.transform(img)}
 
 

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..errors import DataError
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
-from .shards import ShardStream, expand_shards, raw_samples, read_pairs
+from .shards import ShardStream, expand_shards, raw_samples, read_pairs, shard_sizes
 from .transforms import TrainTransform
 from .validate import require_usable, validate_split
 
@@ -40,10 +41,10 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EvalSet:
-    """What an evaluation ranks: images (files or decoded), captions, and the image of each caption."""
+    """What an evaluation ranks: images (files or encoded bytes), captions, and the image of each caption."""
 
     name: str
-    images: list[Any]  # paths, or PIL images (validation shards are read into memory)
+    images: list[Any]  # paths, encoded images (validation shards: EncodedImage bytes), or PIL images
     captions: list[str]
     text_to_image: list[int]
 
@@ -54,7 +55,7 @@ class EvalSet:
 
     @classmethod
     def from_shards(cls, urls: list[str], max_pixels: int | None = None) -> EvalSet:
-        images, captions, _ = read_pairs(urls, max_pixels)
+        images, captions = read_pairs(urls, max_pixels)  # encoded bytes, decoded when embedded
         return cls(
             urls[0] if len(urls) == 1 else f"{urls[0]} (+{len(urls) - 1} shards)",
             images,
@@ -214,14 +215,22 @@ class ShardData:
     num_rows: int
     val: EvalSet | None
     max_pixels: int | None
+    resampled: bool = False
+    sizes: dict[str, int] | None = None  # samples per shard, when sizes.json lists them all
 
     @classmethod
     def open(cls, cfg: Config, *, need_captions: bool) -> ShardData:
+        """The shards of ``cfg.data``. The number of pairs comes from ``data.train_size``, else from the
+        ``sizes.json`` beside the shards; only when neither gives it, or the captions are needed (the tiny
+        tokenizer), are the shards read: once, by rank 0, which sends the result to the other processes."""
         d = cfg.data
         urls = expand_shards(d.train_shards or "")
+        sizes = shard_sizes(urls)
+        known = sum(sizes.values()) if sizes is not None else None
         captions: list[str] = []
-        if need_captions or not d.train_size:  # reading every shard: only for the tiny tokenizer or a count
-            captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
+        if need_captions or (not d.train_size and known is None):
+            count, captions = _read_on_rank0(urls, with_captions=need_captions)
+            known = known if known is not None else count
         val = None
         if d.val_shards:
             val = require_retrievable(
@@ -229,14 +238,14 @@ class ShardData:
                 "the validation set",
                 "add more validation pairs, or disable validation with --set data.val_shards= (data.val_shards: null)",
             )
-        if d.train_size and captions and d.train_size != len(captions):
+        if d.train_size and known is not None and d.train_size != known:
             log.info(
-                "data.train_size %d: the shards hold %d pairs; an epoch is %d pairs",
-                d.train_size,
-                len(captions),
-                d.train_size,
+                "data.train_size %d: the shards hold %d pairs; an epoch is %d pairs", d.train_size, known, d.train_size
             )
-        return cls(urls, captions, d.train_size or len(captions), val, d.max_image_pixels)
+        num_rows = d.train_size or known
+        if not num_rows:
+            raise DataError(f"the training shards {d.train_shards} hold no pairs")
+        return cls(urls, captions, num_rows, val, d.max_image_pixels, d.resampled, sizes)
 
     def batches(self, loading: Loading) -> tuple[Batches, DataLoader]:
         stream = ShardStream(
@@ -250,6 +259,37 @@ class ShardData:
             rank=loading.rank,
             world_size=loading.world,
             max_pixels=self.max_pixels,
+            resampled=self.resampled,
+            sizes=self.sizes,
         )
         # A stream's workers must see set_position(): they are not kept between epochs.
         return stream, DataLoader(stream, batch_size=None, **loading.loader_options(persistent=False))
+
+
+def _read_on_rank0(urls: list[str], *, with_captions: bool) -> tuple[int, list[str]]:
+    """Pairs in ``urls`` and (``with_captions``) their captions, read by rank 0 only and broadcast to the others
+    (a failure on rank 0 is raised on every rank)."""
+    distributed = dist.is_available() and dist.is_initialized()  # as loss.world(), which data/ does not import
+    rank, size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    result: tuple[int, list[str]] | str | None = None
+    if rank == 0:
+        log.info(
+            "reading the %d training shard(s) once to %s",
+            len(urls),
+            "learn the captions" if with_captions else "count the pairs",
+        )
+        try:
+            captions = [s["txt"].decode("utf-8", "replace") for s in raw_samples(urls) if "txt" in s]
+            result = (len(captions), captions if with_captions else [])
+        except DataError as e:
+            if size == 1:
+                raise
+            result = str(e)
+    if size > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if isinstance(result, str):
+        raise DataError(result)
+    assert result is not None
+    return result

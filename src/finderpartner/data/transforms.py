@@ -88,18 +88,8 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_s
     raises ``ImageTooLarge``. With ``min_side``, a large JPEG is decoded at a reduced size whose short side stays
     >= ``min_side``. Files that are not images or are truncated raise PIL's own errors.
     """
-    with _OPEN_LOCK:  # PIL's check reads a module global: lift it for this open only, ours applies below
-        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            img = Image.open(path)
-        except UnidentifiedImageError:
-            raise UnidentifiedImageError(unidentified_message(path)) from None
-        finally:
-            Image.MAX_IMAGE_PIXELS = pil_limit
-    limit = pil_limit if max_pixels is None else max_pixels
+    img = _open_checked(path, max_pixels)
     try:
-        if limit is not None and img.width * img.height > limit:
-            raise ImageTooLarge(f"{img.width}x{img.height} pixels is over the limit of {limit} (decompression bomb?)")
         if min_side is not None:
             _draft(img, min_side)
         img.load()
@@ -113,6 +103,32 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_s
     if rgb is not img:
         img.close()  # a converted copy: release the file (multi-frame images keep it open after load)
     return rgb
+
+
+def check_image_header(path: str | Path | BinaryIO, max_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding its pixels: raises what ``load_image`` raises
+    for a file that is not an image or is over ``max_pixels``; a truncated body is only found when decoding."""
+    img = _open_checked(path, max_pixels)
+    size = img.size
+    img.close()
+    return size
+
+
+def _open_checked(path: str | Path | BinaryIO, max_pixels: int | None) -> Image.Image:
+    """``Image.open`` (header only) with our pixel limit instead of PIL's (``Image.MAX_IMAGE_PIXELS`` when None)."""
+    with _OPEN_LOCK:  # PIL's check reads a module global: lift it for this open only, ours applies below
+        pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(path)
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(unidentified_message(path)) from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pil_limit
+    limit = pil_limit if max_pixels is None else max_pixels
+    if limit is not None and img.width * img.height > limit:
+        img.close()
+        raise ImageTooLarge(f"{img.width}x{img.height} pixels is over the limit of {limit} (decompression bomb?)")
+    return img
 
 
 def unidentified_message(path: str | Path | BinaryIO, name: str | None = None) -> str:
