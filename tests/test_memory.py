@@ -18,9 +18,10 @@ from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.collate import Collator
 from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
+from finderpartner.errors import TrainingError
 from finderpartner.loss import ClipLoss
 from finderpartner.model import apply_freezing, apply_lora, build_tiny, enable_gradient_checkpointing, plain_model
-from finderpartner.probe import probe_micro_batch
+from finderpartner.probe import optimizer_state_bytes, probe_micro_batch
 from finderpartner.step import contrastive_backward
 from finderpartner.train import build_optimizer, train
 
@@ -128,8 +129,6 @@ def test_oom_inside_a_step_halves_the_micro_batch_and_loses_nothing(
 
 
 def test_oom_at_micro_batch_one_says_what_to_change(small_data: Path, tmp_path: Path, monkeypatch) -> None:
-    from finderpartner.errors import TrainingError
-
     def always_oom(encoder, batch):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
@@ -228,6 +227,39 @@ def test_cpu_probe_picks_a_size_and_caches_it(small_data: Path, tmp_path: Path, 
     monkeypatch.setattr(probe, "available_memory_bytes", lambda: 10 * 2**20)
     tight = probe_micro_batch(encoder, objective, **{**args, "cache_key": None})
     assert tight.micro_batch_size == 16 and tight.reason.startswith("largest size within free memory")
+    # The optimizer state the first step will create is kept free too: 8 MiB of it leaves room for 8 pairs.
+    with_state = probe_micro_batch(encoder, objective, **{**args, "cache_key": None, "state_bytes": 8 * 2**20})
+    assert with_state.micro_batch_size == 8
+    # Processes agree on one size (the trainer passes an all_reduce(min)); the agreed size is what is cached.
+    agreed = probe_micro_batch(encoder, objective, **{**args, "cache_key": "agreed", "agree": lambda size: 2})
+    assert agreed.micro_batch_size == 2 and agreed.reason.startswith("the smallest of all processes' sizes")
+    assert probe_micro_batch(encoder, objective, **{**args, "cache_key": "agreed"}).micro_batch_size == 2
+    with pytest.raises(TrainingError, match="another process could not fit even a micro-batch of 1"):
+        probe_micro_batch(encoder, objective, **{**args, "cache_key": None, "agree": lambda size: 0})
+
+
+def test_the_optimizer_state_the_probe_counts_is_exactly_what_the_first_step_creates(small_data: Path) -> None:
+    table, _ = read_split(small_data, "train")
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
+    model = encoder.model
+    apply_freezing(model, image_tower=True)  # frozen parameters get no state: they must not be counted
+    objective = ClipLoss(model.logit_scale)
+    optimizer = build_optimizer(model, objective, config_from_dict({}))
+    predicted = optimizer_state_bytes(optimizer)
+    contrastive_backward(
+        encoder,
+        objective,
+        _batch(small_data, encoder, 8),
+        micro_batch_size=8,
+        autocast=contextlib.nullcontext,
+        backward=lambda loss: loss.backward(),
+    )
+    optimizer.step()
+    created = sum(t.numel() * t.element_size() for state in optimizer.state.values() for t in state.values())
+    trainable = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    print(f"\noptimizer state: predicted {predicted} bytes, created {created} (trainable weights {trainable})")
+    assert predicted == created and created > 2 * trainable
+    assert optimizer_state_bytes(optimizer) == 0  # once it exists it is part of what the probe measures
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(small_data: Path) -> None:
