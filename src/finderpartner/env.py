@@ -123,8 +123,8 @@ def autocast_factory(device: torch.device, precision: str) -> Callable[[], conte
 
 # distribution name -> (import name, minimum version, what it is for)
 REQUIRED = {
-    "torch": ("torch", "2.2", "training and inference"),
-    "torchvision": ("torchvision", "0.17", "image ops"),
+    "torch": ("torch", "2.5", "training and inference"),
+    "torchvision": ("torchvision", "0.20", "image ops"),
     "transformers": ("transformers", "4.41", "CLIP models, tokenizers, processors"),
     "accelerate": ("accelerate", "0.26", "devices and multi-process launch"),
     "safetensors": ("safetensors", "0.4", "weights and checkpoints"),
