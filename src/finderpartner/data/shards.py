@@ -50,7 +50,7 @@ from ..errors import DataError
 from ..outputs import claim_output, read_marker, storage_errors, write_marker, write_text_atomic
 from .collate import Batch, Collator
 from .dataset import EncodedImage, Skipped, read_split, sample_seed, split_paths
-from .transforms import DECODE_ERRORS, ImageTooLarge, check_image_header, load_image, to_rgb
+from .transforms import DECODE_ERRORS, ImageTooLarge, load_image, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +268,16 @@ def _take(buffer: list[Any], rng: random.Random) -> Any:
 def read_pairs(urls: list[str], max_pixels: int | None = None) -> tuple[list[EncodedImage], list[str]]:
     """All samples of (validation) shards: encoded images (decoded only when embedded) and captions.
 
-    Each image's header is checked here (an image, within ``max_pixels``); bad samples are left out and reported
-    with their shard and key. A body that turns out truncated fails the evaluation, named the same way.
+    Each image is decoded once here and its pixels dropped, so that a bad sample (not an image, over
+    ``max_pixels``, truncated) is left out and reported with its shard and key before training starts, not found
+    at the first validation; only the encoded bytes stay in memory.
     """
     images, captions, bad = [], [], []
     for sample in raw_samples(urls):
         try:
             key, image_bytes, caption = sample_parts(sample)
             try:
-                check_image_header(io.BytesIO(image_bytes), max_pixels)
+                load_image(io.BytesIO(image_bytes), max_pixels).close()
             except DECODE_ERRORS as e:
                 raise ValueError(f"{key}: {type(e).__name__}: {e}") from None
         except ValueError as e:

@@ -105,15 +105,6 @@ def load_image(path: str | Path | BinaryIO, max_pixels: int | None = None, min_s
     return rgb
 
 
-def check_image_header(path: str | Path | BinaryIO, max_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) from the image's header, without decoding its pixels: raises what ``load_image`` raises
-    for a file that is not an image or is over ``max_pixels``; a truncated body is only found when decoding."""
-    img = _open_checked(path, max_pixels)
-    size = img.size
-    img.close()
-    return size
-
-
 def _open_checked(path: str | Path | BinaryIO, max_pixels: int | None) -> Image.Image:
     """``Image.open`` (header only) with our pixel limit instead of PIL's (``Image.MAX_IMAGE_PIXELS`` when None)."""
     with _OPEN_LOCK:  # PIL's check reads a module global: lift it for this open only, ours applies below
