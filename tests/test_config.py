@@ -34,6 +34,7 @@ def test_shipped_presets_match_their_generators() -> None:
     root = Path(__file__).parents[1] / "configs"
     assert load_config(root / "clip_tiny.yaml") == preset_config("tiny")
     assert load_config(root / "clip_base.yaml") == preset_config("rtx3060")
+    assert load_config(root / "minilm_tiny_vit.yaml") == preset_config("minilm")
 
 
 def test_three_mistakes_are_all_reported(tmp_path: Path) -> None:

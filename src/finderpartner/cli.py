@@ -95,7 +95,9 @@ def _add_check_env_command(sub: Any) -> None:
 
 def _add_init_config_command(sub: Any) -> None:
     p = sub.add_parser("init-config", help="print a commented default config (YAML) on stdout")
-    p.add_argument("--preset", default="rtx3060", choices=["rtx3060", "tiny"], help="starting point (default: rtx3060)")
+    p.add_argument(
+        "--preset", default="rtx3060", choices=["rtx3060", "tiny", "minilm"], help="starting point (default: rtx3060)"
+    )
     p.set_defaults(handler=_init_config)
 
 

