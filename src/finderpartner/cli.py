@@ -562,10 +562,23 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_zeroshot(args: argparse.Namespace) -> int:
     from .env import autocast_factory
     from .model import load_model, set_attention
-    from .zeroshot import evaluate_zeroshot, format_zeroshot, load_zeroshot_set, read_templates, write_zeroshot_report
+    from .zeroshot import (
+        claim_report_folder,
+        evaluate_zeroshot,
+        format_zeroshot,
+        load_zeroshot_set,
+        read_templates,
+        write_zeroshot_report,
+    )
 
-    data = load_zeroshot_set(args.classes, args.class_names)  # bad input first: before the model is loaded
+    # bad input and a refused output first: before the model is loaded and the images embedded
+    data = load_zeroshot_set(args.classes, args.class_names)
     templates = read_templates(args.templates)
+    model_path = Path(args.model)
+    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
+    inputs = {"classes": str(args.classes), "class_names": args.class_names, "templates": args.templates}
+    protect = {"model": args.model if model_path.is_dir() else None, **inputs, **_image_folders(data)}
+    claim_report_folder(out, protect)
     device, precision = _runtime(args)
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     set_attention(encoder.model, "auto", device)
@@ -579,15 +592,12 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.json,
     )
-    model_path = Path(args.model)
-    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
-    inputs = {"classes": str(args.classes), "class_names": args.class_names, "templates": args.templates}
     paths = write_zeroshot_report(
         result,
         out,
         f"{model_path.name}_zeroshot_{data.name}",
         {"model": str(args.model), **{k: None if v is None else str(v) for k, v in inputs.items()}},
-        protect={"model": args.model if model_path.is_dir() else None, **inputs, **_image_folders(data)},
+        protect=protect,
     )
     if args.json:
         print(json.dumps(result.summary(), indent=2))

@@ -313,7 +313,7 @@ def write_zeroshot_report(
     The same folder rule as the retrieval report (``evaluate.write_report``): a new or empty folder or an
     evaluation folder, never one holding other files, nor one inside ``protect``.
     """
-    claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
+    claim_report_folder(out_dir, protect)
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
     report = out_dir / f"{name}.json"
     with storage_errors(out_dir, f"the zero-shot report in {out_dir}"):
@@ -324,6 +324,11 @@ def write_zeroshot_report(
         with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v for k, v in record.items() if k != "confusion"}) + "\n")
     return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
+
+
+def claim_report_folder(out_dir: Path, protect: dict[str, Any] | None = None) -> None:
+    """Refuse ``out_dir`` unless an evaluation report may go there (checked before the work, and again on writing)."""
+    claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
 
 
 def plot_confusion(result: ZeroShotResult, path: Path) -> Path:
