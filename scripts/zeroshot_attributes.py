@@ -69,7 +69,7 @@ def main() -> int:
     print(f"{len(files)} val images of {args.data}; model {args.model}; {device.type}, {precision}")
     print()
     print(
-        "| attribute | classes | chance | top-1, CLIP templates | top-1, caption-form templates | mean per-class recall |"
+        "| attribute | classes | chance | top-1, CLIP templates | top-1, caption-form templates | mean per-class recall (caption-form) |"
     )
     print("|---|---|---|---|---|---|")
     for attribute, classes in VALUES.items():
