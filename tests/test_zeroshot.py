@@ -6,22 +6,24 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import micro_config
+from helpers import MICRO_SPEC, micro_config, run_torchrun
 
 from finderpartner.cli import main
-from finderpartner.config import config_from_dict
+from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.sample import COLOURS, make_sample_data
 from finderpartner.data.transforms import normalize
 from finderpartner.embedding import embed_images
 from finderpartner.errors import ConfigError, DataError
-from finderpartner.model import load_model
+from finderpartner.model import DualEncoder, build_tiny, load_model
 from finderpartner.zeroshot import (
     TEMPLATES,
+    ZeroShotSet,
     class_embeddings,
     evaluate_zeroshot,
     load_zeroshot_set,
@@ -309,3 +311,49 @@ def test_training_logs_zeroshot_and_selects_by_it(small_data: Path, colour_folde
     raw["data"]["val_split"] = None
     with pytest.raises(ConfigError, match="eval.zeroshot is evaluated at each validation"):
         train(config_from_dict({**raw, "experiment": "no_val"}))
+
+
+def _colour_set(small_data: Path) -> tuple[DualEncoder, ZeroShotSet]:
+    """The same model (seed 0) and 23 val images by colour (uneven shares for 2 processes) in every process."""
+    with open(small_data / "captions_train.csv", encoding="utf-8", newline="") as f:
+        captions = [row["caption"] for row in csv.DictReader(f)]
+    encoder = build_tiny(TinySpec(**MICRO_SPEC), captions, seed=0)
+    with open(small_data / "captions_val.csv", encoding="utf-8", newline="") as f:
+        first: dict[str, str] = {}
+        for row in csv.DictReader(f):
+            first.setdefault(row["filename"], row["caption"].split()[2] if row["caption"].startswith("a ") else "")
+    files = sorted(first)[:23]
+    classes = sorted(COLOURS)
+    images = [small_data / "images" / "val" / name for name in files]
+    return encoder, ZeroShotSet("colour", images, [classes.index(first[name]) for name in files], classes)
+
+
+def test_two_gloo_processes_classify_as_one(small_data: Path, tmp_path: Path) -> None:
+    """Each process embeds its share of the images; both get the figures of one process (the best-model decision)."""
+    encoder, zset = _colour_set(small_data)
+    one = evaluate_zeroshot(encoder, zset, device=torch.device("cpu"), batch_size=8).summary()
+    out = tmp_path / "zeroshot.json"
+    run = run_torchrun(__file__, str(small_data), str(out))
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = json.loads(out.read_text())
+    assert two["rank_0"] == two["rank_1"]
+    assert two["rank_0"]["confusion"] == one["confusion"] and two["rank_0"]["num_images"] == 23
+    assert two["rank_0"]["zeroshot"] == pytest.approx(one["zeroshot"], abs=1e-6)
+
+
+def _worker(small_data: Path, out: Path) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    encoder, zset = _colour_set(small_data)
+    summary = evaluate_zeroshot(encoder, zset, device=torch.device("cpu"), batch_size=8, distributed=True).summary()
+    everyone: list[dict] = [{}, {}]
+    dist.all_gather_object(everyone, summary)
+    if dist.get_rank() == 0:
+        out.write_text(json.dumps({"rank_0": everyone[0], "rank_1": everyone[1]}))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the worker of the two-process test, started by torchrun
+    _worker(Path(sys.argv[1]), Path(sys.argv[2]))
