@@ -155,15 +155,37 @@ def _add_train_command(sub: Any) -> None:
 
 
 def _add_eval_command(sub: Any) -> None:
-    p = sub.add_parser("eval", help="retrieval metrics of a saved model on a split")
+    p = sub.add_parser("eval", help="retrieval metrics of a saved model on a split, or zero-shot classification")
     p.add_argument("--model", required=True, help="saved model folder (e.g. outputs/clip_tiny/best_model) or hub id")
     _add_trust_pickle(p)
-    p.add_argument("--data", type=Path, required=True, help="data folder")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", type=Path, help="data folder (retrieval on a split)")
+    _add_zeroshot_args(p, what)
     p.add_argument("--split", default="val")
     p.add_argument("--out", type=Path, help="report folder (default: <model>/../eval)")
     _add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(handler=_eval)
+
+
+def _add_zeroshot_args(p: argparse.ArgumentParser, group: Any) -> None:
+    group.add_argument(
+        "--classes",
+        type=Path,
+        help="zero-shot classification instead: a folder of class folders (root/<class>/*.jpg) or a CSV "
+        "filename,label (filenames relative to the CSV's folder)",
+    )
+    p.add_argument(
+        "--class-names",
+        type=Path,
+        help="with --classes: class names, one per line (CSV: every label must be one; folder: which class "
+        "folders, in this order)",
+    )
+    p.add_argument(
+        "--templates",
+        type=Path,
+        help="with --classes: prompt templates, one per line with {} for the class name (default: six of CLIP's)",
+    )
 
 
 def _add_index_command(sub: Any) -> None:
@@ -483,6 +505,10 @@ def _runtime(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.classes is not None:
+        return _eval_zeroshot(args)
+    if args.class_names is not None or args.templates is not None:
+        raise UsageError("--class-names and --templates go with --classes (zero-shot classification)")
     from .data.sources import EvalSet, require_retrievable
     from .data.validate import require_usable, validate_split
     from .env import autocast_factory
@@ -533,6 +559,62 @@ def _eval(args: argparse.Namespace) -> int:
         )
         print(f"report: {paths['report']}  plot: {paths['plot']}")
     return 0
+
+
+def _eval_zeroshot(args: argparse.Namespace) -> int:
+    from .env import autocast_factory
+    from .model import load_model, set_attention
+    from .zeroshot import (
+        claim_report_folder,
+        evaluate_zeroshot,
+        format_zeroshot,
+        load_zeroshot_set,
+        read_templates,
+        write_zeroshot_report,
+    )
+
+    # bad input and a refused output first: before the model is loaded and the images embedded
+    data = load_zeroshot_set(args.classes, args.class_names)
+    templates = read_templates(args.templates)
+    model_path = Path(args.model)
+    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
+    inputs = {"classes": str(args.classes), "class_names": args.class_names, "templates": args.templates}
+    protect = {"model": args.model if model_path.is_dir() else None, **inputs, **_image_folders(data)}
+    claim_report_folder(out, protect)
+    device, precision = _runtime(args)
+    encoder = load_model(args.model, trust_pickle=args.trust_pickle)
+    set_attention(encoder.model, "auto", device)
+    result = evaluate_zeroshot(
+        encoder,
+        data,
+        templates=templates,
+        device=device,
+        autocast=autocast_factory(device, precision),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        progress=not args.json,
+    )
+    paths = write_zeroshot_report(
+        result,
+        out,
+        f"{model_path.name}_zeroshot_{data.name}",
+        {"model": str(args.model), **{k: None if v is None else str(v) for k, v in inputs.items()}},
+        protect=protect,
+    )
+    if args.json:
+        print(json.dumps(result.summary(), indent=2))
+    else:
+        print(format_zeroshot(result))
+        print(f"report: {paths['report']}  confusion matrix: {paths['plot']}")
+    return 0
+
+
+def _image_folders(data: Any) -> dict[str, Path]:
+    """The folders a zero-shot set's images lie in (a CSV's own folder aside: a report may go beside it)."""
+    if data.source.is_dir():
+        return {"images": data.source}
+    folders = sorted({image.parent for image in data.images} - {data.source.parent})
+    return {"images" + (f" {i + 1}" if i else ""): folder for i, folder in enumerate(folders)}
 
 
 def _searcher(args: argparse.Namespace) -> Any:

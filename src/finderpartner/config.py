@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -325,26 +325,64 @@ class TrainConfig(_Section):
         return parse_duration(self.time_budget) if self.time_budget else None
 
 
+class ZeroShotSetConfig(_Section):
+    """A zero-shot classification set evaluated at each validation (see `finderpartner eval --classes`)."""
+
+    path: Path = Field(description="folder of class folders (root/<class>/*.jpg) or a CSV filename,label")
+    name: str | None = Field(None, description="name in the logged metrics (default: the folder name or CSV stem)")
+    class_names: Path | None = Field(None, description="class names file, one per line (default: from the set)")
+    templates: Path | None = Field(None, description="prompt templates file, one per line with {} (default: CLIP's)")
+
+    @property
+    def set_name(self) -> str:
+        return self.name or (self.path.stem if self.path.suffix.lower() == ".csv" else self.path.name)
+
+
+ZEROSHOT_METRICS = ("top1", "top5", "mean_per_class_recall")
+
+
 class EvalConfig(_Section):
     batch_size: int = Field(256, ge=1, description="pairs embedded at once during evaluation")
     chunk_size: int = Field(1024, ge=1, description="queries ranked at once (bounds memory for large splits)")
+    zeroshot: list[ZeroShotSetConfig] = Field(
+        default_factory=list,
+        description="zero-shot classification sets evaluated at each validation: [{path, name, class_names, "
+        "templates}, ...]; logged as val/zeroshot/<name>/top1, top5, mean_per_class_recall",
+    )
     best_metric: str = Field(
         "mean_recall",
-        description="metric that selects best_model/: 'mean_recall' (R@1/5/10, both directions, caption-aware) or e.g. 'text_to_image/R@1'",
+        description="metric that selects best_model/: 'mean_recall' (R@1/5/10, both directions, caption-aware), "
+        "e.g. 'text_to_image/R@1', or 'zeroshot/<set name>/top1'",
     )
+
+    @field_validator("zeroshot")
+    @classmethod
+    def _distinct_names(cls, v: list[ZeroShotSetConfig]) -> list[ZeroShotSetConfig]:
+        names = [s.set_name for s in v]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"set name(s) {', '.join(map(repr, twice))} used more than once; give each set a name")
+        return v
 
     @field_validator("best_metric")
     @classmethod
-    def _known_metric(cls, v: str) -> str:
+    def _known_metric(cls, v: str, info: ValidationInfo) -> str:
+        names = [s.set_name for s in info.data.get("zeroshot") or []]
         directions = [f"{d}{s}" for d in ("image_to_text", "text_to_image") for s in ("", "_caption_aware")]
         metrics = ["R@1", "R@5", "R@10", "mean_rank", "median_rank"]
-        known = ["mean_recall", "loss", *(f"{d}/{m}" for d in directions for m in metrics)]
+        zeroshot = [f"zeroshot/{n}/{m}" for n in names for m in ZEROSHOT_METRICS]
+        known = ["mean_recall", "loss", *(f"{d}/{m}" for d in directions for m in metrics), *zeroshot]
         if v not in known:
             close = difflib.get_close_matches(v, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
+            sets = (
+                f", or 'zeroshot/<set>/<metric>' with set in {', '.join(names)} (eval.zeroshot) and metric in "
+                f"{', '.join(ZEROSHOT_METRICS)}"
+                if names
+                else ""
+            )
             raise ValueError(
                 f"unknown metric {v!r}{hint}; use mean_recall, loss or '<direction>/<metric>' with direction "
-                f"in {', '.join(directions)} and metric in {', '.join(metrics)}"
+                f"in {', '.join(directions)} and metric in {', '.join(metrics)}{sets}"
             )
         return v
 
@@ -561,8 +599,10 @@ def _render_model(model: BaseModel, indent: int, lines: list[str], comments: boo
 def _plain(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, tuple):
-        return list(value)
+    if isinstance(value, BaseModel):  # a list of sections (eval.zeroshot)
+        return value.model_dump(mode="json")
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
     return value
 
 

@@ -68,6 +68,7 @@ from .processes import all_min, from_main
 from .rundir import open_run_dir
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, flatten, make_trackers
+from .zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Run:
     state: TrainState
     plan: Plan
     lock: FolderLock | None = None  # the run folder's lock (main process)
+    zeroshot: list[tuple[ZeroShotSet, list[str]]] = dataclasses.field(default_factory=list)  # eval.zeroshot, read
 
     @property
     def total_steps(self) -> int:
@@ -304,6 +306,7 @@ def _build_run(
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
     data = open_training_data(cfg, need_captions=cfg.model.is_tiny, progress=accelerator.is_main_process)
+    zeroshot = _zeroshot_sets(cfg, data.val is not None)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
     if accelerator.is_main_process and (
         cut := long_captions_note(data.captions, encoder.tokenizer, encoder.context_length)
@@ -339,6 +342,7 @@ def _build_run(
         state,
         plan,
         lock,
+        zeroshot,
     )
     if resume:
         _resume(run, resume)
@@ -356,6 +360,22 @@ def _build_run(
         start_step=state.global_step,
     )
     return run
+
+
+def _zeroshot_sets(cfg: Config, validating: bool) -> list[tuple[ZeroShotSet, list[str]]]:
+    """eval.zeroshot read up front (a bad set stops the run before training), with each set's templates."""
+    if cfg.eval.zeroshot and not validating:
+        raise ConfigError("eval.zeroshot is evaluated at each validation, but data.val_split is disabled; set one")
+    sets = [
+        (load_zeroshot_set(s.path, s.class_names, name=s.set_name), read_templates(s.templates))
+        for s in cfg.eval.zeroshot
+    ]
+    for zset, _ in sets:
+        if cfg.eval.best_metric == f"zeroshot/{zset.name}/top5" and len(zset.classes) < 5:
+            raise ConfigError(
+                f"eval.best_metric: zero-shot set {zset.name} has {len(zset.classes)} classes; top5 needs 5"
+            )
+    return sets
 
 
 def _loading(
@@ -891,15 +911,35 @@ def _validate(run: Run) -> EvalResult | None:
         num_workers=num_workers(cfg.data.num_workers) if len(run.val.images) >= 2000 else 0,
         distributed=True,
     )
+    zeroshot = {
+        zset.name: evaluate_zeroshot(
+            run.encoder,
+            zset,
+            templates=templates,
+            device=run.device,
+            autocast=autocast_factory(run.device, run.precision),
+            batch_size=cfg.eval.batch_size,
+            distributed=True,  # like the split: each process embeds a share, all get the same figures
+        ).metrics
+        for zset, templates in run.zeroshot
+    }
     run.model.train()
-    value = torch.tensor([result.select(cfg.eval.best_metric)], dtype=torch.float64, device=run.device)
+    name = cfg.eval.best_metric
+    if name.startswith("zeroshot/"):
+        _, zset_name, metric = name.split("/", 2)
+        selected = zeroshot[zset_name][metric]
+    else:
+        selected = result.select(name)
+    value = torch.tensor([selected], dtype=torch.float64, device=run.device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast(value, src=0)  # the same everywhere already; this makes the decision provably common
     improved = run.state.best_metric is None or float(value) > run.state.best_metric
     if improved:
         run.state.best_metric, run.state.best_step = float(value), run.state.global_step
     if run.is_main:
-        run.trackers.log(flatten({"val": result.summary()}), run.state.global_step)
+        run.trackers.log(flatten({"val": {**result.summary(), "zeroshot": zeroshot}}), run.state.global_step)
+        for zset_name, figures in zeroshot.items():
+            log.info("zero-shot %s: %s", zset_name, ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
         log.info(
             "step %d, epoch %d: val loss %.4f (at contrastive batch %d, the training batch), mean recall %.4f",
             run.state.global_step,
