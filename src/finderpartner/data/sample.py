@@ -228,3 +228,74 @@ def _generate(root: Path, meta: dict) -> None:
             writer.writerow(["filename", "caption"])
             writer.writerows(rows)
     log.info("wrote %d+%d sample images to %s in %.1fs", train_images, val_images, root, time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A held-out split in words the training captions never use
+
+# Synonyms and paraphrases: none of these words (nor the phrasings below) is in a training caption, so a model
+# that only learnt the captions' vocabulary cannot read them, and one with a pretrained text tower can.
+PARAPHRASE_WORDS: dict[str, dict[str, str]] = {
+    "colour": {
+        "red": "crimson",
+        "green": "emerald",
+        "blue": "azure",
+        "yellow": "golden",
+        "purple": "violet",
+        "orange": "tangerine",
+        "white": "snowy",
+        "black": "ebony",
+    },
+    "shape": {"circle": "round disk", "square": "box", "triangle": "pyramid", "star": "pentagram"},
+    "size": {"small": "tiny", "large": "huge"},
+    "position": {"left": "at the western edge", "center": "in the middle", "right": "at the eastern edge"},
+}
+PARAPHRASE_TEMPLATES = (
+    lambda c, s, p, z: f"there is a {z} {c} {s} {p}",
+    lambda c, s, p, z: f"{p} you can see a {c} {s}, which is {z}",
+)
+
+
+def make_paraphrase_split(
+    out: str | Path, *, images: int = 300, image_size: int = 96, split: str = "paraphrase", seed: int = 7
+) -> SampleDataSummary:
+    """Write a held-out split ``images/<split>/`` + ``captions_<split>.csv`` whose captions say the sample data's
+    attributes in other words and word orders (``PARAPHRASE_WORDS``), plus ``attributes_<split>.csv`` (filename,
+    colour, shape, size, position in the canonical words) for zero-shot classification.
+
+    The images are new draws of the same generator. Writes only these three new paths and refuses if any exists.
+    """
+    root = Path(out)
+    image_dir, captions, attributes = (
+        root / "images" / split,
+        root / f"captions_{split}.csv",
+        root / f"attributes_{split}.csv",
+    )
+    taken = [p for p in (image_dir, captions, attributes) if p.exists()]
+    if taken:
+        raise OutputError(f"{', '.join(map(str, taken))} already exist(s); choose another split name or folder")
+    rng = np.random.default_rng([seed, 99])
+    order = np.concatenate([rng.permutation(len(COMBOS)) for _ in range(-(-images // len(COMBOS)))] or [[]])
+    with storage_errors(root, f"the {split} split in {root}"):
+        image_dir.mkdir(parents=True)
+        rows, labels = [], []
+        for i in range(images):
+            colour, shape, pos, size = COMBOS[int(order[i])]
+            name = f"{i:06d}.jpg"
+            _draw(rng, image_size, colour, shape, pos, size == "large").save(image_dir / name, "JPEG", quality=95)
+            words = [
+                PARAPHRASE_WORDS[k][v]
+                for k, v in zip(("colour", "shape", "position", "size"), (colour, shape, pos, size))
+            ]
+            rows.append((name, PARAPHRASE_TEMPLATES[i % len(PARAPHRASE_TEMPLATES)](*words)))
+            labels.append((name, colour, shape, size, pos))
+        for path, header, body in (
+            (captions, ["filename", "caption"], rows),
+            (attributes, ["filename", "colour", "shape", "size", "position"], labels),
+        ):
+            with open(path, "w", encoding="utf-8", newline="") as f:
+                writer = csv.writer(f, lineterminator="\n")
+                writer.writerow(header)
+                writer.writerows(body)
+    distinct = len({c for _, c in rows})
+    return SampleDataSummary(root, {split: {"images": images, "pairs": images, "distinct_captions": distinct}})
