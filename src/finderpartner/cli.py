@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -715,8 +716,8 @@ def _demo(args: argparse.Namespace) -> int:
 # WiSE-FT: merge, and eval --sweep-alpha
 
 _MERGE_EPILOG = """examples:
-  finderpartner merge --base clip-base --finetuned outputs/clip/best_model --alpha 0.5 --out merged/wise_0.5
-  finderpartner merge --base clip-base --finetuned outputs/clip/best_model --alpha 0 0.25 0.5 0.75 1 --out merged
+  finderpartner merge --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model --alpha 0.5 --out merged/wise_0.5
+  finderpartner merge --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model --alpha 0 0.25 0.5 0.75 1 --out merged
 
 With one --alpha, --out is the merged model folder; with several, --out/alpha_<a>/ is one per alpha. Each is a plain
 transformers folder (CLIPModel.from_pretrained loads it) with a model card naming base, finetuned and alpha.
@@ -724,7 +725,7 @@ transformers folder (CLIPModel.from_pretrained loads it) with a model card namin
 
 _EVAL_EPILOG = """examples:
   finderpartner eval --model outputs/clip_tiny/best_model --data data/sample --split val
-  finderpartner eval --sweep-alpha --base clip-base --finetuned outputs/clip/best_model \\
+  finderpartner eval --sweep-alpha --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model \\
       --data data/mine --split val --data2 data/other --split2 val --alpha 0 0.25 0.5 0.75 1 --out eval/wise
 
 --sweep-alpha (WiSE-FT) merges --base and --finetuned in memory at each --alpha, evaluates each merge on the
@@ -782,8 +783,6 @@ def _add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 def _alphas(args: argparse.Namespace, default: list[float]) -> list[float]:
     """--alpha as floats: finite, each once, in [0, 1] unless --extrapolate."""
-    import math
-
     values = default if args.alpha is None else list(args.alpha)
     for a in values:
         if not math.isfinite(a):
