@@ -108,6 +108,13 @@ CASES: list[tuple[str, int, str]] = [
     ("train --config {config} --resume auto --overwrite", 2, "give one of them"),
     ("eval --model {model} --data {data} --device tpu", 2, "invalid choice: 'tpu'"),
     ("index --model {model} --images {gallery}", 2, "the following arguments are required: --out"),
+    ("merge --base {model} --finetuned {model}", 2, "the following arguments are required: --out"),
+    ("merge --base {model} --finetuned {model} --alpha 1.5 --out {tmp}/merged1", 2, "pass --extrapolate"),
+    ("merge --base {model} --finetuned {model} --alpha 0.5 0.5 --out {tmp}/merged2", 2, "0.5 more than once"),
+    ("eval --data {data}", 2, "eval needs --model DIR (or --sweep-alpha"),
+    ("eval --model {model} --data {data} --alpha 0.5", 2, "--alpha only work(s) with --sweep-alpha"),
+    ("eval --sweep-alpha --base {model} --data {data}", 2, "--sweep-alpha needs --finetuned"),
+    ("eval --sweep-alpha --base {model} --finetuned {model} --data {data} --alpha -1", 2, "pass --extrapolate"),
     # configuration (3)
     ("train --config {tmp}/missing.yaml", 3, "missing.yaml not found; `finderpartner init-config >"),
     ("train --config {bad_yaml}", 3, "not valid YAML"),
@@ -136,6 +143,13 @@ CASES: list[tuple[str, int, str]] = [
     ("export --model {tmp}/no_model --out {tmp}/export1", 5, "does not exist"),
     ("demo --model {tmp}/no_model", 5, "does not exist"),
     ("validate-data --data {data} --model {tmp}/no_model", 5, "does not exist"),
+    ("merge --base {tmp}/no_model --finetuned {model} --out {tmp}/merged3", 5, "does not exist"),
+    ("merge --base {model} --finetuned {other_model} --out {tmp}/merged4", 5, "their tokenizers differ"),
+    (
+        "eval --sweep-alpha --base {other_model} --finetuned {model} --data {data} --out {tmp}/wise1 --workers 0",
+        5,
+        "their tokenizers differ",
+    ),
     ("train --config {config} --set model.name={tmp}/no_model", 5, "does not exist"),
     # checkpoint (6)
     ("train --config {config} --resume {tmp}/no_checkpoint", 6, "no manifest"),
@@ -149,6 +163,13 @@ CASES: list[tuple[str, int, str]] = [
     ("index --model {model} --images {gallery} --out {a_file}", 10, "exists and is not a folder"),
     ("export --model {model} --out {model}", 10, "is the input model"),
     ("eval --model {model} --data {data} --out {documents} --workers 0", 10, "it never replaces them"),
+    ("merge --base {model} --finetuned {lone_model} --out {model}", 10, "is the input base"),
+    ("merge --base {model} --finetuned {model} --out {documents} --overwrite", 10, "it never replaces them"),
+    (
+        "eval --sweep-alpha --base {model} --finetuned {model} --data {data} --out {model}/eval",
+        10,
+        "is inside the input",
+    ),
     (
         "sample-data --out {real_data} --overwrite --train-images 2 --val-images 2",
         10,
