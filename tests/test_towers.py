@@ -146,3 +146,29 @@ def test_a_towers_model_indexes_searches_and_serves(towers_model: Path, small_da
         assert result  # the real server answered through the towers model
     finally:
         demo.close()
+
+
+def test_a_locked_vision_tower_without_augmentation_is_cached_per_image(
+    small_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    encoder = build_model(config_from_dict({"model": _towers()}).model)
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    pixels[2] = pixels[0]  # the same image twice
+    encoder.model.eval()
+    with torch.no_grad():
+        plain = encoder.encode_images(pixels)
+    encoder.image_cache = TowerCache(encoder.model.vision_model)
+    encoder.model.train()
+    cached = encoder.encode_images(pixels)
+    assert encoder.image_cache.misses == 2 and encoder.image_cache.hits == 1
+    assert (cached - plain).abs().max() < 1e-5
+
+    # In training: cached only when augmentation cannot change an image between epochs.
+    raw = micro_config(tmp_path, small_data, epochs=1)
+    raw["model"] = _towers(freeze={"image_tower": True, "text_tower": True})
+    raw["data"]["augment"] = {"crop_scale": [1.0, 1.0], "hflip": False, "color_jitter": 0.0}
+    with caplog.at_level("INFO", logger="finderpartner"):
+        result = train(config_from_dict(raw))
+    assert result.state.global_step == 8
+    assert "vision tower locked: its output is computed once per image and cached" in caplog.text
+    assert "text tower locked: its output is computed once per caption and cached" in caplog.text

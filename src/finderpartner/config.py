@@ -91,8 +91,8 @@ class FreezeConfig(_Section):
     projections_only: bool = Field(False, description="train only the two projections and the logit scale")
     cache_locked: bool = Field(
         True,
-        description="a fully locked text tower runs once per distinct caption (in eval mode, no dropout) and its "
-        "output is kept in memory: after the first epoch it costs nothing (LiT)",
+        description="a fully locked tower runs once per distinct caption (image: only without augmentation) in eval "
+        "mode (no dropout) and its output is kept in memory: after the first epoch it costs nothing (LiT)",
     )
 
 

@@ -9,6 +9,7 @@ return type changed in 5.x.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import pickle
 import re
@@ -57,6 +58,7 @@ class DualEncoder:
     image_processor: Any
     kind: str = PRETRAINED_KIND
     text_cache: TowerCache | None = None  # a locked text tower's outputs per caption (LiT), see TowerCache
+    image_cache: TowerCache | None = None  # a locked vision tower's outputs per image (without augmentation)
 
     @property
     def context_length(self) -> int:
@@ -100,7 +102,12 @@ class DualEncoder:
         and inference callers choose no_grad or inference_mode themselves.
         """
         pixels = images if isinstance(images, torch.Tensor) else self.preprocess(images)
-        return encode_image(self.model, normalize(pixels.to(self.device, non_blocking=True), self.image_spec))
+        normalised = normalize(pixels.to(self.device, non_blocking=True), self.image_spec)
+        if self.image_cache is not None:
+            keys = TowerCache.image_keys(pixels)
+            pooled = self.image_cache.lookup(keys, lambda rows: image_pooled(self.model, normalised[rows]))
+            return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        return encode_image(self.model, normalised)
 
     def encode_texts(self, texts: Sequence[str] | Mapping[str, torch.Tensor]) -> torch.Tensor:
         """L2-normalised float32 embeddings of texts, or of a token batch from ``tokenize``."""
@@ -108,7 +115,8 @@ class DualEncoder:
         device = self.device
         ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
         if self.text_cache is not None:
-            pooled = self.text_cache.pooled(ids, mask, lambda i, m: text_pooled(self.model, i, m))
+            keys = TowerCache.text_keys(ids, mask)
+            pooled = self.text_cache.lookup(keys, lambda rows: text_pooled(self.model, ids[rows], mask[rows]))
             return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
         return encode_text(self.model, ids, mask)
 
@@ -467,7 +475,12 @@ def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = 
 
 def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Projected (not normalised) image embeddings."""
-    return model.visual_projection(model.vision_model(pixel_values=pixel_values).pooler_output)
+    return model.visual_projection(image_pooled(model, pixel_values))
+
+
+def image_pooled(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The vision tower's output, one vector per image (its pooler: the normalised class token for a ViT)."""
+    return model.vision_model(pixel_values=pixel_values).pooler_output
 
 
 def text_features(
@@ -496,11 +509,12 @@ def text_pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 class TowerCache:
     """A locked tower's outputs, computed once per distinct input and then looked up (LiT, Zhai et al. 2022).
 
-    A locked tower is a fixed function: it runs in eval mode here (no dropout), so its output for a caption is
-    the same every epoch and an epoch costs only the trainable tower. Keys are the token ids up to the text's
-    length, so padding does not matter. Values are not bitwise those of a batch computed in another grouping
-    (matrix kernels may round differently), so a resumed run that re-fills the cache equals an uninterrupted one
-    up to float rounding. At most ``max_entries`` inputs are kept; later ones are computed each time.
+    A locked tower is a fixed function: it runs in eval mode here (no dropout), so its output for a caption (or,
+    without augmentation, an image) is the same every epoch and an epoch costs only the trainable tower. Keys are
+    the token ids up to the text's length (padding does not matter), or a hash of an image's pixels. Values are not
+    bitwise those of a batch computed in another grouping (matrix kernels may round differently), so a resumed run
+    that re-fills the cache equals an uninterrupted one up to float rounding. At most ``max_entries`` inputs are
+    kept; later ones are computed each time.
     """
 
     def __init__(self, tower: nn.Module, max_entries: int = 1_000_000) -> None:
@@ -511,25 +525,18 @@ class TowerCache:
         self.table: dict[bytes, torch.Tensor] = {}
         self.hits = self.misses = 0
 
-    def pooled(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        compute: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        lengths = attention_mask.sum(1).tolist()
-        rows = input_ids.cpu().numpy()
-        keys = [rows[i, : int(n)].tobytes() for i, n in enumerate(lengths)]
-        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each distinct text's first row
+    def lookup(self, keys: list[bytes], compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The tower's outputs for a batch whose rows have these keys; ``compute(rows)`` runs the tower on the rows
+        (a LongTensor of row indices) not seen before, once per distinct key, in eval mode and without gradients."""
+        first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each distinct input's first row
         todo = [k for k in first if k not in self.table]
         fresh: dict[bytes, torch.Tensor] = {}
         if todo:
-            index = torch.tensor([first[k] for k in todo], device=input_ids.device)
             was_training = self.tower.training
             self.tower.eval()
             try:
                 with torch.no_grad():
-                    fresh = dict(zip(todo, compute(input_ids[index], attention_mask[index])))
+                    fresh = dict(zip(todo, compute(torch.tensor([first[k] for k in todo]))))
             finally:
                 self.tower.train(was_training)
             if len(self.table) < self.max_entries:
@@ -537,6 +544,18 @@ class TowerCache:
         self.misses += len(todo)
         self.hits += len(keys) - len(todo)
         return torch.stack([self.table[k] if k in self.table else fresh[k] for k in keys])
+
+    @staticmethod
+    def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[bytes]:
+        """A caption's key: its token ids up to its length (padding does not matter)."""
+        rows, lengths = input_ids.cpu().numpy(), attention_mask.sum(1).tolist()
+        return [rows[i, : int(n)].tobytes() for i, n in enumerate(lengths)]
+
+    @staticmethod
+    def image_keys(pixels: torch.Tensor) -> list[bytes]:
+        """An image's key: a 128-bit hash of its pixels (the unnormalised batch, before the model)."""
+        rows = pixels.cpu().contiguous().numpy()
+        return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
 
 
 def tower_locked(tower: nn.Module) -> bool:

@@ -165,8 +165,9 @@ def _probe(
         model.zero_grad(set_to_none=True)
         objective.zero_grad(set_to_none=True)
         model.train(was_training)
-        if encoder.text_cache is not None:  # the probe's random captions are no captions of the data
-            encoder.text_cache.clear()
+        for cache in (encoder.text_cache, encoder.image_cache):  # random inputs: no captions or images of the data
+            if cache is not None:
+                cache.clear()
         free_memory()
     return result
 

@@ -429,9 +429,17 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, prec
     m = cfg.model
     log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
     apply_freezing(encoder.model, **m.freeze.model_dump(exclude={"cache_locked"}))
-    if m.freeze.cache_locked and not m.lora.enabled and tower_locked(encoder.model.text_model):
-        encoder.text_cache = TowerCache(encoder.model.text_model)  # LiT: each caption through the tower once
-        log.info("text tower locked: its output is computed once per caption and cached")
+    if m.freeze.cache_locked and not m.lora.enabled:  # LiT: each caption (image) through a locked tower once
+        if tower_locked(encoder.model.text_model):
+            encoder.text_cache = TowerCache(encoder.model.text_model)
+            log.info("text tower locked: its output is computed once per caption and cached")
+        aug = cfg.data.augment
+        if tower_locked(encoder.model.vision_model):
+            if tuple(aug.crop_scale) == (1.0, 1.0) and not aug.hflip and not aug.color_jitter:
+                encoder.image_cache = TowerCache(encoder.model.vision_model)
+                log.info("vision tower locked: its output is computed once per image and cached")
+            else:
+                log.info("vision tower locked but not cached: augmentation changes every image each epoch")
     if m.lora.enabled:
         encoder.model = apply_lora(
             encoder.model, r=m.lora.r, alpha=m.lora.alpha, dropout=m.lora.dropout, target_modules=m.lora.target_modules
