@@ -292,7 +292,9 @@ dist.init_process_group("gloo")
 reads = []
 sources.raw_samples = lambda urls: reads.append(len(urls)) or raw_samples(urls)  # observes the full reads
 data = sources.ShardData.open(config_from_dict(json.loads(sys.argv[1])), need_captions=True)
-print(json.dumps({"rank": dist.get_rank(), "reads": reads, "rows": data.num_rows, "captions": data.captions}))
+record = {"rank": dist.get_rank(), "reads": reads, "rows": data.num_rows, "captions": data.captions}
+with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:  # one file each: stdout lines would interleave
+    json.dump(record, f)
 dist.destroy_process_group()
 """
 
@@ -303,11 +305,9 @@ def test_only_rank_0_reads_the_shards_and_broadcasts(shards: Path, tmp_path: Pat
     (bare / "sizes.json").unlink()  # nothing known: the pairs are counted and the captions read, once
     script = tmp_path / "read.py"
     script.write_text(_READ_ON_RANK_0)
-    run = run_torchrun(str(script), json.dumps(_config(tmp_path, bare)))
+    run = run_torchrun(str(script), json.dumps(_config(tmp_path, bare)), str(tmp_path))
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = sorted(
-        (json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"]
-    )
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["reads"] for r in ranks] == [[4], []]
     assert ranks[0]["rows"] == ranks[1]["rows"] == 128 and ranks[0]["captions"] == ranks[1]["captions"]
     assert len(ranks[1]["captions"]) == 128
