@@ -224,7 +224,8 @@ def _accelerator(cfg: Config) -> Any:
     if asked_for > 1:
         raise UsageError(
             f"accelerate launch was asked for {asked_for} processes but started only this one (its single-process "
-            f"launcher, used when it sees no GPUs): add --multi_gpu (the processes then train on the CPU, over gloo), "
+            f"launcher, used when it sees no GPUs or gets --cpu): add --multi_gpu instead of --cpu (without GPUs the "
+            f"processes then train on the CPU, over gloo), "
             f"or launch with torchrun --nproc_per_node {asked_for}"
         )
     mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
