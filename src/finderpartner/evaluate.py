@@ -23,10 +23,11 @@ from .data.dataset import image_name
 from .data.sources import EvalSet
 from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
-from .loss import ClipLoss, Objective, gather_features, world
+from .loss import ClipLoss, Objective, gather_features
 from .metrics import mean_recall, retrieval_metrics, similarity_stats
 from .model import DualEncoder
 from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
+from .processes import world
 
 log = logging.getLogger(__name__)
 

@@ -32,15 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .processes import world
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clamps the temperature so that exp(scale) <= 100
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _row_counts(local: torch.Tensor) -> list[int]:

@@ -29,10 +29,11 @@ from .data.files import IMAGE_EXTENSIONS
 from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
 from .evaluate import share
-from .loss import gather_features, world
+from .loss import gather_features
 from .metrics import zero_shot_accuracy
 from .model import DualEncoder
 from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
+from .processes import world
 
 # Six of the 80 ImageNet prompt templates of OpenAI's CLIP (github.com/openai/CLIP,
 # notebooks/Prompt_Engineering_for_ImageNet.ipynb), the ones that do not presume a kind of picture (no

@@ -269,7 +269,7 @@ class ShardData:
 def _read_on_rank0(urls: list[str], *, with_captions: bool) -> tuple[int, list[str]]:
     """Pairs in ``urls`` and (``with_captions``) their captions, read by rank 0 only and broadcast to the others
     (a failure on rank 0 is raised on every rank)."""
-    distributed = dist.is_available() and dist.is_initialized()  # as loss.world(), which data/ does not import
+    distributed = dist.is_available() and dist.is_initialized()  # as processes.world(), which data/ does not import
     rank, size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     result: tuple[int, list[str]] | str | None = None
     if rank == 0:
