@@ -137,11 +137,18 @@ def _example_inputs(encoder: DualEncoder) -> dict[str, torch.Tensor]:
 
 
 def resolve_exporter(exporter: str) -> str:
-    """'dynamo' (torch.export, needs onnxscript) when available, else the TorchScript exporter."""
+    """'dynamo' (torch.export, needs onnxscript and torch >= 2.6) when available, else the TorchScript exporter.
+
+    torch 2.5's dynamo exporter fails on BERT-like text towers (tested: the towers model), so auto skips it there.
+    """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}")
     if exporter != "auto":
         return exporter
+    from packaging.version import Version
+
+    if Version(torch.__version__.split("+")[0]) < Version("2.6"):
+        return "torchscript"
     try:
         import onnxscript  # noqa: F401
     except ImportError:
