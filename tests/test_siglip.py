@@ -20,6 +20,7 @@ from finderpartner.data.dataset import read_split
 from finderpartner.data.sources import EvalSet
 from finderpartner.demo import image_text_scores, probability_label
 from finderpartner.embedding import Searcher, model_fingerprint
+from finderpartner.errors import ModelError
 from finderpartner.evaluate import evaluate_split
 from finderpartner.loss import ClipLoss, SigmoidLoss, build_objective, saved_objective
 from finderpartner.model import OBJECTIVE_KEY, load_model
@@ -88,6 +89,13 @@ def test_clip_models_carry_no_record(trained_model: Path) -> None:
     encoder = load_model(trained_model)
     assert encoder.logit_bias is None and isinstance(saved_objective(encoder.model, None), ClipLoss)
     assert "sigmoid" not in (trained_model / "README.md").read_text()
+
+
+def test_a_malformed_record_is_an_error_not_a_clip_model(trained_model: Path) -> None:
+    encoder = load_model(trained_model)
+    setattr(encoder.model.config, OBJECTIVE_KEY, {"loss": "siglip", "logit_bias": "-10"})
+    with pytest.raises(ModelError, match="malformed finderpartner_objective"):
+        _ = encoder.logit_bias
 
 
 def test_the_demo_shows_sigmoid_probabilities(siglip_run: Path, small_data: Path) -> None:
