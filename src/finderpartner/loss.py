@@ -245,9 +245,11 @@ class ClipLoss(Objective):
 
 
 class SigmoidLoss(Objective):
-    """SigLIP's pairwise sigmoid loss: logits = exp(t') * cos + b, loss = -mean log sigmoid(label * logits).
+    """SigLIP's pairwise sigmoid loss: logits = exp(t') * cos + b, loss = -sum log sigmoid(label * logits) / n.
 
-    Labels are +1 on the diagonal (matching pairs), -1 elsewhere. It owns both of its parameters (the HF
+    Labels are +1 on the diagonal (matching pairs), -1 elsewhere. Normalised as in the paper (and open_clip,
+    big_vision): summed over the n x n pairs and divided by n, not averaged over n^2, which would make gradients n
+    times smaller and, through AdamW's epsilon, trained much slower (benchmarks/README.md, "SigLIP vs CLIP"). It owns both of its parameters (the HF
     CLIPModel has no place for a bias): the trainer optimizes them, and keeps them in the training checkpoint,
     without knowing their names. Init as SigLIP: t' = log 10, b = -10 (or a saved model's values, ``record``).
 
@@ -263,7 +265,7 @@ class SigmoidLoss(Objective):
     def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         logits = self.log_scale.float().exp() * image_emb.float() @ text_emb.float().t() + self.bias.float()
         labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
-        return -F.logsigmoid(labels * logits).mean()
+        return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
     def local_part(
         self,
@@ -273,12 +275,12 @@ class SigmoidLoss(Objective):
         all_text: torch.Tensor,
         start: int,
     ) -> torch.Tensor:
-        # Our rows of the pairwise matrix (our images against all texts), scaled from their mean to the global mean.
+        # Our rows of the pairwise matrix (our images against all texts): their sum over the global batch size.
         n, total = image_emb.shape[0], all_text.shape[0]
         logits = self.log_scale.float().exp() * image_emb.float() @ all_text.float().t() + self.bias.float()
         labels = -torch.ones_like(logits)
         labels[:, start : start + n] += 2 * torch.eye(n, device=logits.device)
-        return -F.logsigmoid(labels * logits).mean() * (n / total)
+        return -F.logsigmoid(labels * logits).sum() / total
 
     def log_values(self) -> dict[str, float]:
         return {"sigmoid_scale": float(self.log_scale.detach().exp()), "sigmoid_bias": float(self.bias.detach())}
