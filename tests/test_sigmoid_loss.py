@@ -1,5 +1,6 @@
 """Adding an objective is local: SigLIP's sigmoid loss (its own temperature and bias, neither in the model)
-trains through the gradient cache, through two gloo processes and through the trainer's checkpoints.
+trains through the gradient cache (1 x 64 = 8 x 8), through two gloo processes (2 x 32 = 1 x 64) and through the
+trainer's checkpoints.
 
 Run as a script (by torchrun), this file is the worker of the two-process test.
 """
@@ -24,11 +25,12 @@ from finderpartner.model import DualEncoder, build_tiny
 from finderpartner.step import contrastive_backward, sum_gradients_across_processes
 from finderpartner.train import train
 
-PAIRS = 16
+PAIRS = 64
+MICRO = 8
 
 
 def _setup(small_data: Path) -> tuple[DualEncoder, SigmoidLoss, Batch]:
-    """The same model (seed 0), objective and 16-pair batch in every process that asks."""
+    """The same model (seed 0), objective and 64-pair batch in every process that asks."""
     table, _ = read_split(small_data, "train")
     encoder = build_tiny(TinySpec(**MICRO_SPEC), table.captions, seed=0)
     ds = PairDataset(table, TrainTransform(encoder.image_spec))  # augmentation seeded per pair: the same everywhere
@@ -56,8 +58,8 @@ def _grads(encoder: DualEncoder, objective: Objective, batch: Batch, micro: int)
 
 def test_sigmoid_loss_through_the_gradient_cache(small_data: Path) -> None:
     encoder, objective, batch = _setup(small_data)
-    full = _grads(encoder, objective, batch, PAIRS)  # 1 x 16
-    cached = _grads(encoder, objective, batch, 4)  # 4 x 4
+    full = _grads(encoder, objective, batch, PAIRS)  # 1 x 64
+    cached = _grads(encoder, objective, batch, MICRO)  # 8 x 8
     assert full.keys() == cached.keys() and {"objective.bias", "objective.log_scale"} <= full.keys()
     assert "logit_scale" not in full  # the model's own temperature is not this objective's
     zero = {n for n in full if n.endswith("k_proj.bias")}  # exactly zero in theory: rounding noise only
@@ -68,7 +70,7 @@ def test_sigmoid_loss_through_the_gradient_cache(small_data: Path) -> None:
 
 def test_two_gloo_processes_give_the_bias_exactly_the_single_process_gradient(small_data: Path, tmp_path: Path) -> None:
     encoder, objective, batch = _setup(small_data)
-    one = _grads(encoder, objective, batch, 4)  # micro-batches of 4: the same chunks each process embeds
+    one = _grads(encoder, objective, batch, MICRO)  # micro-batches of 8: the same chunks each process embeds
     out = tmp_path / "grads.safetensors"
     run = run_torchrun(__file__, str(small_data), str(out))
     assert run.returncode == 0, run.stderr[-3000:]
@@ -84,7 +86,8 @@ def test_two_gloo_processes_give_the_bias_exactly_the_single_process_gradient(sm
 
 def test_the_trainer_trains_and_checkpoints_a_sigmoid_objective(small_data: Path, tmp_path: Path) -> None:
     cfg = config_from_dict(micro_config(tmp_path, small_data, loss="sigmoid", epochs=1))
-    assert isinstance(build_objective(cfg.train.loss, torch.nn.Linear(1, 1)), SigmoidLoss)
+    assert isinstance(build_objective(cfg.train.loss, torch.nn.Linear(1, 1)), SigmoidLoss)  # the old name
+    assert isinstance(build_objective("siglip", torch.nn.Linear(1, 1)), SigmoidLoss)
     result = train(cfg)
     weights = load_file(sorted((result.run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
     assert float(weights["objective.bias"]) != -10.0 and float(weights["objective.log_scale"]) != 0.0
@@ -98,7 +101,7 @@ def _worker(small_data: Path, out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     encoder, objective, batch = _setup(small_data)
     local = batch.split(PAIRS // world)[rank]  # rank order = the global batch's row order, as in training
-    _grads(encoder, objective, local, 4)
+    _grads(encoder, objective, local, MICRO)
     model = encoder.model
     sum_gradients_across_processes(model, objective)
     named = [*model.named_parameters(), *(("objective." + n, p) for n, p in objective.named_parameters())]

@@ -262,10 +262,12 @@ class TrainConfig(_Section):
     micro_batch_size: int | Literal["auto"] = Field(
         "auto", description="pairs through the model at once per process; 'auto' probes; results do not depend on it"
     )
-    loss: Literal["clip", "sigmoid"] = Field(
+    loss: Literal["clip", "siglip", "sigmoid"] = Field(
         "clip",
         description="training objective: 'clip' (symmetric InfoNCE, learnable temperature = logit_scale); "
-        "'sigmoid' (SigLIP: learnable temperature and bias, kept in the checkpoints, not in the saved model)",
+        "'siglip' (pairwise sigmoid loss with a learnable temperature and bias; the saved model carries both: its "
+        "logit_scale and config.json's finderpartner_objective; probabilities are sigmoid(exp(t) * cos + b)); "
+        "'sigmoid' is another name for siglip",
     )
     local_loss: bool = Field(
         False,

@@ -3,7 +3,8 @@
 Three tabs, each also a named API endpoint (``gradio_client`` calls them by ``api_name``):
 
 - ``/search``: gallery search by a text description, thumbnails with scores (what FinderPartner is for);
-- ``/image_texts``: an uploaded image against several texts, one per line: softmax probabilities and cosines;
+- ``/image_texts``: an uploaded image against several texts, one per line: probabilities and cosines (a softmax
+  over the texts for CLIP; for a SigLIP model one sigmoid per text, independent of the others);
 - ``/text_matrix``: several texts against each other: the cosine similarity matrix.
 
 The server binds 127.0.0.1 unless told otherwise, limits uploads, and serves no file of the gallery itself:
@@ -65,6 +66,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=-1, keepdims=True)
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))  # no overflow warning for large negative logits
+
+
+def probabilities(cosines: np.ndarray, scale: float, bias: float | None) -> np.ndarray:
+    """What the model was trained to output for an image against texts: CLIP's softmax over exp(scale) * cos, or,
+    with SigLIP's ``bias``, sigmoid(exp(scale) * cos + bias) per text (independent, need not sum to 1)."""
+    if bias is None:
+        return softmax(scale * cosines)
+    return sigmoid(scale * cosines + bias)
+
+
+def probability_label(searcher: Any) -> str:
+    if searcher.logit_bias is None:
+        return "Probabilities (softmax over the texts)"
+    return "Probabilities (SigLIP: a sigmoid per text, independent of the others; they need not sum to 1)"
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The three functions behind the tabs (plain Python: the server and the tests call the same code)
 
@@ -81,7 +100,7 @@ def image_text_scores(
         reason = failed[0][1].split(": ", 1)[-1]  # without the exception's type
         raise user_error(f"the upload is not a readable image: {reason}")
     cosines = searcher.embed_texts(lines) @ vectors[0]
-    probs = softmax(searcher.logit_scale * cosines)
+    probs = probabilities(cosines, searcher.logit_scale, searcher.logit_bias)
     order = np.argsort(-cosines, kind="stable")
     rows = [[lines[i], round(float(cosines[i]), 4), round(float(probs[i]), 4)] for i in order]
     return {lines[i]: float(probs[i]) for i in order}, rows
@@ -187,7 +206,7 @@ def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
             texts = gr.Textbox(label="Texts, one per line", value=EXAMPLE_TEXTS, lines=6)
             button = gr.Button("Score", variant="primary")
         with gr.Column():
-            label = gr.Label(scores, label="Probabilities (softmax over the texts)", num_top_classes=10)
+            label = gr.Label(scores, label=probability_label(searcher), num_top_classes=10)
             table = gr.Dataframe(rows, headers=["text", "cosine", "probability"], label="Scores", interactive=False)
     button.click(
         lambda i, t: image_text_scores(searcher, i, t),

@@ -180,8 +180,13 @@ class Searcher:
 
     @property
     def logit_scale(self) -> float:
-        """exp(logit_scale): the factor CLIP multiplies cosines by before a softmax."""
+        """exp(logit_scale): the factor cosines are multiplied by (then a softmax, or for SigLIP + bias, a sigmoid)."""
         return float(self.model.logit_scale.detach().float().exp())
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's bias (``DualEncoder.logit_bias``): probabilities are sigmoids, not a softmax; None for CLIP."""
+        return self.encoder.logit_bias
 
     def embed_paths(self, paths: Sequence[Path], progress: bool = False) -> tuple[np.ndarray, Failures]:
         vectors, failures = embed_images(

@@ -23,7 +23,7 @@ from .data.dataset import image_name
 from .data.sources import EvalSet
 from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
-from .loss import ClipLoss, Objective, gather_features
+from .loss import Objective, gather_features, saved_objective
 from .metrics import mean_recall, retrieval_metrics, similarity_stats
 from .model import DualEncoder
 from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
@@ -118,7 +118,8 @@ def evaluate_split(
         image_emb = torch.cat(gather_features(image_emb.to(device))).cpu()
         text_emb = torch.cat(gather_features(text_emb.to(device))).cpu()
     t2i = torch.tensor(data.text_to_image)
-    objective = objective if objective is not None else ClipLoss(encoder.model.logit_scale)
+    # a saved model's own objective (SigLIP with its saved temperature and bias, else CLIP), unless given
+    objective = objective if objective is not None else saved_objective(encoder.model, encoder.objective_record)
     return evaluate_embeddings(image_emb, text_emb, t2i, data.captions, objective, loss_batch_size, chunk_size)
 
 

@@ -6,6 +6,7 @@ An export folder is self-contained: everything needed to embed images and texts 
 image_encoder.onnx    pixel_values (B, 3, H, W) float32, normalised  -> image_embeds (B, D), L2-normalised
 text_encoder.onnx     input_ids, attention_mask (B, L) int64         -> text_embeds (B, D), L2-normalised
 clip.onnx             all three inputs -> logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)
+                      (SigLIP models: exp(logit_scale) * cos + logit_bias, probabilities = their sigmoid)
 image_encoder.fp16.onnx, text_encoder.fp16.onnx, *.int8.onnx          optional smaller variants
 tokenizer files, preprocessor_config.json                             the model's own tokenizer and preprocessing
 finderpartner_export.json                                             fingerprint, embedding size, files, versions
@@ -92,11 +93,15 @@ class TextEncoder(nn.Module):
 
 
 class ClipLogits(nn.Module):
-    """CLIP's forward: scaled cosine similarities between every image and every text."""
+    """CLIP's forward: scaled cosine similarities between every image and every text.
 
-    def __init__(self, model: nn.Module):
+    With a ``bias`` (a SigLIP model's ``logit_bias``) it is added: the logits whose sigmoid is the probability.
+    """
+
+    def __init__(self, model: nn.Module, bias: float | None = None):
         super().__init__()
         self.model = model
+        self.bias = bias
 
     def forward(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -104,6 +109,8 @@ class ClipLogits(nn.Module):
         image = encode_image(self.model, pixel_values)
         text = encode_text(self.model, input_ids, attention_mask)
         logits_per_text = self.model.logit_scale.exp() * text @ image.t()
+        if self.bias is not None:
+            logits_per_text = logits_per_text + self.bias
         return logits_per_text.t(), logits_per_text
 
 
@@ -115,13 +122,13 @@ class _Graph:
     outputs: dict[str, dict[int, str]]
 
 
-def _graphs(model: nn.Module) -> list[_Graph]:
+def _graphs(model: nn.Module, bias: float | None = None) -> list[_Graph]:
     text_in = {"input_ids": {0: "text_batch", 1: "sequence"}, "attention_mask": {0: "text_batch", 1: "sequence"}}
     logits = {"logits_per_image": {0: "batch", 1: "text_batch"}, "logits_per_text": {0: "text_batch", 1: "batch"}}
     return [
         _Graph(IMAGE_ENCODER, ImageEncoder(model), {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}}),
         _Graph(TEXT_ENCODER, TextEncoder(model), text_in, {"text_embeds": {0: "text_batch"}}),
-        _Graph(COMBINED, ClipLogits(model), {"pixel_values": {0: "batch"}, **text_in}, logits),
+        _Graph(COMBINED, ClipLogits(model, bias), {"pixel_values": {0: "batch"}, **text_in}, logits),
     ]
 
 
@@ -253,7 +260,7 @@ def export_onnx(
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        steps = _graphs(model)
+        steps = _graphs(model, encoder.logit_bias)
         variants = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
         bar = tqdm(total=len(steps) + 2 * len(variants), desc="exporting to ONNX", unit="graph", disable=not progress)
         with bar, torch.no_grad():
@@ -318,6 +325,7 @@ def _info(
     import transformers
 
     model = encoder.model
+    bias = encoder.logit_bias  # SigLIP only: a CLIP export's info is as before
     return {
         "format": FORMAT_VERSION,
         "fingerprint": fingerprint,
@@ -325,6 +333,7 @@ def _info(
         "context_length": encoder.context_length,
         "image_size": encoder.image_spec.crop,
         "logit_scale": float(model.logit_scale.detach().float().exp()),
+        **({"logit_bias": bias} if bias is not None else {}),
         "model_type": type(model).__name__,
         "source": source,
         "exporter": exporter,
@@ -472,13 +481,15 @@ def verify_export(
         agree = float(np.mean((txt @ img.T).argmax(1) == (ref_txt @ ref_img.T).argmax(1)))
         report.parity.append(Parity(IMAGE_ENCODER, variant, len(img), *compare(ref_img, img)))
         report.parity.append(Parity(TEXT_ENCODER, variant, len(txt), *compare(ref_txt, txt), top1_agreement=agree))
-    report.logits_max_abs_diff = _combined_diff(model, folder, pixels, tokens)
+    report.logits_max_abs_diff = _combined_diff(model, folder, pixels, tokens, encoder.logit_bias)
     report.latency = measure_latency(model, encoder, folder, variants, pixels, list(captions), latency_batches)
     return report
 
 
-def _combined_diff(model: nn.Module, folder: Path, pixels: torch.Tensor, tokens: Any) -> float:
-    """Max abs difference of clip.onnx's logits to transformers' own CLIP forward."""
+def _combined_diff(
+    model: nn.Module, folder: Path, pixels: torch.Tensor, tokens: Any, bias: float | None = None
+) -> float:
+    """Max abs difference of clip.onnx's logits to transformers' own CLIP forward (plus a SigLIP model's bias)."""
     session = open_session(folder / variant_file(COMBINED))
     feed = {
         "pixel_values": pixels.numpy(),
@@ -488,9 +499,10 @@ def _combined_diff(model: nn.Module, folder: Path, pixels: torch.Tensor, tokens:
     per_image, per_text = session.run(None, feed)
     with torch.no_grad():
         out = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+    shift = 0.0 if bias is None else bias
     return max(
-        float(np.abs(out.logits_per_image.numpy() - per_image).max()),
-        float(np.abs(out.logits_per_text.numpy() - per_text).max()),
+        float(np.abs(out.logits_per_image.numpy() + shift - per_image).max()),
+        float(np.abs(out.logits_per_text.numpy() + shift - per_text).max()),
     )
 
 

@@ -170,6 +170,15 @@ class Objective(nn.Module):
         """Figures the trainer logs as ``train/<name>`` (readable values, e.g. a temperature as exp(scale))."""
         return {}
 
+    def record(self) -> dict[str, Any] | None:
+        """What a saved model must carry beyond its own weights to turn cosines into this objective's logits.
+
+        The trainer writes it into the saved model (``DualEncoder.record_objective``: config.json's
+        ``finderpartner_objective``, and the temperature as the model's ``logit_scale``). None: the model's own
+        ``logit_scale`` is all there is (CLIP), and a record left by an earlier objective is removed.
+        """
+        return None
+
     @torch.no_grad()
     def average_summed_gradients_(self, world_size: int) -> None:
         """Undo the cross-process SUM for these parameters: each process already held their full gradient.
@@ -230,22 +239,27 @@ class ClipLoss(Objective):
 
 
 class SigmoidLoss(Objective):
-    """SigLIP's pairwise sigmoid loss: logits = exp(t') * cos + b, loss = -mean log sigmoid(label * logits).
+    """SigLIP's pairwise sigmoid loss: logits = exp(t') * cos + b, loss = -sum log sigmoid(label * logits) / n.
 
-    Labels are +1 on the diagonal (matching pairs), -1 elsewhere. It owns both of its parameters (the HF
-    CLIPModel has no place for a bias; its ``logit_scale`` is left as it was): the trainer optimizes them, and
-    keeps them in the training checkpoint, without knowing their names. Init as SigLIP: t' = log 10, b = -10.
+    Labels are +1 on the diagonal (matching pairs), -1 elsewhere. Normalised as in the paper (and open_clip,
+    big_vision): summed over the n x n pairs and divided by n, not averaged over n^2, which would make gradients n
+    times smaller and, through AdamW's epsilon, trained much slower (benchmarks/README.md, "SigLIP vs CLIP"). It owns both of its parameters (the HF
+    CLIPModel has no place for a bias): the trainer optimizes them, and keeps them in the training checkpoint,
+    without knowing their names. Init as SigLIP: t' = log 10, b = -10 (or a saved model's values, ``record``).
+
+    The model's own ``logit_scale`` takes no part in training; the saved model gets t' there, and both values in
+    its config (``record``), so that ``sigmoid(exp(logit_scale) * cos + logit_bias)`` is computable from the folder.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, log_scale: float = math.log(10.0), bias: float = -10.0) -> None:
         super().__init__()
-        self.log_scale = nn.Parameter(torch.tensor(math.log(10.0)))
-        self.bias = nn.Parameter(torch.tensor(-10.0))
+        self.log_scale = nn.Parameter(torch.tensor(float(log_scale)))
+        self.bias = nn.Parameter(torch.tensor(float(bias)))
 
     def loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         logits = self.log_scale.float().exp() * image_emb.float() @ text_emb.float().t() + self.bias.float()
         labels = 2 * torch.eye(logits.shape[0], device=logits.device) - 1
-        return -F.logsigmoid(labels * logits).mean()
+        return -F.logsigmoid(labels * logits).sum() / logits.shape[0]
 
     def local_part(
         self,
@@ -255,32 +269,66 @@ class SigmoidLoss(Objective):
         all_text: torch.Tensor,
         start: int,
     ) -> torch.Tensor:
-        # Our rows of the pairwise matrix (our images against all texts), scaled from their mean to the global mean.
+        # Our rows of the pairwise matrix (our images against all texts): their sum over the global batch size.
         n, total = image_emb.shape[0], all_text.shape[0]
         logits = self.log_scale.float().exp() * image_emb.float() @ all_text.float().t() + self.bias.float()
         labels = -torch.ones_like(logits)
         labels[:, start : start + n] += 2 * torch.eye(n, device=logits.device)
-        return -F.logsigmoid(labels * logits).mean() * (n / total)
+        return -F.logsigmoid(labels * logits).sum() / total
 
     def log_values(self) -> dict[str, float]:
         return {"sigmoid_scale": float(self.log_scale.detach().exp()), "sigmoid_bias": float(self.bias.detach())}
 
+    def record(self) -> dict[str, Any]:
+        # logit_scale in log space, like the model's own parameter (exp of it multiplies the cosines)
+        return {"loss": SIGLIP, "logit_scale": float(self.log_scale.detach()), "logit_bias": float(self.bias.detach())}
 
-# train.loss -> the objective for a model. A new objective is a subclass above and one entry here.
-OBJECTIVES: dict[str, Callable[[nn.Module], Objective]] = {
-    "clip": lambda model: ClipLoss(model.logit_scale),
-    "sigmoid": lambda model: SigmoidLoss(),
+
+CLIP, SIGLIP = "clip", "siglip"
+ALIASES = {"sigmoid": SIGLIP}  # the objective's first name; configs and checkpoints written with it still work
+
+
+def _siglip(model: nn.Module, record: dict[str, Any] | None) -> Objective:
+    if record is not None and canonical(record.get("loss", "")) == SIGLIP:  # go on from a saved SigLIP model
+        return SigmoidLoss(record["logit_scale"], record["logit_bias"])
+    return SigmoidLoss()
+
+
+# train.loss -> the objective for a model and its saved record (``Objective.record``, from its config; None when
+# it has none). A new objective is a subclass above and one entry here.
+OBJECTIVES: dict[str, Callable[[nn.Module, dict[str, Any] | None], Objective]] = {
+    CLIP: lambda model, record: ClipLoss(model.logit_scale),
+    SIGLIP: _siglip,
 }
 
 
-def build_objective(name: str, model: nn.Module, *, local_loss: bool = False) -> Objective:
+def canonical(name: str) -> str:
+    """The objective's name, aliases resolved ('sigmoid' -> 'siglip')."""
+    return ALIASES.get(name, name)
+
+
+def build_objective(
+    name: str, model: nn.Module, *, local_loss: bool = False, record: dict[str, Any] | None = None
+) -> Objective:
     """The objective ``train.loss`` names, for ``model`` (already on its device: the objective is moved there).
 
     ``local_loss`` (``train.local_loss``): each process computes its share of the global loss (see the module).
+    ``record``: what a saved model says about the objective it was trained with (``DualEncoder.objective_record``);
+    the same objective continues from its values (a resumed run then loads its checkpoint's over them).
     """
-    if name not in OBJECTIVES:
-        raise ConfigError(f"train.loss {name!r} is not an objective; choose one of {', '.join(sorted(OBJECTIVES))}")
+    if canonical(name) not in OBJECTIVES:
+        names = ", ".join([*sorted(OBJECTIVES), *(f"{a} (= {n})" for a, n in ALIASES.items())])
+        raise ConfigError(f"train.loss {name!r} is not an objective; choose one of {names}")
     device = next(model.parameters()).device
-    objective = OBJECTIVES[name](model).to(device)
+    objective = OBJECTIVES[canonical(name)](model, record).to(device)
     objective.local_loss = local_loss
     return objective
+
+
+def saved_objective(model: nn.Module, record: dict[str, Any] | None) -> Objective:
+    """The objective a saved model was trained with, with its saved values: what ``eval`` reports the loss of.
+
+    SigLIP when its config carries a SigLIP record, else CLIP (with the model's ``logit_scale``), as before.
+    """
+    name = canonical(record.get("loss", CLIP)) if record is not None else CLIP
+    return build_objective(name if name in OBJECTIVES else CLIP, model, record=record)

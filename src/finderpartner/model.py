@@ -41,6 +41,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'org/name' or 'name', 
 
 
 TINY_KIND, PRETRAINED_KIND = "tiny", "pretrained"  # DualEncoder.kind: built from the preset, or loaded
+# config.json's record of an objective whose values the model's weights have no place for (SigLIP's bias):
+# {"loss": "siglip", "logit_scale": t (log space, also the model's logit_scale), "logit_bias": b}
+OBJECTIVE_KEY = "finderpartner_objective"
 
 
 @dataclass
@@ -79,8 +82,47 @@ class DualEncoder:
 
     @property
     def logit_scale(self) -> float:
-        """The learnt temperature as stored (log scale); ``exp`` of it multiplies cosines before a softmax."""
+        """The learnt temperature as stored (log scale); ``exp`` of it multiplies cosines (then a softmax for CLIP,
+        a sigmoid after adding ``logit_bias`` for SigLIP)."""
         return float(self.model.logit_scale.detach().float().cpu())
+
+    @property
+    def objective_record(self) -> dict[str, Any] | None:
+        """config.json's ``finderpartner_objective`` (the objective's values a SigLIP model carries), else None."""
+        record = getattr(_base_model(self.model).config, OBJECTIVE_KEY, None)
+        if record is None:
+            return None
+        numbers = isinstance(record, dict) and all(
+            isinstance(record.get(k), (int, float)) and not isinstance(record.get(k), bool)
+            for k in ("logit_scale", "logit_bias")
+        )
+        if not numbers or not isinstance(record.get("loss"), str):
+            raise ModelError(
+                f"the model's config.json has a malformed {OBJECTIVE_KEY} ({record!r}); expected "
+                '{"loss": "siglip", "logit_scale": <number>, "logit_bias": <number>}'
+            )
+        return dict(record)
+
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's learnt bias: probabilities are sigmoid(exp(logit_scale) * cos + logit_bias), one per pair.
+
+        None for a CLIP model, whose probabilities are a softmax over exp(logit_scale) * cos.
+        """
+        record = self.objective_record
+        return None if record is None else float(record["logit_bias"])
+
+    def record_objective(self, record: dict[str, Any] | None) -> None:
+        """Make the model carry an objective's record (``Objective.record``) when saved: config.json's
+        ``finderpartner_objective`` and its temperature as ``logit_scale``. None removes a record (CLIP)."""
+        base = _base_model(self.model)
+        if record is None:
+            if hasattr(base.config, OBJECTIVE_KEY):
+                delattr(base.config, OBJECTIVE_KEY)
+            return
+        with torch.no_grad():
+            base.logit_scale.fill_(float(record["logit_scale"]))
+        setattr(base.config, OBJECTIVE_KEY, dict(record))
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``input_ids`` and ``attention_mask`` (B, L): padded to the longest text, cut at the context length."""
@@ -671,6 +713,11 @@ def set_attention(model: nn.Module, mode: str, device: torch.device, precision: 
         return "default (this transformers cannot switch attention after loading)"
     setter(choice)
     return f"vision {choice['vision_config']} ({vision_tokens} tokens), text {choice['text_config']} (<= {text_tokens})"
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model itself: under LoRA adapters the wrapped one (not a merged copy), otherwise itself."""
+    return model.get_base_model() if hasattr(model, "merge_and_unload") else model
 
 
 def plain_model(model: nn.Module) -> nn.Module:

@@ -221,6 +221,12 @@ class OnnxSearcher:
     def logit_scale(self) -> float:
         return float(self.onnx.info["logit_scale"])
 
+    @property
+    def logit_bias(self) -> float | None:
+        """SigLIP's bias (an export of a SigLIP model has one); None for CLIP."""
+        bias = self.onnx.info.get("logit_bias")
+        return None if bias is None else float(bias)
+
     def _encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         return self.onnx.encode_pixels(normalize(pixels, self.onnx.image_spec).numpy())
 

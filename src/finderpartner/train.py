@@ -320,7 +320,8 @@ def _build_run(
     state = TrainState()
     batches, loader = data.batches(_loading(cfg, encoder, global_batch, accelerator.process_index, world, device))
     plan = Plan.from_config(cfg.train, batches.steps_per_epoch, start)
-    objective = build_objective(cfg.train.loss, model, local_loss=cfg.train.local_loss)
+    # a model saved by a SigLIP run starts a SigLIP run from its saved temperature and bias
+    objective = build_objective(cfg.train.loss, model, local_loss=cfg.train.local_loss, record=encoder.objective_record)
     optimizer = build_optimizer(model, objective, cfg)
     scheduler = _scheduler(
         optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now, cfg.train.min_lr_ratio
@@ -964,6 +965,9 @@ def _validate(run: Run) -> EvalResult | None:
 
 
 def _save_best(run: Run, result: EvalResult | None) -> None:
+    # SigLIP: its temperature becomes the model's logit_scale (unused by its training) and both of its values go
+    # into config.json; CLIP: nothing changes (a record inherited from a SigLIP-trained start is dropped).
+    run.encoder.record_objective(run.objective.record())
     card = _model_card(run, result)
     replace_dir(
         lambda tmp: save_model(run.encoder, tmp, card=card),
@@ -1069,6 +1073,26 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
         "```",
         "",
     ]
+    record = run.objective.record()
+    if record is not None:
+        lines += [
+            "## Scores are sigmoids (SigLIP), not a softmax",
+            "",
+            f"Trained with the pairwise sigmoid loss (`train.loss: {record['loss']}`): every image-text pair is scored",
+            "on its own, `p = sigmoid(exp(logit_scale) * cos + logit_bias)`, independently of the other texts (the",
+            "probabilities need not sum to 1). The learnt temperature is the model's `logit_scale` "
+            f"({record['logit_scale']:.6g}, exp {math.exp(record['logit_scale']):.6g}); the bias "
+            f"({record['logit_bias']:.6g}) is in config.json as `finderpartner_objective.logit_bias`.",
+            "",
+            "```python",
+            "import torch",
+            'bias = model.config.finderpartner_objective["logit_bias"]',
+            'inputs = processor(text=texts, images=image, return_tensors="pt", padding=True)',
+            "logits = model(**inputs).logits_per_image  # exp(logit_scale) * cosine",
+            "probs = torch.sigmoid(logits + bias)  # not logits.softmax(-1)",
+            "```",
+            "",
+        ]
     return "\n".join(lines)
 
 
