@@ -35,6 +35,7 @@ def test_shipped_presets_match_their_generators() -> None:
     assert load_config(root / "clip_tiny.yaml") == preset_config("tiny")
     assert load_config(root / "clip_base.yaml") == preset_config("rtx3060")
     assert load_config(root / "minilm_tiny_vit.yaml") == preset_config("minilm")
+    assert load_config(root / "finetune.yaml") == preset_config("finetune")
 
 
 def test_three_mistakes_are_all_reported(tmp_path: Path) -> None:

@@ -9,7 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finderpartner.data.sample import COLOURS, POSITIONS, SHAPES, SIZES, make_sample_data
+from finderpartner.data.sample import (
+    COLOURS,
+    POSITIONS,
+    SECOND_COLOURS,
+    SECOND_POSITIONS,
+    SECOND_SHAPES,
+    SECOND_SIZES,
+    SHAPES,
+    SIZES,
+    make_sample_data,
+    make_second_domain,
+)
 from finderpartner.errors import DataError, OutputError
 
 SMALL = {"train_images": 200, "val_images": 100}
@@ -114,3 +125,76 @@ def test_unfinished_set_is_not_reused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="overwrite"):
         make_sample_data(tmp_path, train_images=20, val_images=10)
     assert make_sample_data(tmp_path, train_images=20, val_images=10, overwrite=True).counts["val"]["images"] == 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The second domain (scripts/two_stage.py fine-tunes on it)
+
+SECOND_SMALL = {"train_images": 150, "val_images": 40}
+
+
+@pytest.fixture(scope="module")
+def second(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("second")
+    make_second_domain(root, **SECOND_SMALL)
+    return root
+
+
+def test_second_domain_is_deterministic_and_reused(second: Path, tmp_path: Path) -> None:
+    make_second_domain(tmp_path / "again", **SECOND_SMALL)
+    assert _tree(second) == _tree(tmp_path / "again")
+    before = {p: p.stat().st_mtime_ns for p in second.rglob("*") if p.is_file()}
+    summary = make_second_domain(second, **SECOND_SMALL)
+    assert summary.counts["val"] == {"images": 40, "pairs": 80, "distinct_captions": 80}
+    assert {p: p.stat().st_mtime_ns for p in second.rglob("*") if p.is_file()} == before
+
+
+def test_second_domain_layout_and_captions(second: Path) -> None:
+    assert (second / "captions_train.csv").read_bytes().startswith(b"filename,caption\n")
+    for split, n in (("train", 150), ("val", 40)):
+        body = _rows(second, split)[1:]
+        assert len(body) == 2 * n and len(list((second / "images" / split).iterdir())) == n
+        assert all((second / "images" / split / name).is_file() for name, _ in body)
+        for _, caption in body:
+            words = _words(caption)
+            for vocab in (SECOND_COLOURS, SECOND_SHAPES, SECOND_POSITIONS, SECOND_SIZES):
+                assert sum(w in vocab for w in words) == 1, caption
+    with Image.open(next((second / "images" / "val").iterdir())) as img:
+        assert img.size == (96, 96) and img.mode == "RGB"
+
+
+def test_second_domain_shares_no_attribute_word_with_the_sample_data(second: Path, small: Path) -> None:
+    first = {w for vocab in (COLOURS, SHAPES, POSITIONS, SIZES) for w in vocab}
+    other = {w for vocab in (SECOND_COLOURS, SECOND_SHAPES, SECOND_POSITIONS, SECOND_SIZES) for w in vocab}
+    assert not first & other
+    # and in the captions actually written: no caption of one names an attribute word of the other
+    for root, foreign in ((second, first), (small, other)):
+        for split in ("train", "val"):
+            for _, caption in _rows(root, split)[1:]:
+                assert not set(_words(caption)) & foreign, caption
+
+
+def test_second_domain_never_touches_what_it_did_not_write(small: Path, tmp_path: Path) -> None:
+    before = _tree(small)
+    with pytest.raises(OutputError, match="make_second_domain did not write"):  # the sample data is not its own
+        make_second_domain(small, **SECOND_SMALL, overwrite=True)
+    assert _tree(small) == before
+    user = tmp_path / "mine"  # a user's data set in the same layout
+    (user / "images" / "train").mkdir(parents=True)
+    (user / "captions_train.csv").write_text("filename,caption\n")
+    with pytest.raises(OutputError, match="never replaces them"):
+        make_second_domain(user, **SECOND_SMALL, overwrite=True)
+    assert (user / "captions_train.csv").read_text() == "filename,caption\n"
+    # and the sample data generator does not replace a second domain either
+    make_second_domain(tmp_path / "second", train_images=10, val_images=4)
+    with pytest.raises(OutputError, match="sample-data did not write"):
+        make_sample_data(tmp_path / "second", train_images=10, val_images=4, overwrite=True)
+
+
+def test_second_domain_other_arguments_need_overwrite(tmp_path: Path) -> None:
+    make_second_domain(tmp_path, train_images=10, val_images=4)
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="overwrite"):
+        make_second_domain(tmp_path, train_images=12, val_images=4)
+    assert make_second_domain(tmp_path, train_images=12, val_images=4, overwrite=True).counts["train"]["images"] == 12
+    assert (tmp_path / "notes.txt").read_text() == "keep me"

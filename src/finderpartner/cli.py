@@ -98,7 +98,10 @@ def _add_check_env_command(sub: Any) -> None:
 def _add_init_config_command(sub: Any) -> None:
     p = sub.add_parser("init-config", help="print a commented default config (YAML) on stdout")
     p.add_argument(
-        "--preset", default="rtx3060", choices=["rtx3060", "tiny", "minilm"], help="starting point (default: rtx3060)"
+        "--preset",
+        default="rtx3060",
+        choices=["rtx3060", "tiny", "minilm", "finetune"],
+        help="starting point (default: rtx3060)",
     )
     p.set_defaults(handler=_init_config)
 
@@ -400,12 +403,14 @@ def _check_env(args: argparse.Namespace) -> int:
 
 
 def _init_config(args: argparse.Namespace) -> int:
-    from .config import preset_config, render_yaml
+    from .config import PRESET_NOTES, preset_config, render_yaml
 
     header = (
         f"# FinderPartner config, preset '{args.preset}'. Every key is optional; unknown keys are errors.\n"
         f"# Train with: finderpartner train --config <this file> [--set key=value ...]\n"
     )
+    if args.preset in PRESET_NOTES:
+        header += f"# {PRESET_NOTES[args.preset]}\n"
     sys.stdout.write(header + render_yaml(preset_config(args.preset)))
     return 0
 

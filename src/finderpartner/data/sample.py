@@ -15,6 +15,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,16 +99,14 @@ def _draw(rng: np.random.Generator, size: int, colour: str, shape: str, pos: str
     return Image.fromarray(np.clip(arr.round(), 0, 255).astype(np.uint8))
 
 
-def _outputs(root: Path) -> list[Path]:
-    """Everything this generator writes (and the only things overwrite may remove)."""
-    return (
-        [root / "images" / s for s in SPLITS]
-        + [root / f"captions_{s}.csv" for s in SPLITS]
-        + [root / "sample_meta.json"]
-    )
+def _outputs(root: Path, meta_name: str = "sample_meta.json") -> list[Path]:
+    """Everything a generator writes (and the only things overwrite may remove)."""
+    return [root / "images" / s for s in SPLITS] + [root / f"captions_{s}.csv" for s in SPLITS] + [root / meta_name]
 
 
-def _summarise(root: Path, meta: dict) -> SampleDataSummary:
+def _summarise(
+    root: Path, meta: dict, combos: int = len(COMBOS), meta_name: str = "sample_meta.json"
+) -> SampleDataSummary:
     """Count what is on disk and check it is the complete data set that ``meta`` describes."""
     counts: dict[str, dict[str, int]] = {}
     for split in SPLITS:
@@ -120,10 +119,10 @@ def _summarise(root: Path, meta: dict) -> SampleDataSummary:
             raise DataError(f"sample data in {root} is incomplete ({e}); pass overwrite to regenerate it") from e
         body = rows[1:]
         got = {"images": len(files), "pairs": len(body), "distinct_captions": len({r[1] for r in body})}
-        want = {"images": n, "pairs": n * cpi, "distinct_captions": min(n, len(COMBOS)) * cpi}
+        want = {"images": n, "pairs": n * cpi, "distinct_captions": min(n, combos) * cpi}
         if rows[:1] != [["filename", "caption"]] or got != want or not {r[0] for r in body} <= files:
             raise DataError(
-                f"sample data in {root} ({split}) does not match sample_meta.json: found {got}, "
+                f"sample data in {root} ({split}) does not match {meta_name}: found {got}, "
                 f"expected {want}; pass overwrite to regenerate it"
             )
         counts[split] = got
@@ -142,18 +141,7 @@ def make_sample_data(
     overwrite: bool = False,
 ) -> SampleDataSummary:
     """Write ``images/{train,val}/*.<fmt>`` and ``captions_{train,val}.csv`` under ``out``; reuse a finished set."""
-    if (
-        train_images < 0
-        or val_images < 0
-        or image_size < 32
-        or image_format not in ("jpg", "png")
-        or not 1 <= captions_per_image <= len(TEMPLATES)
-    ):
-        raise ConfigError(
-            "sample data needs train_images, val_images >= 0, image_size >= 32, image_format 'jpg' or 'png' "
-            f"and 1 <= captions_per_image <= {len(TEMPLATES)}"
-        )
-    root = Path(out)
+    _check_args(train_images, val_images, image_size, captions_per_image, image_format, len(TEMPLATES))
     meta = {
         "format_version": FORMAT_VERSION,
         "train_images": train_images,
@@ -163,43 +151,78 @@ def make_sample_data(
         "image_format": image_format,
         "seed": seed,
     }
-    meta_path = root / "sample_meta.json"
+    return _write_set(Path(out), meta, _SAMPLE, overwrite=overwrite)
+
+
+@dataclass(frozen=True)
+class _SetKind:
+    """One generator's identity: its marker kind, its meta file (written last: a finished set), what it makes and
+    who makes it (for messages), its number of attribute combinations and the function that writes the splits."""
+
+    kind: str
+    meta_name: str
+    what: str
+    writer: str
+    combos: int
+    generate: Callable[[Path, dict], None]
+
+
+def _check_args(
+    train_images: int, val_images: int, image_size: int, captions_per_image: int, image_format: str, templates: int
+) -> None:
+    if (
+        train_images < 0
+        or val_images < 0
+        or image_size < 32
+        or image_format not in ("jpg", "png")
+        or not 1 <= captions_per_image <= templates
+    ):
+        raise ConfigError(
+            "sample data needs train_images, val_images >= 0, image_size >= 32, image_format 'jpg' or 'png' "
+            f"and 1 <= captions_per_image <= {templates}"
+        )
+
+
+def _write_set(root: Path, meta: dict, spec: _SetKind, *, overwrite: bool) -> SampleDataSummary:
+    """The data-safety rules shared by the generators: reuse a finished set made with the same arguments, never
+    touch what this generator did not write, replace its own other set only with ``overwrite``."""
+    meta_path = root / spec.meta_name
     try:
         same = json.loads(meta_path.read_text(encoding="utf-8")) == meta
     except (OSError, ValueError):
         same = False
     if same:
         try:
-            summary = _summarise(root, meta)
-            log.info("reusing sample data in %s", root)
+            summary = _summarise(root, meta, spec.combos)
+            log.info("reusing %s in %s", spec.what, root)
             return summary
         except DataError:
             if not overwrite:
                 raise
-    existing = [p for p in _outputs(root) if p.exists()]
-    ours = meta_path.exists() or (read_marker(root) or {}).get("kind") == "sample-data"
+    existing = [p for p in _outputs(root, spec.meta_name) if p.exists()]
+    ours = meta_path.exists() or (read_marker(root) or {}).get("kind") == spec.kind
     if existing and not ours:  # a real data set (or anything else) with the same names: never ours to replace
         raise OutputError(
             f"{root} already holds {', '.join(p.relative_to(root).as_posix() for p in existing)}, which "
-            "sample-data did not write; it never replaces them: choose another --out"
+            f"{spec.writer} did not write; it never replaces them: choose another --out"
         )
     if existing and not overwrite:
         raise OutputError(
-            f"{root} already contains sample data made with other arguments (or an unfinished run): "
+            f"{root} already contains {spec.what} made with other arguments (or an unfinished run): "
             f"{', '.join(p.relative_to(root).as_posix() for p in existing)}; pass --overwrite to replace it"
         )
-    with storage_errors(root, f"sample data in {root}"):
+    with storage_errors(root, f"{spec.what} in {root}"):
         for p in existing:  # only our own outputs; anything else in OUT is left alone
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             else:
                 p.unlink()
         root.mkdir(parents=True, exist_ok=True)
-        write_marker(root, "sample-data", meta)  # first: an interrupted run is still recognised as ours
-        _generate(root, meta)
+        write_marker(root, spec.kind, meta)  # first: an interrupted run is still recognised as ours
+        spec.generate(root, meta)
         # Written last: its presence marks a finished data set.
         write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return _summarise(root, meta)
+    return _summarise(root, meta, spec.combos, spec.meta_name)
 
 
 def _generate(root: Path, meta: dict) -> None:
@@ -228,6 +251,9 @@ def _generate(root: Path, meta: dict) -> None:
             writer.writerow(["filename", "caption"])
             writer.writerows(rows)
     log.info("wrote %d+%d sample images to %s in %.1fs", train_images, val_images, root, time.perf_counter() - start)
+
+
+_SAMPLE = _SetKind("sample-data", "sample_meta.json", "sample data", "sample-data", len(COMBOS), _generate)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,3 +325,157 @@ def make_paraphrase_split(
                 writer.writerows(body)
     distinct = len({c for _, c in rows})
     return SampleDataSummary(root, {split: {"images": images, "pairs": images, "distinct_captions": distinct}})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A second domain: other objects, colours, words and backgrounds (for fine-tuning a model trained on the first)
+
+SECOND_FORMAT_VERSION = 1
+# None of these words is an attribute word of the sample data (COLOURS, SHAPES, POSITIONS, SIZES): a model that
+# learnt the sample data has to learn these (or read them with a pretrained text tower).
+SECOND_COLOURS: dict[str, tuple[int, int, int]] = {
+    "pink": (250, 110, 185),
+    "cyan": (40, 215, 235),
+    "brown": (125, 70, 25),
+    "lime": (165, 240, 40),
+    "navy": (20, 30, 115),
+    "gold": (225, 175, 15),
+}
+SECOND_SHAPES = ("heart", "cross", "ring", "diamond")
+# Vertical positions: the horizontal flip of training (which swaps left/right words) leaves them true.
+SECOND_POSITIONS = ("top", "middle", "bottom")
+SECOND_SIZES = ("little", "big")
+SECOND_COMBOS = tuple(itertools.product(SECOND_COLOURS, SECOND_SHAPES, SECOND_POSITIONS, SECOND_SIZES))  # 144
+SECOND_TEMPLATES = (
+    lambda c, s, p, z: f"a {z} {c} {s} " + ("in the middle" if p == "middle" else f"at the {p}"),
+    lambda c, s, p, z: f"{c} {s}, {z}, {p}",
+)
+
+
+def _second_background(rng: np.random.Generator, s2: int) -> np.ndarray:
+    """Diagonal stripes or a linear gradient between two muted random tones (never the sample data's flat gray)."""
+    a = rng.uniform(95, 175, 3)
+    b = np.clip(a + rng.uniform(-45, 45, 3), 70, 200)
+    yy, xx = np.mgrid[0:s2, 0:s2].astype(np.float32) / s2
+    if rng.random() < 0.5:  # stripes: period 8-16% of the side, at +-45 degrees
+        period = rng.uniform(0.08, 0.16)
+        t = ((xx + (1 if rng.random() < 0.5 else -1) * yy) / period) % 1.0 < 0.5
+        t = t.astype(np.float32)
+    else:  # gradient in a random direction
+        ang = rng.uniform(0, 2 * np.pi)
+        t = np.cos(ang) * xx + np.sin(ang) * yy
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    return a[None, None, :] * (1 - t[..., None]) + b[None, None, :] * t[..., None]
+
+
+def _draw_second(rng: np.random.Generator, size: int, colour: str, shape: str, pos: str, big: bool) -> Image.Image:
+    """One second-domain image: an object at the top, middle or bottom third on a striped or gradient background."""
+    s2 = 2 * size
+    bg = _second_background(rng, s2)
+    fill = tuple(np.clip(np.array(SECOND_COLOURS[colour]) + rng.integers(-10, 11, 3), 0, 255).tolist())
+    d = rng.uniform(0.40, 0.46) if big else rng.uniform(0.22, 0.26)
+    lo = d / 2 + 0.02
+    y = {
+        "top": rng.uniform(lo, lo + 0.05),
+        "middle": rng.uniform(0.46, 0.54),
+        "bottom": 1 - rng.uniform(lo, lo + 0.05),
+    }[pos]
+    x = rng.uniform(lo, 1 - lo)
+    h = d / 2
+    img = Image.fromarray(bg.round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+
+    def px(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        return [(float(u) * s2, float(v) * s2) for u, v in points]
+
+    if shape == "ring":  # hollow: an outline 22% of the radius thick
+        draw.ellipse(px([(x - h, y - h), (x + h, y + h)]), outline=fill, width=max(2, round(0.22 * h * s2)))
+    elif shape == "cross":  # a plus sign, arms 34% of the diameter wide
+        w = 0.17 * d
+        draw.rectangle(px([(x - h, y - w), (x + h, y + w)]), fill=fill)
+        draw.rectangle(px([(x - w, y - h), (x + w, y + h)]), fill=fill)
+    elif shape == "diamond":  # a rhombus, taller than wide
+        draw.polygon(px([(x, y - h), (x + 0.7 * h, y), (x, y + h), (x - 0.7 * h, y)]), fill=fill)
+    else:  # heart: the classic parametric curve, scaled into the d x d box
+        t = np.linspace(0, 2 * np.pi, 60)
+        hx = 16 * np.sin(t) ** 3
+        hy = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        hy = hy - (hy.max() + hy.min()) / 2
+        scale = h / 16.5
+        draw.polygon(px(list(zip(x + scale * hx, y + scale * hy))), fill=fill)
+    arr = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.float32)
+    arr += rng.normal(0.0, 4.0, arr.shape)
+    return Image.fromarray(np.clip(arr.round(), 0, 255).astype(np.uint8))
+
+
+def _generate_second(root: Path, meta: dict) -> None:
+    seed, image_size, image_format = meta["seed"], meta["image_size"], meta["image_format"]
+    start = time.perf_counter()
+    for k, split in enumerate(SPLITS):
+        n = meta[f"{split}_images"]
+        rng = np.random.default_rng([seed, 1000 + k])  # own stream per split, apart from the sample data's
+        order = np.concatenate(
+            [rng.permutation(len(SECOND_COMBOS)) for _ in range(-(-n // len(SECOND_COMBOS)))] or [[]]
+        )
+        img_dir = root / "images" / split
+        img_dir.mkdir(parents=True)
+        rows = []
+        for i in range(n):
+            colour, shape, pos, size = SECOND_COMBOS[int(order[i])]
+            name = f"{i:06d}.{image_format}"
+            img = _draw_second(rng, image_size, colour, shape, pos, size == "big")
+            if image_format == "jpg":
+                img.save(img_dir / name, format="JPEG", quality=95)
+            else:
+                img.save(img_dir / name, format="PNG")
+            rows += [(name, SECOND_TEMPLATES[t](colour, shape, pos, size)) for t in range(meta["captions_per_image"])]
+        with open(root / f"captions_{split}.csv", "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f, lineterminator="\n")
+            writer.writerow(["filename", "caption"])
+            writer.writerows(rows)
+    log.info(
+        "wrote %d+%d second-domain images to %s in %.1fs",
+        meta["train_images"],
+        meta["val_images"],
+        root,
+        time.perf_counter() - start,
+    )
+
+
+_SECOND = _SetKind(
+    "second-domain-data",
+    "second_domain_meta.json",
+    "second-domain data",
+    "make_second_domain",
+    len(SECOND_COMBOS),
+    _generate_second,
+)
+
+
+def make_second_domain(
+    out: str | Path,
+    *,
+    train_images: int = 4000,
+    val_images: int = 300,
+    image_size: int = 96,
+    captions_per_image: int = 2,
+    image_format: str = "jpg",
+    seed: int = 0,
+    overwrite: bool = False,
+) -> SampleDataSummary:
+    """A second domain in the sample data's layout (``images/{train,val}/`` + ``captions_{train,val}.csv``): hearts,
+    crosses, rings and diamonds (``SECOND_SHAPES``) in six other colours, at the top, middle or bottom, little or
+    big, on striped or gradient backgrounds; no caption attribute word is one of the sample data's. The same
+    data-safety rules as ``make_sample_data``: a finished set made with the same arguments is reused, nothing it
+    did not write is touched, its own set made with other arguments is replaced only with ``overwrite``."""
+    _check_args(train_images, val_images, image_size, captions_per_image, image_format, len(SECOND_TEMPLATES))
+    meta = {
+        "format_version": SECOND_FORMAT_VERSION,
+        "train_images": train_images,
+        "val_images": val_images,
+        "image_size": image_size,
+        "captions_per_image": captions_per_image,
+        "image_format": image_format,
+        "seed": seed,
+    }
+    return _write_set(Path(out), meta, _SECOND, overwrite=overwrite)
