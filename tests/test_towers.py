@@ -88,6 +88,8 @@ def test_a_saved_towers_model_loads_with_plain_transformers(towers_model: Path, 
     plain = AutoModel.from_pretrained(towers_model).eval()
     tokenizer = AutoTokenizer.from_pretrained(towers_model)
     assert type(plain).__name__ == "VisionTextDualEncoderModel" and plain.config.text_pooling == "mean"
+    card = (towers_model / "README.md").read_text()
+    assert "VisionTextDualEncoderModel.from_pretrained" in card and "text_pooling: mean" in card
     captions = ["a large red circle on the left", "small blue star, center"]
     tokens = tokenizer(captions, padding=True, return_tensors="pt")
     with torch.no_grad():

@@ -54,6 +54,7 @@ from .model import (
     build_model,
     build_tiny,
     enable_gradient_checkpointing,
+    plain_model,
     save_model,
     set_attention,
     tower_locked,
@@ -1039,6 +1040,8 @@ def _versions() -> dict[str, str]:
 
 def _model_card(run: Run, result: EvalResult | None) -> str:
     cfg = run.cfg
+    model_class = type(plain_model(run.model)).__name__  # CLIPModel, or VisionTextDualEncoderModel (towers)
+    processor_class = "CLIPProcessor" if model_class == "CLIPModel" else "VisionTextDualEncoderProcessor"
     lines = [
         "---",
         "library_name: transformers",
@@ -1067,12 +1070,18 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
         "## Use",
         "",
         "```python",
-        "from transformers import CLIPModel, CLIPProcessor",
-        'model = CLIPModel.from_pretrained("path/to/best_model")',
-        'processor = CLIPProcessor.from_pretrained("path/to/best_model")',
+        f"from transformers import {model_class}, {processor_class}",
+        f'model = {model_class}.from_pretrained("path/to/best_model")',
+        f'processor = {processor_class}.from_pretrained("path/to/best_model")',
         "```",
         "",
     ]
+    if getattr(run.model.config, "text_pooling", "pooler") == "mean":
+        lines += [
+            "Text embeddings are the mean of the text tower's token outputs (config.json `text_pooling: mean`), then",
+            "`text_projection`, not `get_text_features` (which uses the tower's pooler).",
+            "",
+        ]
     record = run.objective.record()
     if record is not None:
         lines += [
