@@ -423,6 +423,24 @@ PRESET_NOTES: dict[str, str] = {
     "finetune": "Set model.name to the model to fine-tune (a saved best_model folder or a hub id) and data.root to the "
     "new data.",
 }
+# The 2-minute CPU recipe shared by the tiny, minilm and finetune presets (its reasons: the tiny preset below).
+_CPU_TRAIN: dict[str, Any] = {
+    "epochs": 10,  # ignored: the time budget decides (colour, size, position: learnt by epoch 3)
+    # 2 min of training keeps `make run` within 5 minutes of a fresh clone (install included) on a 2-core
+    # CPU: ~450 steps in fp32, ~1250 with native bf16; never more than 10 epochs (1250 steps).
+    "time_budget": "2m",
+    "max_steps": 1250,
+    "batch_size": 64,
+    "lr": 5e-4,
+    "weight_decay": 0.1,
+    "warmup_steps": 50,
+    "checkpoint_every": 100,
+    "log_every": 10,
+}
+# No crops or colour jitter in a two-minute run (3-4 epochs: nothing to over-fit yet; the errors left are shapes,
+# which crops blur); the flip stays (it swaps left/right in the caption).
+_CPU_AUGMENT: dict[str, Any] = {"crop_scale": (1.0, 1.0), "color_jitter": 0.0}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "rtx3060": {},
     # The tiny preset with a pretrained text tower: all-MiniLM-L6-v2 (offline, the [minilm] extra), locked and
@@ -439,19 +457,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {
             "root": "data/sample",
             "num_workers": 2,
-            "augment": {"crop_scale": (1.0, 1.0), "color_jitter": 0.0},
+            "augment": dict(_CPU_AUGMENT),
         },
-        "train": {
-            "epochs": 10,
-            "time_budget": "2m",
-            "max_steps": 1250,
-            "batch_size": 64,
-            "lr": 5e-4,
-            "weight_decay": 0.1,
-            "warmup_steps": 50,
-            "checkpoint_every": 100,
-            "log_every": 10,
-        },
+        "train": dict(_CPU_TRAIN),
     },
     # Fine-tuning a model trained before (set model.name to its best_model folder, or a hub id) on new data: the
     # recipe chosen with scripts/two_stage.py's stage 2 (README, "Fine-tuning recipe"). Peak lr 5e-4 gained most on
@@ -463,45 +471,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {
             "root": "data",
             "num_workers": 2,
-            "augment": {"crop_scale": (1.0, 1.0), "color_jitter": 0.0},
+            "augment": dict(_CPU_AUGMENT),
         },
-        "train": {
-            "epochs": 10,
-            "time_budget": "2m",
-            "max_steps": 1250,
-            "batch_size": 64,
-            "lr": 5e-4,
-            "weight_decay": 0.1,
-            "warmup_steps": 50,
-            "checkpoint_every": 100,
-            "log_every": 10,
-        },
+        "train": dict(_CPU_TRAIN),
     },
     "tiny": {
         "experiment": "clip_tiny",
         # 16-pixel patches (17 vision tokens instead of 65) and a wider, shallower ViT: 2.3x the steps per second
         # of the 8-pixel spec in fp32, and more learnt per second (README, "How fast on your CPU").
         "model": {"name": TINY, "tiny": {"patch_size": 16, "vision_width": 256, "vision_heads": 4, "vision_layers": 3}},
-        # No crops or colour jitter in a two-minute run (3-4 epochs: nothing to over-fit yet; the errors left are
-        # shapes, which crops blur); the flip stays (it swaps left/right in the caption).
-        "data": {
-            "root": "data/sample",
-            "num_workers": 2,
-            "augment": {"crop_scale": (1.0, 1.0), "color_jitter": 0.0},
-        },
-        "train": {
-            "epochs": 10,  # ignored: the time budget decides (colour, size, position: learnt by epoch 3)
-            # 2 min of training keeps `make run` within 5 minutes of a fresh clone (install included) on a 2-core
-            # CPU: ~450 steps in fp32, ~1250 with native bf16; never more than 10 epochs (1250 steps).
-            "time_budget": "2m",
-            "max_steps": 1250,
-            "batch_size": 64,
-            "lr": 5e-4,
-            "weight_decay": 0.1,
-            "warmup_steps": 50,
-            "checkpoint_every": 100,
-            "log_every": 10,
-        },
+        "data": {"root": "data/sample", "num_workers": 2, "augment": dict(_CPU_AUGMENT)},
+        "train": dict(_CPU_TRAIN),
     },
 }
 
