@@ -97,25 +97,21 @@ def evaluate_split(
     rank, size = world() if distributed else (0, 1)
     encoder.model.to(device)
     images, captions = share(len(data.images), rank, size), share(len(data.captions), rank, size)
-    image_emb, skipped = embed_images(
+    image_emb = embed_image_shares(
         encoder,
-        data.images[images],
+        data.images,
+        images,
+        size,
+        device=device,
         autocast=autocast,
         batch_size=batch_size,
         num_workers=num_workers,
         progress=progress,
+        what=str(data.name),
+        fix="; run validate-data",
     )
-    skipped = [(images.start + row, reason) for row, reason in skipped]
-    if size > 1:  # every process raises, or none does
-        everyone: list[Any] = [None] * size
-        dist.all_gather_object(everyone, skipped)
-        skipped = [failure for failures in everyone for failure in failures]
-    if skipped:
-        listing = "; ".join(f"{image_name(data.images[row])}: {reason}" for row, reason in skipped[:5])
-        raise DataError(f"{len(skipped)} image(s) of {data.name} could not be read ({listing}); run validate-data")
     text_emb = embed_texts(encoder, data.captions[captions], autocast=autocast, batch_size=batch_size)
     if size > 1:  # on the device: the backend's (NCCL gathers CUDA tensors only)
-        image_emb = torch.cat(gather_features(image_emb.to(device))).cpu()
         text_emb = torch.cat(gather_features(text_emb.to(device))).cpu()
     t2i = torch.tensor(data.text_to_image)
     # a saved model's own objective (SigLIP with its saved temperature and bias, else CLIP), unless given
@@ -126,6 +122,38 @@ def evaluate_split(
 def share(rows: int, rank: int, size: int) -> slice:
     """Process ``rank``'s contiguous share of ``rows`` rows: the shares of all processes partition them, in order."""
     return slice(rank * rows // size, (rank + 1) * rows // size)
+
+
+def embed_image_shares(
+    encoder: DualEncoder,
+    images: list[Any],
+    rows: slice,
+    size: int,
+    *,
+    device: torch.device,
+    autocast: Autocast,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    what: str,
+    fix: str = "",
+) -> torch.Tensor:
+    """Embeddings of all ``images`` when each of ``size`` processes embeds its ``rows`` (``share``) and all gather
+    the rest in order. An unreadable image in any process raises a ``DataError`` (naming up to 5) in every one."""
+    image_emb, skipped = embed_images(
+        encoder, images[rows], autocast=autocast, batch_size=batch_size, num_workers=num_workers, progress=progress
+    )
+    skipped = [(rows.start + row, reason) for row, reason in skipped]
+    if size > 1:  # every process raises, or none does
+        everyone: list[Any] = [None] * size
+        dist.all_gather_object(everyone, skipped)
+        skipped = [failure for failures in everyone for failure in failures]
+    if skipped:
+        listing = "; ".join(f"{image_name(images[row])}: {reason}" for row, reason in skipped[:5])
+        raise DataError(f"{len(skipped)} image(s) of {what} could not be read ({listing}){fix}")
+    if size > 1:  # on the device: the backend's (NCCL gathers CUDA tensors only)
+        image_emb = torch.cat(gather_features(image_emb.to(device))).cpu()
+    return image_emb
 
 
 def evaluate_embeddings(

@@ -21,15 +21,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .data.dataset import image_name
 from .data.files import IMAGE_EXTENSIONS
-from .embedding import Autocast, embed_images, embed_texts
+from .embedding import Autocast, embed_texts
 from .errors import DataError
-from .evaluate import share
-from .loss import gather_features
+from .evaluate import embed_image_shares, share
 from .metrics import zero_shot_accuracy
 from .model import DualEncoder
 from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
@@ -264,19 +261,18 @@ def evaluate_zeroshot(
     rank, size = world() if distributed else (0, 1)
     encoder.model.to(device)
     rows = share(len(data.images), rank, size)
-    image_emb, skipped = embed_images(
-        encoder, data.images[rows], autocast=autocast, batch_size=batch_size, num_workers=num_workers, progress=progress
+    image_emb = embed_image_shares(
+        encoder,
+        data.images,
+        rows,
+        size,
+        device=device,
+        autocast=autocast,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+        what=f"zero-shot set {data.name}",
     )
-    skipped = [(rows.start + row, reason) for row, reason in skipped]
-    if size > 1:  # every process raises, or none does
-        everyone: list[Any] = [None] * size
-        dist.all_gather_object(everyone, skipped)
-        skipped = [failure for failures in everyone for failure in failures]
-    if skipped:
-        listing = "; ".join(f"{image_name(data.images[row])}: {reason}" for row, reason in skipped[:5])
-        raise DataError(f"{len(skipped)} image(s) of zero-shot set {data.name} could not be read ({listing})")
-    if size > 1:  # on the device: the backend's (NCCL gathers CUDA tensors only)
-        image_emb = torch.cat(gather_features(image_emb.to(device))).cpu()
     class_emb = class_embeddings(encoder, data.classes, templates, autocast=autocast, batch_size=batch_size)
     return score_zeroshot(data.name, image_emb, class_emb, data.labels, data.classes, templates)
 
