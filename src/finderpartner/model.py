@@ -226,14 +226,7 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(
-            image_size=spec.image_size,
-            patch_size=spec.patch_size,
-            hidden_size=spec.vision_width,
-            intermediate_size=4 * spec.vision_width,
-            num_hidden_layers=spec.vision_layers,
-            num_attention_heads=spec.vision_heads,
-        ),
+        vision_config=_tiny_vision_config(spec),
         projection_dim=spec.embed_dim,
     )
     with torch.random.fork_rng(devices=[]):  # initialisation must not disturb the caller's RNG stream
@@ -254,11 +247,9 @@ def _tiny_processor(spec: TinySpec) -> Any:
     )
 
 
-def _tiny_vision(spec: TinySpec, seed: int) -> nn.Module:
-    """The tiny preset's ViT alone (random init, 2-D sin-cos positions), as a CLIPVisionModel."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    config = CLIPVisionConfig(
+def _tiny_vision_config(spec: TinySpec) -> dict[str, int]:
+    """The tiny ViT's CLIPVisionConfig arguments (the tiny CLIP and a towers model's tiny vision tower)."""
+    return dict(
         image_size=spec.image_size,
         patch_size=spec.patch_size,
         hidden_size=spec.vision_width,
@@ -266,9 +257,15 @@ def _tiny_vision(spec: TinySpec, seed: int) -> nn.Module:
         num_hidden_layers=spec.vision_layers,
         num_attention_heads=spec.vision_heads,
     )
+
+
+def _tiny_vision(spec: TinySpec, seed: int) -> nn.Module:
+    """The tiny preset's ViT alone (random init, 2-D sin-cos positions), as a CLIPVisionModel."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vision = CLIPVisionModel(config)
+        vision = CLIPVisionModel(CLIPVisionConfig(**_tiny_vision_config(spec)))
     inner = getattr(vision, "vision_model", vision)  # transformers 4 wraps the tower once more
     _init_sincos_positions(inner.embeddings.position_embedding.weight, spec.image_size // spec.patch_size)
     return vision
