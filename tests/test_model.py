@@ -91,6 +91,7 @@ _PLAIN = r"""
 import json, sys
 import numpy as np, torch, transformers
 from transformers import AutoTokenizer, CLIPModel, CLIPProcessor, CLIPTokenizerFast, pipeline
+from transformers import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from PIL import Image
 folder, pixels_file, out_file = sys.argv[1:4]
 captions = json.loads(sys.argv[4])
@@ -105,13 +106,19 @@ def as_tensor(x):  # transformers 5 returns an output object from get_*_features
 with torch.no_grad():
     img = as_tensor(model.get_image_features(pixel_values=torch.from_numpy(np.load(pixels_file))))
     txt = as_tensor(model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
-img = torch.nn.functional.normalize(img, dim=-1).numpy(); txt = torch.nn.functional.normalize(txt, dim=-1).numpy()
+    # the single-tower classes read projection_dim from the sub-configs
+    img_wp = CLIPVisionModelWithProjection.from_pretrained(folder).eval()(
+        pixel_values=torch.from_numpy(np.load(pixels_file))).image_embeds
+    txt_wp = CLIPTextModelWithProjection.from_pretrained(folder).eval()(
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).text_embeds
+unit = lambda x: torch.nn.functional.normalize(x, dim=-1).numpy()
+img, txt, img_wp, txt_wp = unit(img), unit(txt), unit(img_wp), unit(txt_wp)
 picture = Image.new("RGB", (40, 50), (200, 30, 30))
 pre = processor(images=picture, return_tensors="pt")["pixel_values"].numpy()
 # the default template "This is a photo of {}." is longer than the micro model's 16-token context
 scores = pipeline("zero-shot-image-classification", model=folder)(picture, candidate_labels=["red circle", "blue star"],
                                                                    hypothesis_template="{}")
-np.savez(out_file, img=img, txt=txt, pre=pre, ids=enc["input_ids"].numpy())
+np.savez(out_file, img=img, txt=txt, img_wp=img_wp, txt_wp=txt_wp, pre=pre, ids=enc["input_ids"].numpy())
 print(json.dumps({"transformers": transformers.__version__, "labels": [s["label"] for s in scores],
                   "modules": sorted(m for m in sys.modules if m.startswith("finderpartner"))}))
 """
@@ -150,6 +157,10 @@ def test_saved_model_loads_with_plain_transformers_and_gives_the_same_embeddings
     diffs = np.abs(ours_img - theirs["img"]).max(), np.abs(ours_txt - theirs["txt"]).max()
     print(f"\nplain transformers vs finderpartner: max abs diff image {diffs[0]:.2e}, text {diffs[1]:.2e}")
     assert max(diffs) <= 1e-5
+    # CLIPVisionModelWithProjection / CLIPTextModelWithProjection load the same folder and agree with CLIPModel
+    single = np.abs(theirs["img_wp"] - theirs["img"]).max(), np.abs(theirs["txt_wp"] - theirs["txt"]).max()
+    print(f"WithProjection classes vs CLIPModel: max abs diff image {single[0]:.2e}, text {single[1]:.2e}")
+    assert max(single) <= 1e-5
     # our inference preprocessing follows the saved processor (same size, crop, mean, std)
     picture = Image.new("RGB", (40, 50), (200, 30, 30))
     ours_pre = normalize(EvalTransform(encoder.image_spec)(picture)[None], encoder.image_spec).numpy()

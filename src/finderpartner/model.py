@@ -225,8 +225,9 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            projection_dim=spec.embed_dim,
         ),
-        vision_config=_tiny_vision_config(spec),
+        vision_config={**_tiny_vision_config(spec), "projection_dim": spec.embed_dim},
         projection_dim=spec.embed_dim,
     )
     with torch.random.fork_rng(devices=[]):  # initialisation must not disturb the caller's RNG stream
@@ -492,6 +493,7 @@ def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = plain_model(encoder.model)  # LoRA adapters merged: best_model/ needs no PEFT to load
+    _sync_projection_dim(model.config)
     model.save_pretrained(out, safe_serialization=True)
     processor_cls = CLIPProcessor if isinstance(model, CLIPModel) else VisionTextDualEncoderProcessor
     processor_cls(image_processor=encoder.image_processor, tokenizer=encoder.tokenizer).save_pretrained(out)
@@ -510,6 +512,17 @@ def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = 
 
 # --------------------------------------------------------------------------------------------------------------
 # Embedding
+
+
+def _sync_projection_dim(config: Any) -> None:
+    """Give a CLIP config's sub-configs the top-level ``projection_dim``.
+
+    ``CLIPTextModelWithProjection`` / ``CLIPVisionModelWithProjection`` read it from ``text_config`` /
+    ``vision_config``, which default to 512; models built (or saved) before this fix only set the top level.
+    """
+    for sub in (getattr(config, "text_config", None), getattr(config, "vision_config", None)):
+        if sub is not None and hasattr(config, "projection_dim") and hasattr(sub, "projection_dim"):
+            sub.projection_dim = config.projection_dim
 
 
 def image_features(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
