@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,34 @@ def test_eval_json(trained_model: Path, small_data: Path, tmp_path: Path, capsys
     assert code == 0 and result["num_images"] == 24 and result["num_captions"] == 48
     assert set(result["retrieval"]) >= {"image_to_text", "text_to_image"}
     assert 0 <= result["mean_recall"] <= 1 and (tmp_path / "eval").is_dir()
+
+
+def test_eval_and_training_validation_give_the_same_loss_at_the_same_named_batch(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    card = (trained_model / "README.md").read_text(encoding="utf-8")
+    best_step = int(re.search(r"step (\d+), epoch", card).group(1))
+    # the card names the loss's batch, the license, the context length and where the tokenizer came from
+    assert "Validation loss" in card and "(at contrastive batch 16, the training batch" in card
+    assert "\nlicense: other\n" in card and "Texts are truncated to 16 tokens" in card
+    assert "learnt from the training captions" in card
+    records = [json.loads(line) for line in (trained_model.parent / "metrics.jsonl").read_text().splitlines()]
+    (validation,) = [r for r in records if r["step"] == best_step and "val/loss" in r]
+    assert validation["val/loss_batch_size"] == 16  # the micro config's batch, logged with the loss
+    args = ["eval", "--model", str(trained_model), "--data", str(small_data), "--precision", "fp32", "--workers", "0"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "(at contrastive batch 16, the training batch)" in printed
+    assert main([*args, "--out", str(tmp_path / "b"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    with capsys.disabled():
+        print(f"\ntraining validation loss {validation['val/loss']:.6f}, eval loss {result['loss']:.6f} (batch 16)")
+    assert result["loss_batch_size"] == 16 and result["loss"] == pytest.approx(validation["val/loss"], abs=1e-4)
+    # another batch is another loss, and says so
+    assert main([*args, "--out", str(tmp_path / "c"), "--loss-batch", "4"]) == 0
+    assert "(at contrastive batch 4, --loss-batch)" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "d"), "--loss-batch", "1"]) == 2
+    assert "at least 2 pairs" in capsys.readouterr().err
 
 
 def _search_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:

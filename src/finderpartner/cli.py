@@ -173,6 +173,13 @@ def _add_eval_command(sub: Any) -> None:
     _add_zeroshot_args(p, what)
     p.add_argument("--split", default="val")
     p.add_argument("--out", type=Path, help="report folder (default: <model>/../eval)")
+    p.add_argument(
+        "--loss-batch",
+        type=int,
+        metavar="N",
+        help="pairs per contrastive batch of the loss (a contrastive loss depends on it; default: the batch the "
+        f"model was trained at, as its validation loss was; {DEFAULT_LOSS_BATCH} for a model not trained here)",
+    )
     _add_runtime_args(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     _add_sweep_args(p)
@@ -522,6 +529,8 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_sweep(args)
     _refuse_sweep_args_without_sweep(args)
     if args.classes is not None:
+        if args.loss_batch is not None:
+            raise UsageError("--loss-batch goes with --data (a split's contrastive loss); zero-shot has no loss")
         return _eval_zeroshot(args)
     if args.class_names is not None or args.templates is not None:
         raise UsageError("--class-names and --templates go with --classes (zero-shot classification)")
@@ -541,12 +550,14 @@ def _eval(args: argparse.Namespace) -> int:
     data = require_retrievable(
         EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images"
     )
+    loss_batch, why = _loss_batch(args, encoder)
     result = evaluate_split(
         encoder,
         data,
         device=device,
         autocast=autocast_factory(device, precision),
         batch_size=args.batch_size,
+        loss_batch_size=loss_batch,
         num_workers=args.workers,
         progress=not args.json,
     )
@@ -566,7 +577,10 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.summary(), indent=2))
     else:
-        print(f"{args.split}: {result.num_images} images, {result.num_captions} captions; loss {result.loss:.4f}")
+        print(
+            f"{args.split}: {result.num_images} images, {result.num_captions} captions; loss {result.loss:.4f} "
+            f"(at contrastive batch {loss_batch}, {why})"
+        )
         print(format_metrics(result.metrics))
         s = result.similarity
         print(
@@ -575,6 +589,20 @@ def _eval(args: argparse.Namespace) -> int:
         )
         print(f"report: {paths['report']}  plot: {paths['plot']}")
     return 0
+
+
+DEFAULT_LOSS_BATCH = 256
+
+
+def _loss_batch(args: argparse.Namespace, encoder: Any) -> tuple[int, str]:
+    """The contrastive batch of eval's loss, and where it comes from (said next to the loss)."""
+    if args.loss_batch is not None:
+        if args.loss_batch < 2:
+            raise UsageError(f"--loss-batch {args.loss_batch}: a contrastive batch needs at least 2 pairs")
+        return args.loss_batch, "--loss-batch"
+    if encoder.train_batch_size is not None:
+        return encoder.train_batch_size, "the training batch"
+    return DEFAULT_LOSS_BATCH, "the default: the model records no training batch; set it with --loss-batch"
 
 
 def _eval_zeroshot(args: argparse.Namespace) -> int:
@@ -991,6 +1019,7 @@ def _eval_sweep(args: argparse.Namespace) -> int:
                 device=device,
                 autocast=autocast_factory(device, precision),
                 batch_size=args.batch_size,
+                loss_batch_size=_loss_batch(args, encoder)[0],
                 num_workers=args.workers,
                 progress=not args.json,
             )

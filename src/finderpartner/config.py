@@ -396,6 +396,16 @@ class TrackingConfig(_Section):
     wandb_project: str = Field("finderpartner", description="W&B project name")
 
 
+class CardConfig(_Section):
+    license: str = Field(
+        "other",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9.+-]*$",
+        description="the model card's license id (e.g. mit, apache-2.0, cc-by-4.0); 'other': the terms of your data "
+        "and of the base model apply",
+    )
+    data: str = Field("", description="what the training images and captions are and where they come from (the card)")
+
+
 class Config(_Section):
     experiment: str = Field("clip_base", min_length=1, description="run name: outputs go to <output_dir>/<experiment>/")
     output_dir: Path = Field(Path("outputs"), description="parent folder of run folders")
@@ -405,6 +415,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    card: CardConfig = Field(default_factory=CardConfig)  # best_model/README.md
 
     @field_validator("experiment")
     @classmethod

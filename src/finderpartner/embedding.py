@@ -137,6 +137,7 @@ _VOLATILE_CONFIG_KEYS = {
     "architectures",
     "dtype",
     "torch_dtype",
+    "finderpartner_train_batch_size",  # how it was trained, not what it computes
 }  # the weights' bytes tell the dtype
 
 

@@ -41,6 +41,7 @@ class EvalResult:
     num_captions: int
     positive: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
     negative: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
+    loss_batch_size: int = 0  # the loss is the objective's mean over consecutive blocks of this many pairs
 
     @property
     def mean_recall(self) -> float:
@@ -51,6 +52,7 @@ class EvalResult:
             "retrieval": self.metrics,
             "mean_recall": self.mean_recall,
             "loss": self.loss,
+            "loss_batch_size": self.loss_batch_size,
             "similarity": self.similarity,
             "num_images": self.num_images,
             "num_captions": self.num_captions,
@@ -178,7 +180,7 @@ def evaluate_embeddings(
             sizes.append(len(rows))
     loss = float(np.average(losses, weights=sizes)) if losses else float("nan")
     stats, positive, negative = similarity_stats(image_emb, text_emb, text_to_image)
-    return EvalResult(metrics, loss, stats, image_emb.shape[0], text_emb.shape[0], positive, negative)
+    return EvalResult(metrics, loss, stats, image_emb.shape[0], text_emb.shape[0], positive, negative, loss_batch_size)
 
 
 def write_report(

@@ -44,6 +44,9 @@ TINY_KIND, PRETRAINED_KIND = "tiny", "pretrained"  # DualEncoder.kind: built fro
 # config.json's record of an objective whose values the model's weights have no place for (SigLIP's bias):
 # {"loss": "siglip", "logit_scale": t (log space, also the model's logit_scale), "logit_bias": b}
 OBJECTIVE_KEY = "finderpartner_objective"
+# config.json: the (global) contrastive batch the model was trained at. A contrastive loss depends on the batch (a
+# row's softmax runs over the batch), so `eval` computes the loss at this batch to match training's validation.
+TRAIN_BATCH_KEY = "finderpartner_train_batch_size"
 
 
 @dataclass
@@ -111,6 +114,16 @@ class DualEncoder:
         """
         record = self.objective_record
         return None if record is None else float(record["logit_bias"])
+
+    @property
+    def train_batch_size(self) -> int | None:
+        """The contrastive batch this model was trained at (config.json's ``finderpartner_train_batch_size``), if
+        it was trained here."""
+        value = getattr(_base_model(self.model).config, TRAIN_BATCH_KEY, None)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
+
+    def record_train_batch_size(self, batch_size: int) -> None:
+        setattr(_base_model(self.model).config, TRAIN_BATCH_KEY, int(batch_size))
 
     def record_objective(self, record: dict[str, Any] | None) -> None:
         """Make the model carry an objective's record (``Objective.record``) when saved: config.json's

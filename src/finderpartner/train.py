@@ -969,6 +969,7 @@ def _save_best(run: Run, result: EvalResult | None) -> None:
     # SigLIP: its temperature becomes the model's logit_scale (unused by its training) and both of its values go
     # into config.json; CLIP: nothing changes (a record inherited from a SigLIP-trained start is dropped).
     run.encoder.record_objective(run.objective.record())
+    run.encoder.record_train_batch_size(run.batches.global_batch)  # `eval` computes its loss at this batch
     card = _model_card(run, result)
     replace_dir(
         lambda tmp: save_model(run.encoder, tmp, card=card),
@@ -1046,11 +1047,13 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
         "---",
         "library_name: transformers",
         "pipeline_tag: zero-shot-image-classification",
+        f"license: {cfg.card.license}",
         "tags: [clip, finderpartner]",
         "---",
         f"# {cfg.experiment}",
         "",
-        f"CLIP dual encoder fine-tuned with FinderPartner {__version__} from `{cfg.model.name}` on `{cfg.data.root}`",
+        f"CLIP dual encoder {'trained from scratch' if run.encoder.kind == TINY_KIND else 'fine-tuned'} with "
+        f"FinderPartner {__version__} from `{cfg.model.name}` on `{cfg.data.root}`",
         f"(split `{cfg.data.train_split}`), step {run.state.global_step}, epoch {run.state.epoch}, contrastive batch "
         f"{run.batches.global_batch}, precision {run.precision}, seed {cfg.seed}.",
         "",
@@ -1063,9 +1066,11 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
             format_metrics(result.metrics),
             "```",
             "",
-            f"Validation loss {result.loss:.4f}; mean recall {result.mean_recall:.4f}.",
+            f"Validation loss {result.loss:.4f} (at contrastive batch {result.loss_batch_size}, the training batch; "
+            f"`finderpartner eval` uses it too); mean recall {result.mean_recall:.4f}.",
             "",
         ]
+    lines += _card_data_and_text(run)
     lines += [
         "## Use",
         "",
@@ -1103,6 +1108,50 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _card_data_and_text(run: Run) -> list[str]:
+    """The card's training data, license and text-input sections."""
+    cfg, encoder = run.cfg, run.encoder
+    source = f"WebDataset shards `{cfg.data.train_shards}`" if cfg.data.format == "webdataset" else f"`{cfg.data.root}`"
+    lines = [
+        "## Training data",
+        "",
+        f"{run.batches.num_rows} image-caption pairs per epoch from {source} (split `{cfg.data.train_split}`), "
+        f"{run.state.samples_seen} pairs seen in training.",
+        "",
+        cfg.card.data
+        or "No description was given (set `card.data` in the config to say what the images and captions "
+        "are, where they come from, and under which terms).",
+        "",
+        "## License",
+        "",
+        f"`{cfg.card.license}` (`card.license`)."
+        if cfg.card.license != "other"
+        else "Not stated (`card.license: other`): the terms of the training data"
+        + ("" if encoder.kind == TINY_KIND else f" and of the pretrained model ({_base_names(cfg)})")
+        + " apply.",
+        "",
+        "## Text input",
+        "",
+        f"Texts are truncated to {encoder.context_length} tokens (the text tower's context length), start and end "
+        "tokens included.",
+    ]
+    if encoder.kind == TINY_KIND:
+        lines.append(
+            f"The tokenizer is a byte-level BPE of {len(encoder.tokenizer)} tokens learnt from the training captions, "
+            "not OpenAI CLIP's: words the captions never used are split into pieces the model rarely or never saw, "
+            "so write queries in the captions' vocabulary."
+        )
+    else:
+        lines.append(f"The tokenizer is the pretrained text tower's ({_base_names(cfg)}), unchanged.")
+    return [*lines, ""]
+
+
+def _base_names(cfg: Config) -> str:
+    if cfg.model.name == "towers":
+        return f"text `{cfg.model.towers.text}`, vision `{cfg.model.towers.vision}`"
+    return f"`{cfg.model.name}`"
 
 
 def _summary(run: Run, result: TrainResult) -> None:
