@@ -76,3 +76,26 @@ def test_tiny_data_set_still_trains(tmp_path: Path) -> None:
     make_sample_data(root, train_images=3, val_images=2, image_size=32)  # 6 pairs, batch 16
     result = train(config_from_dict(micro_config(tmp_path, root, epochs=1)))
     assert result.state.global_step == 1 and result.best_model.is_dir()
+
+
+@pytest.mark.parametrize(("warmup", "total", "floor"), [(10, 100, 0.0), (5, 37, 0.1), (0, 20, 0.05)])
+def test_the_lr_schedule_is_transformers_cosine_with_min_lr_after_the_warm_up(
+    warmup: int, total: int, floor: float
+) -> None:
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    def lrs(make) -> list[float]:  # type: ignore[no-untyped-def]
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        scheduler, out = make(optimizer), []
+        for _ in range(total + 3):
+            out.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours = lrs(lambda o: train_module._scheduler(o, warmup, total, floor))
+    theirs = lrs(lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, warmup, total, min_lr_rate=floor))
+    assert ours[warmup : total + 1] == pytest.approx(theirs[warmup : total + 1], abs=1e-12, rel=0)
+    assert ours[total:] == [0.5 * floor] * 3  # past the end ours stays at the floor (theirs climbs back up)
+    # the warm-up differs on purpose: theirs starts at 0 (a step that changes nothing), ours at 1/(w+1)
+    assert all(0 < ours[s] <= 0.5 for s in range(warmup)) and (warmup == 0 or theirs[0] == 0)

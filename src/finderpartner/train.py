@@ -527,6 +527,11 @@ def _scheduler(
 
     ``warmup`` and ``total`` may be callables read at every step (a time budget decides the total, and caps a
     warm-up longer than the run, during the warm-up; until then only warm-up factors are asked for).
+
+    Why not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: after the warm-up this is the same curve
+    (``tests/test_train.py`` checks every step against it, 1e-12), but that one fixes ``num_training_steps`` when it
+    is built, and under ``train.time_budget`` the step count is only known after steps 10-30 have been timed. Its
+    warm-up also starts at factor 0, so its first optimizer step does nothing; this one starts at 1/(w+1).
     """
     if isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
         log.warning(
