@@ -1031,7 +1031,7 @@ def _add_convert_command(sub: Any) -> None:
     p = sub.add_parser(
         "convert",
         help="convert between open_clip checkpoints and transformers CLIPModel folders",
-        description="Convert a CLIP between open_clip and transformers, both ways, for the ViT CLIPs both libraries "
+        description="Convert a CLIP between open_clip and transformers, both ways, for the ViT CLIPs both libraries\n"
         "share (timm, ResNet or HF-text towers, attentional pooling and the towers model are refused).",
         epilog=_CONVERT_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1043,9 +1043,14 @@ def _add_convert_command(sub: Any) -> None:
         help="--to hf: open_clip model name, model config JSON or open_clip folder; --to open_clip: CLIPModel folder",
     )
     p.add_argument(
-        "--checkpoint", type=Path, help="open_clip weights (.safetensors; .pt/.bin need --trust-pickle), --to hf only"
+        "--checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="open_clip weights (.safetensors; .pt/.bin need --trust-pickle), --to hf only",
     )
-    p.add_argument("--out", type=Path, required=True, help="folder to write (new, or an earlier conversion)")
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder to write (new, or an earlier conversion)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion of another model at --out")
     _add_trust_pickle(p)
     p.set_defaults(handler=_convert)
