@@ -160,6 +160,15 @@ def test_open_clip_to_hf_embeds_as_open_clip(variant: str, small_data: Path, tmp
     assert (plain_txt * oc_txt).sum(-1).min() >= VERIFY_MIN_COSINE
 
 
+def test_every_mlp_width_survives_open_clips_ratio() -> None:
+    """open_clip sizes an MLP as int(width * mlp_ratio): the ratio written must give the width back, always."""
+    from finderpartner.open_clip_map import mlp_ratio
+
+    pairs = [(w, i) for w in range(8, 2049, 8) for i in range(w, 6 * w + 1, 8)] + [(1664, 8192), (1280, 5120)]
+    assert all(int(w * mlp_ratio(w, i, "test")) == i for w, i in pairs)
+    assert any(int(w * (i / w)) != i for w, i in pairs)  # the plain quotient alone loses one for ~1 in 22 of these
+
+
 def test_the_comparison_catches_a_wrong_activation(small_data: Path, tmp_path: Path) -> None:
     """The check is not vacuous: the same weights with GELU instead of QuickGELU fall below the threshold."""
     config, checkpoint = _write_open_clip(tmp_path / "open_clip", "fp-test-act", TINY)

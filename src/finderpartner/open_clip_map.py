@@ -16,6 +16,7 @@ transformer read at its end-of-text token. Pure functions of configs and state d
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -341,7 +342,7 @@ def open_clip_config(encoder: DualEncoder, tokenizer_name: str, where: str) -> t
         "width": v.hidden_size,
         "layers": v.num_hidden_layers,
         "head_width": v.hidden_size // v.num_attention_heads,
-        "mlp_ratio": _mlp_ratio(v, f"{where}: vision_config"),
+        "mlp_ratio": mlp_ratio(v.hidden_size, v.intermediate_size, f"{where}: vision_config"),
     }
     eos = t.eos_token_id
     pooling = {"pool_type": "argmax"} if eos == HF_ARGMAX_EOS else {"pool_type": "eos", "eos_id": int(eos)}
@@ -351,7 +352,7 @@ def open_clip_config(encoder: DualEncoder, tokenizer_name: str, where: str) -> t
         "width": t.hidden_size,
         "heads": t.num_attention_heads,
         "layers": t.num_hidden_layers,
-        "mlp_ratio": _mlp_ratio(t, f"{where}: text_config"),
+        "mlp_ratio": mlp_ratio(t.hidden_size, t.intermediate_size, f"{where}: text_config"),
         **pooling,
         "hf_tokenizer_name": tokenizer_name,
     }
@@ -375,10 +376,14 @@ def open_clip_config(encoder: DualEncoder, tokenizer_name: str, where: str) -> t
     return model_cfg, preprocess_cfg
 
 
-def _mlp_ratio(config: Any, where: str) -> float:
-    ratio = config.intermediate_size / config.hidden_size
-    if int(config.hidden_size * ratio) != config.intermediate_size:  # open_clip sizes the MLP as int(width * ratio)
-        raise ModelError(f"{where}: intermediate_size {config.intermediate_size} is not a ratio open_clip can rebuild")
+def mlp_ratio(width: int, intermediate: int, where: str) -> float:
+    """The ``mlp_ratio`` from which open_clip rebuilds this MLP width: it computes ``int(width * mlp_ratio)``, and
+    ``intermediate / width`` rounded down in floating point would lose one (1664 wide, 7680 inner, for one)."""
+    ratio = intermediate / width
+    if int(width * ratio) != intermediate:
+        ratio = math.nextafter(ratio, math.inf)
+    if int(width * ratio) != intermediate:
+        raise ModelError(f"{where}: intermediate_size {intermediate} is not a ratio of {width} open_clip can rebuild")
     return ratio
 
 
