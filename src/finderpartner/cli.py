@@ -83,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_search_command,
         _add_export_command,
         _add_demo_command,
+        _add_convert_command,
     ):
         add(sub)
     return parser
@@ -1038,6 +1039,66 @@ def _eval_sweep(args: argparse.Namespace) -> int:
     else:
         print(format_sweep(rows, names))
         print(f"report: {paths['report']}  plot: {paths['plot']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# open_clip <-> transformers
+
+_CONVERT_EPILOG = """examples:
+  finderpartner convert --to hf --model ViT-B-32 --checkpoint open_clip_model.safetensors --out models/vit-b-32
+  finderpartner convert --to open_clip --model outputs/clip_tiny/best_model --out open_clip/clip_tiny
+
+--to hf: --model is an open_clip model name or model config JSON (with --checkpoint), or an open_clip folder
+(open_clip_config.json + weights). --to open_clip: --model is a saved CLIPModel folder or hub id. The tokenizer
+travels with the model; before anything is written, source and result embed the same images and texts and must
+agree (cosine >= 0.9999, same token ids). How to load the result is printed.
+"""
+
+
+def _add_convert_command(sub: Any) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert between open_clip checkpoints and transformers CLIPModel folders",
+        description="Convert a CLIP between open_clip and transformers, both ways, for the ViT CLIPs both libraries\n"
+        "share (timm, ResNet or HF-text towers, attentional pooling and the towers model are refused).",
+        epilog=_CONVERT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--to", required=True, choices=["hf", "open_clip"], help="the library to convert to")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="--to hf: open_clip model name, model config JSON or open_clip folder; --to open_clip: CLIPModel folder",
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="open_clip weights (.safetensors; .pt/.bin need --trust-pickle), --to hf only",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder to write (new, or an earlier conversion)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier conversion of another model at --out")
+    _add_trust_pickle(p)
+    p.set_defaults(handler=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    result = convert(
+        args.to,
+        args.model,
+        args.out,
+        checkpoint=args.checkpoint,
+        trust_pickle=args.trust_pickle,
+        overwrite=args.overwrite,
+    )
+    print(result.verification)
+    print(f"written: {result.out}")
+    print(result.usage)
     return 0
 
 

@@ -146,6 +146,7 @@ OPTIONAL = {
     "wandb": ("wandb", "0.15", "Weights & Biases logging (extra: wandb)"),
     "peft": ("peft", "0.10", "LoRA (extra: lora)"),
     "webdataset": ("webdataset", "0.2", "tar-shard data sets (extra: shards)"),
+    "open_clip_torch": ("open_clip", "3.1", "finderpartner convert (extra: open_clip)"),
 }
 
 
@@ -376,12 +377,12 @@ def format_report(report: dict[str, Any]) -> str:
         state = p["version"] or "missing"
         note = "" if p["ok"] else f"  <- {p['problem']}"
         lines.append(
-            f"  {'ok ' if p['ok'] else '!! '}{p['name']:<14} {state:<16} (>= {p['minimum']}) {p['purpose']}{note}"
+            f"  {'ok ' if p['ok'] else '!! '}{p['name']:<15} {state:<16} (>= {p['minimum']}) {p['purpose']}{note}"
         )
     lines.append("optional packages:")
     for p in report["optional"]:
         lines.append(
-            f"  {'ok ' if p['ok'] else '-- '}{p['name']:<14} {p['version'] or 'not installed':<16} {p['purpose']}"
+            f"  {'ok ' if p['ok'] else '-- '}{p['name']:<15} {p['version'] or 'not installed':<16} {p['purpose']}"
         )
     lines += ["", _format_gpu(report)]
     rec = report["recommendation"]

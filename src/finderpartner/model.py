@@ -512,15 +512,21 @@ def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = 
     processor_cls(image_processor=encoder.image_processor, tokenizer=encoder.tokenizer).save_pretrained(out)
     # transformers 5 folds the image processor into processor_config.json; 4.x reads preprocessor_config.json.
     encoder.image_processor.save_pretrained(out)
-    if not (out / "vocab.json").exists() and getattr(encoder.tokenizer, "is_fast", False):
-        # transformers 5 no longer writes vocab.json/merges.txt; transformers 4's slow CLIPTokenizer needs them.
-        try:
-            save_vocab_files(encoder.tokenizer, out)
-        except VOCAB_FILE_ERRORS as e:  # not a BPE tokenizer: nothing a slow CLIP tokenizer could read anyway
-            log.debug("no vocab.json/merges.txt written: %s", e)
+    write_vocab_files(encoder.tokenizer, out)
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")
     return out
+
+
+def write_vocab_files(tokenizer: Any, out: Path) -> None:
+    """``vocab.json``/``merges.txt`` beside a saved fast tokenizer: transformers 5 no longer writes them, and
+    transformers 4's slow ``CLIPTokenizer`` needs them."""
+    if (out / "vocab.json").exists() or not getattr(tokenizer, "is_fast", False):
+        return
+    try:
+        save_vocab_files(tokenizer, out)
+    except VOCAB_FILE_ERRORS as e:  # not a BPE tokenizer: nothing a slow CLIP tokenizer could read anyway
+        log.debug("no vocab.json/merges.txt written: %s", e)
 
 
 # --------------------------------------------------------------------------------------------------------------

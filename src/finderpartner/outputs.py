@@ -73,6 +73,7 @@ def describe_kind(kind: str) -> str:
         "shards": "a WebDataset shard folder",
         "sample-data": "a sample data set",
         "eval": "an evaluation report folder",
+        "convert": "a converted model folder (finderpartner convert)",
     }.get(kind, f"a finderpartner {kind} folder")
 
 

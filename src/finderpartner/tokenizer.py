@@ -39,7 +39,9 @@ CLIP_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 2 * 256
 
 
-def _pipeline(model: BPE) -> Tokenizer:
+def _pipeline(
+    model: BPE, bos_id: int = SPECIAL_TOKENS.index(BOS_TOKEN), eos_id: int = SPECIAL_TOKENS.index(EOS_TOKEN)
+) -> Tokenizer:
     """Wrap a BPE model in CLIP's normaliser, pre-tokeniser, decoder and post-processor."""
     tokenizer = Tokenizer(model)
     tokenizer.normalizer = normalizers.Sequence(
@@ -55,15 +57,15 @@ def _pipeline(model: BPE) -> Tokenizer:
     # RoBERTa's processor, as in CLIP: transformers 5 installs exactly this one on load anyway. Truncation
     # reserves room for the specials it adds, so a truncated caption still ends with eos.
     tokenizer.post_processor = processors.RobertaProcessing(
-        (EOS_TOKEN, SPECIAL_TOKENS.index(EOS_TOKEN)),
-        (BOS_TOKEN, SPECIAL_TOKENS.index(BOS_TOKEN)),
+        (EOS_TOKEN, eos_id),
+        (BOS_TOKEN, bos_id),
         trim_offsets=False,
         add_prefix_space=False,
     )
     return tokenizer
 
 
-def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> BPE:
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], unk_token: str = UNK_TOKEN) -> BPE:
     # The same settings that transformers 5's CLIPTokenizer uses when it rebuilds the model on load.
     return BPE(
         vocab=vocab,
@@ -72,7 +74,7 @@ def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> BPE:
         continuing_subword_prefix="",
         end_of_word_suffix=END_OF_WORD,
         fuse_unk=False,
-        unk_token=UNK_TOKEN,
+        unk_token=unk_token,
     )
 
 
@@ -110,8 +112,6 @@ def build_caption_tokenizer(
     the same tokenizer. Every byte has a symbol, both inside and at the end of a word, so no text is
     ever unknown and no unseen character can turn into the eos token that the text model pools at.
     """
-    from transformers import CLIPTokenizerFast  # type: ignore[attr-defined]  # heavy: imported on use
-
     texts = [str(c) for c in captions]  # materialised: the trainer may consume an iterator only once
     if not any(t.strip() for t in texts):
         raise ModelError("cannot build a caption tokenizer: no captions with text were given")
@@ -121,15 +121,31 @@ def build_caption_tokenizer(
         raise ModelError(f"tokenizer context_length must be at least 3 (got {context_length})")
 
     vocab, merges = _train(texts, vocab_size)
-    backend = _pipeline(_bpe(vocab, merges))
-    backend.add_special_tokens(list(SPECIAL_TOKENS))  # already in the vocabulary: keeps ids 0, 1, 2
     log.info("trained caption tokenizer: %d tokens, %d merges", len(vocab), len(merges))
+    return clip_tokenizer(vocab, merges, context_length=context_length)
+
+
+def clip_tokenizer(
+    vocab: dict[str, int], merges: list[tuple[str, str]], *, context_length: int, unk_token: str = UNK_TOKEN
+) -> CLIPTokenizerFast:
+    """A transformers fast tokenizer from a CLIP-style BPE (``</w>`` word ends): the caption tokenizer's, or
+    OpenAI CLIP's (``convert``: open_clip's own vocabulary, where ``<|endoftext|>`` also stands for unknown).
+
+    ``vocab`` must hold ``<|startoftext|>``, ``<|endoftext|>`` and ``unk_token``; ``<|endoftext|>`` pads.
+    """
+    from transformers import CLIPTokenizerFast  # type: ignore[attr-defined]  # heavy: imported on use
+
+    missing = [t for t in (BOS_TOKEN, EOS_TOKEN, unk_token) if t not in vocab]
+    if missing:
+        raise ModelError(f"a CLIP tokenizer vocabulary needs the tokens {', '.join(missing)}")
+    backend = _pipeline(_bpe(vocab, merges, unk_token), vocab[BOS_TOKEN], vocab[EOS_TOKEN])
+    backend.add_special_tokens(list(dict.fromkeys((BOS_TOKEN, EOS_TOKEN, unk_token))))  # in the vocabulary: same ids
     return CLIPTokenizerFast(
         tokenizer_object=backend,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
+        unk_token=unk_token,
         model_max_length=context_length,
         padding_side="right",
         # A caption that literally contains "<|endoftext|>" is text, not an early end of sequence.
