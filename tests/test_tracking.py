@@ -97,6 +97,21 @@ def test_tensorboard_gets_hparams_config_histograms_and_the_retrieval_grid(short
     assert len(list((short_run / "tensorboard").iterdir())) == 1  # one run: no hparams-only run beside it
 
 
+def test_a_resume_hides_what_was_logged_after_its_checkpoint(small_data: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+
+    raw = micro_config(tmp_path, small_data, max_steps=6, log_every=1, checkpoint_every=2)
+    raw["tracking"] = {"tensorboard": True}
+    run_dir = train(config_from_dict(raw)).run_dir
+    train(config_from_dict(raw), resume=str(run_dir / "checkpoints" / "step_000004"))  # steps 5 and 6 again
+    first, second = sorted((run_dir / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    starts = [e.step for e in EventFileLoader(str(second)).Load() if e.session_log.status == SessionLog.START]
+    assert starts == [5]  # TensorBoard drops the first file's events from step 5 on
+    assert [e.step for e in _events(run_dir).Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in _jsonl(run_dir) if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
 def test_retrieval_examples_are_each_captions_top_images_and_own_rank() -> None:
     images = torch.eye(6)
     # caption j is most like image j+1, then its own image j
