@@ -153,14 +153,16 @@ def make_trackers(cfg: Config, accelerator: Any, *, start_step: int = 0, enabled
     if "tensorboard" in tracking.trackers:
         tensorboard = TensorBoardTracker(run_dir / "tensorboard", start_step)
         tensorboard.start(params, render_yaml(cfg, comments=False), start_step)
-    if accelerator is not None and accelerator.log_with:
-        init_kwargs = {"wandb": wandb_init_kwargs(cfg)} if "wandb" in tracking.trackers else {}
-        accelerator.init_trackers(tracking.wandb_project, config=params, init_kwargs=init_kwargs)
-        started = {t.name for t in accelerator.trackers}
-        if missing := [name for name in _accelerate_trackers(tracking) if name not in started]:
-            raise FinderPartnerError(
-                f"Accelerate did not start the tracker(s) {', '.join(missing)}: are they installed?"
-            )
+    try:
+        if accelerator is not None and accelerator.log_with:
+            init_kwargs = {"wandb": wandb_init_kwargs(cfg)} if "wandb" in tracking.trackers else {}
+            accelerator.init_trackers(tracking.wandb_project, config=params, init_kwargs=init_kwargs)
+            started = {t.name for t in accelerator.trackers}
+            if missing := [name for name in _accelerate_trackers(tracking) if name not in started]:
+                raise FinderPartnerError(f"Accelerate did not start the tracker(s) {', '.join(missing)}")
+    except BaseException:
+        Trackers(jsonl, tensorboard, accelerator).close()  # whatever did start
+        raise
     return Trackers(jsonl, tensorboard, accelerator)
 
 
