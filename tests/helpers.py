@@ -25,6 +25,40 @@ MICRO_SPEC = {
 }
 
 
+# A sitecustomize.py that hides the distributions named in $FP_HIDE (comma-separated) from importlib.metadata and
+# their modules from import, in a fresh interpreter only (put its folder first on PYTHONPATH).
+HIDE_PACKAGES = r'''
+import importlib.machinery, os, re, sys
+
+HIDDEN = set(os.environ["FP_HIDE"].split(","))  # distribution names == top-level module names here
+_norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+
+
+class _Hidden:
+    """Wraps the path finder: hidden packages cannot be imported and have no installed metadata."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HIDDEN:
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def find_distributions(self, context=None):
+        from importlib.metadata import DistributionFinder
+
+        found = self.inner.find_distributions(context or DistributionFinder.Context())
+        return (d for d in found if _norm(d.metadata["Name"] or "") not in {_norm(h) for h in HIDDEN})
+
+    def invalidate_caches(self):
+        self.inner.invalidate_caches()
+
+
+sys.meta_path[:] = [_Hidden(f) if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
+'''
+
+
 def micro_config(tmp: Path, data: Path, **train: object) -> dict:
     """A config dict for a seconds-long CPU run of the micro model on ``data``."""
     return {

@@ -9,43 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import HIDE_PACKAGES
 
 from finderpartner.cli import main
 from finderpartner.env import REQUIRED, environment_report, format_report
 
 ROOT = Path(__file__).resolve().parents[1]
-
-# Hides distributions from importlib.metadata and their modules from import, in a fresh interpreter only.
-_HIDE = r'''
-import importlib.machinery, os, re, sys
-
-HIDDEN = set(os.environ["FP_HIDE"].split(","))  # distribution names == top-level module names here
-_norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
-
-
-class _Hidden:
-    """Wraps the path finder: hidden packages cannot be imported and have no installed metadata."""
-
-    def __init__(self, inner):
-        self.inner = inner
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in HIDDEN:
-            return None
-        return self.inner.find_spec(name, path, target)
-
-    def find_distributions(self, context=None):
-        from importlib.metadata import DistributionFinder
-
-        found = self.inner.find_distributions(context or DistributionFinder.Context())
-        return (d for d in found if _norm(d.metadata["Name"] or "") not in {_norm(h) for h in HIDDEN})
-
-    def invalidate_caches(self):
-        self.inner.invalidate_caches()
-
-
-sys.meta_path[:] = [_Hidden(f) if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
-'''
 
 KEY_TYPES = {
     "python": dict,
@@ -88,7 +57,7 @@ def _check_types(obj: dict, schema: dict, where: str) -> None:
 
 
 def _run_hidden(tmp_path: Path, hide: str, *args: str) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(_HIDE, encoding="utf-8")
+    (tmp_path / "sitecustomize.py").write_text(HIDE_PACKAGES, encoding="utf-8")
     env = {**os.environ, "FP_HIDE": hide, "PYTHONPATH": str(tmp_path)}
     return subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "check_env.py"), *args],

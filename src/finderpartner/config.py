@@ -389,11 +389,29 @@ class EvalConfig(_Section):
         return v
 
 
+# Trackers ``tracking.log_with`` may name: ours (tensorboard) and Accelerate's, all present since accelerate 0.26.
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
+
+
 class TrackingConfig(_Section):
     jsonl: bool = Field(True, description="append metrics to <run>/metrics.jsonl")
     tensorboard: bool = Field(True, description="write TensorBoard event files to <run>/tensorboard/")
-    wandb: bool = Field(False, description="log to Weights & Biases (offline mode when no credentials are set)")
-    wandb_project: str = Field("finderpartner", description="W&B project name")
+    wandb: bool = Field(
+        False, description="log to Weights & Biases (offline when WANDB_MODE=offline or no API key is found)"
+    )
+    wandb_project: str = Field(
+        "finderpartner", description="W&B project name (also the MLflow experiment and the Comet project)"
+    )
+    log_with: list[TrackerName] = Field(
+        default_factory=list,
+        description="more trackers through Accelerate: mlflow, comet_ml, aim, clearml, dvclive (tensorboard and "
+        "wandb here equal the keys above); each reads its own settings (MLFLOW_TRACKING_URI, ...)",
+    )
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers asked for besides metrics.jsonl (the tensorboard and wandb keys, then log_with), once each."""
+        return list(dict.fromkeys(["tensorboard"] * self.tensorboard + ["wandb"] * self.wandb + list(self.log_with)))
 
 
 class CardConfig(_Section):

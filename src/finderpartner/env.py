@@ -149,6 +149,16 @@ OPTIONAL = {
     "open_clip_torch": ("open_clip", "3.1", "finderpartner convert (extra: open_clip)"),
 }
 
+# The trackers a config can ask for (config.TrackerName): the module each needs and how to install it.
+TRACKERS = {
+    "tensorboard": ("tensorboard", "pip install tensorboard"),
+    "wandb": ("wandb", "pip install 'finderpartner[wandb]'"),
+    "mlflow": ("mlflow", "pip install mlflow"),
+    "comet_ml": ("comet_ml", "pip install comet_ml"),
+    "aim": ("aim", "pip install aim"),
+    "clearml": ("clearml", "pip install clearml"),
+    "dvclive": ("dvclive", "pip install dvclive"),
+}
 
 MIN_PYTHON = (3, 10)
 LOW_DISK_GB = 5.0  # a run folder with checkpoints of the base model needs a few GB
@@ -187,6 +197,21 @@ def _package_status(dist: str, module: str, minimum: str, purpose: str) -> dict[
         None if status["ok"] else ("older than " + minimum if importable else "installed but not importable")
     )
     return status
+
+
+def tracker_problems(tracking: Any) -> list[str]:
+    """One line per tracker a config asks for (``TrackingConfig.trackers``) that cannot start here: the key that
+    asked, what is wrong and what to install. Accelerate would silently drop such a tracker; training refuses it."""
+    problems = []
+    for name in tracking.trackers:
+        module, install = TRACKERS[name]
+        status = _package_status(module, module, OPTIONAL.get(module, (module, "0", ""))[1], "")
+        if not status["ok"]:
+            key = f"tracking.{name}: true" if getattr(tracking, name, False) else f"tracking.log_with: [{name}]"
+            problems.append(
+                f"{key} needs the {module} package ({status['problem']}): {install} (or turn it off in the config)"
+            )
+    return problems
 
 
 def _gpu_report() -> dict[str, Any]:
@@ -307,23 +332,25 @@ def _model_status(name: str, required: bool, is_tiny: bool) -> dict[str, Any]:
     }
 
 
-def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool, bool]:
-    """(model name, output folder, whether they are required, whether the model is the tiny preset) from the
-    config, else from the rtx3060 preset."""
+def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool, bool, list[str]]:
+    """(model name, output folder, whether they are required, whether the model is the tiny preset, the
+    configured trackers that cannot run here) from the config, else from the rtx3060 preset (no tracker checked)."""
     try:
         from .config import load_config, preset_config
 
         cfg = load_config(config_path) if config_path is not None else preset_config("rtx3060")
     except ImportError:  # pydantic or pyyaml missing: reported above
-        return None, Path("outputs"), False, False
-    return cfg.model.name, Path(cfg.output_dir), config_path is not None, cfg.model.is_tiny
+        return None, Path("outputs"), False, False, []
+    trackers = tracker_problems(cfg.tracking) if config_path is not None else []
+    return cfg.model.name, Path(cfg.output_dir), config_path is not None, cfg.model.is_tiny, trackers
 
 
 def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
     """Everything check-env shows, as plain data; ``ok`` is False when a requirement is not met.
 
     Requirements: Python >= 3.10, every required package at its minimum version, and (with a config) its
-    model loadable here. Optional packages, the GPU and the disk are reported, not required.
+    model loadable here and its trackers (tracking.wandb, tracking.log_with, ...) installed. Optional packages,
+    the GPU and the disk are reported, not required.
     """
     import shutil
     import sys
@@ -331,7 +358,7 @@ def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
     required = [_package_status(d, m, v, p) for d, (m, v, p) in REQUIRED.items()]
     optional = [_package_status(d, m, v, p) for d, (m, v, p) in OPTIONAL.items()]
     gpu = _gpu_report()
-    model_name, output_dir, model_required, model_is_tiny = _configured(config_path)
+    model_name, output_dir, model_required, model_is_tiny, trackers = _configured(config_path)
     probe = next((p for p in (output_dir, *output_dir.parents) if p.exists()), Path.cwd())
     free_gb = round(shutil.disk_usage(probe).free / 2**30, 1)
     report: dict[str, Any] = {
@@ -357,6 +384,7 @@ def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:
     model = report["model"]
     if model and model["required"] and not model["ok"]:
         problems.append(f"model {model['name']}: {model['source']} (download it where there is internet, or use tiny)")
+    problems += trackers  # a configured tracker that is not installed: training would refuse to start
     report["problems"] = problems
     report["ok"] = not problems
     report["install"] = (

@@ -24,12 +24,29 @@ from .data.sources import EvalSet
 from .embedding import Autocast, embed_images, embed_texts
 from .errors import DataError
 from .loss import Objective, gather_features, saved_objective
-from .metrics import mean_recall, retrieval_metrics, similarity_stats
+from .metrics import mean_recall, retrieval_metrics, similarity_stats, top_candidates
 from .model import DualEncoder
 from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
 from .processes import world
 
 log = logging.getLogger(__name__)
+
+EXAMPLE_QUERIES = 4  # captions of a split shown with their top images (the retrieval grid, tracking.py)
+EXAMPLE_TOP_K = 5
+
+
+@dataclass
+class RetrievalExamples:
+    """A few captions of the split with their best-scoring images: what ``retrieval_grid`` draws.
+
+    The captions are the same at every validation of a split (evenly spread over its rows), so that the grids of
+    successive validations show the same queries.
+    """
+
+    rows: list[int]  # caption rows of the split
+    top: list[list[int]]  # each caption's top images (indices into the split's images), best first
+    scores: list[list[float]]  # their cosine similarities
+    rank: list[int]  # the rank of each caption's own image (1-based; it may be below the top k)
 
 
 @dataclass
@@ -42,6 +59,7 @@ class EvalResult:
     positive: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
     negative: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0))
     loss_batch_size: int = 0  # the loss is the objective's mean over consecutive blocks of this many pairs
+    examples: RetrievalExamples | None = field(repr=False, default=None)
 
     @property
     def mean_recall(self) -> float:
@@ -180,7 +198,20 @@ def evaluate_embeddings(
             sizes.append(len(rows))
     loss = float(np.average(losses, weights=sizes)) if losses else float("nan")
     stats, positive, negative = similarity_stats(image_emb, text_emb, text_to_image)
-    return EvalResult(metrics, loss, stats, image_emb.shape[0], text_emb.shape[0], positive, negative, loss_batch_size)
+    examples = retrieval_examples(image_emb, text_emb, text_to_image)
+    return EvalResult(
+        metrics, loss, stats, image_emb.shape[0], text_emb.shape[0], positive, negative, loss_batch_size, examples
+    )
+
+
+def retrieval_examples(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, queries: int = EXAMPLE_QUERIES
+) -> RetrievalExamples:
+    """The top images of ``queries`` captions evenly spread over the split, from the embeddings already made."""
+    rows = sorted({int(r) for r in np.linspace(0, len(text_emb) - 1, num=min(queries, len(text_emb))).round()})
+    own = torch.as_tensor(text_to_image, dtype=torch.long)[rows]
+    top, scores, rank = top_candidates(text_emb[rows], image_emb, own, k=EXAMPLE_TOP_K)
+    return RetrievalExamples(rows, top.tolist(), scores.tolist(), rank.tolist())
 
 
 def write_report(

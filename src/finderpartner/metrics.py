@@ -115,6 +115,17 @@ def ranks(query_emb: torch.Tensor, cand_emb: torch.Tensor, positives, chunk_size
     return out
 
 
+def top_candidates(
+    query_emb: torch.Tensor, cand_emb: torch.Tensor, own: Sequence[int] | torch.Tensor, k: int = 5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each query's ``k`` best candidates (indices and cosines, best first) and the 1-based rank of its own
+    candidate ``own[q]`` (ties count against it, as in ``ranks``). For a few queries: all candidates at once."""
+    scores = query_emb.float() @ cand_emb.float().t()
+    best = scores.topk(min(k, scores.shape[1]), dim=1)
+    own_score = scores.gather(1, torch.as_tensor(own, dtype=torch.long)[:, None])
+    return best.indices, best.values, (scores >= own_score).sum(dim=1)
+
+
 def summarize_ranks(rank: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     r = rank.double()
     out = {f"R@{k}": float((r <= k).double().mean()) for k in ks}

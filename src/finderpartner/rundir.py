@@ -41,6 +41,8 @@ RUN_ARTEFACTS = (
     "best_model",
     "tokenizer",
     "wandb",
+    "tracking.json",  # the W&B run id (tracking.py)
+    "trackers",  # local files of Accelerate's trackers (Aim)
     MARKER,
 )
 

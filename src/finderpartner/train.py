@@ -68,7 +68,7 @@ from .probe import optimizer_state_bytes, probe_micro_batch
 from .processes import all_min, from_main
 from .rundir import open_run_dir
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
-from .tracking import Trackers, flatten, make_trackers
+from .tracking import Trackers, accelerator_options, check_trackers, flatten, make_trackers
 from .zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
 
 log = logging.getLogger(__name__)
@@ -181,6 +181,7 @@ def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
     same checkpoint, after checking it is the same file (checkpoints must be on a filesystem all processes share).
     """
     start = time.perf_counter()  # a time budget counts from here
+    check_trackers(cfg.tracking)  # a tracker that is not installed: refused before the run folder is touched
     accelerator = _accelerator(cfg)
     device = accelerator.device
     precision = resolve_precision(cfg.train.precision, device)
@@ -239,7 +240,12 @@ def _accelerator(cfg: Config) -> Any:
     device_type = resolve_device(cfg.train.device).type
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
     # autocast is ours (see env.py): accelerate's mixed precision stays off
-    return Accelerator(cpu=device_type == "cpu", mixed_precision="no", kwargs_handlers=[timeout])
+    return Accelerator(
+        cpu=device_type == "cpu",
+        mixed_precision="no",
+        kwargs_handlers=[timeout],
+        **accelerator_options(cfg.tracking, cfg.run_dir),  # W&B, MLflow, ... (tracking.py)
+    )
 
 
 def _accelerate_launch_processes() -> int:
@@ -306,7 +312,6 @@ def _build_run(
             "no CUDA GPU: training on the CPU in %s; expect minutes for the tiny model, hours for ViT-B/32", precision
         )
     set_seed(cfg.seed)
-    run_dir = cfg.run_dir
     data = open_training_data(cfg, need_captions=cfg.model.is_tiny, progress=accelerator.is_main_process)
     zeroshot = _zeroshot_sets(cfg, data.val is not None)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
@@ -341,7 +346,7 @@ def _build_run(
         batches,
         loader,
         data.val,
-        Trackers([]),
+        Trackers(),
         state,
         plan,
         lock,
@@ -352,16 +357,7 @@ def _build_run(
         plan.adopt(state)
     if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
         state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
-    run.trackers = make_trackers(
-        run_dir,
-        jsonl=cfg.tracking.jsonl,
-        tensorboard=cfg.tracking.tensorboard,
-        wandb=cfg.tracking.wandb,
-        wandb_project=cfg.tracking.wandb_project,
-        config=config_to_dict(cfg),
-        enabled=accelerator.is_main_process,
-        start_step=state.global_step,
-    )
+    run.trackers = make_trackers(cfg, accelerator, start_step=state.global_step, enabled=accelerator.is_main_process)
     return run
 
 
@@ -664,9 +660,10 @@ def _loop(run: Run) -> EvalResult | None:
                 lr=f"{run.scheduler.get_last_lr()[0]:.2e}",
                 samples_s=f"{window.samples_per_s:.0f}",
             )
-            if state.global_step % cfg.train.log_every == 0:
-                run.trackers.log(window.flush(run), state.global_step)
+            if state.global_step % cfg.train.log_every == 0 or state.global_step >= run.total_steps:
+                _log_window(run, window)  # the last window too, however short
             if state.global_step % cfg.train.checkpoint_every == 0 and state.global_step < run.total_steps:
+                _log_window(run, window)  # a resume starts after the checkpoint: its steps are logged before it
                 with window.paused(), run.plan.paused("checkpoint"):
                     _save_checkpoint(run)  # the last step is saved by train(), after the final validation
             if state.global_step >= run.total_steps:
@@ -683,6 +680,11 @@ def _loop(run: Run) -> EvalResult | None:
     if final is None and run.val is None and run.is_main:
         _save_best(run, None)  # no validation split: the final model is the best we know
     return final
+
+
+def _log_window(run: Run, window: _Window) -> None:
+    if window.losses:
+        run.trackers.log(window.flush(run), run.state.global_step)
 
 
 class _Window:
@@ -954,6 +956,7 @@ def _validate(run: Run) -> EvalResult | None:
         run.state.best_metric, run.state.best_step = float(value), run.state.global_step
     if run.is_main:
         run.trackers.log(flatten({"val": {**result.summary(), "zeroshot": zeroshot}}), run.state.global_step)
+        run.trackers.log_validation(result, run.val, run.state.global_step)
         for zset_name, figures in zeroshot.items():
             log.info("zero-shot %s: %s", zset_name, ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
         log.info(
