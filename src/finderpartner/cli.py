@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, progress
 from .errors import EXIT_CODES, INTERNAL_ERROR, INTERRUPTED, DataError, FinderPartnerError, UsageError
 from .outputs import storage_error, write_text_atomic
 
@@ -25,14 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a usage error exits with 2 here, with argparse's message
     _setup_logging(args.verbose, args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in DataLoader workers instead
+    progress.quiet_other_bars()  # bars on a terminal only, from transformers too; before it is imported
     try:
-        try:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-        except ImportError:  # check-env must still run, and say to install tqdm
-            import contextlib
-
-            logging_redirect_tqdm = lambda **_: contextlib.nullcontext()  # noqa: E731
-        with logging_redirect_tqdm(loggers=[logging.getLogger("finderpartner")]):
+        with progress.routed_logging():
             return int(args.handler(args) or 0)
     except FinderPartnerError as e:
         rank = _launched_rank()
@@ -68,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"finderpartner {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress either")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for add in (
         _add_check_env_command,
