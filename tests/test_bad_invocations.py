@@ -17,6 +17,7 @@ from helpers import MICRO_SPEC, micro_config
 
 from finderpartner.cli import build_parser
 from finderpartner.errors import (
+    BROKEN_PIPE,
     EXIT_CODES,
     INTERNAL_ERROR,
     INTERRUPTED,
@@ -269,7 +270,7 @@ def test_exit_codes_are_distinct_and_argparse_usage_errors_are_usage_errors(
     kinds = [cls for cls in errors if "exit_code" in vars(cls)]  # a refinement may share its parent's code
     codes = [cls.exit_code for cls in kinds]
     assert len(set(codes)) == len(codes), {cls.__name__: cls.exit_code for cls in kinds}
-    assert {cls.exit_code for cls in errors} | {0, INTERNAL_ERROR, INTERRUPTED} == set(EXIT_CODES)
+    assert {cls.exit_code for cls in errors} | {0, INTERNAL_ERROR, INTERRUPTED, BROKEN_PIPE} == set(EXIT_CODES)
     assert (UsageError.exit_code, ConfigError.exit_code) == (2, 3)
     with pytest.raises(SystemExit) as err:
         build_parser().parse_args(["train", "--bogus"])

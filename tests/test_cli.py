@@ -213,3 +213,16 @@ def test_underscore_spellings_are_hidden_aliases(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit) as err:  # an underscore spelling of no flag is still a usage error
         parse(["export", "--model", "m", "--out", "o", "--no_such_flag"])
     assert err.value.code == 2 and "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_reading_is_not_an_internal_error() -> None:
+    """`finderpartner ... | head`: the reader closes the pipe; the command ends quietly with 141, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finderpartner.cli", "init-config", "--preset", "tiny"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # type: ignore[union-attr]  # gone before the command writes
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert proc.wait(timeout=120) == 141 and err == "", err

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import __version__, progress
 from .errors import (
+    BROKEN_PIPE,
     EXIT_CODES,
     INTERNAL_ERROR,
     INTERRUPTED,
@@ -40,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         rank = _launched_rank()
         print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): not a bug, and nothing more can be printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit, when Python flushes stdout
+        return BROKEN_PIPE
     except KeyboardInterrupt:
         print(
             "interrupted: nothing half-written was kept (earlier files are intact); a training continues with "
