@@ -56,8 +56,9 @@ class Progress:
         leave: bool = True,
         disable: bool = False,
     ):
-        if total is None and iterable is not None and hasattr(iterable, "__len__"):
-            total = len(iterable)  # type: ignore[arg-type]
+        if total is None and iterable is not None:
+            with contextlib.suppress(TypeError):  # no len(): a generator, a DataLoader over an IterableDataset
+                total = len(iterable)  # type: ignore[arg-type]
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.n = self._start_n = self._logged_n = initial
         self.postfix = ""
