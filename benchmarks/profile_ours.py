@@ -55,7 +55,9 @@ BUCKETS: list[tuple[str, re.Pattern[str]]] = [
     ("normalise pixels", re.compile(r"^normalize \(finderpartner/data/transforms\.py")),
     (
         "logging / progress bar",
-        re.compile(r"(^|\.)(flush|log|set_postfix|update|refresh|display) \((finderpartner/(train|tracking)|tqdm/)"),
+        re.compile(
+            r"(^|\.)(flush|log|set_postfix|update|refresh|display) \((finderpartner/(train|tracking|progress)|tqdm/)"
+        ),
     ),
     ("checkpoint / save", re.compile(r"^(_save_checkpoint|_save_best|save_checkpoint|save_model) \(")),
 ]

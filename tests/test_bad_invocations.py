@@ -16,7 +16,15 @@ import yaml
 from helpers import MICRO_SPEC, micro_config
 
 from finderpartner.cli import build_parser
-from finderpartner.errors import EXIT_CODES
+from finderpartner.errors import (
+    BROKEN_PIPE,
+    EXIT_CODES,
+    INTERNAL_ERROR,
+    INTERRUPTED,
+    ConfigError,
+    FinderPartnerError,
+    UsageError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -248,3 +256,22 @@ def test_readme_exit_code_table_matches_the_cli() -> None:
     help_text = build_parser().format_help()
     for code, meaning in EXIT_CODES.items():
         assert f"{code:>3}  {meaning}" in help_text
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+def test_exit_codes_are_distinct_and_argparse_usage_errors_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each kind of error has a code of its own, listed in EXIT_CODES; argparse's own usage errors exit 2 like ours."""
+    errors = [FinderPartnerError, *_subclasses(FinderPartnerError)]
+    kinds = [cls for cls in errors if "exit_code" in vars(cls)]  # a refinement may share its parent's code
+    codes = [cls.exit_code for cls in kinds]
+    assert len(set(codes)) == len(codes), {cls.__name__: cls.exit_code for cls in kinds}
+    assert {cls.exit_code for cls in errors} | {0, INTERNAL_ERROR, INTERRUPTED, BROKEN_PIPE} == set(EXIT_CODES)
+    assert (UsageError.exit_code, ConfigError.exit_code) == (2, 3)
+    with pytest.raises(SystemExit) as err:
+        build_parser().parse_args(["train", "--bogus"])
+    assert err.value.code == UsageError.exit_code and "unrecognized arguments: --bogus" in capsys.readouterr().err

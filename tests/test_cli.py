@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from finderpartner.cli import main
+from finderpartner.cli import build_parser, exit_code_table, main
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle on the left"
@@ -190,14 +192,65 @@ def test_seed_check_env_script_json() -> None:
 
 
 @pytest.mark.parametrize(
-    ("script", "expected"),
+    ("script", "expected", "hidden"),
     [
-        ("src/train_clip.py", ["--config", "--resume", "--create_sample_data"]),
-        ("export_clip.py", ["--model_path", "--output_dir", "--fp16", "--int8"]),
-        ("gradio_demo.py", ["--model_path", "--host", "--port", "--index"]),
+        ("src/train_clip.py", ["--config", "--resume", "--create-sample-data"], ["--create_sample_data"]),
+        ("export_clip.py", ["--model", "--out", "--fp16", "--int8"], ["--model_path", "--output_dir"]),
+        ("gradio_demo.py", ["--model", "--host", "--port", "--index"], ["--model_path"]),
     ],
 )
-def test_seed_scripts_answer_help_from_any_folder(script: str, expected: list[str], tmp_path: Path) -> None:
+def test_seed_scripts_answer_help_from_any_folder(
+    script: str, expected: list[str], hidden: list[str], tmp_path: Path
+) -> None:
+    """The shims' help is the command's: kebab-case flags; the seed's spellings still work (below) but are not shown."""
     run = _run(str(ROOT / script), "--help", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert all(flag in run.stdout for flag in expected), run.stdout
+    assert not any(flag in run.stdout for flag in hidden), run.stdout
+    assert "examples:" in run.stdout
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_command_help_has_a_description_examples_and_the_exit_codes(name: str) -> None:
+    command = _commands()[name]
+    text = command.format_help()
+    assert command.description and len(command.description) > 60, name
+    block = text.split("\nexamples:\n", 1)[1].split("\n\n", 1)[0].replace("\\\n", " ")  # continued lines joined
+    runs = [line.strip() for line in block.splitlines() if (line + " ").startswith(f"  finderpartner {name} ")]
+    assert 1 <= len(runs) <= 3 and len(runs) == len(block.splitlines()), block
+    for run in runs:  # each example parses: flags that exist, values where they are needed
+        argv = shlex.split(run.split(" > ")[0])[1:]
+        assert build_parser().parse_args(argv).handler is not None, run
+    assert f"exit codes:\n{exit_code_table()}" in text
+    assert re.findall(r"--[a-z0-9-]*_", text) == [], "underscore flags belong to the hidden aliases"
+
+
+def test_underscore_spellings_are_hidden_aliases(capsys: pytest.CaptureFixture[str]) -> None:
+    parse = build_parser().parse_args
+    exported = parse(["export", "--model_path", "m", "--output_dir", "o", "--verify_count=4"])
+    assert (exported.model, exported.out, exported.verify_count) == ("m", Path("o"), 4)
+    assert parse(["demo", "--model_path=m", "--max_upload_mb", "2"]).max_upload_mb == 2.0
+    assert parse(["train", "--create_sample_data"]).create_sample_data is True
+    searched = parse(["search", "--model", "m", "--prompt", "x", "--top_k", "3", "--batch_size", "8"])
+    assert (searched.top_k, searched.batch_size) == (3, 8)
+    with pytest.raises(SystemExit) as err:  # an underscore spelling of no flag is still a usage error
+        parse(["export", "--model", "m", "--out", "o", "--no_such_flag"])
+    assert err.value.code == 2 and "unrecognized arguments: --no_such_flag" in capsys.readouterr().err
+
+
+def test_a_reader_that_stops_reading_is_not_an_internal_error() -> None:
+    """`finderpartner ... | head`: the reader closes the pipe; the command ends quietly with 141, no traceback."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finderpartner.cli", "init-config", "--preset", "tiny"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # type: ignore[union-attr]  # gone before the command writes
+    err = proc.stderr.read()  # type: ignore[union-attr]
+    assert proc.wait(timeout=120) == 141 and err == "", err

@@ -13,8 +13,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .errors import EXIT_CODES, INTERNAL_ERROR, INTERRUPTED, DataError, FinderPartnerError, UsageError
+from . import __version__, progress
+from .errors import (
+    BROKEN_PIPE,
+    EXIT_CODES,
+    INTERNAL_ERROR,
+    INTERRUPTED,
+    DataError,
+    FinderPartnerError,
+    UsageError,
+)
 from .outputs import storage_error, write_text_atomic
 
 log = logging.getLogger("finderpartner")
@@ -25,19 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # a usage error exits with 2 here, with argparse's message
     _setup_logging(args.verbose, args.quiet)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in DataLoader workers instead
+    progress.quiet_other_bars()  # bars on a terminal only, from transformers too; before it is imported
     try:
-        try:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-        except ImportError:  # check-env must still run, and say to install tqdm
-            import contextlib
-
-            logging_redirect_tqdm = lambda **_: contextlib.nullcontext()  # noqa: E731
-        with logging_redirect_tqdm(loggers=[logging.getLogger("finderpartner")]):
+        with progress.routed_logging():
             return int(args.handler(args) or 0)
     except FinderPartnerError as e:
         rank = _launched_rank()
         print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # stdout's reader is gone (`| head`): not a bug, and nothing more can be printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit, when Python flushes stdout
+        return BROKEN_PIPE
     except KeyboardInterrupt:
         print(
             "interrupted: nothing half-written was kept (earlier files are intact); a training continues with "
@@ -59,8 +65,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         return INTERNAL_ERROR
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that also takes hidden spellings of its flags, shown nowhere in --help: the underscore form
+    of every flag (``--top_k`` for ``--top-k``, as the seed's scripts spelt them) and the seed's renamed flags
+    (``hidden_aliases``: ``--model_path`` for ``--model``). Its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hidden_aliases: dict[str, str] = {}
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        return super().parse_known_args(self._canonical(sys.argv[1:] if args is None else list(args)), namespace)
+
+    def _canonical(self, args: list[str]) -> list[str]:
+        """``--model_path DIR`` -> ``--model DIR``, ``--top_k=3`` -> ``--top-k=3``: only flags this parser has."""
+        out = []
+        for i, arg in enumerate(args):
+            if arg == "--":  # the rest are values
+                return out + args[i:]
+            flag, eq, value = arg.partition("=")
+            if flag.startswith("--") and "_" in flag:
+                name = self.hidden_aliases.get(flag, flag.replace("_", "-"))
+                if name in self._option_string_actions:
+                    arg = name + eq + value
+            out.append(arg)
+        return out
+
+
+def _hidden_alias(p: argparse.ArgumentParser, alias: str, flag: str) -> None:
+    """Accept ``alias`` for ``flag`` without showing it (the seed's spellings, which its shims still pass)."""
+    assert isinstance(p, _Parser) and flag in p._option_string_actions, flag
+    p.hidden_aliases[alias] = flag
+
+
+def _command(
+    sub: Any, name: str, help: str, *, description: str, examples: str, notes: str = ""
+) -> argparse.ArgumentParser:
+    """A subcommand whose --help has a description, examples, notes and the exit codes (text laid out as written)."""
+    epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines())
+    if notes:
+        epilog += "\n\n" + notes.strip()
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description.strip(),
+        epilog=f"{epilog}\n\nexit codes:\n{exit_code_table()}\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="finderpartner",
         description="Fine-tune a CLIP dual encoder on image-caption pairs, evaluate it, export it, search a gallery.",
         epilog=_EPILOG,
@@ -68,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"finderpartner {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only: no progress either")
     sub = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
     for add in (
         _add_check_env_command,
@@ -90,14 +145,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_check_env_command(sub: Any) -> None:
-    p = sub.add_parser("check-env", help="report the Python packages, GPU and recommended settings")
+    p = _command(
+        sub,
+        "check-env",
+        "report the Python packages, GPU and recommended settings",
+        description="""
+Report Python, PyTorch and the optional packages found (and what each is for), the GPU or CPU and its memory,
+and the settings recommended for this machine. Exits 1 when a required package is missing or too old.""",
+        examples="""
+finderpartner check-env
+finderpartner check-env --config configs/clip_base.yaml --json""",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--config", type=Path, help="also check this config's model and output folder")
     p.set_defaults(handler=_check_env)
 
 
 def _add_init_config_command(sub: Any) -> None:
-    p = sub.add_parser("init-config", help="print a commented default config (YAML) on stdout")
+    p = _command(
+        sub,
+        "init-config",
+        "print a commented default config (YAML) on stdout",
+        description="""
+Print a config on stdout: every key with its meaning, starting from a preset (tiny: the CPU model of
+`make run`; rtx3060: ViT-B/32 on a 12 GB GPU; minilm; finetune). Save it, edit it, train with it.""",
+        examples="""
+finderpartner init-config --preset tiny > my_config.yaml
+finderpartner init-config --preset rtx3060 > mine.yaml && finderpartner train --config mine.yaml""",
+    )
     p.add_argument(
         "--preset",
         default="rtx3060",
@@ -108,7 +183,17 @@ def _add_init_config_command(sub: Any) -> None:
 
 
 def _add_sample_data_command(sub: Any) -> None:
-    p = sub.add_parser("sample-data", help="write the synthetic sample data set")
+    p = _command(
+        sub,
+        "sample-data",
+        "write the synthetic sample data set",
+        description="""
+Write a deterministic synthetic data set (coloured shapes, two captions per image) in the folder layout that
+train, eval and validate-data read: images/<split>/ and captions_<split>.csv.""",
+        examples="""
+finderpartner sample-data --out data/sample
+finderpartner sample-data --out data/small --train-images 200 --val-images 50 --image-size 64""",
+    )
     p.add_argument("--out", type=Path, default=Path("data/sample"), help="output folder (default: data/sample)")
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--val-images", type=int, default=300)
@@ -120,7 +205,18 @@ def _add_sample_data_command(sub: Any) -> None:
 
 
 def _add_validate_data_command(sub: Any) -> None:
-    p = sub.add_parser("validate-data", help="check a data folder and report every problem at once")
+    p = _command(
+        sub,
+        "validate-data",
+        "check a data folder and report every problem at once",
+        description="""
+Check a data folder (images/<split>/ and captions_<split>.csv) and list every problem at once, by file and
+line: missing, empty, truncated or non-image files, bad CSV rows, empty captions, captions longer than the
+model's context. Exits 1 when a split has a problem that stops training.""",
+        examples="""
+finderpartner validate-data --data data/sample
+finderpartner validate-data --data data/mine --split train --model outputs/clip_tiny/best_model --json""",
+    )
     p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
     p.add_argument("--split", action="append", help="split(s) to check (default: every captions_*.csv)")
     p.add_argument("--model", help="count captions longer than this model's context (a saved model folder)")
@@ -131,7 +227,17 @@ def _add_validate_data_command(sub: Any) -> None:
 
 
 def _add_make_shards_command(sub: Any) -> None:
-    p = sub.add_parser("make-shards", help="write a split of the folder layout as WebDataset tar shards")
+    p = _command(
+        sub,
+        "make-shards",
+        "write a split of the folder layout as WebDataset tar shards",
+        description="""
+Write one split of the folder layout as WebDataset tar shards (<key>.jpg|png + <key>.txt) and sizes.json,
+for training with data.format: webdataset and data.train_shards.""",
+        examples="""
+finderpartner make-shards --data data/sample --split train --out shards
+finderpartner make-shards --data data/mine --split val --out shards --shard-size 5000""",
+    )
     p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
     p.add_argument("--split", default="train")
     p.add_argument("--out", type=Path, required=True, help="shard folder (<split>-000000.tar, ...)")
@@ -141,7 +247,18 @@ def _add_make_shards_command(sub: Any) -> None:
 
 
 def _add_train_command(sub: Any) -> None:
-    p = sub.add_parser("train", help="train as configured")
+    p = _command(
+        sub,
+        "train",
+        "train as configured",
+        description="""
+Train as the config says (--set overrides any key). The run folder <output_dir>/<experiment>/ gets the
+resolved config, checkpoints, metrics.jsonl and best_model/ (a plain transformers folder). A folder holding an
+earlier run is continued with --resume auto or started over with --overwrite.""",
+        examples="""
+finderpartner train --config configs/clip_tiny.yaml --resume auto
+finderpartner train --config configs/clip_base.yaml --set data.root=data/mine --set train.epochs=3""",
+    )
     _add_config_args(p)
     p.add_argument(
         "--resume", metavar="PATH|auto", help="continue from a checkpoint folder, or the newest complete one"
@@ -152,7 +269,6 @@ def _add_train_command(sub: Any) -> None:
         help="start over in a run folder that holds an earlier run (deletes its checkpoints, best model, metrics)",
     )
     p.add_argument(
-        "--create_sample_data",
         "--create-sample-data",
         action="store_true",
         help="write the sample data to data.root first (without --config: to data/sample, then stop)",
@@ -161,11 +277,16 @@ def _add_train_command(sub: Any) -> None:
 
 
 def _add_eval_command(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "eval",
-        help="retrieval metrics of a saved model on a split, zero-shot classification, or a WiSE-FT alpha sweep",
-        epilog=_EVAL_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "retrieval metrics of a saved model on a split, zero-shot classification, or a WiSE-FT alpha sweep",
+        description="""
+Evaluate a saved model: text-to-image and image-to-text retrieval on a split (R@K, ranks, loss, similarity
+histogram), zero-shot classification of labelled images (--classes), or a WiSE-FT sweep (--sweep-alpha).
+Prints the figures and writes a report folder (default: <model>/../eval).""",
+        examples=_EVAL_EXAMPLES,
+        notes=_EVAL_NOTES,
     )
     p.add_argument("--model", help="saved model folder (e.g. outputs/clip_tiny/best_model) or hub id")
     _add_trust_pickle(p)
@@ -208,7 +329,18 @@ def _add_zeroshot_args(p: argparse.ArgumentParser, group: Any) -> None:
 
 
 def _add_index_command(sub: Any) -> None:
-    p = sub.add_parser("index", help="embed a folder of images into a FAISS index (updates only what changed)")
+    p = _command(
+        sub,
+        "index",
+        "embed a folder of images into a FAISS index (updates only what changed)",
+        description="""
+Embed every image under a folder (recursively) into a FAISS index, with the file list and the model's
+fingerprint. Run it again on the same folder and only new and changed images are embedded, removed ones
+dropped; an index made by another model is refused.""",
+        examples="""
+finderpartner index --model outputs/clip_tiny/best_model --images photos --out photos_index
+finderpartner index --backend onnx --model exports/clip_tiny --images photos --out photos_index_onnx""",
+    )
     p.add_argument("--model", required=True)
     _add_trust_pickle(p)
     p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
@@ -229,7 +361,17 @@ def _add_index_command(sub: Any) -> None:
 
 
 def _add_search_command(sub: Any) -> None:
-    p = sub.add_parser("search", help="rank images by a text description (or by similarity to an image)")
+    p = _command(
+        sub,
+        "search",
+        "rank images by a text description (or by similarity to an image)",
+        description="""
+Rank a gallery's images by a text description (--prompt) or by similarity to an image (--image). The gallery
+is an index made by `finderpartner index`, or a folder (whose index is kept in the cache and reused).""",
+        examples="""
+finderpartner search --model outputs/clip_tiny/best_model --images data/sample/images/val --prompt "a large red circle"
+finderpartner search --model outputs/clip_tiny/best_model --index photos_index --image query.jpg --top-k 10 --json""",
+    )
     p.add_argument("--model", required=True)
     _add_trust_pickle(p)
     where = p.add_mutually_exclusive_group()
@@ -246,19 +388,25 @@ def _add_search_command(sub: Any) -> None:
 
 
 def _add_export_command(sub: Any) -> None:
-    p = sub.add_parser(
-        "export", help="export both encoders and a combined logits model to ONNX, verify with onnxruntime"
+    p = _command(
+        sub,
+        "export",
+        "export both encoders and a combined logits model to ONNX, verify with onnxruntime",
+        description="""
+Export the image and text encoders (L2-normalised embeddings) and a combined similarity-logits model to ONNX,
+with the tokenizer and preprocessing, then verify them against PyTorch with onnxruntime on real inputs
+(max abs diff, cosine, latency); --fp16 / --int8 also report what the smaller variants cost in accuracy.""",
+        examples="""
+finderpartner export --model outputs/clip_tiny/best_model --out exports/clip_tiny
+finderpartner export --model outputs/clip/best_model --out exports/clip --fp16 --int8""",
     )
-    p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
+    p.add_argument("--model", required=True, help="saved model folder or hub id")
+    _hidden_alias(p, "--model_path", "--model")
     _add_trust_pickle(p)
     p.add_argument(
-        "--out",
-        "--output_dir",
-        dest="out",
-        type=Path,
-        required=True,
-        help="export folder (new, or an earlier export of the same model)",
+        "--out", type=Path, required=True, help="export folder (new, or an earlier export of the same model)"
     )
+    _hidden_alias(p, "--output_dir", "--out")
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model at --out")
     p.add_argument("--fp16", action="store_true", help="also write fp16 encoders (for GPUs) and report their accuracy")
     p.add_argument(
@@ -281,8 +429,19 @@ def _add_export_command(sub: Any) -> None:
 
 
 def _add_demo_command(sub: Any) -> None:
-    p = sub.add_parser("demo", help="web demo: image-text scores, text comparison, gallery search by prompt")
-    p.add_argument("--model", "--model_path", dest="model", required=True, help="saved model folder or hub id")
+    p = _command(
+        sub,
+        "demo",
+        "web demo: image-text scores, text comparison, gallery search by prompt",
+        description="""
+Start a Gradio web app: an image scored against several texts, texts compared with each other, and gallery
+search by prompt with thumbnails. It binds 127.0.0.1 (this machine only) unless --host says otherwise.""",
+        examples="""
+finderpartner demo --model outputs/clip_tiny/best_model --images data/sample/images/val
+finderpartner demo --model outputs/clip_tiny/best_model --index photos_index --port 8080""",
+    )
+    p.add_argument("--model", required=True, help="saved model folder or hub id")
+    _hidden_alias(p, "--model_path", "--model")
     _add_trust_pickle(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--index", type=Path, help="gallery index made by `finderpartner index`")
@@ -312,6 +471,11 @@ _EPILOG = f"""examples:
 
 No command deletes or overwrites files it did not create: an existing output folder is written to only when
 the same command made it for the same inputs (--overwrite replaces one it made for other inputs).
+
+Progress: a bar when stderr is a terminal; in a log (a pipe, a file, CI) a plain line every tenth of the work or
+30 s, with the rate and the time left; none with -q or TQDM_DISABLE=1. `finderpartner COMMAND --help` gives
+each command's examples. Flags are spelt with hyphens (--top-k); their underscore forms (--top_k) and the seed's
+--model_path and --output_dir are accepted too.
 
 exit codes:
 {exit_code_table()}
@@ -833,20 +997,21 @@ def _demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # WiSE-FT: merge, and eval --sweep-alpha
 
-_MERGE_EPILOG = """examples:
-  finderpartner merge --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model --alpha 0.5 --out merged/wise_0.5
-  finderpartner merge --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model --alpha 0 0.25 0.5 0.75 1 --out merged
+_MERGE_EXAMPLES = """
+finderpartner merge --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model --alpha 0.5 --out merged/wise_0.5
+finderpartner merge --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model --alpha 0 0.25 0.5 0.75 1 --out merged"""
 
-With one --alpha, --out is the merged model folder; with several, --out/alpha_<a>/ is one per alpha. Each is a plain
+_MERGE_NOTES = """With one --alpha, --out is the merged model folder; with several, --out/alpha_<a>/ is one per alpha. Each is a plain
 transformers folder (CLIPModel.from_pretrained loads it) with a model card naming base, finetuned and alpha.
 """
 
-_EVAL_EPILOG = """examples:
-  finderpartner eval --model outputs/clip_tiny/best_model --data data/sample --split val
-  finderpartner eval --sweep-alpha --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model \\
-      --data data/mine --split val --data2 data/other --split2 val --alpha 0 0.25 0.5 0.75 1 --out eval/wise
+_EVAL_EXAMPLES = """
+finderpartner eval --model outputs/clip_tiny/best_model --data data/sample --split val
+finderpartner eval --model outputs/clip_tiny/best_model --classes photos_by_label --json
+finderpartner eval --sweep-alpha --base openai/clip-vit-base-patch32 --finetuned outputs/clip/best_model \\
+    --data data/mine --split val --data2 data/other --split2 val --alpha 0 0.25 0.5 0.75 1 --out eval/wise"""
 
---sweep-alpha (WiSE-FT) merges --base and --finetuned in memory at each --alpha, evaluates each merge on the
+_EVAL_NOTES = """--sweep-alpha (WiSE-FT) merges --base and --finetuned in memory at each --alpha, evaluates each merge on the
 set(s), prints a table and writes OUT/wise_ft.json and OUT/wise_ft.png (set 1 against set 2, or metric vs alpha).
 """
 
@@ -854,13 +1019,15 @@ DEFAULT_SWEEP_ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 
 def _add_merge_command(sub: Any) -> None:
-    p = sub.add_parser(
+    p = _command(
+        sub,
         "merge",
-        help="WiSE-FT: interpolate the weights of a base and a fine-tuned model",
-        description="theta = (1 - alpha) * theta_base + alpha * theta_finetuned, for two models of one architecture "
-        "and tokenizer.",
-        epilog=_MERGE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "WiSE-FT: interpolate the weights of a base and a fine-tuned model",
+        description="""
+WiSE-FT: theta = (1 - alpha) * theta_base + alpha * theta_finetuned, for two models of one architecture and
+tokenizer; keeps what the base model knew while keeping most of the fine-tuning's gain.""",
+        examples=_MERGE_EXAMPLES,
+        notes=_MERGE_NOTES,
     )
     p.add_argument("--base", required=True, help="the model fine-tuning started from (saved folder or hub id)")
     p.add_argument("--finetuned", required=True, help="the fine-tuned model (e.g. outputs/clip/best_model)")
@@ -1045,25 +1212,24 @@ def _eval_sweep(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------------------------
 # open_clip <-> transformers
 
-_CONVERT_EPILOG = """examples:
-  finderpartner convert --to hf --model ViT-B-32 --checkpoint open_clip_model.safetensors --out models/vit-b-32
-  finderpartner convert --to open_clip --model outputs/clip_tiny/best_model --out open_clip/clip_tiny
 
+def _add_convert_command(sub: Any) -> None:
+    p = _command(
+        sub,
+        "convert",
+        "convert between open_clip checkpoints and transformers CLIPModel folders",
+        description="Convert a CLIP between open_clip and transformers, both ways, for the ViT CLIPs both libraries\n"
+        "share (timm, ResNet or HF-text towers, attentional pooling and the towers model are refused).",
+        examples="""
+finderpartner convert --to hf --model ViT-B-32 --checkpoint open_clip_model.safetensors --out models/vit-b-32
+finderpartner convert --to open_clip --model outputs/clip_tiny/best_model --out open_clip/clip_tiny
+""",
+        notes="""
 --to hf: --model is an open_clip model name or model config JSON (with --checkpoint), or an open_clip folder
 (open_clip_config.json + weights). --to open_clip: --model is a saved CLIPModel folder or hub id. The tokenizer
 travels with the model; before anything is written, source and result embed the same images and texts and must
 agree (cosine >= 0.9999, same token ids). How to load the result is printed.
-"""
-
-
-def _add_convert_command(sub: Any) -> None:
-    p = sub.add_parser(
-        "convert",
-        help="convert between open_clip checkpoints and transformers CLIPModel folders",
-        description="Convert a CLIP between open_clip and transformers, both ways, for the ViT CLIPs both libraries\n"
-        "share (timm, ResNet or HF-text towers, attentional pooling and the towers model are refused).",
-        epilog=_CONVERT_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+""",
     )
     p.add_argument("--to", required=True, choices=["hf", "open_clip"], help="the library to convert to")
     p.add_argument(

@@ -7,6 +7,7 @@ counts, the micro-batch actually used) live in the trainer's state, not here.
 from __future__ import annotations
 
 import difflib
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TINY = "tiny"
 TOWERS = "towers"  # model.name: a dual encoder assembled from separate towers (model.towers)
@@ -538,6 +541,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        shipped = None if path.exists() else shipped_config(path)
+        if shipped is not None:
+            log.info("%s is not in %s: using the one shipped with finderpartner (%s)", path, Path.cwd(), shipped)
+            path = shipped
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -561,6 +568,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     return config_from_dict(apply_overrides(raw, overrides or []), source=str(path) if path else "defaults")
+
+
+def shipped_config(path: Path) -> Path | None:
+    """The shipped config that a relative ``configs/<name>.yaml`` names, for when the working folder has none: the
+    copy installed inside the package (pyproject.toml puts configs/*.yaml there in a wheel), else the one of the
+    checkout this package runs from (src/finderpartner/ -> configs/). None when there is no such file."""
+    if path.is_absolute() or len(path.parts) != 2 or path.parts[0] != "configs":
+        return None
+    here = Path(__file__).resolve().parent
+    folders = [here / "configs"] + ([here.parents[1] / "configs"] if here.parent.name == "src" else [])
+    return next((folder / path.name for folder in folders if (folder / path.name).is_file()), None)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:

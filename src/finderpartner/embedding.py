@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from .data.dataset import ImageFileDataset, Skipped
 from .data.transforms import EvalTransform, ImageSpec
 from .env import autocast_factory
 from .model import DualEncoder
+from .progress import Progress
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 Failures = list[tuple[int, str]]  # (row, reason) of each image that could not be read: its row is NaN
@@ -63,7 +63,7 @@ def embed_image_files(
         pin_memory=pin_memory,
         generator=torch.Generator(),
     )  # leave the global RNG stream alone (exact resumes)
-    for rows, pixels, bad in tqdm(loader, desc="embedding images", unit="batch", disable=not progress, leave=False):
+    for rows, pixels, bad in Progress(loader, desc="embedding images", unit="batch", disable=not progress, leave=False):
         failures += [(s.index, s.reason) for s in bad]
         if pixels is not None:
             out[rows] = encode(pixels)

@@ -74,6 +74,7 @@ class StorageError(FinderPartnerError):
 
 INTERNAL_ERROR = 70  # a bug: the traceback is printed with a request to report it
 INTERRUPTED = 130  # Ctrl-C
+BROKEN_PIPE = 141  # what a shell reports for a process its reader left (128 + SIGPIPE): `finderpartner ... | head`
 
 EXIT_CODES: dict[int, str] = {
     0: "success",
@@ -90,4 +91,5 @@ EXIT_CODES: dict[int, str] = {
     StorageError.exit_code: "write failed: disk full or not writable (earlier files intact)",
     INTERNAL_ERROR: "internal error (a bug): please report it with the printed traceback",
     INTERRUPTED: "interrupted (Ctrl-C)",
+    BROKEN_PIPE: "the output's reader stopped reading (e.g. piped into head); the rest of the output was dropped",
 }

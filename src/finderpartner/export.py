@@ -38,7 +38,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data.files import scan_images
 from .data.transforms import load_image, normalize
@@ -59,6 +58,7 @@ from .onnx_runtime import (
     variant_file,
 )
 from .outputs import claim_output, replace_dir, write_marker
+from .progress import Progress
 from .tokenizer import save_vocab_files
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,9 @@ def export_onnx(
         tmp.mkdir(parents=True)
         steps = _graphs(model, encoder.logit_bias)
         variants = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
-        bar = tqdm(total=len(steps) + 2 * len(variants), desc="exporting to ONNX", unit="graph", disable=not progress)
+        bar = Progress(
+            total=len(steps) + 2 * len(variants), desc="exporting to ONNX", unit="graph", disable=not progress
+        )
         with bar, torch.no_grad():
             for graph in steps:
                 bar.set_postfix_str(graph.name)
@@ -474,7 +476,7 @@ def verify_export(
         ref_txt = encode_text(model, tokens["input_ids"], tokens["attention_mask"]).numpy()
     report = Verification(images=len(images), captions=len(captions))
     variants = ["fp32", *info.get("variants", {})]
-    for variant in tqdm(variants, desc="verifying with onnxruntime", disable=not progress, leave=False):
+    for variant in Progress(variants, desc="verifying with onnxruntime", disable=not progress, leave=False):
         onnx_enc = load_onnx_encoders(folder, variant=variant)
         img = onnx_enc.encode_pixels(pixels.numpy())
         txt = onnx_enc.encode_texts(list(captions))

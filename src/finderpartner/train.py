@@ -30,7 +30,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import __version__
 from .budget import MARGIN, Plan, format_duration, steps_that_fit
@@ -66,6 +65,7 @@ from .outputs import (
 )
 from .probe import optimizer_state_bytes, probe_micro_batch
 from .processes import all_min, from_main
+from .progress import Progress
 from .rundir import open_run_dir
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, accelerator_options, check_trackers, flatten, make_trackers
@@ -634,14 +634,7 @@ def _loop(run: Run) -> EvalResult | None:
     state, cfg = run.state, run.cfg
     final: EvalResult | None = None
     total = run.total_steps if run.plan.decided else None  # a time budget fixes it after the first steps
-    bar = tqdm(
-        total=total,
-        initial=state.global_step,
-        desc="training",
-        unit="step",
-        disable=not run.is_main,
-        dynamic_ncols=True,
-    )
+    bar = Progress(total=total, initial=state.global_step, desc="training", unit="step", disable=not run.is_main)
     window = _Window()
     run.plan.begin(state.global_step)
     while state.global_step < run.total_steps:
@@ -652,8 +645,7 @@ def _loop(run: Run) -> EvalResult | None:
             _train_step(run, batch, window)
             if run.plan.step_done(state.global_step):
                 _decide_steps(run)
-                bar.total = run.total_steps
-                bar.refresh()
+                bar.set_total(run.total_steps)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{window.last_loss:.3f}",

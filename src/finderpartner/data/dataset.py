@@ -22,6 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from ..env import cpu_cores
+from ..progress import Progress
 from .transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,6 @@ class DecodedImages:
     def __init__(self, table: PairTable, side: int, max_pixels: int | None = None, *, progress: bool = False):
         from concurrent.futures import ThreadPoolExecutor
 
-        from tqdm.auto import tqdm
-
         self.side = side
         names, self._row_to_image = table.images()
 
@@ -280,7 +279,7 @@ class DecodedImages:
 
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # PIL releases the GIL while decoding
             self._images = list(
-                tqdm(
+                Progress(
                     pool.map(decode, names),
                     total=len(names),
                     desc="decoding images",

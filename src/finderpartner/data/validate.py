@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ..errors import DataError
+from ..progress import Progress
 from .dataset import PairTable, Problem, read_split
 from .transforms import ImageTooLarge, load_image
 
@@ -111,7 +110,7 @@ def _check_images(
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     with ThreadPoolExecutor(workers) as pool:
         results = pool.map(check, unique)
-        results = tqdm(
+        results = Progress(
             results, total=len(unique), desc="checking images", unit="img", disable=not progress, leave=False
         )
         return {name: reason for name, reason in results if reason is not None}
