@@ -247,3 +247,41 @@ def test_an_export_of_the_earlier_layout_is_still_searched(exported: Path, tmp_p
     assert np.abs(OnnxSearcher(old).embed_texts(texts) - OnnxSearcher(exported).embed_texts(texts)).max() == 0
     with pytest.raises(ExportError, match="no int8 variant"):
         OnnxSearcher(old, variant="int8")
+
+
+def test_an_encoder_that_cannot_be_cut_out_is_a_clear_error(tmp_path: Path) -> None:
+    """A weight used only inside a control-flow subgraph (an If branch) is not found by the cut: named, not run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finderpartner.export import write_graphs
+
+    weight = numpy_helper.from_array(np.ones((4, 8), np.float32), "text_weight")
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["text_weight"], ["branch_out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [4, 8])],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", ["attention_mask"], ["any_token"], keepdims=0),
+        helper.make_node("Cast", ["any_token"], ["cond"], to=TensorProto.BOOL),
+        helper.make_node("If", ["cond"], ["text_embeds"], then_branch=branch, else_branch=branch),
+        helper.make_node("Identity", ["pixel_values"], ["image_embeds"]),
+        helper.make_node("Identity", ["input_ids"], ["ids_seen"]),
+    ]
+    io = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "zero_shot",
+        [
+            io("input_ids", TensorProto.INT64, [4, 8]),
+            io("pixel_values", TensorProto.FLOAT, [2, 8]),
+            io("attention_mask", TensorProto.INT64, [4, 8]),
+        ],
+        [io("text_embeds", TensorProto.FLOAT, [4, 8]), io("image_embeds", TensorProto.FLOAT, [2, 8])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)  # the whole graph is valid; the text encoder cut out of it is not
+    with pytest.raises(ExportError, match="text_model.onnx, cut out of model.onnx, is not a valid graph"):
+        write_graphs(model, tmp_path)

@@ -236,7 +236,16 @@ def write_graphs(model: Any, folder: Path, variant: str = "fp32") -> dict[str, s
     extractor = onnx.utils.Extractor(onnx.load(str(combined), load_external_data=False))
     for role, (inputs, outputs) in ENCODERS.items():
         # the initializers keep their external-data entries: the encoder reads model.onnx_data, holds no copy
-        onnx.save_model(extractor.extract_model(inputs, outputs), str(folder / files[role]))
+        path = folder / files[role]
+        onnx.save_model(extractor.extract_model(inputs, outputs), str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx_tool_errors() as e:  # e.g. a tensor used only inside a control-flow subgraph was left out
+            reason = " ".join(str(e).split())[:300]
+            raise ExportError(
+                f"{path.name}, cut out of {combined.name}, is not a valid graph ({reason}); "
+                "export with the other --exporter"
+            ) from e
     return files
 
 
