@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import heapq
 import json
 import logging
 import platform
@@ -222,6 +223,7 @@ def write_graphs(model: Any, folder: Path, variant: str = "fp32") -> dict[str, s
     _strip_metadata(model.graph.node)
     for function in model.functions:
         _strip_metadata(function.node)
+    _sort_nodes(model.graph)  # the cut keeps the node order, and the checker wants producers first
     files = {role: variant_file(role, variant) for role in (COMBINED, IMAGE_ENCODER, TEXT_ENCODER)}
     combined = folder / files[COMBINED]
     combined.parent.mkdir(parents=True, exist_ok=True)
@@ -247,6 +249,45 @@ def write_graphs(model: Any, folder: Path, variant: str = "fp32") -> dict[str, s
                 "export with the other --exporter"
             ) from e
     return files
+
+
+def _sort_nodes(graph: Any) -> None:
+    """Order the nodes so that each comes after those whose outputs it reads, otherwise keeping their order.
+
+    onnxruntime's fp16 converter appends the casts of the graph's inputs after the nodes that read them;
+    onnxruntime runs that, but the ONNX checker (and the encoder graphs cut out of it) need the order.
+    """
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    needs = [{producer[name] for name in _reads(node) if name in producer} - {i} for i, node in enumerate(nodes)]
+    readers: dict[int, list[int]] = {}
+    for i, deps in enumerate(needs):
+        for dep in deps:
+            readers.setdefault(dep, []).append(i)
+    waiting = [len(deps) for deps in needs]
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for reader in readers.get(i, []):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) == len(nodes):  # else a cycle: left as it is, for the checker to name
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _reads(node: Any) -> set[str]:
+    """The values a node reads: its inputs and what the nodes of its subgraphs (If, Loop branches) read."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names
 
 
 def _strip_metadata(nodes: Any) -> None:
