@@ -6,7 +6,7 @@ FP     := $(BIN)/finderpartner
 RUN    := outputs/clip_tiny
 PROMPT ?= a large red circle on the left
 
-.PHONY: run test lint install install-dev sample train eval search bench clean
+.PHONY: run test test-optimum lint install install-dev sample train eval search bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,18 @@ lint: install-dev
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The ONNX export loaded by Hugging Face optimum (tests/test_export_optimum.py; skipped by `make test`).
+# optimum-onnx needs transformers < 4.58, so it gets an environment of its own beside the main one.
+OPTIMUM_VENV ?= .venv-optimum
+$(OPTIMUM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OPTIMUM_VENV)
+	$(OPTIMUM_VENV)/bin/pip install --quiet --upgrade pip
+	$(OPTIMUM_VENV)/bin/pip install --quiet -e ".[optimum]" "pytest>=7.4" "pytest-timeout>=2.2"
+	touch $@
+
+test-optimum: $(OPTIMUM_VENV)/.installed
+	$(OPTIMUM_VENV)/bin/python -m pytest -q tests/test_export_optimum.py
 
 bench: install-dev
 	$(BIN)/python benchmarks/run_all.py

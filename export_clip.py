@@ -1,7 +1,7 @@
 """Seed entry point: `python export_clip.py --model_path DIR --output_dir DIR [--fp16] [--int8]` = `finderpartner export`.
 
-Writes image_encoder.onnx, text_encoder.onnx and clip.onnx with the tokenizer and preprocessing, then checks
-them against PyTorch with onnxruntime.
+Writes onnx/model.onnx (optimum's CLIP zero-shot graph), onnx/text_model.onnx and onnx/vision_model.onnx (sharing
+one weights file) with the config, tokenizer and preprocessing, then checks them against PyTorch with onnxruntime.
 """
 
 import sys

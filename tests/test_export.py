@@ -1,4 +1,5 @@
-"""ONNX export: a self-contained folder whose encoders reproduce PyTorch on real inputs, at any batch and text length."""
+"""ONNX export: a self-contained folder whose encoders reproduce PyTorch on real inputs, at any batch and text length,
+laid out as Hugging Face's tools expect (optimum itself: test_export_optimum.py), with the weights on disk once."""
 
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ from finderpartner.onnx_runtime import (
     EXPORT_INFO,
     IMAGE_ENCODER,
     TEXT_ENCODER,
+    OnnxSearcher,
     image_spec_from_folder,
     load_onnx_encoders,
     open_session,
-    variant_file,
 )
 
 onnx = pytest.importorskip("onnx")
@@ -64,25 +65,59 @@ def test_export_folder_is_self_contained(exported: Path, encoder, trained_model:
     info = json.loads((exported / EXPORT_INFO).read_text())
     assert info["fingerprint"] == model_fingerprint(load_model(trained_model).model)
     assert info["embed_dim"] == 32 and info["context_length"] == encoder.context_length
+    assert info["format"] == 2
     assert info["files"] == {
-        IMAGE_ENCODER: "image_encoder.onnx",
-        TEXT_ENCODER: "text_encoder.onnx",
-        COMBINED: "clip.onnx",
+        COMBINED: "onnx/model.onnx",
+        IMAGE_ENCODER: "onnx/vision_model.onnx",
+        TEXT_ENCODER: "onnx/text_model.onnx",
     }
+    assert info["variants"]["int8"][TEXT_ENCODER] == "onnx/text_model_int8.onnx"
     assert set(info["variants"]) == {"fp16", "int8"}
-    for name in ("image_encoder", "text_encoder", "clip", "image_encoder.int8", "text_encoder.fp16"):
-        onnx.checker.check_model(str(exported / f"{name}.onnx"))
+    for name in ("model", "vision_model", "text_model", "vision_model_int8", "text_model_fp16", "model_int8"):
+        onnx.checker.check_model(str(exported / "onnx" / f"{name}.onnx"), full_check=True)
     # batch and text length are symbolic dimensions, not the example's sizes
-    image = onnx.load(str(exported / "image_encoder.onnx"), load_external_data=False)
-    text = onnx.load(str(exported / "text_encoder.onnx"), load_external_data=False)
+    image = onnx.load(str(exported / info["files"][IMAGE_ENCODER]), load_external_data=False)
+    text = onnx.load(str(exported / info["files"][TEXT_ENCODER]), load_external_data=False)
     assert image.graph.input[0].type.tensor_type.shape.dim[0].dim_param
     assert [d.dim_param != "" for d in text.graph.input[0].type.tensor_type.shape.dim] == [True, True]
-    # tokenizer and preprocessing are in the folder and equal the model's
+    # tokenizer, preprocessing and the model's config are in the folder and equal the model's
     onnx_enc = load_onnx_encoders(exported)
     captions = ["a large red circle on the left", "star"]
     assert onnx_enc.tokenizer(captions)["input_ids"] == encoder.tokenizer(captions)["input_ids"]
     assert image_spec_from_folder(exported) == encoder.image_spec
-    assert not list(exported.glob("*.safetensors")) and not list(exported.glob("*.data"))
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "clip" and config["projection_dim"] == 32
+    assert not list(exported.rglob("*.safetensors")) and not list(exported.rglob("*.data"))
+
+
+def _size(paths) -> int:
+    return sum(Path(p).stat().st_size for p in paths)
+
+
+def test_the_graphs_share_one_copy_of_the_weights(exported: Path, encoder) -> None:
+    """model.onnx, text_model.onnx and vision_model.onnx read one weights file: the fp32 graphs take about the
+    parameters' bytes on disk (the earlier layout's clip.onnx held a second copy of everything: over 2x)."""
+    info = json.loads((exported / EXPORT_INFO).read_text())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
+    files = {"fp32": info["files"], **info["variants"]}
+    weights = {variant: exported / info["weights"][variant] for variant in files}
+    # tensors under 1 KiB (biases, norms) stay inside the graphs; everything else is in the file, once
+    assert 0.95 * parameter_bytes < weights["fp32"].stat().st_size <= parameter_bytes
+    assert (
+        weights["fp16"].stat().st_size <= parameter_bytes / 2 and weights["int8"].stat().st_size < parameter_bytes / 2
+    )
+    for variant, graphs in files.items():
+        for role, file in graphs.items():
+            graph = onnx.load(str(exported / file), load_external_data=False).graph
+            external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+            assert {e.value for t in external for e in t.external_data if e.key == "location"} == {
+                weights[variant].name
+            }, (variant, role)
+            assert all(len(t.raw_data) < 1024 for t in graph.initializer)  # no weights of its own
+    # the rest is the graphs' structure (tens of KB each, whatever the model's size)
+    assert _size([exported / f for f in info["files"].values()] + [weights["fp32"]]) < 1.5 * parameter_bytes
+    written = {p for p in exported.rglob("*") if p.is_file() and ".onnx" in p.name}
+    assert written == {exported / f for graphs in files.values() for f in graphs.values()} | set(weights.values())
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
@@ -125,24 +160,20 @@ def test_text_encoder_matches_pytorch(
     assert min_cos >= PARITY_COSINE and max_diff < 1e-5
 
 
-def test_combined_model_gives_clip_logits(
-    exported: Path, encoder, val_images: list[Path], val_captions: list[str]
-) -> None:
+def test_the_zero_shot_graph_is_clips_forward(exported: Path, encoder, val_images, val_captions) -> None:
+    """onnx/model.onnx: optimum's inputs and outputs for CLIP zero-shot, the values of transformers' forward."""
     pixels = preprocess_images(encoder, val_images[:3])
     tok = encoder.tokenizer(val_captions[:5], padding="longest", return_tensors="pt")
-    per_image, per_text = open_session(exported / variant_file(COMBINED)).run(
-        None,
-        {
-            "pixel_values": pixels.numpy(),
-            "input_ids": tok["input_ids"].numpy(),
-            "attention_mask": tok["attention_mask"].numpy(),
-        },
-    )
+    session = open_session(exported / "onnx" / "model.onnx")
+    assert [i.name for i in session.get_inputs()] == ["input_ids", "pixel_values", "attention_mask"]
+    names = ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
+    assert [o.name for o in session.get_outputs()] == names
+    got = session.run(None, {"pixel_values": pixels.numpy(), **{k: v.numpy() for k, v in tok.items()}})
     with torch.no_grad():
         out = encoder.model(pixel_values=pixels, input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
-    assert per_image.shape == (3, 5) and per_text.shape == (5, 3)
-    assert np.abs(per_image - out.logits_per_image.numpy()).max() < 1e-4
-    assert np.abs(per_text - out.logits_per_text.numpy()).max() < 1e-4
+    assert [g.shape for g in got] == [(3, 5), (5, 3), (5, 32), (3, 32)]
+    for name, value in zip(names, got):
+        assert np.abs(value - getattr(out, name).numpy()).max() < 1e-4, name
 
 
 def test_verification_reports_parity_accuracy_cost_and_latency(
@@ -151,12 +182,13 @@ def test_verification_reports_parity_accuracy_cost_and_latency(
     report = verify_export(encoder, exported, val_images[:8], val_captions[:8], latency_batches=(4,))
     assert report.ok
     rows = {(p.graph, p.variant): p for p in report.parity}
-    assert set(rows) == {(g, v) for g in (IMAGE_ENCODER, TEXT_ENCODER) for v in ("fp32", "fp16", "int8")}
+    graphs = (IMAGE_ENCODER, TEXT_ENCODER, f"{COMBINED}.image_embeds", f"{COMBINED}.text_embeds")
+    assert set(rows) == {(g, v) for g in graphs for v in ("fp32", "fp16", "int8")}
     assert rows[(TEXT_ENCODER, "fp32")].top1_agreement == 1.0
     # the smaller variants cost a little accuracy, and the report says how much
     assert rows[(IMAGE_ENCODER, "fp16")].min_cosine > 0.999 and rows[(IMAGE_ENCODER, "int8")].min_cosine > 0.98
     assert rows[(TEXT_ENCODER, "int8")].max_abs_diff > rows[(TEXT_ENCODER, "fp32")].max_abs_diff
-    assert report.logits_max_abs_diff < 1e-3
+    assert report.logits_max_abs_diff < 1e-4 < report.logits_tolerance  # model.onnx's logits are PyTorch's
     assert [(r.graph, r.batch) for r in report.latency] == [(IMAGE_ENCODER, 4), (TEXT_ENCODER, 4)]
     assert all(r.torch_ms > 0 and set(r.onnx_ms) == {"fp32", "fp16", "int8"} for r in report.latency)
 
@@ -188,6 +220,7 @@ def test_cli_export_with_the_torchscript_exporter(
     assert {p["variant"] for p in result["verification"]["parity"]} == {"fp32"}
     assert min(p["min_cosine"] for p in result["verification"]["parity"]) >= PARITY_COSINE
     assert json.loads((out / "verification.json").read_text())["ok"]
+    assert result["verification"]["logits_max_abs_diff"] < 1e-4
     assert load_onnx_encoders(out).encode_texts(["star"]).shape == (1, 32)
 
 
@@ -196,3 +229,60 @@ def test_a_model_folder_is_not_an_export(trained_model: Path, exported: Path) ->
         load_onnx_encoders(trained_model)
     with pytest.raises(ExportError, match="has no fp8 variant|--fp8"):
         load_onnx_encoders(exported, variant="fp8")
+
+
+def test_an_export_of_the_earlier_layout_is_still_searched(exported: Path, tmp_path: Path) -> None:
+    """Format 1 (image_encoder.onnx and text_encoder.onnx at the top, weights inside): read through its info."""
+    old = tmp_path / "old"
+    old.mkdir()
+    info = json.loads((exported / EXPORT_INFO).read_text())
+    for role, name in ((IMAGE_ENCODER, "image_encoder.onnx"), (TEXT_ENCODER, "text_encoder.onnx")):
+        onnx.save_model(onnx.load(str(exported / info["files"][role])), str(old / name))  # weights inline
+    for f in exported.iterdir():
+        if f.is_file() and f.suffix in (".json", ".txt") and f.name != EXPORT_INFO:
+            (old / f.name).write_bytes(f.read_bytes())
+    files = {IMAGE_ENCODER: "image_encoder.onnx", TEXT_ENCODER: "text_encoder.onnx", COMBINED: "clip.onnx"}
+    old_info = {k: v for k, v in info.items() if k not in ("weights", "variants")}
+    (old / EXPORT_INFO).write_text(json.dumps({**old_info, "format": 1, "files": files, "variants": {}}))
+    texts = ["star", "a large red circle on the left"]
+    assert np.abs(OnnxSearcher(old).embed_texts(texts) - OnnxSearcher(exported).embed_texts(texts)).max() == 0
+    with pytest.raises(ExportError, match="no int8 variant"):
+        OnnxSearcher(old, variant="int8")
+
+
+def test_an_encoder_that_cannot_be_cut_out_is_a_clear_error(tmp_path: Path) -> None:
+    """A weight used only inside a control-flow subgraph (an If branch) is not found by the cut: named, not run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from finderpartner.export import write_graphs
+
+    weight = numpy_helper.from_array(np.ones((4, 8), np.float32), "text_weight")
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["text_weight"], ["branch_out"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("branch_out", TensorProto.FLOAT, [4, 8])],
+    )
+    nodes = [
+        helper.make_node("ReduceMax", ["attention_mask"], ["any_token"], keepdims=0),
+        helper.make_node("Cast", ["any_token"], ["cond"], to=TensorProto.BOOL),
+        helper.make_node("If", ["cond"], ["text_embeds"], then_branch=branch, else_branch=branch),
+        helper.make_node("Identity", ["pixel_values"], ["image_embeds"]),
+        helper.make_node("Identity", ["input_ids"], ["ids_seen"]),
+    ]
+    io = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes,
+        "zero_shot",
+        [
+            io("input_ids", TensorProto.INT64, [4, 8]),
+            io("pixel_values", TensorProto.FLOAT, [2, 8]),
+            io("attention_mask", TensorProto.INT64, [4, 8]),
+        ],
+        [io("text_embeds", TensorProto.FLOAT, [4, 8]), io("image_embeds", TensorProto.FLOAT, [2, 8])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)  # the whole graph is valid; the text encoder cut out of it is not
+    with pytest.raises(ExportError, match="text_model.onnx, cut out of model.onnx, is not a valid graph"):
+        write_graphs(model, tmp_path)

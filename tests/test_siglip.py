@@ -129,8 +129,8 @@ def test_onnx_export_keeps_parity_and_the_bias(siglip_run: Path, small_data: Pat
     # the combined graph: transformers' logits (exp(logit_scale) * cos) plus the bias
     pixels = preprocess_images(encoder, images)
     tok = encoder.tokenize(captions)
-    per_image, _ = open_session(out / variant_file(COMBINED)).run(
-        None,
+    (per_image,) = open_session(out / variant_file(COMBINED)).run(
+        ["logits_per_image"],
         {
             "pixel_values": pixels.numpy(),
             "input_ids": tok["input_ids"].numpy(),

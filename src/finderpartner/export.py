@@ -1,18 +1,23 @@
 """ONNX export of the dual encoder, and the onnxruntime check that the export computes what PyTorch does.
 
-An export folder is self-contained: everything needed to embed images and texts without PyTorch models.
+An export folder is self-contained (everything needed to embed images and texts without PyTorch) and laid out as
+Hugging Face's ONNX tools expect a CLIP model: ``optimum.onnxruntime.ORTModelForZeroShotImageClassification``
+loads it as it is, and the file names are transformers.js's.
 
 ```
-image_encoder.onnx    pixel_values (B, 3, H, W) float32, normalised  -> image_embeds (B, D), L2-normalised
-text_encoder.onnx     input_ids, attention_mask (B, L) int64         -> text_embeds (B, D), L2-normalised
-clip.onnx             all three inputs -> logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img)
-                      (SigLIP models: exp(logit_scale) * cos + logit_bias, probabilities = their sigmoid)
-image_encoder.fp16.onnx, text_encoder.fp16.onnx, *.int8.onnx          optional smaller variants
-tokenizer files, preprocessor_config.json                             the model's own tokenizer and preprocessing
-finderpartner_export.json                                             fingerprint, embedding size, files, versions
+config.json, tokenizer files, preprocessor_config.json   the model's config, tokenizer and image preprocessing
+onnx/model.onnx          input_ids, attention_mask (B_txt, L) int64, pixel_values (B_img, 3, H, W) float32,
+                         normalised -> logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img),
+                         text_embeds (B_txt, D), image_embeds (B_img, D), L2-normalised: optimum's CLIP
+                         zero-shot graph (SigLIP models: logits = exp(logit_scale) * cos + logit_bias)
+onnx/text_model.onnx     input_ids, attention_mask -> text_embeds      the encoders search uses: the same
+onnx/vision_model.onnx   pixel_values -> image_embeds                  nodes, cut out of model.onnx
+onnx/model.onnx_data     the weights, once: all three graphs read their tensors from it (external data)
+onnx/*_fp16.onnx, onnx/*_int8.onnx (+ model_fp16.onnx_data, ...)      optional smaller variants, laid out alike
+finderpartner_export.json                                fingerprint, embedding size, files, versions
 ```
 
-Batch size is dynamic everywhere, and so is the text length (up to the model's context length). Reading an
+Batch sizes are dynamic everywhere, and so is the text length (up to the model's context length). Reading an
 export (and searching with it) is ``onnx_runtime.py``; this module writes and verifies. The
 fingerprint is the source model's (``index.model_fingerprint``), so a gallery index built with PyTorch is
 searched with the export and vice versa.
@@ -23,11 +28,11 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import heapq
 import json
 import logging
 import platform
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,14 +53,17 @@ from .onnx_runtime import (
     EXPORT_INFO,
     FORMAT_VERSION,
     IMAGE_ENCODER,
+    ONNX_DIR,
     TEXT_ENCODER,
     OnnxEncoders,
+    graph_file,
     load_export_info,
     load_onnx_encoders,
     onnx_tool_errors,
     open_session,
     require_optional,
     variant_file,
+    weights_file,
 )
 from .outputs import claim_output, replace_dir, write_marker
 from .progress import Progress
@@ -64,38 +72,23 @@ from .tokenizer import save_vocab_files
 log = logging.getLogger(__name__)
 
 PARITY_COSINE = 0.9999  # fp32 ONNX must agree with PyTorch at least this well on every embedding
+PARITY_LOGITS = 1 - PARITY_COSINE  # ... and its logits within this times the logit scale (cosines within 1e-4)
 EXPORTERS = ("auto", "dynamo", "torchscript")
 # What torch.onnx.export raises for a model it cannot export (torch.export's and dynamo's errors are
 # RuntimeErrors; the TorchScript tracer also raises the others); anything else is a bug and propagates.
 EXPORTER_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError, KeyError)
+EXTERNAL_MIN_BYTES = 1024  # tensors this big or bigger live in the shared weights file; smaller ones in the graph
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The graphs: thin modules around model.py's encoders, so ONNX and PyTorch compute the same function.
+# The graph: one module around model.py's encoders, so ONNX and PyTorch compute the same function.
 
 
-class ImageEncoder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
+class ZeroShotModel(nn.Module):
+    """CLIP's forward with optimum's names: logits between every image and every text, and both embeddings.
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return encode_image(self.model, pixel_values)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return encode_text(self.model, input_ids, attention_mask)
-
-
-class ClipLogits(nn.Module):
-    """CLIP's forward: scaled cosine similarities between every image and every text.
-
-    With a ``bias`` (a SigLIP model's ``logit_bias``) it is added: the logits whose sigmoid is the probability.
+    Embeddings come from ``model.encode_image`` / ``encode_text`` (so a towers model pools its texts as it does in
+    PyTorch); with a ``bias`` (a SigLIP model's ``logit_bias``) it is added to the logits.
     """
 
     def __init__(self, model: nn.Module, bias: float | None = None):
@@ -104,32 +97,33 @@ class ClipLogits(nn.Module):
         self.bias = bias
 
     def forward(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         image = encode_image(self.model, pixel_values)
         text = encode_text(self.model, input_ids, attention_mask)
         logits_per_text = self.model.logit_scale.exp() * text @ image.t()
         if self.bias is not None:
             logits_per_text = logits_per_text + self.bias
-        return logits_per_text.t(), logits_per_text
+        return logits_per_text.t(), logits_per_text, text, image
 
 
-@dataclass(frozen=True)
-class _Graph:
-    name: str
-    module: nn.Module
-    inputs: dict[str, dict[int, str]]  # input name -> {axis: dynamic dimension name}
-    outputs: dict[str, dict[int, str]]
-
-
-def _graphs(model: nn.Module, bias: float | None = None) -> list[_Graph]:
-    text_in = {"input_ids": {0: "text_batch", 1: "sequence"}, "attention_mask": {0: "text_batch", 1: "sequence"}}
-    logits = {"logits_per_image": {0: "batch", 1: "text_batch"}, "logits_per_text": {0: "text_batch", 1: "batch"}}
-    return [
-        _Graph(IMAGE_ENCODER, ImageEncoder(model), {"pixel_values": {0: "batch"}}, {"image_embeds": {0: "batch"}}),
-        _Graph(TEXT_ENCODER, TextEncoder(model), text_in, {"text_embeds": {0: "text_batch"}}),
-        _Graph(COMBINED, ClipLogits(model, bias), {"pixel_values": {0: "batch"}, **text_in}, logits),
-    ]
+# input name -> {axis: dynamic dimension name}, in the forward's order; the names are optimum's
+INPUTS = {
+    "input_ids": {0: "text_batch_size", 1: "sequence_length"},
+    "pixel_values": {0: "image_batch_size"},
+    "attention_mask": {0: "text_batch_size", 1: "sequence_length"},
+}
+OUTPUTS = {
+    "logits_per_image": {0: "image_batch_size", 1: "text_batch_size"},
+    "logits_per_text": {0: "text_batch_size", 1: "image_batch_size"},
+    "text_embeds": {0: "text_batch_size"},
+    "image_embeds": {0: "image_batch_size"},
+}
+# The encoder graphs cut out of the zero-shot graph: their inputs and outputs
+ENCODERS = {
+    TEXT_ENCODER: (["input_ids", "attention_mask"], ["text_embeds"]),
+    IMAGE_ENCODER: (["pixel_values"], ["image_embeds"]),
+}
 
 
 def _example_inputs(encoder: DualEncoder) -> dict[str, torch.Tensor]:
@@ -137,8 +131,8 @@ def _example_inputs(encoder: DualEncoder) -> dict[str, torch.Tensor]:
     spec = encoder.image_spec
     enc = encoder.tokenize(["a photo", "a photo of something on the left"])
     return {
-        "pixel_values": torch.randn(2, 3, spec.crop, spec.crop, generator=torch.Generator().manual_seed(0)),
         "input_ids": enc["input_ids"],
+        "pixel_values": torch.randn(2, 3, spec.crop, spec.crop, generator=torch.Generator().manual_seed(0)),
         "attention_mask": enc["attention_mask"],
     }
 
@@ -163,11 +157,12 @@ def resolve_exporter(exporter: str) -> str:
     return "dynamo"
 
 
-def _export_graph(
-    graph: _Graph, example: dict[str, torch.Tensor], path: Path, *, exporter: str, opset: int, context_length: int
+def _export_module(
+    module: nn.Module, example: dict[str, torch.Tensor], path: Path, *, exporter: str, opset: int, context_length: int
 ) -> None:
-    args = tuple(example[name] for name in graph.inputs)
-    names = {"input_names": list(graph.inputs), "output_names": list(graph.outputs)}
+    """``torch.onnx.export`` of the zero-shot module to ``path`` (weights beside it, as the exporter chooses)."""
+    args = tuple(example[name] for name in INPUTS)
+    names = {"input_names": list(INPUTS), "output_names": list(OUTPUTS)}
     # The exporters comment on every Python branch they trace through; the parity check after export is
     # what tells whether the graph is right, so their warnings are noise here.
     with warnings.catch_warnings(), contextlib.redirect_stdout(_LogWriter()):
@@ -176,31 +171,30 @@ def _export_graph(
             from torch.export import Dim
 
             dims = {
-                "batch": Dim("batch"),
-                "text_batch": Dim("text_batch"),
-                "sequence": Dim("sequence", max=context_length),
+                "image_batch_size": Dim("image_batch_size"),
+                "text_batch_size": Dim("text_batch_size"),
+                "sequence_length": Dim("sequence_length", max=context_length),
             }
-            shapes = {name: {axis: dims[d] for axis, d in axes.items()} for name, axes in graph.inputs.items()}
-            big = sum(p.numel() * p.element_size() for p in graph.module.parameters()) > 1.5 * 2**30
+            shapes = {name: {axis: dims[d] for axis, d in axes.items()} for name, axes in INPUTS.items()}
             torch.onnx.export(
-                graph.module,
+                module,
                 args,
                 str(path),
                 dynamo=True,
                 dynamic_shapes=shapes,
                 opset_version=opset,
-                external_data=big,
+                external_data=True,  # any size; the weights are rewritten into the shared file anyway
                 verbose=False,
                 **names,
             )
         else:
             torch.onnx.export(
-                graph.module,
+                module,
                 args,
                 str(path),
                 dynamo=False,
                 opset_version=opset,
-                dynamic_axes={**graph.inputs, **graph.outputs},
+                dynamic_axes={**INPUTS, **OUTPUTS},
                 **names,
             )
 
@@ -215,6 +209,97 @@ class _LogWriter:
 
     def flush(self) -> None:
         pass
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One copy of the weights: the zero-shot graph keeps its tensors in one external-data file, and the encoder
+# graphs, cut out of it node for node, point at the same tensors (file, offset, length) in that file.
+
+
+def write_graphs(model: Any, folder: Path, variant: str = "fp32") -> dict[str, str]:
+    """Write a zero-shot ``onnx.ModelProto`` as ``model.onnx`` + its weights file, and the two encoder graphs
+    sharing that file. Returns role -> file, relative to ``folder`` (the export folder)."""
+    onnx = require_optional("onnx")
+    _strip_metadata(model.graph.node)
+    for function in model.functions:
+        _strip_metadata(function.node)
+    _sort_nodes(model.graph)  # the cut keeps the node order, and the checker wants producers first
+    files = {role: variant_file(role, variant) for role in (COMBINED, IMAGE_ENCODER, TEXT_ENCODER)}
+    combined = folder / files[COMBINED]
+    combined.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        model,
+        str(combined),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=weights_file(variant),
+        size_threshold=EXTERNAL_MIN_BYTES,
+    )
+    extractor = onnx.utils.Extractor(onnx.load(str(combined), load_external_data=False))
+    for role, (inputs, outputs) in ENCODERS.items():
+        # the initializers keep their external-data entries: the encoder reads model.onnx_data, holds no copy
+        path = folder / files[role]
+        onnx.save_model(extractor.extract_model(inputs, outputs), str(path))
+        try:
+            onnx.checker.check_model(str(path))
+        except onnx_tool_errors() as e:  # e.g. a tensor used only inside a control-flow subgraph was left out
+            reason = " ".join(str(e).split())[:300]
+            raise ExportError(
+                f"{path.name}, cut out of {combined.name}, is not a valid graph ({reason}); "
+                "export with the other --exporter"
+            ) from e
+    return files
+
+
+def _sort_nodes(graph: Any) -> None:
+    """Order the nodes so that each comes after those whose outputs it reads, otherwise keeping their order.
+
+    onnxruntime's fp16 converter appends the casts of the graph's inputs after the nodes that read them;
+    onnxruntime runs that, but the ONNX checker (and the encoder graphs cut out of it) need the order.
+    """
+    nodes = list(graph.node)
+    producer = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+    needs = [{producer[name] for name in _reads(node) if name in producer} - {i} for i, node in enumerate(nodes)]
+    readers: dict[int, list[int]] = {}
+    for i, deps in enumerate(needs):
+        for dep in deps:
+            readers.setdefault(dep, []).append(i)
+    waiting = [len(deps) for deps in needs]
+    ready = [i for i, count in enumerate(waiting) if count == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for reader in readers.get(i, []):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    if len(order) == len(nodes):  # else a cycle: left as it is, for the checker to name
+        del graph.node[:]
+        graph.node.extend(nodes[i] for i in order)
+
+
+def _reads(node: Any) -> set[str]:
+    """The values a node reads: its inputs and what the nodes of its subgraphs (If, Loop branches) read."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names
+
+
+def _strip_metadata(nodes: Any) -> None:
+    """Drop the per-node metadata the dynamo exporter records (the Python stack trace and FX node of every op,
+    with this machine's paths): often larger than a small model's weights, and of no use to a runtime."""
+    for node in nodes:
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                _strip_metadata(attribute.g.node)
+            for graph in attribute.graphs:
+                _strip_metadata(graph.node)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -250,7 +335,7 @@ def export_onnx(
         legacy=_legacy_export,
         protect={"model": model_dir} if model_dir else None,
     )
-    require_optional("onnx")
+    onnx = require_optional("onnx")
     exporter = resolve_exporter(exporter)
     if exporter == "dynamo":
         require_optional("onnxscript")
@@ -260,39 +345,40 @@ def export_onnx(
 
     def write(tmp: Path) -> None:
         tmp.mkdir(parents=True)
-        steps = _graphs(model, encoder.logit_bias)
+        scratch = tmp / ".scratch"  # the exporter's own output, rewritten into onnx/ and removed
+        scratch.mkdir()
         variants = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
-        bar = Progress(
-            total=len(steps) + 2 * len(variants), desc="exporting to ONNX", unit="graph", disable=not progress
-        )
+        bar = Progress(total=1 + len(variants), desc="exporting to ONNX", unit="graph set", disable=not progress)
         with bar, torch.no_grad():
-            for graph in steps:
-                bar.set_postfix_str(graph.name)
-                try:
-                    _export_graph(
-                        graph,
-                        example,
-                        tmp / variant_file(graph.name),
-                        exporter=exporter,
-                        opset=opset,
-                        context_length=encoder.context_length,
-                    )
-                except EXPORTER_ERRORS as e:  # the user needs the gist and a way out
-                    other = "torchscript" if exporter == "dynamo" else "dynamo"
-                    raise ExportError(
-                        f"exporting {graph.name} with the {exporter} exporter failed: "
-                        f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
-                        f"try --exporter {other}"
-                    ) from e
-                bar.update()
+            bar.set_postfix_str("fp32")
+            raw = scratch / "model.onnx"
+            try:
+                _export_module(
+                    ZeroShotModel(model, encoder.logit_bias),
+                    example,
+                    raw,
+                    exporter=exporter,
+                    opset=opset,
+                    context_length=encoder.context_length,
+                )
+            except EXPORTER_ERRORS as e:  # the user needs the gist and a way out
+                other = "torchscript" if exporter == "dynamo" else "dynamo"
+                raise ExportError(
+                    f"exporting the model with the {exporter} exporter failed: "
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
+                    f"try --exporter {other}"
+                ) from e
+            files = write_graphs(onnx.load(str(raw)), tmp)
+            bar.update()
+            written = {}
             for variant in variants:
-                for name in (IMAGE_ENCODER, TEXT_ENCODER):
-                    bar.set_postfix_str(f"{name} {variant}")
-                    convert = convert_fp16 if variant == "fp16" else quantize_int8
-                    convert(tmp / variant_file(name), tmp / variant_file(name, variant))
-                    bar.update()
+                bar.set_postfix_str(variant)
+                convert = convert_fp16 if variant == "fp16" else quantize_int8
+                written[variant] = write_graphs(convert(tmp / files[COMBINED], scratch), tmp, variant)
+                bar.update()
+        shutil.rmtree(scratch)
         _write_preprocessing(encoder, tmp)
-        info.update(_info(encoder, fingerprint, exporter, opset, variants, source))
+        info.update(_info(encoder, fingerprint, exporter, opset, files, written, source))
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
         write_marker(tmp, "export", {"model": source})
 
@@ -310,7 +396,9 @@ def _legacy_export(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_preprocessing(encoder: DualEncoder, out: Path) -> None:
-    """The tokenizer and image processor, so the folder needs nothing else to embed raw text and images."""
+    """The model's config, tokenizer and image processor: the folder needs nothing else to embed raw text and
+    images, and Hugging Face's loaders (optimum, transformers.js) find what they read beside ``onnx/``."""
+    encoder.model.config.save_pretrained(out)
     encoder.tokenizer.save_pretrained(out)
     encoder.image_processor.save_pretrained(out)
     if not (out / "vocab.json").exists() and getattr(encoder.tokenizer, "is_fast", False):
@@ -322,7 +410,13 @@ def _write_preprocessing(encoder: DualEncoder, out: Path) -> None:
 
 
 def _info(
-    encoder: DualEncoder, fingerprint: str, exporter: str, opset: int, variants: list[str], source: str | None
+    encoder: DualEncoder,
+    fingerprint: str,
+    exporter: str,
+    opset: int,
+    files: dict[str, str],
+    variants: dict[str, dict[str, str]],
+    source: str | None,
 ) -> dict[str, Any]:
     import transformers
 
@@ -340,8 +434,9 @@ def _info(
         "source": source,
         "exporter": exporter,
         "opset": opset,
-        "files": {name: variant_file(name) for name in (IMAGE_ENCODER, TEXT_ENCODER, COMBINED)},
-        "variants": {v: {n: variant_file(n, v) for n in (IMAGE_ENCODER, TEXT_ENCODER)} for v in variants},
+        "files": files,
+        "weights": {v: f"{ONNX_DIR}/{weights_file(v)}" for v in ("fp32", *variants)},
+        "variants": variants,
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -351,32 +446,34 @@ def _info(
     }
 
 
-def convert_fp16(src: Path, dst: Path) -> None:
+def convert_fp16(src: Path, scratch: Path) -> Any:
     """fp16 weights and activations; inputs and outputs stay float32 so callers need not change."""
     onnx = require_optional("onnx")
     float16 = require_optional("onnxruntime.transformers.float16")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns about every value clamped into fp16 range
-        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-    onnx.save(model, str(dst))
+        return float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
 
 
-def quantize_int8(src: Path, dst: Path) -> None:
+def quantize_int8(src: Path, scratch: Path) -> Any:
     """Dynamic int8 quantization of the matrix multiplications (weights int8, activations quantized per batch)."""
+    onnx = require_optional("onnx")
     quantization = require_optional("onnxruntime.quantization")
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        try:
-            # shape inference + graph optimisation first, as onnxruntime recommends for quantization
-            from onnxruntime.quantization.shape_inference import quant_pre_process
+    inline, prepared, quantized = scratch / "inline.onnx", scratch / "prepared.onnx", scratch / "int8.onnx"
+    try:
+        # shape inference + graph optimisation first, as onnxruntime recommends for quantization; it cannot
+        # follow external data, so it gets a copy with the weights inside (models under protobuf's 2 GB)
+        from onnxruntime.quantization.shape_inference import quant_pre_process
 
-            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
-        except onnx_tool_errors() as e:  # an optimisation pass that cannot handle the graph: quantize it as exported
-            log.debug("quantization pre-processing skipped: %s", e)
-            shutil.copy(src, prepared)
-        quantization.quantize_dynamic(
-            str(prepared), str(dst), weight_type=quantization.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
-        )
+        onnx.save_model(onnx.load(str(src)), str(inline))
+        quant_pre_process(str(inline), str(prepared), skip_symbolic_shape=True)
+    except onnx_tool_errors() as e:  # an optimisation pass that cannot handle the graph: quantize it as exported
+        log.debug("quantization pre-processing skipped: %s", e)
+        prepared = src
+    quantization.quantize_dynamic(
+        str(prepared), str(quantized), weight_type=quantization.QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"]
+    )
+    return onnx.load(str(quantized))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -409,12 +506,14 @@ class Verification:
     images: int
     captions: int
     parity: list[Parity] = field(default_factory=list)
-    logits_max_abs_diff: float = float("nan")
+    logits_max_abs_diff: float = float("nan")  # fp32 model.onnx against PyTorch
+    logits_tolerance: float = float("inf")  # PARITY_LOGITS x the model's logit scale
     latency: list[Latency] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return all(p.min_cosine >= PARITY_COSINE for p in self.parity if p.variant == "fp32")
+        embeddings = all(p.min_cosine >= PARITY_COSINE for p in self.parity if p.variant == "fp32")
+        return embeddings and self.logits_max_abs_diff <= self.logits_tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok, "threshold_cosine": PARITY_COSINE}
@@ -463,7 +562,7 @@ def verify_export(
     latency_batches: Sequence[int] = (1, 8, 32),
     progress: bool = False,
 ) -> Verification:
-    """Run PyTorch and every exported graph on the same real inputs; compare embeddings and time them."""
+    """Run PyTorch and every exported graph on the same real inputs; compare embeddings and logits, time them."""
     if not images or not captions:
         raise ExportError("verification needs at least one image and one caption")
     model = encoder.model.cpu().float().eval()
@@ -474,7 +573,10 @@ def verify_export(
     with torch.no_grad():
         ref_img = encode_image(model, pixels).numpy()
         ref_txt = encode_text(model, tokens["input_ids"], tokens["attention_mask"]).numpy()
-    report = Verification(images=len(images), captions=len(captions))
+    # the logits PyTorch's model means: exp(logit_scale) * cosine (+ a SigLIP model's bias), per text
+    scale = float(model.logit_scale.detach().float().exp())
+    ref_logits = scale * ref_txt @ ref_img.T + (encoder.logit_bias or 0.0)
+    report = Verification(images=len(images), captions=len(captions), logits_tolerance=PARITY_LOGITS * scale)
     variants = ["fp32", *info.get("variants", {})]
     for variant in Progress(variants, desc="verifying with onnxruntime", disable=not progress, leave=False):
         onnx_enc = load_onnx_encoders(folder, variant=variant)
@@ -483,29 +585,24 @@ def verify_export(
         agree = float(np.mean((txt @ img.T).argmax(1) == (ref_txt @ ref_img.T).argmax(1)))
         report.parity.append(Parity(IMAGE_ENCODER, variant, len(img), *compare(ref_img, img)))
         report.parity.append(Parity(TEXT_ENCODER, variant, len(txt), *compare(ref_txt, txt), top1_agreement=agree))
-    report.logits_max_abs_diff = _combined_diff(model, folder, pixels, tokens, encoder.logit_bias)
+        out = run_combined(graph_file(folder, info, COMBINED, variant), pixels.numpy(), onnx_enc.tokenize(captions))
+        for name, ref in (("image_embeds", ref_img), ("text_embeds", ref_txt)):
+            report.parity.append(Parity(f"{COMBINED}.{name}", variant, len(ref), *compare(ref, out[name])))
+        if variant == "fp32":
+            report.logits_max_abs_diff = max(
+                float(np.abs(out["logits_per_text"] - ref_logits).max()),
+                float(np.abs(out["logits_per_image"] - ref_logits.T).max()),
+            )
     report.latency = measure_latency(model, encoder, folder, variants, pixels, list(captions), latency_batches)
     return report
 
 
-def _combined_diff(
-    model: nn.Module, folder: Path, pixels: torch.Tensor, tokens: Any, bias: float | None = None
-) -> float:
-    """Max abs difference of clip.onnx's logits to transformers' own CLIP forward (plus a SigLIP model's bias)."""
-    session = open_session(folder / variant_file(COMBINED))
-    feed = {
-        "pixel_values": pixels.numpy(),
-        "input_ids": tokens["input_ids"].numpy(),
-        "attention_mask": tokens["attention_mask"].numpy(),
-    }
-    per_image, per_text = session.run(None, feed)
-    with torch.no_grad():
-        out = model(pixel_values=pixels, input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-    shift = 0.0 if bias is None else bias
-    return max(
-        float(np.abs(out.logits_per_image.numpy() + shift - per_image).max()),
-        float(np.abs(out.logits_per_text.numpy() + shift - per_text).max()),
-    )
+def run_combined(path: Path, pixel_values: np.ndarray, tokens: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The zero-shot graph's outputs, by name, for normalised pixels and tokenised texts."""
+    session = open_session(path)
+    feed = {"pixel_values": np.ascontiguousarray(pixel_values, np.float32), **tokens}
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, {i.name: feed[i.name] for i in session.get_inputs()})))
 
 
 def median_ms(fn: Callable[[], Any], *, min_seconds: float = 0.3, max_runs: int = 50, warmup: int = 2) -> float:
@@ -574,14 +671,17 @@ def format_verification(report: Verification) -> str:
             f"parity with PyTorch fp32 on {report.images} images and {report.captions} captions "
             f"(fp32 must reach cosine >= {PARITY_COSINE}):"
         ),
-        f"  {'graph':<14}{'variant':<9}{'max |diff|':>12}{'min cos':>12}{'mean cos':>12}{'top-1 same':>12}",
+        f"  {'graph':<20}{'variant':<9}{'max |diff|':>12}{'min cos':>12}{'mean cos':>12}{'top-1 same':>12}",
     ]
     for p in report.parity:
         agree = f"{p.top1_agreement:>12.3f}" if p.top1_agreement is not None else f"{'':>12}"
         lines.append(
-            f"  {p.graph:<14}{p.variant:<9}{p.max_abs_diff:>12.2e}{p.min_cosine:>12.6f}{p.mean_cosine:>12.6f}{agree}"
+            f"  {p.graph:<20}{p.variant:<9}{p.max_abs_diff:>12.2e}{p.min_cosine:>12.6f}{p.mean_cosine:>12.6f}{agree}"
         )
-    lines.append(f"  clip.onnx logits vs transformers' forward: max |diff| {report.logits_max_abs_diff:.2e}")
+    lines.append(
+        f"  model.onnx logits vs PyTorch's: max |diff| {report.logits_max_abs_diff:.2e} "
+        f"(must be <= {report.logits_tolerance:.2e})"
+    )
     variants = list(report.latency[0].onnx_ms) if report.latency else []
     lines += [
         "",

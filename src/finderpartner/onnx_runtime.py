@@ -2,7 +2,9 @@
 preprocessing saved with it, and ``OnnxSearcher``, which embeds galleries and queries with them.
 
 Separate from ``export.py`` (which writes exports and needs the PyTorch model): search, indexing and the demo
-use an export without the exporting code, and ``export.py`` uses this module to verify what it wrote.
+use an export without the exporting code, and ``export.py`` uses this module to verify what it wrote. Graphs are
+found through the folder's ``finderpartner_export.json`` (its ``files`` and ``variants``), so folders of the
+earlier layout (format 1: ``image_encoder.onnx``, ``text_encoder.onnx``, ``clip.onnx``) are still searched.
 """
 
 from __future__ import annotations
@@ -24,8 +26,12 @@ from .errors import ExportError
 from .model import image_spec_of, tokenize_texts
 
 EXPORT_INFO = "finderpartner_export.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: onnx/ holds model.onnx, text_model.onnx, vision_model.onnx sharing one weights file
+READABLE_FORMATS = (1, 2)
+# The graphs' roles (keys of the info's ``files``): the two encoders search uses, and the zero-shot model
 IMAGE_ENCODER, TEXT_ENCODER, COMBINED = "image_encoder", "text_encoder", "clip"
+ONNX_DIR = "onnx"  # as transformers.js lays a model out: config and preprocessing at the top, graphs in onnx/
+GRAPH_STEMS = {COMBINED: "model", IMAGE_ENCODER: "vision_model", TEXT_ENCODER: "text_model"}
 
 
 def require_optional(module: str) -> Any:
@@ -38,9 +44,29 @@ def require_optional(module: str) -> Any:
         ) from None
 
 
-def variant_file(encoder_name: str, variant: str = "fp32") -> str:
-    """File name of an encoder graph: ``image_encoder.onnx``, ``text_encoder.int8.onnx``, ..."""
-    return f"{encoder_name}.onnx" if variant == "fp32" else f"{encoder_name}.{variant}.onnx"
+def variant_file(role: str, variant: str = "fp32") -> str:
+    """Where this version writes a graph, relative to the export folder: ``onnx/model.onnx``,
+    ``onnx/text_model_int8.onnx``, ... (transformers.js's names: ``_fp16``, ``_int8`` for the variants)."""
+    suffix = "" if variant == "fp32" else f"_{variant}"
+    return f"{ONNX_DIR}/{GRAPH_STEMS[role]}{suffix}.onnx"
+
+
+def weights_file(variant: str = "fp32") -> str:
+    """The one external-data file the graphs of a variant share: ``model.onnx_data`` (in ``onnx/``)."""
+    return Path(variant_file(COMBINED, variant)).name + "_data"
+
+
+def graph_file(folder: Path, info: dict[str, Any], role: str, variant: str = "fp32") -> Path:
+    """The file of a graph in an export folder, as its info file lists it (any readable format)."""
+    files = info.get("files", {}) if variant == "fp32" else info.get("variants", {}).get(variant, {})
+    try:
+        return folder / str(files[role])
+    except (KeyError, TypeError):
+        raise ExportError(
+            f"{folder / EXPORT_INFO} lists no {role} graph"
+            + ("" if variant == "fp32" else f" for the {variant} variant")
+            + "; export the model again"
+        ) from None
 
 
 def onnx_tool_errors() -> tuple[type[BaseException], ...]:
@@ -73,7 +99,7 @@ def load_export_info(export_dir: str | Path) -> dict[str, Any]:
         raise ExportError(f"{export_dir} is not an ONNX export folder: it has no {EXPORT_INFO}{hint}") from None
     except (OSError, ValueError) as e:
         raise ExportError(f"{path} is unreadable ({e}); export the model again") from None
-    if info.get("format") != FORMAT_VERSION:
+    if info.get("format") not in READABLE_FORMATS:
         raise ExportError(f"{export_dir} was written by another version (format {info.get('format')}); export again")
     return info
 
@@ -119,7 +145,7 @@ def open_session(path: Path, providers: Sequence[str] | None = None, threads: in
     if not path.is_file():
         raise ExportError(
             f"{path} is missing; export the model again"
-            + (" with --fp16/--int8" if ".fp16." in path.name or ".int8." in path.name else "")
+            + (" with --fp16/--int8" if any(v in path.name for v in ("fp16", "int8")) else "")
         )
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: its warnings (unused initializers, ...) are not actionable
@@ -181,8 +207,8 @@ def load_onnx_encoders(
         info=info,
         tokenizer=tokenizer,
         image_spec=image_spec_from_folder(folder),
-        image_session=open_session(folder / variant_file(IMAGE_ENCODER, variant), providers, threads),
-        text_session=open_session(folder / variant_file(TEXT_ENCODER, variant), providers, threads),
+        image_session=open_session(graph_file(folder, info, IMAGE_ENCODER, variant), providers, threads),
+        text_session=open_session(graph_file(folder, info, TEXT_ENCODER, variant), providers, threads),
         variant=variant,
     )
 
