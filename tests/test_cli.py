@@ -254,3 +254,13 @@ def test_a_reader_that_stops_reading_is_not_an_internal_error() -> None:
     proc.stdout.close()  # type: ignore[union-attr]  # gone before the command writes
     err = proc.stderr.read()  # type: ignore[union-attr]
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_quiet_and_verbose_work_before_and_after_the_command() -> None:
+    from finderpartner.cli import build_parser
+
+    parse = build_parser().parse_args
+    base = ["sample-data", "--out", "x"]
+    assert parse(base).quiet is False and parse(base).verbose is False
+    assert parse(["-q", *base]).quiet is True and parse([*base, "-q"]).quiet is True
+    assert parse([*base, "--verbose"]).verbose is True and parse([*base, "--verbose"]).quiet is False

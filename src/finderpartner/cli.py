@@ -105,13 +105,17 @@ def _command(
     epilog = "examples:\n" + "\n".join(f"  {line}" for line in examples.strip().splitlines())
     if notes:
         epilog += "\n\n" + notes.strip()
-    return sub.add_parser(
+    p = sub.add_parser(
         name,
         help=help,
         description=description.strip(),
         epilog=f"{epilog}\n\nexit codes:\n{exit_code_table()}\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # -v / -q after the command too (`finderpartner index ... -q`); SUPPRESS keeps the one given before it
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings and errors only")
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:

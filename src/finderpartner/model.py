@@ -420,6 +420,11 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         source = str(Path(source).expanduser())
     elif not _HUB_ID.fullmatch(source) or Path(source.split("/")[0]).is_dir():  # 'outputs/x' is a path
         raise ModelError(f"model folder {source} does not exist; train one first or fix the path")
+    if is_dir and (Path(source) / "finderpartner_export.json").is_file():  # onnx_runtime.EXPORT_INFO
+        raise ModelError(
+            f"{source} is an ONNX export, not a PyTorch model folder: search, index and demo read it with "
+            "--backend onnx; for eval, train or export give the model folder it was exported from (best_model/)"
+        )
     if is_dir and not (Path(source) / "config.json").is_file():
         raise ModelError(f"{source} is not a complete save_pretrained folder: it has no config.json")
     # after the checks above: a wrong path is answered at once, without importing transformers
