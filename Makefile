@@ -46,18 +46,21 @@ lint: install-dev
 
 test: lint
 	$(BIN)/python -m pytest -q
+	$(MAKE) test-optimum
 
-# The ONNX export loaded by Hugging Face optimum (tests/test_export_optimum.py; skipped by `make test`).
-# optimum-onnx needs transformers < 4.58, so it gets an environment of its own beside the main one.
-OPTIMUM_VENV ?= .venv-optimum
-$(OPTIMUM_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(OPTIMUM_VENV)
-	$(OPTIMUM_VENV)/bin/pip install --quiet --upgrade pip
-	$(OPTIMUM_VENV)/bin/pip install --quiet -e ".[optimum]" "pytest>=7.4" "pytest-timeout>=2.2"
+# The ONNX export loaded by Hugging Face optimum (tests/test_export_optimum.py, which the plain pytest run skips).
+# optimum-onnx needs transformers < 4.58 and this venv has transformers 5, so the test runs with an overlay put in
+# front of the venv: transformers 4.57 and optimum (pure Python, pinned, no dependencies resolved), reusing the venv's
+# torch and onnxruntime. About 10 s to install; a venv of its own would install torch again (5.9 GB, minutes).
+OPTIMUM_OVERLAY ?= $(VENV)/optimum-overlay
+OPTIMUM_PINS := transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2 optimum==2.1.0 optimum-onnx==0.1.0 \
+                requests urllib3 charset-normalizer
+$(OPTIMUM_OVERLAY)/.installed: $(VENV)/.installed-dev
+	$(BIN)/pip install --quiet --no-deps --target $(OPTIMUM_OVERLAY) $(OPTIMUM_PINS)
 	touch $@
 
-test-optimum: $(OPTIMUM_VENV)/.installed
-	$(OPTIMUM_VENV)/bin/python -m pytest -q tests/test_export_optimum.py
+test-optimum: $(OPTIMUM_OVERLAY)/.installed
+	PYTHONPATH=$(OPTIMUM_OVERLAY) FINDERPARTNER_REQUIRE_OPTIMUM=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_export_optimum.py
 
 bench: install-dev
 	$(BIN)/python benchmarks/run_all.py
