@@ -395,11 +395,13 @@ def _add_export_command(sub: Any) -> None:
     p = _command(
         sub,
         "export",
-        "export both encoders and a combined logits model to ONNX, verify with onnxruntime",
+        "export to ONNX in optimum's layout (model + both encoders, weights once), verify with onnxruntime",
         description="""
-Export the image and text encoders (L2-normalised embeddings) and a combined similarity-logits model to ONNX,
-with the tokenizer and preprocessing, then verify them against PyTorch with onnxruntime on real inputs
-(max abs diff, cosine, latency); --fp16 / --int8 also report what the smaller variants cost in accuracy.""",
+Export to ONNX in Hugging Face optimum's layout: onnx/model.onnx (logits and both embeddings; it loads in
+optimum's ORTModelForZeroShotImageClassification), onnx/text_model.onnx and onnx/vision_model.onnx (L2-normalised
+embeddings, for search) reading one weights file, and config.json, the tokenizer and preprocessing beside them.
+Then verify every graph against PyTorch with onnxruntime on real inputs (max abs diff, cosine, latency);
+--fp16 / --int8 also report what the smaller variants cost in accuracy.""",
         examples="""
 finderpartner export --model outputs/clip_tiny/best_model --out exports/clip_tiny
 finderpartner export --model outputs/clip/best_model --out exports/clip --fp16 --int8""",
