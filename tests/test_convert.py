@@ -116,6 +116,21 @@ def _same_ids(open_clip_ids: torch.Tensor, ours: dict) -> int:
     return sum(open_clip_ids[i, :n].tolist() == ours["input_ids"][i, :n].tolist() for i, n in enumerate(lengths))
 
 
+def _agree(label: str, model, preprocess, tokenizer, encoder, data: Path):
+    """open_clip's model and ours embed the same images and texts alike (cosine, values, token ids); open_clip's
+    embeddings, pixels and ids are returned."""
+    images, texts = _inputs(data)
+    oc_img, oc_txt, pixels, ids = _open_clip_side(model, preprocess, tokenizer, images, texts)
+    img, txt, tokens = _our_side(encoder, images, texts)
+    cos_img, cos_txt = (img * oc_img).sum(-1), (txt * oc_txt).sum(-1)
+    diff = max((img - oc_img).abs().max(), (txt - oc_txt).abs().max())
+    print(f"\n{label}: min cosine images {cos_img.min():.7f}, texts {cos_txt.min():.7f}; max |diff| {diff:.1e}")
+    assert cos_img.min() >= VERIFY_MIN_COSINE and cos_txt.min() >= VERIFY_MIN_COSINE
+    assert diff <= EXACT
+    assert _same_ids(ids, tokens) == len(texts)
+    return oc_img, oc_txt, pixels, ids
+
+
 def _cli(*args: object) -> int:
     return main(["convert", *map(str, args)])
 
@@ -133,19 +148,10 @@ def test_open_clip_to_hf_embeds_as_open_clip(variant: str, small_data: Path, tmp
     open_clip.add_model_config(config)  # as an open_clip user loads this checkpoint
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=str(checkpoint))
     tokenizer = open_clip.get_tokenizer(name)
-    images, texts = _inputs(small_data)
-    oc_img, oc_txt, pixels, ids = _open_clip_side(model, preprocess, tokenizer, images, texts)
-
     encoder = load_model(out)  # as this project loads it
-    img, txt, tokens = _our_side(encoder, images, texts)
-    cos_img, cos_txt = (img * oc_img).sum(-1), (txt * oc_txt).sum(-1)
-    diff = max((img - oc_img).abs().max(), (txt - oc_txt).abs().max())
-    print(
-        f"\n{variant}: open_clip -> hf, min cosine images {cos_img.min():.7f}, texts {cos_txt.min():.7f}; max |diff| {diff:.1e}"
+    oc_img, oc_txt, pixels, ids = _agree(
+        f"{variant}: open_clip -> hf", model, preprocess, tokenizer, encoder, small_data
     )
-    assert cos_img.min() >= VERIFY_MIN_COSINE and cos_txt.min() >= VERIFY_MIN_COSINE
-    assert diff <= EXACT
-    assert _same_ids(ids, tokens) == len(texts)
     assert encoder.logit_scale == float(model.logit_scale.detach().reshape(()))
     bias = cfg.get("init_logit_bias")
     assert encoder.logit_bias == (None if bias is None else pytest.approx(float(model.logit_bias.detach().reshape(()))))
@@ -229,18 +235,8 @@ def test_round_trip_of_a_trained_tiny_model(trained_model: Path, small_data: Pat
     assert {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, "tokenizer.json"} <= {p.name for p in to_open_clip.iterdir()}
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{to_open_clip}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{to_open_clip}")
-    images, texts = _inputs(small_data)
-    oc_img, oc_txt, _, ids = _open_clip_side(model, preprocess, tokenizer, images, texts)
     ours = load_model(trained_model)
-    img, txt, tokens = _our_side(ours, images, texts)
-    cos_img, cos_txt = (img * oc_img).sum(-1), (txt * oc_txt).sum(-1)
-    diff = max((img - oc_img).abs().max(), (txt - oc_txt).abs().max())
-    print(
-        f"\ntiny -> open_clip: min cosine images {cos_img.min():.7f}, texts {cos_txt.min():.7f}; max |diff| {diff:.1e}"
-    )
-    assert cos_img.min() >= VERIFY_MIN_COSINE and cos_txt.min() >= VERIFY_MIN_COSINE
-    assert diff <= EXACT
-    assert _same_ids(ids, tokens) == len(texts)  # the caption tokenizer itself travelled (eos 1, not OpenAI's)
+    _agree("tiny -> open_clip", model, preprocess, tokenizer, ours, small_data)  # the caption tokenizer travelled too
     assert model.text_pool_type == "eos" and model.text_eos_id == ours.tokenizer.eos_token_id
 
     assert _cli("--to", "hf", "--model", to_open_clip, "--out", back) == 0
@@ -252,7 +248,8 @@ def test_round_trip_of_a_trained_tiny_model(trained_model: Path, small_data: Pat
     assert again.image_spec == ours.image_spec and again.context_length == ours.context_length
     for key in ("hidden_act", "eos_token_id", "max_position_embeddings", "layer_norm_eps"):
         assert getattr(again.model.config.text_config, key) == getattr(ours.model.config.text_config, key)
-    img2, txt2, _ = _our_side(again, images, texts)
+    images, texts = _inputs(small_data)
+    (img, txt, _), (img2, txt2, _) = _our_side(ours, images, texts), _our_side(again, images, texts)
     assert torch.equal(img2, img) and torch.equal(txt2, txt)
 
 
@@ -341,6 +338,26 @@ def test_the_towers_model_is_refused(tmp_path: Path, capsys) -> None:
     folder = save_model(build_model(config_from_dict(raw).model), tmp_path / "towers")
     assert _cli("--to", "open_clip", "--model", folder, "--out", tmp_path / "out") == 5
     assert "VisionTextDualEncoderModel" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_conversion_that_fails_verification_writes_nothing(oc_files, tmp_path: Path, capsys, monkeypatch) -> None:
+    """The refusal path: when the comparison falls short (made to here, on the real comparison's figures), the
+    command exits 5 and --out keeps what it held, byte for byte."""
+    from dataclasses import replace
+
+    import finderpartner.convert as convert
+
+    config, checkpoint = oc_files
+    out = tmp_path / "hf"
+    assert _cli("--to", "hf", "--model", config, "--checkpoint", checkpoint, "--out", out) == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real = convert.verify
+    monkeypatch.setattr(convert, "verify", lambda *a, **k: replace(real(*a, **k), text_cosine=0.5))
+    assert _cli("--to", "hf", "--model", config, "--checkpoint", checkpoint, "--out", out) == 5
+    assert "does not reproduce its source" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert _cli("--to", "open_clip", "--model", out, "--out", tmp_path / "oc") == 5
+    assert not (tmp_path / "oc").exists()
 
 
 def test_invocation_mistakes_are_named(oc_files, trained_model: Path, tmp_path: Path, capsys) -> None:

@@ -320,15 +320,6 @@ def verify(
     )
 
 
-def _require(result: Verification) -> None:
-    if not result.ok:
-        raise ModelError(
-            f"the converted model does not reproduce its source ({result}; needed: cosine >= {VERIFY_MIN_COSINE} and "
-            "every text's ids); nothing was written. This architecture differs in a way the converter does not "
-            "detect: please report it with the model config"
-        )
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The two directions
 
@@ -397,16 +388,12 @@ def _to_hf(model: str, checkpoint: Path | None, out: Path, inputs: dict[str, Any
     usage = _hf_usage(out, described)
     checkpoint_name = source.checkpoint.name
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> Verification:
         save_model(encoder, tmp, card=_hf_card(source.name, checkpoint_name, usage))
-        result = verify(load_model(tmp), oc_model, oc_transform, oc_tokenizer)
-        _require(result)
-        write_marker(tmp, CONVERT_KIND, inputs, time=time.strftime("%Y-%m-%dT%H:%M:%S"), finderpartner=__version__)
-        verified.append(result)
+        return verify(load_model(tmp), oc_model, oc_transform, oc_tokenizer)
 
-    verified: list[Verification] = []
-    replace_dir(write, out, what=f"converted model folder {out}")
-    return Converted(out, TO_HF, verified[0], usage)
+    verified = _write_verified(write, out, inputs, what=f"converted model folder {out}")
+    return Converted(out, TO_HF, verified, usage)
 
 
 def _to_open_clip(model: str, out: Path, inputs: dict[str, Any], *, trust_pickle: bool) -> Converted:
@@ -425,7 +412,7 @@ def _to_open_clip(model: str, out: Path, inputs: dict[str, Any], *, trust_pickle
     state = {k: v.detach().contiguous() for k, v in state.items()}
     usage = _open_clip_usage(out, model_cfg)
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> Verification:
         from safetensors.torch import save_file
 
         tmp.mkdir(parents=True)
@@ -437,14 +424,31 @@ def _to_open_clip(model: str, out: Path, inputs: dict[str, Any], *, trust_pickle
         write_vocab_files(encoder.tokenizer, tmp)
         write_text_atomic(tmp / "README.md", _open_clip_card(model, usage))
         oc_model, _, oc_transform = oc.create_model_and_transforms(f"local-dir:{tmp}")
-        result = verify(encoder, oc_model.eval(), oc_transform, oc.get_tokenizer(f"local-dir:{tmp}"))
-        _require(result)
+        return verify(encoder, oc_model.eval(), oc_transform, oc.get_tokenizer(f"local-dir:{tmp}"))
+
+    verified = _write_verified(write, out, inputs, what=f"open_clip model folder {out}")
+    return Converted(out, TO_OPEN_CLIP, verified, usage)
+
+
+def _write_verified(
+    write: Callable[[Path], Verification], out: Path, inputs: dict[str, Any], *, what: str
+) -> Verification:
+    """Put ``out`` in place only once ``write`` filled its temporary folder and the verification it returns passed."""
+    verified: list[Verification] = []
+
+    def checked(tmp: Path) -> None:
+        result = write(tmp)
+        if not result.ok:
+            raise ModelError(
+                f"the converted model does not reproduce its source ({result}; needed: cosine >= "
+                f"{VERIFY_MIN_COSINE} and every text's ids); nothing was written. This architecture differs in a way "
+                "the converter does not detect: please report it with the model config"
+            )
         write_marker(tmp, CONVERT_KIND, inputs, time=time.strftime("%Y-%m-%dT%H:%M:%S"), finderpartner=__version__)
         verified.append(result)
 
-    verified: list[Verification] = []
-    replace_dir(write, out, what=f"open_clip model folder {out}")
-    return Converted(out, TO_OPEN_CLIP, verified[0], usage)
+    replace_dir(checked, out, what=what)
+    return verified[0]
 
 
 # --------------------------------------------------------------------------------------------------------------
