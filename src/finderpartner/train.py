@@ -40,7 +40,7 @@ from .data.dataset import num_workers
 from .data.sources import Batches, EvalSet, Loading, open_training_data
 from .data.transforms import TrainTransform
 from .data.validate import long_captions_note
-from .env import autocast_factory, resolve_device, resolve_precision
+from .env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError, UsageError
 from .evaluate import EvalResult, evaluate_split, format_metrics
 from .loss import Objective, build_objective
@@ -53,7 +53,7 @@ from .model import (
     build_model,
     build_tiny,
     enable_gradient_checkpointing,
-    plain_model,
+    plain_model_class,
     save_model,
     set_attention,
     tower_locked,
@@ -63,7 +63,7 @@ from .outputs import (
     replace_dir,
     storage_errors,
 )
-from .probe import optimizer_state_bytes, probe_micro_batch
+from .probe import device_key, optimizer_state_bytes, probe_micro_batch
 from .processes import all_min, from_main
 from .progress import Progress
 from .rundir import open_run_dir
@@ -181,6 +181,7 @@ def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
     same checkpoint, after checking it is the same file (checkpoints must be on a filesystem all processes share).
     """
     start = time.perf_counter()  # a time budget counts from here
+    configure_cuda_allocator()  # before CUDA's first allocation (a no-op if the user set it)
     check_trackers(cfg.tracking)  # a tracker that is not installed: refused before the run folder is touched
     accelerator = _accelerator(cfg)
     device = accelerator.device
@@ -427,6 +428,8 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, prec
     """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
     m = cfg.model
     log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
+    if precision is not None and enable_tf32(device, precision):
+        log.info("fp32 on an Ampere or newer GPU: matmuls use TF32 tensor cores (fp32 accumulation)")
     apply_freezing(encoder.model, **m.freeze.model_dump(exclude={"cache_locked"}))
     if m.freeze.cache_locked and not m.lora.enabled:  # LiT: each caption (image) through a locked tower once
         if tower_locked(encoder.model.text_model):
@@ -453,7 +456,9 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, prec
     return model
 
 
-def _choose_micro_batch(run: Run, local_batch: int) -> int:
+def _choose_micro_batch(run: Run, local_batch: int, *, cache: bool = True, memory_cap_bytes: int | None = None) -> int:
+    """``train.micro_batch_size``, or the probe's choice (cached per setup unless ``cache`` is False: the trial).
+    ``memory_cap_bytes``: a CPU run's resident-memory cap (CUDA caps are set on the device; see ``probe``)."""
     setting = run.cfg.train.micro_batch_size
     if setting != "auto":
         return min(int(setting), local_batch)
@@ -465,7 +470,7 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
             sum(p.numel() for p in run.model.parameters()),
             sum(p.numel() for p in run.model.parameters() if p.requires_grad),
             run.precision,
-            torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
+            device_key(run.device),  # name, total memory, memory cap
             spec.crop,
             run.encoder.context_length,
             run.cfg.model.gradient_checkpointing,
@@ -482,8 +487,10 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
         autocast=autocast_factory(run.device, run.precision),
         reserve_bytes=int(run.cfg.train.memory_reserve_gb * 2**30),
         state_bytes=optimizer_state_bytes(run.optimizer),
-        cache_key=key,
+        cache_key=key if cache else None,
         agree=all_min,  # every process probes alone; all of them use the smallest size any found
+        world_size=run.batches.world_size,
+        memory_cap_bytes=memory_cap_bytes,
     )
     log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
     return result.micro_batch_size
@@ -575,7 +582,7 @@ def _resume(run: Run, resume: Resume) -> None:
     _restore_objective(run, ckpt.model, path)
     run.optimizer.load_state_dict(ckpt.optimizer)
     run.scheduler.load_state_dict(ckpt.state["scheduler"])
-    run.scaler.load_state_dict(ckpt.state["scaler"])
+    _load_scaler(run.scaler, ckpt.state.get("scaler") or {}, path)
     for f in dataclasses.fields(TrainState):
         setattr(run.state, f.name, ckpt.state["trainer"].get(f.name, getattr(run.state, f.name)))
     if saved_world != world:
@@ -591,10 +598,20 @@ def _resume(run: Run, resume: Resume) -> None:
             run.batches.global_batch // world,
         )
         run.state.micro_batch_size = 0
-    rng = {"cpu": ckpt.rng["cpu"]}
-    cuda = [ckpt.rng[k] for k in sorted(ckpt.rng) if k.startswith("cuda_")]
-    if cuda and torch.cuda.is_available():
-        rng["cuda"] = cuda
+    rng: dict[str, Any] = {"cpu": ckpt.rng["cpu"]}
+    if run.device.type == "cuda":
+        rank = run.accelerator.process_index
+        own = own_gpu_rng(ckpt.rng, rank)
+        if own is not None:
+            rng["cuda"] = (run.device.index, own)
+        else:
+            log.warning(
+                "%s holds no GPU random state for process %d (trained by %d): its dropout continues from the seed, so "
+                "this resume is not bitwise identical to an uninterrupted run",
+                path,
+                rank,
+                saved_world,
+            )
     restore_rng(rng)
     log.info(
         "resumed from %s (step %d, epoch %d, batch %d of the epoch)",
@@ -603,6 +620,30 @@ def _resume(run: Run, resume: Resume) -> None:
         run.state.epoch,
         run.state.step_in_epoch,
     )
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], path: Path) -> None:
+    """The fp16 loss scale of a checkpoint; one saved in another precision holds none (``{}``): start afresh."""
+    if saved:
+        scaler.load_state_dict(saved)  # a disabled scaler (bf16/fp32 now) ignores it
+    elif scaler.is_enabled():
+        log.info("%s was saved without fp16 loss scaling (another precision): the loss scale starts afresh", path)
+
+
+def gpu_rng_entries(states: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Checkpoint RNG tensors of each process's own GPU generator (``states[rank]``; None: no GPU)."""
+    return {f"cuda_rank_{rank}": s for rank, s in enumerate(states) if s is not None}
+
+
+def own_gpu_rng(saved: dict[str, torch.Tensor], rank: int) -> torch.Tensor | None:
+    """This process's GPU generator state in a checkpoint's RNG tensors (None: not saved, e.g. more processes now).
+
+    Checkpoints before ``cuda_rank_<r>`` kept ``cuda_<i>``: every GPU generator of the main process, of which only
+    its own device's (0) was ever used; that one is the main process's state, the others are not anyone's.
+    """
+    if f"cuda_rank_{rank}" in saved:
+        return saved[f"cuda_rank_{rank}"]
+    return saved.get("cuda_0") if rank == 0 else None
 
 
 def _log_plan(run: Run) -> None:
@@ -763,6 +804,10 @@ def _train_step(run: Run, batch: Batch, window: _Window) -> None:
         state.nonfinite_streak = 0
         run.scheduler.step()
     else:
+        if run.scaler.is_enabled():
+            # unscale_ ran above: only update() closes the step for the scaler (the next unscale_ raises otherwise),
+            # and it lowers the scale after the overflow it recorded
+            run.scaler.update()
         _skip_nonfinite(run, loss_value, norm_value)
         with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -980,9 +1025,13 @@ def _save_best(run: Run, result: EvalResult | None) -> None:
 
 
 def _save_checkpoint(run: Run) -> None:
+    rng = capture_rng()
+    gpu = [rng["cuda"][1] if "cuda" in rng else None]  # each process saves its own GPU's generator
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gpu = [None] * dist.get_world_size()
+        dist.all_gather_object(gpu, rng["cuda"][1] if "cuda" in rng else None)
     if run.is_main:
-        rng = capture_rng()
-        tensors = {"cpu": rng["cpu"], **{f"cuda_{i}": s for i, s in enumerate(rng.get("cuda", []))}}
+        tensors = {"cpu": rng["cpu"], **gpu_rng_entries(gpu)}
         state = {
             "trainer": dataclasses.asdict(run.state),
             "scheduler": run.scheduler.state_dict(),
@@ -1041,7 +1090,7 @@ def _versions() -> dict[str, str]:
 
 def _model_card(run: Run, result: EvalResult | None) -> str:
     cfg = run.cfg
-    model_class = type(plain_model(run.model)).__name__  # CLIPModel, or VisionTextDualEncoderModel (towers)
+    model_class = plain_model_class(run.model).__name__  # CLIPModel, or VisionTextDualEncoderModel (towers)
     processor_class = "CLIPProcessor" if model_class == "CLIPModel" else "VisionTextDualEncoderProcessor"
     lines = [
         "---",
