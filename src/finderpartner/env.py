@@ -394,7 +394,8 @@ def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool,
     except ImportError:  # pydantic or pyyaml missing: reported above
         return None, Path("outputs"), False, False, []
     trackers = tracker_problems(cfg.tracking) if config_path is not None else []
-    return cfg.model.name, Path(cfg.output_dir), config_path is not None, cfg.model.is_tiny, trackers
+    built = cfg.model.is_tiny or cfg.model.arch is not None  # nothing to download
+    return cfg.model.name, Path(cfg.output_dir), config_path is not None, built, trackers
 
 
 def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .config import MINILM, TINY, TOWERS, ModelConfig, TinySpec, TowersConfig
+from .config import ARCHITECTURES, MINILM, TINY, TOWERS, ModelConfig, TinySpec, TowersConfig
 from .data.transforms import EvalTransform, ImageSpec, normalize
 from .env import in_hf_cache
 from .errors import ModelError
-from .tokenizer import build_caption_tokenizer, save_vocab_files
+from .tokenizer import build_caption_tokenizer, openai_clip_tokenizer, save_vocab_files
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ VOCAB_FILE_ERRORS = (AttributeError, OSError)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'org/name' or 'name', never a path
 
 
-TINY_KIND, PRETRAINED_KIND = "tiny", "pretrained"  # DualEncoder.kind: built from the preset, or loaded
+# DualEncoder.kind: built from the tiny preset, loaded, or a public architecture built with random weights (arch:)
+TINY_KIND, PRETRAINED_KIND, ARCH_KIND = "tiny", "pretrained", "architecture"
 # config.json's record of an objective whose values the model's weights have no place for (SigLIP's bias):
 # {"loss": "siglip", "logit_scale": t (log space, also the model's logit_scale), "logit_bias": b}
 OBJECTIVE_KEY = "finderpartner_objective"
@@ -215,6 +216,8 @@ def build_model(config: ModelConfig, *, captions: Iterable[str] | None = None, s
         if captions is None:
             raise ModelError("the tiny model learns its tokenizer from the training captions; none were given")
         return build_tiny(config.tiny, captions, seed=seed)
+    if config.arch is not None:
+        return build_arch(config.arch, seed=seed, captions=captions)
     if config.name == TOWERS:
         return build_towers(config.towers, config.tiny, seed=seed, trust_pickle=config.trust_pickle)
     return load_model(config.name, trust_pickle=config.trust_pickle)
@@ -247,6 +250,51 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
         model = CLIPModel(config)
     _init_sincos_positions(model.vision_model.embeddings.position_embedding.weight, spec.image_size // spec.patch_size)
     return DualEncoder(model, tokenizer, _tiny_processor(spec), kind=TINY_KIND)
+
+
+def build_arch(name: str, *, seed: int = 0, captions: Iterable[str] | None = None) -> DualEncoder:
+    """A public CLIP architecture (``config.ARCHITECTURES``: ViT-B/32, ViT-B/16, ViT-L/14) with random weights,
+    built without a download: what the trial and the benchmarks measure when the pretrained weights are not here.
+
+    Its tokenizer is OpenAI CLIP's BPE from open_clip's vocabulary; without open_clip_torch, a BPE learnt from
+    ``captions`` (the tiny model's; then the kind is ``TINY_KIND``, so training keeps it with the run).
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    shape = ARCHITECTURES[name]
+    kind = ARCH_KIND
+    try:
+        tokenizer = openai_clip_tokenizer(shape["context_length"])
+    except ImportError:
+        if captions is None:
+            raise ModelError(
+                f"arch:{name} uses OpenAI CLIP's tokenizer, whose vocabulary comes with open_clip_torch: "
+                "pip install 'finderpartner[open_clip]'"
+            ) from None
+        log.warning("open_clip_torch is not installed: arch:%s gets a tokenizer learnt from the captions", name)
+        tokenizer = build_caption_tokenizer(captions, vocab_size=4096, context_length=shape["context_length"])
+        kind = TINY_KIND
+    spec = TinySpec(**{**shape, "vocab_size": max(600, shape["vocab_size"])})
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=shape["vocab_size"],
+            hidden_size=spec.text_width,
+            intermediate_size=4 * spec.text_width,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=spec.context_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,  # the real id: pooling at the first eos (not the legacy argmax)
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=spec.embed_dim,
+        ),
+        vision_config={**_tiny_vision_config(spec), "projection_dim": spec.embed_dim},
+        projection_dim=spec.embed_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return DualEncoder(model, tokenizer, _tiny_processor(spec), kind=kind)
 
 
 def _tiny_processor(spec: TinySpec) -> Any:

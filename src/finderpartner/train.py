@@ -45,6 +45,7 @@ from .errors import CheckpointError, ConfigError, TrainingError, UsageError
 from .evaluate import EvalResult, evaluate_split, format_metrics
 from .loss import Objective, build_objective
 from .model import (
+    ARCH_KIND,
     TINY_KIND,
     DualEncoder,
     TowerCache,
@@ -313,7 +314,9 @@ def _build_run(
             "no CUDA GPU: training on the CPU in %s; expect minutes for the tiny model, hours for ViT-B/32", precision
         )
     set_seed(cfg.seed)
-    data = open_training_data(cfg, need_captions=cfg.model.is_tiny, progress=accelerator.is_main_process)
+    data = open_training_data(
+        cfg, need_captions=cfg.model.is_tiny or cfg.model.arch is not None, progress=accelerator.is_main_process
+    )
     zeroshot = _zeroshot_sets(cfg, data.val is not None)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
     if accelerator.is_main_process and (
@@ -1101,7 +1104,7 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
         "---",
         f"# {cfg.experiment}",
         "",
-        f"CLIP dual encoder {'trained from scratch' if run.encoder.kind == TINY_KIND else 'fine-tuned'} with "
+        f"CLIP dual encoder {'trained from scratch' if run.encoder.kind in (TINY_KIND, ARCH_KIND) else 'fine-tuned'} with "
         f"FinderPartner {__version__} from `{cfg.model.name}` on `{cfg.data.root}`",
         f"(split `{cfg.data.train_split}`), step {run.state.global_step}, epoch {run.state.epoch}, contrastive batch "
         f"{run.batches.global_batch}, precision {run.precision}, seed {cfg.seed}.",
@@ -1178,7 +1181,7 @@ def _card_data_and_text(run: Run) -> list[str]:
         f"`{cfg.card.license}` (`card.license`)."
         if cfg.card.license != "other"
         else "Not stated (`card.license: other`): the terms of the training data"
-        + ("" if encoder.kind == TINY_KIND else f" and of the pretrained model ({_base_names(cfg)})")
+        + ("" if encoder.kind in (TINY_KIND, ARCH_KIND) else f" and of the pretrained model ({_base_names(cfg)})")
         + " apply.",
         "",
         "## Text input",
@@ -1192,6 +1195,8 @@ def _card_data_and_text(run: Run) -> list[str]:
             "not OpenAI CLIP's: words the captions never used are split into pieces the model rarely or never saw, "
             "so write queries in the captions' vocabulary."
         )
+    elif encoder.kind == ARCH_KIND:
+        lines.append("The tokenizer is OpenAI CLIP's byte-level BPE (49,408 tokens).")
     else:
         lines.append(f"The tokenizer is the pretrained text tower's ({_base_names(cfg)}), unchanged.")
     return [*lines, ""]
