@@ -169,6 +169,7 @@ class _FakeCudaMemory:
         monkeypatch.setattr(cuda, "max_memory_allocated", lambda device=None: self.peak_allocated)
         monkeypatch.setattr(cuda, "max_memory_reserved", lambda device=None: self.peak_reserved)
         monkeypatch.setattr(cuda, "reset_peak_memory_stats", self.reset)
+        monkeypatch.setattr(cuda, "synchronize", lambda device=None: None)
         monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
 
     def reset(self, device=None) -> None:  # type: ignore[no-untyped-def]

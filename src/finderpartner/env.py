@@ -337,7 +337,7 @@ def _recommendation(gpu: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     import socket
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -376,7 +376,7 @@ def _model_status(name: str, required: bool, is_tiny: bool) -> dict[str, Any]:
         return {**status, "source": f"cannot check the Hugging Face cache: {e}", "ok": False}
     if cached:
         return {**status, "source": "Hugging Face cache", "ok": True}
-    reachable = _hub_reachable()
+    reachable = hub_reachable()
     return {
         **status,
         "source": "hub (not cached; downloads on first use)" if reachable else "not cached, hub unreachable",

@@ -19,7 +19,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ class ProbeResult:
     micro_batch_size: int
     reason: str
     peak_bytes: dict[int, int]  # micro-batch size -> measured peak (CUDA: allocated; CPU: resident)
+    step_seconds: dict[int, float] = field(default_factory=dict)  # size -> one forward+backward step's seconds
 
 
 def synthetic_batch(size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device) -> Batch:
@@ -129,7 +130,12 @@ def probe_micro_batch(
             "use precision bf16/fp16, model.gradient_checkpointing, a frozen tower or LoRA"
         )
     if agreed != result.micro_batch_size:
-        result = ProbeResult(agreed, f"the smallest of all processes' sizes (here: {result.reason})", result.peak_bytes)
+        result = ProbeResult(
+            agreed,
+            f"the smallest of all processes' sizes (here: {result.reason})",
+            result.peak_bytes,
+            result.step_seconds,
+        )
     _write_cache(cache_key, agreed)
     return result
 
@@ -273,13 +279,17 @@ def _probe_cuda(setup: _Setup, local_batch: int, reserve: int, extra: Extra = Ex
     memory = CudaMemory.now(device)
     budget = memory.budget(reserve, extra)
     peaks: dict[int, int] = {}
+    seconds: dict[int, float] = {}
     best, reason = 0, ""
     for size in _candidates(local_batch):
         batch = setup.batch(size)
         free_memory()
         torch.cuda.reset_peak_memory_stats(device)
         try:
+            t0 = time.perf_counter()
             setup.step(batch)
+            torch.cuda.synchronize(device)
+            seconds[size] = time.perf_counter() - t0
         except RuntimeError as e:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
             if not is_oom(e):
                 raise
@@ -304,7 +314,7 @@ def _probe_cuda(setup: _Setup, local_batch: int, reserve: int, extra: Extra = Ex
     why = f"largest size within {memory.capacity / 2**30:.1f} GiB usable minus {kept}" + (
         f" ({reason})" if reason else ""
     )
-    return ProbeResult(best, why, peaks)
+    return ProbeResult(best, why, peaks, {k: v for k, v in seconds.items() if k <= best})
 
 
 def _kept(memory: CudaMemory, reserve: int, extra: Extra) -> str:
@@ -332,8 +342,9 @@ def _probe_cpu(setup: _Setup, local_batch: int, reserve: int, cap: int | None = 
     if cap is not None:  # the process may grow to the cap at most (and never beyond what the machine has)
         room = cap - peaks[sizes[-1]]
         available = room if available is None else min(available, room)
+    seconds = {size: size / rate for size, (_, rate) in measured.items()}
     if available is None:
-        return ProbeResult(local_batch, f"free memory unknown: the full batch (measured {listing})", peaks)
+        return ProbeResult(local_batch, f"free memory unknown: the full batch (measured {listing})", peaks, seconds)
     budget = available - reserve  # how much more this process may grow beyond the measured peak
 
     def predicted(micro: int) -> float:
@@ -354,7 +365,7 @@ def _probe_cpu(setup: _Setup, local_batch: int, reserve: int, cap: int | None = 
         f"predicted, {where}, {reserve / 2**30:.1f} GiB kept for the reserve and the "
         f"optimizer state (measured {listing})"
     )
-    return ProbeResult(micro, why, peaks)
+    return ProbeResult(micro, why, peaks, seconds)
 
 
 def _cpu_step_peak(setup: _Setup, size: int) -> tuple[int, float]:

@@ -64,7 +64,7 @@ from .outputs import (
     replace_dir,
     storage_errors,
 )
-from .probe import device_key, optimizer_state_bytes, probe_micro_batch
+from .probe import ProbeResult, device_key, optimizer_state_bytes, probe_micro_batch
 from .processes import all_min, from_main
 from .progress import Progress
 from .rundir import open_run_dir
@@ -459,12 +459,19 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, prec
     return model
 
 
-def _choose_micro_batch(run: Run, local_batch: int, *, cache: bool = True, memory_cap_bytes: int | None = None) -> int:
-    """``train.micro_batch_size``, or the probe's choice (cached per setup unless ``cache`` is False: the trial).
-    ``memory_cap_bytes``: a CPU run's resident-memory cap (CUDA caps are set on the device; see ``probe``)."""
+def _choose_micro_batch(run: Run, local_batch: int) -> int:
     setting = run.cfg.train.micro_batch_size
     if setting != "auto":
         return min(int(setting), local_batch)
+    result = probe_run(run, local_batch)
+    log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
+    return result.micro_batch_size
+
+
+def probe_run(run: Run, local_batch: int, *, cache: bool = True, memory_cap_bytes: int | None = None) -> ProbeResult:
+    """The micro-batch probe for this run's model, objective, precision and device (cached per setup unless
+    ``cache`` is False: the trial measures afresh and writes nothing). ``memory_cap_bytes``: a CPU process's
+    resident-memory cap (a CUDA cap is set on the device: ``set_per_process_memory_fraction``, which the probe reads)."""
     spec = run.encoder.image_spec
     key = "|".join(
         str(x)
@@ -482,7 +489,7 @@ def _choose_micro_batch(run: Run, local_batch: int, *, cache: bool = True, memor
             run.cfg.train.memory_reserve_gb,
         )
     )
-    result = probe_micro_batch(
+    return probe_micro_batch(
         run.encoder,
         run.objective,
         local_batch=local_batch,
@@ -495,8 +502,6 @@ def _choose_micro_batch(run: Run, local_batch: int, *, cache: bool = True, memor
         world_size=run.batches.world_size,
         memory_cap_bytes=memory_cap_bytes,
     )
-    log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
-    return result.micro_batch_size
 
 
 def parameter_groups(model: nn.Module, objective: Objective, weight_decay: float) -> list[dict[str, Any]]:
