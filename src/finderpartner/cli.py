@@ -724,6 +724,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _trial(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.perf_counter()  # --seconds counts the imports too
     from .config import load_config
     from .trial import format_report, parse_size, run_trial
 
@@ -735,6 +738,7 @@ def _trial(args: argparse.Namespace) -> int:
         memory_cap=cap,
         inject_oom=args.inject_oom,
         config_name=str(args.config or "defaults"),
+        started=started,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return INTERRUPTED if report["interrupted"] else 0

@@ -102,6 +102,7 @@ GPU_PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 # The trial measures the configured batch unless one of its steps would take longer than this and a third of the
 # time left (then a smaller one: see _Trial._measurable).
 MIN_STEP_S = 10.0
+REPORT_S = 2.0  # kept at the end of the trial's time for the report (the CPU's matmul peak) and the loader's exit
 
 
 def gpu_peak_flops(name: str, precision: str, tf32: bool) -> float | None:
@@ -257,18 +258,20 @@ def run_trial(
     inject_oom: bool = False,
     progress: bool = True,
     config_name: str = "",
+    started: float | None = None,
 ) -> dict[str, Any]:
     """Run real training steps of ``cfg`` on this machine until ``seconds`` after the start (setup included; at
     least a warm-up step and a measured one); the report as plain data.
 
     ``memory_cap``: bytes (a smaller GPU, emulated; on a CPU the probe's resident-memory limit). Raises
     TrainingError when not even one pair fits. Stops early, with ``interrupted`` set, on Ctrl-C or SIGTERM once a
-    step was measured (before that, KeyboardInterrupt propagates).
+    step was measured (before that, KeyboardInterrupt propagates). ``started``: the ``time.perf_counter()`` the
+    trial's time counts from (default: now).
     """
     if not seconds > 0:
         raise UsageError(f"--seconds must be positive (got {seconds:g})")
     configure_cuda_allocator()  # before CUDA starts
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     with _sigterm_as_interrupt():
         trial = _Trial(cfg, started + seconds, memory_cap, inject_oom, progress, config_name)
         trial.setup()
@@ -409,7 +412,8 @@ class _Trial:
         target = per_step / per_pair
         if batch <= target:
             return batch, micro
-        fit = 2 ** max(1, int(math.log2(max(2, target))))
+        # never below the probe's size: the cost per pair was measured there (smaller products run less efficiently)
+        fit = max(size, 2 ** max(1, int(math.log2(max(2, target)))))
         if micro < batch:
             small_micro = max(1, min(micro, fit // 2))
             small = (min(batch, 2 * small_micro), small_micro)
@@ -417,9 +421,10 @@ class _Trial:
             small = (min(batch, fit), min(batch, fit))
         self.notes.append(
             f"one step of the contrastive batch {batch} would take ~{format_duration(batch * per_pair)} here: measured "
-            f"at contrastive batch {small[0]}, micro-batch {small[1]} (the cost per pair is the same"
-            + (", the gradient cache included" if micro < batch else "")
-            + "; only the loss matrix, small beside the towers, grows with the batch)"
+            f"at contrastive batch {small[0]}, micro-batch {small[1]}"
+            + (" (the gradient cache kept)" if micro < batch else "")
+            + ". The cost per pair hardly depends on the batch beyond the towers' matrix products, which run somewhat "
+            "more efficiently at the configured size: the projections are on the pessimistic side"
         )
         return small
 
@@ -461,7 +466,7 @@ class _Trial:
                 self.times.append(now - t0)
                 bar.update(1)
                 bar.set_postfix(pairs_s=f"{self.measured_batch / self.times[-1]:.1f}")
-                if len(self.times) >= 2 and now + self.times[-1] > self.deadline:  # the next would end too late
+                if len(self.times) >= 2 and now + self.times[-1] + REPORT_S > self.deadline:  # the next: too late
                     break
         except (KeyboardInterrupt, RuntimeError) as e:
             if isinstance(e, RuntimeError) and not _worker_stopped(e):
