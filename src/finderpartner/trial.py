@@ -273,7 +273,7 @@ def run_trial(
     configure_cuda_allocator()  # before CUDA starts
     started = time.perf_counter() if started is None else started
     with _sigterm_as_interrupt():
-        trial = _Trial(cfg, started + seconds, memory_cap, inject_oom, progress, config_name)
+        trial = _Trial(cfg, started, seconds, memory_cap, inject_oom, progress, config_name)
         trial.setup()
         trial.measure()
         return trial.report(time.perf_counter() - started)
@@ -283,9 +283,16 @@ class _Trial:
     """The trial's state from setup to report (one object: the steps share the run, the batches and the notes)."""
 
     def __init__(
-        self, cfg: Config, deadline: float, memory_cap: int | None, inject_oom: bool, progress: bool, name: str
+        self,
+        cfg: Config,
+        started: float,
+        seconds: float,
+        memory_cap: int | None,
+        inject_oom: bool,
+        progress: bool,
+        name: str,
     ) -> None:
-        self.seconds = deadline - time.perf_counter()
+        self.seconds, deadline = seconds, started + seconds
         # The trial validates nothing: a missing validation split must not stop it.
         self.cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"val_split": "", "val_shards": None})})
         self.name, self.deadline, self.memory_cap = name, deadline, memory_cap
@@ -310,14 +317,16 @@ class _Trial:
         set_seed(cfg.seed)
         self.data = None
         if data_present(cfg):
-            self.data = open_training_data(cfg, need_captions=True, progress=self.progress)
+            # the captions of shards are read only for a model that learns its tokenizer from them (as train)
+            built = cfg.model.is_tiny or cfg.model.arch is not None or cfg.model.name in HUB_ARCHITECTURES
+            self.data = open_training_data(cfg, need_captions=built, progress=self.progress)
         else:
             where = cfg.data.train_shards if cfg.data.format == "webdataset" else cfg.data.root
             self.notes.append(
                 f"the configured data ({where}) is not there: synthetic batches of random pixels and full-length "
                 "captions (the worst case for the text tower)"
             )
-        captions = self.data.captions if self.data is not None else _synthetic_captions()
+        captions = self.data.captions if self.data is not None and self.data.captions else _synthetic_captions()
         self.encoder, self.built = build_encoder(cfg, captions)
         model = _prepare_model(self.encoder, cfg, self.device, self.precision)
         self.params = sum(p.numel() for p in model.parameters())
