@@ -41,7 +41,7 @@ import memory as memory_bench  # noqa: E402
 import torch  # noqa: E402
 
 from finderpartner.config import config_from_dict  # noqa: E402
-from finderpartner.env import cuda_bf16_native, enable_tf32  # noqa: E402
+from finderpartner.env import configure_cuda_allocator, cuda_bf16_native, enable_tf32  # noqa: E402
 from finderpartner.model import CLIP_MEAN, CLIP_STD  # noqa: E402
 from finderpartner.trial import gpu_peak_flops, run_trial  # noqa: E402
 
@@ -231,6 +231,7 @@ def open_clip_run(args: argparse.Namespace, precision: str, device: torch.device
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_cuda_allocator()  # as training sets it, before CUDA starts
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA GPU here: run with --dry-run to check everything but CUDA on the CPU", file=sys.stderr)
         return 2

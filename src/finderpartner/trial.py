@@ -453,7 +453,8 @@ class _Trial:
             reset_peak_rss()
         bar = Progress(desc="trial", unit="step", disable=not self.progress)
         log.info(
-            "measuring training steps for %s (at least 2): contrastive batch %d, micro-batch %d, %s on %s",
+            "measuring training steps for %s (at least 2, 3 with --inject-oom): contrastive batch %d, micro-batch %d, "
+            "%s on %s",
             format_duration(max(0.0, self.deadline - time.perf_counter())),
             self.measured_batch,
             self.measured_micro,
@@ -461,6 +462,7 @@ class _Trial:
             device,
         )
         batch: Batch | None = first
+        min_steps = 3 if self.inject else 2  # a warm-up step, (the injected OOM's,) one measured
         try:
             while True:
                 t0 = time.perf_counter()
@@ -475,7 +477,7 @@ class _Trial:
                 self.times.append(now - t0)
                 bar.update(1)
                 bar.set_postfix(pairs_s=f"{self.measured_batch / self.times[-1]:.1f}")
-                if len(self.times) >= 2 and now + self.times[-1] + REPORT_S > self.deadline:  # the next: too late
+                if len(self.times) >= min_steps and now + self.times[-1] + REPORT_S > self.deadline:  # next: too late
                     break
         except (KeyboardInterrupt, RuntimeError) as e:
             if isinstance(e, RuntimeError) and not _worker_stopped(e):
