@@ -198,3 +198,18 @@ def test_text_model_pools_at_the_eos(tok: transformers.PreTrainedTokenizerFast) 
     first_eos = (batch["input_ids"] == EOS).int().argmax(dim=-1)
     expected = out.last_hidden_state[torch.arange(3), first_eos]
     assert torch.allclose(out.pooler_output, expected)
+
+
+def test_openai_clips_tokenizer_is_open_clips_without_importing_it() -> None:
+    """arch:<name> models tokenise as OpenAI CLIP: the vocabulary, merges and ids of open_clip's SimpleTokenizer,
+    read from the merges file it ships (importing open_clip itself takes seconds)."""
+    open_clip = pytest.importorskip("open_clip")
+    from finderpartner.tokenizer import openai_clip_tokenizer
+
+    ours = openai_clip_tokenizer(77)
+    theirs = open_clip.tokenizer.SimpleTokenizer(context_length=77)
+    names = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    assert ours.get_vocab() == {names.get(t, t): i for t, i in theirs.encoder.items()}
+    texts = ["A photo of a Dog, on the beach!!", "café naïve 日本 123", "left\tright  x", "it's 2 o'clock"]
+    expected = [[i for i in row.tolist() if i] for row in theirs(texts)]
+    assert [ours(t)["input_ids"] for t in texts] == expected

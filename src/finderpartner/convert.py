@@ -45,7 +45,7 @@ from .open_clip_map import (
     weight_rules,
 )
 from .outputs import claim_output, replace_dir, storage_errors, write_marker, write_text_atomic
-from .tokenizer import BOS_TOKEN, EOS_TOKEN, clip_tokenizer
+from .tokenizer import openai_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +234,7 @@ def open_clip_tokenizers(source: OpenClipSource) -> tuple[Callable[[list[str]], 
     name = text.get("hf_tokenizer_name")
     if not name:
         simple = oc.tokenizer.SimpleTokenizer(context_length=context)
-        names = {"<start_of_text>": BOS_TOKEN, "<end_of_text>": EOS_TOKEN}
-        vocab = {names.get(token, token): i for token, i in simple.encoder.items()}
-        merges = sorted(simple.bpe_ranks, key=simple.bpe_ranks.get)
-        hf = clip_tokenizer(vocab, merges, context_length=context, unk_token=EOS_TOKEN)
+        hf = openai_clip_tokenizer(context)  # the same vocabulary and merges
         return simple, hf, "OpenAI CLIP's BPE (open_clip's SimpleTokenizer), as a transformers CLIPTokenizer"
     where = str(source.folder) if source.folder is not None else str(name)
     local = Path(where).is_dir() or in_hf_cache(where)

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import os
 import platform
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -97,17 +97,69 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     bf16 is slower than fp32). An explicit choice the device cannot do is a ConfigError, not a silent fallback.
     """
     if device.type == "cuda":
-        bf16_ok = torch.cuda.is_bf16_supported()
+        capability = torch.cuda.get_device_capability(device)
         if setting == "auto":
-            return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 and bf16_ok else "fp16"
-        if setting == "bf16" and not bf16_ok:
-            raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16 support; use precision fp16 or auto")
+            return "bf16" if cuda_bf16_native(capability) else "fp16"
+        if setting == "bf16" and not cuda_bf16_native(capability):
+            raise ConfigError(
+                f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) has no "
+                "native bf16: that needs compute 8.0 (Ampere) or newer; below it bf16 is emulated and cuDNN has no "
+                "bf16 convolution (the patch embedding). Use precision fp16 or auto"
+            )
         return setting
     if setting == "fp16":
         raise ConfigError("precision fp16 needs a CUDA GPU; on CPU use bf16 (if supported), fp32 or auto")
     if setting == "auto":
         return "bf16" if cpu_supports_bf16() else "fp32"
     return setting
+
+
+def cuda_bf16_native(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability computes bf16 natively (Ampere, 8.0, and newer).
+
+    Not ``torch.cuda.is_bf16_supported()``: by default (``including_emulation=True``) it says yes on T4, RTX 20xx
+    and V100 too, where bf16 is emulated.
+    """
+    return capability[0] >= 8
+
+
+def use_tf32(device_type: str, capability: tuple[int, int] | None, precision: str) -> bool:
+    """Whether fp32 training should let matmuls and convolutions use TF32 tensor cores: on CUDA from Ampere (8.0) on.
+
+    PyTorch leaves TF32 matmuls off by default; for training (not for checking numbers bit for bit) the 10-bit
+    mantissa of their inputs is plenty (accumulation stays fp32), and it is several times faster.
+    """
+    return device_type == "cuda" and precision == "fp32" and capability is not None and capability[0] >= 8
+
+
+def enable_tf32(device: torch.device, precision: str) -> bool:
+    """Turn TF32 on for fp32 training on Ampere and newer GPUs (``use_tf32``); returns whether it did."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if not use_tf32(device.type, capability, precision):
+        return False
+    torch.set_float32_matmul_precision("high")  # matmuls in TF32
+    torch.backends.cudnn.allow_tf32 = True  # convolutions (PyTorch's default already)
+    return True
+
+
+# The CUDA caching allocator's setting: segments that grow instead of new blocks per size, so that batch shapes that
+# change every step (captions padded to the longest of each batch) do not fragment memory. Linux only (the
+# allocator ignores it, with a warning, elsewhere).
+ALLOCATOR_SETTING = "expandable_segments:True"
+
+
+def allocator_setting(environ: Mapping[str, str], system: str) -> str | None:
+    """The ``PYTORCH_CUDA_ALLOC_CONF`` to set, or None: the user set one (either name), or not on Linux."""
+    if system != "Linux" or "PYTORCH_CUDA_ALLOC_CONF" in environ or "PYTORCH_ALLOC_CONF" in environ:
+        return None
+    return ALLOCATOR_SETTING
+
+
+def configure_cuda_allocator() -> None:
+    """Set ``ALLOCATOR_SETTING`` unless the user chose otherwise. Read when CUDA first allocates: call it early."""
+    setting = allocator_setting(os.environ, platform.system())
+    if setting is not None:
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = setting
 
 
 def autocast_factory(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager[Any]]:
@@ -245,7 +297,7 @@ def _gpu_report() -> dict[str, Any]:
         name=current["name"],
         memory_gb=current["memory_gb"],
         compute_capability=current["compute_capability"],
-        bf16=bool(torch.cuda.is_bf16_supported()),
+        bf16=cuda_bf16_native(torch.cuda.get_device_capability(torch.cuda.current_device())),
         cuda_version=torch.version.cuda,
     )
     return report
@@ -285,7 +337,7 @@ def _recommendation(gpu: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     import socket
 
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -324,7 +376,7 @@ def _model_status(name: str, required: bool, is_tiny: bool) -> dict[str, Any]:
         return {**status, "source": f"cannot check the Hugging Face cache: {e}", "ok": False}
     if cached:
         return {**status, "source": "Hugging Face cache", "ok": True}
-    reachable = _hub_reachable()
+    reachable = hub_reachable()
     return {
         **status,
         "source": "hub (not cached; downloads on first use)" if reachable else "not cached, hub unreachable",
@@ -342,7 +394,8 @@ def _configured(config_path: str | Path | None) -> tuple[str | None, Path, bool,
     except ImportError:  # pydantic or pyyaml missing: reported above
         return None, Path("outputs"), False, False, []
     trackers = tracker_problems(cfg.tracking) if config_path is not None else []
-    return cfg.model.name, Path(cfg.output_dir), config_path is not None, cfg.model.is_tiny, trackers
+    built = cfg.model.is_tiny or cfg.model.arch is not None  # nothing to download
+    return cfg.model.name, Path(cfg.output_dir), config_path is not None, built, trackers
 
 
 def environment_report(config_path: str | Path | None = None) -> dict[str, Any]:

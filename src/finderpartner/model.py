@@ -9,7 +9,6 @@ return type changed in 5.x.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import pickle
 import re
@@ -23,11 +22,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .config import MINILM, TINY, TOWERS, ModelConfig, TinySpec, TowersConfig
+from .config import ARCHITECTURES, MINILM, TINY, TOWERS, ModelConfig, TinySpec, TowersConfig
 from .data.transforms import EvalTransform, ImageSpec, normalize
 from .env import in_hf_cache
 from .errors import ModelError
-from .tokenizer import build_caption_tokenizer, save_vocab_files
+from .tokenizer import build_caption_tokenizer, openai_clip_tokenizer, save_vocab_files
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,8 @@ VOCAB_FILE_ERRORS = (AttributeError, OSError)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'org/name' or 'name', never a path
 
 
-TINY_KIND, PRETRAINED_KIND = "tiny", "pretrained"  # DualEncoder.kind: built from the preset, or loaded
+# DualEncoder.kind: built from the tiny preset, loaded, or a public architecture built with random weights (arch:)
+TINY_KIND, PRETRAINED_KIND, ARCH_KIND = "tiny", "pretrained", "architecture"
 # config.json's record of an objective whose values the model's weights have no place for (SigLIP's bias):
 # {"loss": "siglip", "logit_scale": t (log space, also the model's logit_scale), "logit_bias": b}
 OBJECTIVE_KEY = "finderpartner_objective"
@@ -216,6 +216,8 @@ def build_model(config: ModelConfig, *, captions: Iterable[str] | None = None, s
         if captions is None:
             raise ModelError("the tiny model learns its tokenizer from the training captions; none were given")
         return build_tiny(config.tiny, captions, seed=seed)
+    if config.arch is not None:
+        return build_arch(config.arch, seed=seed, captions=captions)
     if config.name == TOWERS:
         return build_towers(config.towers, config.tiny, seed=seed, trust_pickle=config.trust_pickle)
     return load_model(config.name, trust_pickle=config.trust_pickle)
@@ -248,6 +250,51 @@ def build_tiny(spec: TinySpec, captions: Iterable[str], *, seed: int = 0, tokeni
         model = CLIPModel(config)
     _init_sincos_positions(model.vision_model.embeddings.position_embedding.weight, spec.image_size // spec.patch_size)
     return DualEncoder(model, tokenizer, _tiny_processor(spec), kind=TINY_KIND)
+
+
+def build_arch(name: str, *, seed: int = 0, captions: Iterable[str] | None = None) -> DualEncoder:
+    """A public CLIP architecture (``config.ARCHITECTURES``: ViT-B/32, ViT-B/16, ViT-L/14) with random weights,
+    built without a download: what the trial and the benchmarks measure when the pretrained weights are not here.
+
+    Its tokenizer is OpenAI CLIP's BPE from open_clip's vocabulary; without open_clip_torch, a BPE learnt from
+    ``captions`` (the tiny model's; then the kind is ``TINY_KIND``, so training keeps it with the run).
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    shape = ARCHITECTURES[name]
+    kind = ARCH_KIND
+    try:
+        tokenizer = openai_clip_tokenizer(shape["context_length"])
+    except ImportError:
+        if captions is None:
+            raise ModelError(
+                f"arch:{name} uses OpenAI CLIP's tokenizer, whose vocabulary comes with open_clip_torch: "
+                "pip install 'finderpartner[open_clip]'"
+            ) from None
+        log.warning("open_clip_torch is not installed: arch:%s gets a tokenizer learnt from the captions", name)
+        tokenizer = build_caption_tokenizer(captions, vocab_size=4096, context_length=shape["context_length"])
+        kind = TINY_KIND
+    spec = TinySpec(**{**shape, "vocab_size": max(600, shape["vocab_size"])})
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=shape["vocab_size"],
+            hidden_size=spec.text_width,
+            intermediate_size=4 * spec.text_width,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            max_position_embeddings=spec.context_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,  # the real id: pooling at the first eos (not the legacy argmax)
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=spec.embed_dim,
+        ),
+        vision_config={**_tiny_vision_config(spec), "projection_dim": spec.embed_dim},
+        projection_dim=spec.embed_dim,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(config)
+    return DualEncoder(model, tokenizer, _tiny_processor(spec), kind=kind)
 
 
 def _tiny_processor(spec: TinySpec) -> Any:
@@ -336,14 +383,18 @@ def build_towers(towers: TowersConfig, tiny: TinySpec, *, seed: int = 0, trust_p
     text_dir = Path(text_source) if Path(text_source).is_dir() else None
     safe = None if trust_pickle else True
     try:
-        text = AutoModel.from_pretrained(text_source, local_files_only=text_dir is not None, use_safetensors=safe)
+        text = AutoModel.from_pretrained(
+            text_source, local_files_only=text_dir is not None, use_safetensors=safe, **float32_weights()
+        )
         tokenizer = AutoTokenizer.from_pretrained(text_source, local_files_only=text_dir is not None)
         if towers.vision == TINY:
             vision, processor = _tiny_vision(tiny, seed), _tiny_processor(tiny)
         else:
             source = _local_or_hub(towers.vision, "model.towers.vision")
             local = Path(source).is_dir()
-            vision = CLIPVisionModel.from_pretrained(source, local_files_only=local, use_safetensors=safe)
+            vision = CLIPVisionModel.from_pretrained(
+                source, local_files_only=local, use_safetensors=safe, **float32_weights()
+            )
             processor = AutoImageProcessor.from_pretrained(source, local_files_only=local)
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot load a tower for model.towers ({_first_line(e)})") from None
@@ -408,6 +459,21 @@ PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")  # torch.
 TRUST_PICKLE_HINT = "--trust-pickle (training: model.trust_pickle: true)"
 
 
+def float32_weights() -> dict[str, Any]:
+    """``from_pretrained`` arguments that load the weights as float32 whatever they were saved in.
+
+    transformers 5 loads in the saved dtype by default (``dtype="auto"``): a model stored in fp16 or bf16 would
+    train in half precision (fp16: the gradient scaler refuses fp16 gradients; bf16: AdamW's small updates vanish).
+    Mixed precision is autocast's job, over float32 weights. (``dtype`` since transformers 4.56, ``torch_dtype``
+    before.)
+    """
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__.split("+")[0]) >= Version("4.56")
+    return {"dtype" if new else "torch_dtype": torch.float32}
+
+
 def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualEncoder:
     """Load a saved folder or a hub id (from the local cache when there, else from the hub).
 
@@ -444,7 +510,9 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
     try:
         # Untrusted: safetensors or nothing. Trusted: the pickle file found, else safetensors first (None).
         use_safetensors = True if not trust_pickle else False if pickled else None
-        model = AutoModel.from_pretrained(source, local_files_only=local_only, use_safetensors=use_safetensors)
+        model = AutoModel.from_pretrained(
+            source, local_files_only=local_only, use_safetensors=use_safetensors, **float32_weights()
+        )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
     except (
@@ -582,6 +650,10 @@ def text_pooled(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return pooled
 
 
+# Host memory a TowerCache may fill (ViT-B/32's text tower: 512 fp32 values per caption, 1M captions in 2 GiB).
+TOWER_CACHE_BYTES = 2 * 2**30
+
+
 class TowerCache:
     """A locked tower's outputs, computed once per distinct input and then looked up (LiT, Zhai et al. 2022).
 
@@ -589,37 +661,69 @@ class TowerCache:
     without augmentation, an image) is the same every epoch and an epoch costs only the trainable tower. Keys are
     the token ids up to the text's length (padding does not matter), or a hash of an image's pixels. Values are not
     bitwise those of a batch computed in another grouping (matrix kernels may round differently), so a resumed run
-    that re-fills the cache equals an uninterrupted one up to float rounding. At most ``max_entries`` inputs are
-    kept; later ones are computed each time.
+    that re-fills the cache equals an uninterrupted one up to float rounding.
+
+    The outputs are kept in host memory, never on the GPU: a cache that grows through an epoch would otherwise take
+    GPU memory that the micro-batch probe never saw, into an out-of-memory error that halving the micro-batch cannot
+    cure. Looked-up rows travel to the device once per batch. At most ``max_entries`` inputs and ``max_bytes``
+    (``nbytes`` counts them) are kept; later ones are computed each time.
     """
 
-    def __init__(self, tower: nn.Module, max_entries: int = 1_000_000) -> None:
-        self.tower, self.max_entries = tower, max_entries
+    def __init__(self, tower: nn.Module, max_entries: int = 1_000_000, max_bytes: int = TOWER_CACHE_BYTES) -> None:
+        self.tower, self.max_entries, self.max_bytes = tower, max_entries, max_bytes
         self.clear()
 
     def clear(self) -> None:
-        self.table: dict[bytes, torch.Tensor] = {}
+        self.table: dict[bytes, torch.Tensor] = {}  # key -> the tower's output, a CPU tensor
         self.hits = self.misses = 0
+        self.nbytes = 0  # host memory the kept outputs take
+        self._full_noted = False
 
     def lookup(self, keys: list[bytes], compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The tower's outputs for a batch whose rows have these keys; ``compute(rows)`` runs the tower on the rows
         (a LongTensor of row indices) not seen before, once per distinct key, in eval mode and without gradients."""
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # each distinct input's first row
         todo = [k for k in first if k not in self.table]
-        fresh: dict[bytes, torch.Tensor] = {}
+        fresh: torch.Tensor | None = None
         if todo:
             was_training = self.tower.training
             self.tower.eval()
             try:
                 with torch.no_grad():
-                    fresh = dict(zip(todo, compute(torch.tensor([first[k] for k in todo]))))
+                    fresh = compute(torch.tensor([first[k] for k in todo]))
             finally:
                 self.tower.train(was_training)
-            if len(self.table) < self.max_entries:
-                self.table.update(fresh)
+            self._keep(todo, fresh)
         self.misses += len(todo)
         self.hits += len(keys) - len(todo)
-        return torch.stack([self.table[k] if k in self.table else fresh[k] for k in keys])
+        return self._assemble(keys, todo, fresh)
+
+    def _keep(self, todo: list[bytes], fresh: torch.Tensor) -> None:
+        """Keep a host copy of new outputs (one transfer per batch) while within the bounds."""
+        size = fresh.numel() * fresh.element_size()
+        if len(self.table) + len(todo) <= self.max_entries and self.nbytes + size <= self.max_bytes:
+            host = fresh.detach().to("cpu", copy=True)
+            self.table.update(zip(todo, host))  # rows are views of ``host``: its bytes are counted once
+            self.nbytes += size
+        elif not self._full_noted:
+            self._full_noted = True
+            log.info(
+                "locked-tower cache full (%d inputs, %.2f GiB of host memory): further inputs are computed each time",
+                len(self.table),
+                self.nbytes / 2**30,
+            )
+
+    def _assemble(self, keys: list[bytes], todo: list[bytes], fresh: torch.Tensor | None) -> torch.Tensor:
+        """The batch's rows in key order: new ones from ``fresh`` (on the device), the others sent from the host."""
+        new_row = {k: i for i, k in enumerate(todo)}
+        old_keys = list(dict.fromkeys(k for k in keys if k not in new_row))
+        device = fresh.device if fresh is not None else next(self.tower.parameters()).device
+        parts = [] if fresh is None else [fresh]
+        if old_keys:
+            parts.append(torch.stack([self.table[k] for k in old_keys]).to(device, non_blocking=True))
+        where = {**new_row, **{k: len(todo) + i for i, k in enumerate(old_keys)}}
+        rows = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return rows[torch.tensor([where[k] for k in keys], device=device)]
 
     @staticmethod
     def text_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[bytes]:
@@ -629,9 +733,35 @@ class TowerCache:
 
     @staticmethod
     def image_keys(pixels: torch.Tensor) -> list[bytes]:
-        """An image's key: a 128-bit hash of its pixels (the unnormalised batch, before the model)."""
-        rows = pixels.cpu().contiguous().numpy()
-        return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in rows]
+        """An image's key: a 128-bit hash of its (unnormalised) pixels, computed where they are (a batch on the GPU
+        is not copied back: only the 16 bytes per image are)."""
+        return [row.tobytes() for row in pixel_hash(pixels).cpu().numpy()]
+
+
+_HASH_CHUNK = 8192  # pixel values hashed at once per image (bounds the int64 temporaries)
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_weights(n: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0x5EED)
+    return torch.randint(-(2**63), 2**63 - 1, (n, 2), dtype=torch.int64, generator=g).to(device)
+
+
+def pixel_hash(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 2) int64: two random linear hashes of each image's values, modulo 2**64, on the pixels' device.
+
+    Two different images collide in both with probability about 2**-114 (at worst, when every difference of their
+    values shares the factor 2**7), the same on every device (integer arithmetic, exact).
+    """
+    flat = pixels.reshape(len(pixels), -1)
+    if flat.is_floating_point():  # float pixels (0-255): hash their exact bits
+        flat = flat.float().contiguous().view(torch.int32)
+    weights = _hash_weights(flat.shape[1], flat.device)
+    out = torch.zeros(len(flat), 2, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.shape[1], _HASH_CHUNK):
+        part = flat[:, start : start + _HASH_CHUNK].to(torch.int64)
+        out += (part.unsqueeze(-1) * weights[start : start + _HASH_CHUNK]).sum(1)
+    return out
 
 
 def tower_locked(tower: nn.Module) -> bool:
@@ -752,6 +882,11 @@ def set_attention(model: nn.Module, mode: str, device: torch.device, precision: 
 def _base_model(model: nn.Module) -> nn.Module:
     """The transformers model itself: under LoRA adapters the wrapped one (not a merged copy), otherwise itself."""
     return model.get_base_model() if hasattr(model, "merge_and_unload") else model
+
+
+def plain_model_class(model: nn.Module) -> type:
+    """The class ``plain_model`` returns (CLIPModel, ...), without merging LoRA adapters into a copy to find out."""
+    return type(_base_model(model))
 
 
 def plain_model(model: nn.Module) -> nn.Module:

@@ -16,9 +16,10 @@ import contextlib
 import json
 import logging
 import os
+import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from .loss import Objective
 from .memory import available_memory_bytes, free_memory, is_oom, peak_rss_bytes, reset_peak_rss
 from .model import DualEncoder
 from .paths import default_cache_dir
-from .step import embed_pair
+from .step import embed_pair, step_parameters
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class ProbeResult:
     micro_batch_size: int
     reason: str
     peak_bytes: dict[int, int]  # micro-batch size -> measured peak (CUDA: allocated; CPU: resident)
+    step_seconds: dict[int, float] = field(default_factory=dict)  # size -> one forward+backward step's seconds
 
 
 def synthetic_batch(size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device) -> Batch:
@@ -96,21 +98,28 @@ def probe_micro_batch(
     state_bytes: int = 0,
     cache_key: str | None = None,
     agree: Callable[[int], int] = lambda size: size,
+    world_size: int = 1,
+    memory_cap_bytes: int | None = None,
 ) -> ProbeResult:
     """Choose the micro-batch by running real forward+backward steps on this model, precision and image size.
 
-    CUDA: the largest size whose peak allocation plus ``state_bytes`` (optimizer state not yet allocated; see
-    ``optimizer_state_bytes``) leaves ``reserve_bytes`` free (an OOM ends the search). CPU: the full local batch
-    when its (extrapolated) peak resident memory leaves the same free, else the largest power-of-two fraction of
-    it that does: on a CPU splitting only adds work. ``agree`` turns this process's answer into the one all
-    processes use (0 means "not even 1 fits here"); that agreed size is cached under ``cache_key``.
+    CUDA: the largest size whose step fits in the memory this process can get now (``CudaMemory.budget``: free
+    memory as the device sees it, after the reserve, ``state_bytes`` of optimizer state not yet allocated (see
+    ``optimizer_state_bytes``) and, with ``world_size`` > 1, NCCL's buffers and the flat gradient copy of the
+    cross-process sum); a step needs its peak allocation plus the fragmentation it showed (an OOM ends the search).
+    CPU: the full local batch when its (extrapolated) peak resident memory leaves the same free, else the largest
+    power-of-two fraction of it that does: on a CPU splitting only adds work; ``memory_cap_bytes`` caps the
+    resident memory there (the trial's --memory-cap; on CUDA a cap is ``set_per_process_memory_fraction``, read
+    here). ``agree`` turns this process's answer into the one all processes use (0 means "not even 1 fits here");
+    that agreed size is cached under ``cache_key``.
     """
     cached = _read_cache(cache_key)
     if cached is not None:
         result = ProbeResult(min(cached, local_batch), f"cached for {cache_key}", {})
     else:
+        extra = Extra(state_bytes, world_size, _trainable_bytes(encoder, objective) if world_size > 1 else 0)
         try:
-            result = _probe(encoder, objective, local_batch, device, autocast, reserve_bytes + state_bytes)
+            result = _probe(encoder, objective, local_batch, device, autocast, reserve_bytes, extra, memory_cap_bytes)
         except TrainingError:  # nothing fits here: still take part in the agreement (0 wins a minimum), then stop
             agree(0)
             raise
@@ -121,9 +130,24 @@ def probe_micro_batch(
             "use precision bf16/fp16, model.gradient_checkpointing, a frozen tower or LoRA"
         )
     if agreed != result.micro_batch_size:
-        result = ProbeResult(agreed, f"the smallest of all processes' sizes (here: {result.reason})", result.peak_bytes)
+        result = ProbeResult(
+            agreed,
+            f"the smallest of all processes' sizes (here: {result.reason})",
+            result.peak_bytes,
+            result.step_seconds,
+        )
     _write_cache(cache_key, agreed)
     return result
+
+
+def device_key(device: torch.device) -> str:
+    """How the cache tells devices apart: the name, and on CUDA the total memory and a memory cap too (the 8 GB and
+    12 GB RTX 3060 share a name; an emulated smaller card is another card)."""
+    if device.type != "cuda":
+        return platform.processor() or "cpu"
+    props = torch.cuda.get_device_properties(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+    return f"{props.name} {props.total_memory} B" + (f" capped at {fraction:g}" if fraction < 1.0 else "")
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -141,6 +165,20 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class Extra:
+    """What a training step will hold besides what one probing step measures."""
+
+    state_bytes: int = 0  # optimizer state, created at the first optimizer step
+    world_size: int = 1
+    flat_grad_bytes: int = 0  # step.sum_gradients_across_processes: one flat copy of the gradients (world > 1)
+
+
+def _trainable_bytes(encoder: DualEncoder, objective: Objective) -> int:
+    """Bytes of the gradients a step sums across processes (the flat copy in ``sum_gradients_across_processes``)."""
+    return sum(p.numel() * p.element_size() for p in step_parameters(encoder.model, objective) if p.requires_grad)
+
+
 def _probe(
     encoder: DualEncoder,
     objective: Objective,
@@ -148,6 +186,8 @@ def _probe(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]],
     reserve_bytes: int,
+    extra: Extra = Extra(),
+    memory_cap_bytes: int | None = None,
 ) -> ProbeResult:
     model = encoder.model
     vocab = int(model.config.text_config.vocab_size)
@@ -158,9 +198,9 @@ def _probe(
     model.train()
     try:
         if device.type == "cuda":
-            result = _probe_cuda(setup, local_batch, reserve_bytes)
+            result = _probe_cuda(setup, local_batch, reserve_bytes, extra)
         else:
-            result = _probe_cpu(setup, local_batch, reserve_bytes)
+            result = _probe_cpu(setup, local_batch, reserve_bytes + extra.state_bytes, memory_cap_bytes)
     finally:
         model.zero_grad(set_to_none=True)
         objective.zero_grad(set_to_none=True)
@@ -180,21 +220,76 @@ def _candidates(local_batch: int) -> list[int]:
     return sizes + [local_batch]
 
 
-def _probe_cuda(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
+# Memory a CUDA process holds outside PyTorch's allocator, where free memory does not show it already: the CUDA
+# context (kernels, cuBLAS/cuDNN handles: 0.3-0.6 GB) under an emulated smaller card, NCCL's buffers and
+# communicators with several processes (a few hundred MB per process at its defaults).
+CUDA_CONTEXT_BYTES = 512 * 2**20
+NCCL_BYTES = 512 * 2**20
+# Fragmentation a long run adds beyond what one probing step shows (batches change shape every step): at least this
+# fraction of the step's peak allocation is kept free on top of the (reserved - allocated) the step showed.
+FRAGMENTATION_FLOOR = 0.05
+
+
+@dataclass(frozen=True)
+class CudaMemory:
+    """The memory facts of a CUDA device as this process sees them now (bytes)."""
+
+    total: int  # the device's memory
+    free: int  # free on the device (torch.cuda.mem_get_info): other processes, the display, our context excluded
+    reserved: int  # held by this process's caching allocator (free for our tensors, not for the device)
+    allocated: int  # in this process's live tensors
+    cap: int | None = None  # torch.cuda.set_per_process_memory_fraction's cap on our allocator (an emulated card)
+
+    @classmethod
+    def now(cls, device: torch.device) -> CudaMemory:
+        free, total = torch.cuda.mem_get_info(device)
+        # torch >= 2.6 can say what set_per_process_memory_fraction set; before, no cap is known
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
+        return cls(
+            total=int(total),
+            free=int(free),
+            reserved=int(torch.cuda.memory_reserved(device)),
+            allocated=int(torch.cuda.memory_allocated(device)),
+            cap=int(total * fraction) if fraction < 1.0 else None,
+        )
+
+    @property
+    def capacity(self) -> int:
+        """The most this process's allocator can hold: what it holds plus what is free now, within a cap (whose card
+        would hold our CUDA context too)."""
+        room = self.free + self.reserved
+        return room if self.cap is None else min(room, self.cap - CUDA_CONTEXT_BYTES)
+
+    def budget(self, reserve: int, extra: Extra) -> int:
+        """Bytes a step's peak (allocation plus fragmentation) may reach: the capacity after the user's reserve, the
+        optimizer state to come, and with several processes NCCL and the flat gradient copy."""
+        distributed = NCCL_BYTES + extra.flat_grad_bytes if extra.world_size > 1 else 0
+        return self.capacity - reserve - extra.state_bytes - distributed
+
+
+def step_need(peak_allocated: int, peak_reserved: int) -> int:
+    """What a step of this measured peak needs from the device: its allocation plus the fragmentation it showed
+    (peak reserved - peak allocated), at least ``FRAGMENTATION_FLOOR`` of the allocation."""
+    return peak_allocated + max(peak_reserved - peak_allocated, int(FRAGMENTATION_FLOOR * peak_allocated))
+
+
+def _probe_cuda(setup: _Setup, local_batch: int, reserve: int, extra: Extra = Extra()) -> ProbeResult:
     device = setup.device
-    total = torch.cuda.get_device_properties(device).total_memory
-    # A cap set with torch.cuda.set_per_process_memory_fraction (an emulated smaller card) is the real total.
-    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(device)
-    total = int(total * min(1.0, fraction))
-    budget = total - reserve
+    free_memory()
+    memory = CudaMemory.now(device)
+    budget = memory.budget(reserve, extra)
     peaks: dict[int, int] = {}
+    seconds: dict[int, float] = {}
     best, reason = 0, ""
     for size in _candidates(local_batch):
         batch = setup.batch(size)
         free_memory()
         torch.cuda.reset_peak_memory_stats(device)
         try:
+            t0 = time.perf_counter()
             setup.step(batch)
+            torch.cuda.synchronize(device)
+            seconds[size] = time.perf_counter() - t0
         except RuntimeError as e:  # torch.OutOfMemoryError, or a backend's RuntimeError saying so
             if not is_oom(e):
                 raise
@@ -204,45 +299,73 @@ def _probe_cuda(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
             free_memory()
             break
         peaks[size] = torch.cuda.max_memory_allocated(device)
-        if peaks[size] > budget:
-            reason = f"{size} peaks at {peaks[size] / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget"
+        need = step_need(peaks[size], torch.cuda.max_memory_reserved(device))
+        if need > budget:
+            reason = f"{size} needs {need / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB budget"
             break
         best = size
+    kept = _kept(memory, reserve, extra)
     if best == 0:
         raise TrainingError(
-            f"even a micro-batch of 1 does not fit in {budget / 2**30:.1f} GiB ({reason}; the budget leaves room for "
-            "the reserve and the optimizer state); use precision bf16/fp16, model.gradient_checkpointing, a frozen "
+            f"even a micro-batch of 1 does not fit: {memory.capacity / 2**30:.2f} GiB usable here ({kept}) leaves "
+            f"{budget / 2**30:.2f} GiB ({reason}); use precision bf16/fp16, model.gradient_checkpointing, a frozen "
             "tower or LoRA, or lower train.memory_reserve_gb"
         )
-    why = f"largest size within {total / 2**30:.1f} GiB minus {reserve / 2**30:.1f} GiB (reserve, optimizer state)" + (
+    why = f"largest size within {memory.capacity / 2**30:.1f} GiB usable minus {kept}" + (
         f" ({reason})" if reason else ""
     )
-    return ProbeResult(best, why, peaks)
+    return ProbeResult(best, why, peaks, {k: v for k, v in seconds.items() if k <= best})
 
 
-def _probe_cpu(setup: _Setup, local_batch: int, reserve: int) -> ProbeResult:
+def _kept(memory: CudaMemory, reserve: int, extra: Extra) -> str:
+    """What the budget keeps free, in words (the log line and the error)."""
+    usable = f"{memory.free / 2**30:.1f} GiB free + {memory.reserved / 2**30:.1f} GiB held" + (
+        f", capped at {memory.cap / 2**30:.1f} GiB less the CUDA context" if memory.cap is not None else ""
+    )
+    parts = [f"reserve {reserve / 2**30:.1f} GiB", f"optimizer state {extra.state_bytes / 2**30:.2f} GiB"]
+    if extra.world_size > 1:
+        parts += [f"NCCL {NCCL_BYTES / 2**30:.1f} GiB", f"flat gradient copy {extra.flat_grad_bytes / 2**30:.2f} GiB"]
+    return f"{', '.join(parts)}; usable = {usable}"
+
+
+def _probe_cpu(setup: _Setup, local_batch: int, reserve: int, cap: int | None = None) -> ProbeResult:
     """On a CPU splitting a batch never speeds it up (it adds a forward pass), so the full local batch is used when
     its memory fits. Peak resident memory is measured at two small sizes and extrapolated linearly (running the
-    full batch just to find out could get the process killed by the kernel's OOM killer)."""
+    full batch just to find out could get the process killed by the kernel's OOM killer). ``cap``: the resident
+    memory the process may reach (an emulated smaller machine); a cap that not even one pair fits is an error."""
     sizes = sorted({min(4, local_batch), min(8, local_batch)})
     measured = {size: _cpu_step_peak(setup, size) for size in sizes}
     peaks = {size: peak for size, (peak, _) in measured.items()}
     per_pair = max(0.0, (peaks[sizes[-1]] - peaks[sizes[0]]) / max(1, sizes[-1] - sizes[0]))
     listing = ", ".join(f"{s}: {p / 2**30:.2f} GiB, {v:.0f} pairs/s" for s, (p, v) in measured.items())
     available = available_memory_bytes()
+    if cap is not None:  # the process may grow to the cap at most (and never beyond what the machine has)
+        room = cap - peaks[sizes[-1]]
+        available = room if available is None else min(available, room)
+    seconds = {size: size / rate for size, (_, rate) in measured.items()}
     if available is None:
-        return ProbeResult(local_batch, f"free memory unknown: the full batch (measured {listing})", peaks)
+        return ProbeResult(local_batch, f"free memory unknown: the full batch (measured {listing})", peaks, seconds)
     budget = available - reserve  # how much more this process may grow beyond the measured peak
+
+    def predicted(micro: int) -> float:
+        return peaks[sizes[-1]] + per_pair * (micro - sizes[-1])
+
     micro = local_batch
-    while micro > sizes[-1] and per_pair * (micro - sizes[-1]) > budget:
+    while micro > 1 and predicted(micro) - peaks[sizes[-1]] > budget:
         micro //= 2
-    predicted = peaks[sizes[-1]] + per_pair * (micro - sizes[-1])
+    if cap is not None and predicted(micro) - peaks[sizes[-1]] > budget:
+        raise TrainingError(
+            f"even a micro-batch of 1 does not fit under the memory cap of {cap / 2**30:.2f} GiB: this process "
+            f"needs ~{predicted(1) / 2**30:.2f} GiB resident at 1 pair plus {reserve / 2**30:.2f} GiB kept for the "
+            f"reserve and the optimizer state (measured {listing}); raise the cap, or use a smaller model or image size"
+        )
+    where = f"{available / 2**30:.1f} GiB available" + (f" under the {cap / 2**30:.1f} GiB cap" if cap else "")
     why = (
-        f"{'the full batch' if micro == local_batch else 'largest size'} within free memory: ~{predicted / 2**30:.1f} GiB "
-        f"predicted, {available / 2**30:.1f} GiB available, {reserve / 2**30:.1f} GiB kept for the reserve and the "
+        f"{'the full batch' if micro == local_batch else 'largest size'} within free memory: ~{predicted(micro) / 2**30:.1f} GiB "
+        f"predicted, {where}, {reserve / 2**30:.1f} GiB kept for the reserve and the "
         f"optimizer state (measured {listing})"
     )
-    return ProbeResult(micro, why, peaks)
+    return ProbeResult(micro, why, peaks, seconds)
 
 
 def _cpu_step_peak(setup: _Setup, size: int) -> tuple[int, float]:

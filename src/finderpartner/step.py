@@ -200,13 +200,17 @@ def sum_gradients_across_processes(model: nn.Module, objective: Objective) -> No
 
 
 def capture_rng() -> dict[str, Any]:
+    """The CPU generator and this process's own GPU's (``"cuda": (device index, state)``; each process trains on
+    one GPU, and the generators of GPUs it does not use are not its to save or restore)."""
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        device = torch.cuda.current_device()
+        state["cuda"] = (device, torch.cuda.get_rng_state(device))
     return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        device, cuda_state = state["cuda"]
+        torch.cuda.set_rng_state(cuda_state, device)

@@ -153,6 +153,44 @@ def clip_tokenizer(
     )
 
 
+OPENAI_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"  # OpenAI CLIP's merges, shipped inside the open_clip package
+
+
+def openai_clip_tokenizer(context_length: int = 77) -> CLIPTokenizerFast:
+    """OpenAI CLIP's BPE (49,408 tokens) as a transformers tokenizer, from the merges file open_clip ships, so no
+    download is needed; ``<|endoftext|>`` ends, pads and stands for unknown, as in open_clip.
+
+    The vocabulary is laid out exactly as open_clip's ``SimpleTokenizer`` lays it out (a test compares them), from
+    the file alone: importing open_clip takes many seconds (it imports timm). Raises ImportError without
+    open_clip_torch.
+    """
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    folder = next(iter(spec.submodule_search_locations or []), None) if spec is not None else None
+    if folder is None or not (Path(folder) / OPENAI_BPE_FILE).is_file():
+        raise ImportError(f"open_clip_torch (which ships {OPENAI_BPE_FILE}) is not installed")
+    lines = gzip.open(Path(folder) / OPENAI_BPE_FILE).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + END_OF_WORD for s in symbols] + ["".join(m) for m in merges] + [BOS_TOKEN, EOS_TOKEN]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    return clip_tokenizer(vocab, merges, context_length=context_length, unk_token=EOS_TOKEN)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's (and CLIP's) reversible map of the 256 byte values to printable characters, in its order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes, extra = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
 def save_vocab_files(tokenizer: CLIPTokenizerFast, directory: str | Path) -> list[str]:
     """Write CLIP-style ``vocab.json`` and ``merges.txt`` next to a saved ``tokenizer.json``.
 

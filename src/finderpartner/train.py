@@ -40,11 +40,12 @@ from .data.dataset import num_workers
 from .data.sources import Batches, EvalSet, Loading, open_training_data
 from .data.transforms import TrainTransform
 from .data.validate import long_captions_note
-from .env import autocast_factory, resolve_device, resolve_precision
+from .env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError, UsageError
 from .evaluate import EvalResult, evaluate_split, format_metrics
 from .loss import Objective, build_objective
 from .model import (
+    ARCH_KIND,
     TINY_KIND,
     DualEncoder,
     TowerCache,
@@ -53,7 +54,7 @@ from .model import (
     build_model,
     build_tiny,
     enable_gradient_checkpointing,
-    plain_model,
+    plain_model_class,
     save_model,
     set_attention,
     tower_locked,
@@ -63,7 +64,7 @@ from .outputs import (
     replace_dir,
     storage_errors,
 )
-from .probe import optimizer_state_bytes, probe_micro_batch
+from .probe import ProbeResult, device_key, optimizer_state_bytes, probe_micro_batch
 from .processes import all_min, from_main
 from .progress import Progress
 from .rundir import open_run_dir
@@ -181,6 +182,7 @@ def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
     same checkpoint, after checking it is the same file (checkpoints must be on a filesystem all processes share).
     """
     start = time.perf_counter()  # a time budget counts from here
+    configure_cuda_allocator()  # before CUDA's first allocation (a no-op if the user set it)
     check_trackers(cfg.tracking)  # a tracker that is not installed: refused before the run folder is touched
     accelerator = _accelerator(cfg)
     device = accelerator.device
@@ -312,7 +314,9 @@ def _build_run(
             "no CUDA GPU: training on the CPU in %s; expect minutes for the tiny model, hours for ViT-B/32", precision
         )
     set_seed(cfg.seed)
-    data = open_training_data(cfg, need_captions=cfg.model.is_tiny, progress=accelerator.is_main_process)
+    data = open_training_data(
+        cfg, need_captions=cfg.model.is_tiny or cfg.model.arch is not None, progress=accelerator.is_main_process
+    )
     zeroshot = _zeroshot_sets(cfg, data.val is not None)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
     if accelerator.is_main_process and (
@@ -427,6 +431,8 @@ def _prepare_model(encoder: DualEncoder, cfg: Config, device: torch.device, prec
     """Memory levers (freezing, LoRA, gradient checkpointing), then onto the device."""
     m = cfg.model
     log.info("attention: %s", set_attention(encoder.model, m.attention, device, precision))
+    if precision is not None and enable_tf32(device, precision):
+        log.info("fp32 on an Ampere or newer GPU: matmuls use TF32 tensor cores (fp32 accumulation)")
     apply_freezing(encoder.model, **m.freeze.model_dump(exclude={"cache_locked"}))
     if m.freeze.cache_locked and not m.lora.enabled:  # LiT: each caption (image) through a locked tower once
         if tower_locked(encoder.model.text_model):
@@ -457,6 +463,15 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
     setting = run.cfg.train.micro_batch_size
     if setting != "auto":
         return min(int(setting), local_batch)
+    result = probe_run(run, local_batch)
+    log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
+    return result.micro_batch_size
+
+
+def probe_run(run: Run, local_batch: int, *, cache: bool = True, memory_cap_bytes: int | None = None) -> ProbeResult:
+    """The micro-batch probe for this run's model, objective, precision and device (cached per setup unless
+    ``cache`` is False: the trial measures afresh and writes nothing). ``memory_cap_bytes``: a CPU process's
+    resident-memory cap (a CUDA cap is set on the device: ``set_per_process_memory_fraction``, which the probe reads)."""
     spec = run.encoder.image_spec
     key = "|".join(
         str(x)
@@ -465,7 +480,7 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
             sum(p.numel() for p in run.model.parameters()),
             sum(p.numel() for p in run.model.parameters() if p.requires_grad),
             run.precision,
-            torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
+            device_key(run.device),  # name, total memory, memory cap
             spec.crop,
             run.encoder.context_length,
             run.cfg.model.gradient_checkpointing,
@@ -474,7 +489,7 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
             run.cfg.train.memory_reserve_gb,
         )
     )
-    result = probe_micro_batch(
+    return probe_micro_batch(
         run.encoder,
         run.objective,
         local_batch=local_batch,
@@ -482,11 +497,11 @@ def _choose_micro_batch(run: Run, local_batch: int) -> int:
         autocast=autocast_factory(run.device, run.precision),
         reserve_bytes=int(run.cfg.train.memory_reserve_gb * 2**30),
         state_bytes=optimizer_state_bytes(run.optimizer),
-        cache_key=key,
+        cache_key=key if cache else None,
         agree=all_min,  # every process probes alone; all of them use the smallest size any found
+        world_size=run.batches.world_size,
+        memory_cap_bytes=memory_cap_bytes,
     )
-    log.info("micro-batch %d of %d chosen: %s", result.micro_batch_size, local_batch, result.reason)
-    return result.micro_batch_size
 
 
 def parameter_groups(model: nn.Module, objective: Objective, weight_decay: float) -> list[dict[str, Any]]:
@@ -575,7 +590,7 @@ def _resume(run: Run, resume: Resume) -> None:
     _restore_objective(run, ckpt.model, path)
     run.optimizer.load_state_dict(ckpt.optimizer)
     run.scheduler.load_state_dict(ckpt.state["scheduler"])
-    run.scaler.load_state_dict(ckpt.state["scaler"])
+    _load_scaler(run.scaler, ckpt.state.get("scaler") or {}, path)
     for f in dataclasses.fields(TrainState):
         setattr(run.state, f.name, ckpt.state["trainer"].get(f.name, getattr(run.state, f.name)))
     if saved_world != world:
@@ -591,10 +606,20 @@ def _resume(run: Run, resume: Resume) -> None:
             run.batches.global_batch // world,
         )
         run.state.micro_batch_size = 0
-    rng = {"cpu": ckpt.rng["cpu"]}
-    cuda = [ckpt.rng[k] for k in sorted(ckpt.rng) if k.startswith("cuda_")]
-    if cuda and torch.cuda.is_available():
-        rng["cuda"] = cuda
+    rng: dict[str, Any] = {"cpu": ckpt.rng["cpu"]}
+    if run.device.type == "cuda":
+        rank = run.accelerator.process_index
+        own = own_gpu_rng(ckpt.rng, rank)
+        if own is not None:
+            rng["cuda"] = (run.device.index, own)
+        else:
+            log.warning(
+                "%s holds no GPU random state for process %d (trained by %d): its dropout continues from the seed, so "
+                "this resume is not bitwise identical to an uninterrupted run",
+                path,
+                rank,
+                saved_world,
+            )
     restore_rng(rng)
     log.info(
         "resumed from %s (step %d, epoch %d, batch %d of the epoch)",
@@ -603,6 +628,30 @@ def _resume(run: Run, resume: Resume) -> None:
         run.state.epoch,
         run.state.step_in_epoch,
     )
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], path: Path) -> None:
+    """The fp16 loss scale of a checkpoint; one saved in another precision holds none (``{}``): start afresh."""
+    if saved:
+        scaler.load_state_dict(saved)  # a disabled scaler (bf16/fp32 now) ignores it
+    elif scaler.is_enabled():
+        log.info("%s was saved without fp16 loss scaling (another precision): the loss scale starts afresh", path)
+
+
+def gpu_rng_entries(states: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Checkpoint RNG tensors of each process's own GPU generator (``states[rank]``; None: no GPU)."""
+    return {f"cuda_rank_{rank}": s for rank, s in enumerate(states) if s is not None}
+
+
+def own_gpu_rng(saved: dict[str, torch.Tensor], rank: int) -> torch.Tensor | None:
+    """This process's GPU generator state in a checkpoint's RNG tensors (None: not saved, e.g. more processes now).
+
+    Checkpoints before ``cuda_rank_<r>`` kept ``cuda_<i>``: every GPU generator of the main process, of which only
+    its own device's (0) was ever used; that one is the main process's state, the others are not anyone's.
+    """
+    if f"cuda_rank_{rank}" in saved:
+        return saved[f"cuda_rank_{rank}"]
+    return saved.get("cuda_0") if rank == 0 else None
 
 
 def _log_plan(run: Run) -> None:
@@ -763,6 +812,10 @@ def _train_step(run: Run, batch: Batch, window: _Window) -> None:
         state.nonfinite_streak = 0
         run.scheduler.step()
     else:
+        if run.scaler.is_enabled():
+            # unscale_ ran above: only update() closes the step for the scaler (the next unscale_ raises otherwise),
+            # and it lowers the scale after the overflow it recorded
+            run.scaler.update()
         _skip_nonfinite(run, loss_value, norm_value)
         with warnings.catch_warnings():  # a skipped step still advances the schedule: the warning says otherwise
             warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
@@ -980,9 +1033,13 @@ def _save_best(run: Run, result: EvalResult | None) -> None:
 
 
 def _save_checkpoint(run: Run) -> None:
+    rng = capture_rng()
+    gpu = [rng["cuda"][1] if "cuda" in rng else None]  # each process saves its own GPU's generator
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gpu = [None] * dist.get_world_size()
+        dist.all_gather_object(gpu, rng["cuda"][1] if "cuda" in rng else None)
     if run.is_main:
-        rng = capture_rng()
-        tensors = {"cpu": rng["cpu"], **{f"cuda_{i}": s for i, s in enumerate(rng.get("cuda", []))}}
+        tensors = {"cpu": rng["cpu"], **gpu_rng_entries(gpu)}
         state = {
             "trainer": dataclasses.asdict(run.state),
             "scheduler": run.scheduler.state_dict(),
@@ -1041,7 +1098,7 @@ def _versions() -> dict[str, str]:
 
 def _model_card(run: Run, result: EvalResult | None) -> str:
     cfg = run.cfg
-    model_class = type(plain_model(run.model)).__name__  # CLIPModel, or VisionTextDualEncoderModel (towers)
+    model_class = plain_model_class(run.model).__name__  # CLIPModel, or VisionTextDualEncoderModel (towers)
     processor_class = "CLIPProcessor" if model_class == "CLIPModel" else "VisionTextDualEncoderProcessor"
     lines = [
         "---",
@@ -1052,7 +1109,7 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
         "---",
         f"# {cfg.experiment}",
         "",
-        f"CLIP dual encoder {'trained from scratch' if run.encoder.kind == TINY_KIND else 'fine-tuned'} with "
+        f"CLIP dual encoder {'trained from scratch' if run.encoder.kind in (TINY_KIND, ARCH_KIND) else 'fine-tuned'} with "
         f"FinderPartner {__version__} from `{cfg.model.name}` on `{cfg.data.root}`",
         f"(split `{cfg.data.train_split}`), step {run.state.global_step}, epoch {run.state.epoch}, contrastive batch "
         f"{run.batches.global_batch}, precision {run.precision}, seed {cfg.seed}.",
@@ -1129,7 +1186,7 @@ def _card_data_and_text(run: Run) -> list[str]:
         f"`{cfg.card.license}` (`card.license`)."
         if cfg.card.license != "other"
         else "Not stated (`card.license: other`): the terms of the training data"
-        + ("" if encoder.kind == TINY_KIND else f" and of the pretrained model ({_base_names(cfg)})")
+        + ("" if encoder.kind in (TINY_KIND, ARCH_KIND) else f" and of the pretrained model ({_base_names(cfg)})")
         + " apply.",
         "",
         "## Text input",
@@ -1143,6 +1200,8 @@ def _card_data_and_text(run: Run) -> list[str]:
             "not OpenAI CLIP's: words the captions never used are split into pieces the model rarely or never saw, "
             "so write queries in the captions' vocabulary."
         )
+    elif encoder.kind == ARCH_KIND:
+        lines.append("The tokenizer is OpenAI CLIP's byte-level BPE (49,408 tokens).")
     else:
         lines.append(f"The tokenizer is the pretrained text tower's ({_base_names(cfg)}), unchanged.")
     return [*lines, ""]

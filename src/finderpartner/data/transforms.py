@@ -7,6 +7,7 @@ sample, so a sample is augmented identically whatever the worker count, and agai
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -172,9 +173,21 @@ def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
 
 def normalize(pixels: torch.Tensor, spec: ImageSpec, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> normalised float on the same device."""
-    mean = torch.tensor(spec.mean, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
-    std = torch.tensor(spec.std, device=pixels.device, dtype=torch.float32).view(1, 3, 1, 1) * 255
+    mean, std = _mean_std(tuple(spec.mean), tuple(spec.std), pixels.device)
     return ((pixels.float() - mean) / std).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (1, 3, 1, 1) mean and std in 0-255 units, made once per device: building them from Python floats on a
+    GPU is a blocking host-to-device copy, which every micro-batch would otherwise wait for."""
+    shape = (1, 3, 1, 1)
+    return (
+        torch.tensor(mean, dtype=torch.float32).view(shape).mul(255).to(device),
+        torch.tensor(std, dtype=torch.float32).view(shape).mul(255).to(device),
+    )
 
 
 @dataclass(frozen=True)
