@@ -6,7 +6,7 @@ FP     := $(BIN)/finderpartner
 RUN    := outputs/clip_tiny
 PROMPT ?= a large red circle on the left
 
-.PHONY: run test test-optimum lint install install-dev sample train eval search bench clean
+.PHONY: run test test-optimum browser-deps lint install install-dev sample train eval search bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,9 +44,27 @@ lint: install-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint browser-deps
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-optimum
+
+# The browser test (tests/test_export_browser.py) needs Debian's Chromium and transformers.js: npm ci installs the
+# versions tests/browser/package-lock.json pins into tests/browser/node_modules (ignored by git), without
+# onnxruntime-node's download of native binaries (the page uses onnxruntime-web). apt-get needs root; without it
+# this says what to install and the test skips, naming what is missing (.ci/run makes that a failure).
+BROWSER_DIR := tests/browser
+APT_INSTALL := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+$(BROWSER_DIR)/node_modules/.installed: $(BROWSER_DIR)/package-lock.json
+	@command -v npm >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && $(APT_INSTALL) npm; } || true
+	@if command -v npm >/dev/null; then \
+	  cd $(BROWSER_DIR) && ONNXRUNTIME_NODE_INSTALL=skip npm ci --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "note: npm is not installed (as root: apt-get install npm); the browser test will skip"; fi
+
+browser-deps: $(BROWSER_DIR)/node_modules/.installed
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && $(APT_INSTALL) chromium; } || \
+	  echo "note: Chromium is not installed (as root: apt-get install chromium); the browser test will skip"
 
 # The ONNX export loaded by Hugging Face optimum (tests/test_export_optimum.py, which the plain pytest run skips).
 # optimum-onnx needs transformers < 4.58 and this venv has transformers 5, so the test runs with an overlay put in

@@ -395,11 +395,12 @@ def _add_export_command(sub: Any) -> None:
     p = _command(
         sub,
         "export",
-        "export to ONNX in optimum's layout (model + both encoders, weights once), verify with onnxruntime",
+        "export to ONNX in optimum's and transformers.js's layout (model + both encoders), verify with onnxruntime",
         description="""
 Export to ONNX in Hugging Face optimum's layout: onnx/model.onnx (logits and both embeddings; it loads in
 optimum's ORTModelForZeroShotImageClassification), onnx/text_model.onnx and onnx/vision_model.onnx (L2-normalised
-embeddings, for search) reading one weights file, and config.json, the tokenizer and preprocessing beside them.
+embeddings, for search; transformers.js loads them in a web page), each with its own weights, and config.json,
+the tokenizer and preprocessing beside them.
 Then verify every graph against PyTorch with onnxruntime on real inputs (max abs diff, cosine, latency);
 --fp16 / --int8 also report what the smaller variants cost in accuracy.""",
         examples="""
@@ -416,7 +417,10 @@ finderpartner export --model outputs/clip/best_model --out exports/clip --fp16 -
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model at --out")
     p.add_argument("--fp16", action="store_true", help="also write fp16 encoders (for GPUs) and report their accuracy")
     p.add_argument(
-        "--int8", action="store_true", help="also write int8 (dynamic quantization) encoders and report their accuracy"
+        "--int8",
+        action="store_true",
+        help="also write int8 graphs (dynamic quantization; *_quantized.onnx, transformers.js's q8) and report their "
+        "accuracy",
     )
     p.add_argument(
         "--exporter",
