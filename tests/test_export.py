@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import modes_off_usual
 
 from finderpartner.cli import main
 from finderpartner.data.dataset import read_split
@@ -109,6 +110,7 @@ def test_each_graph_holds_its_own_weights(exported: Path, encoder) -> None:
     written = {p for p in exported.rglob("*") if p.is_file() and ".onnx" in p.name}
     assert written == {exported / f for graphs in files.values() for f in graphs.values()}  # no data files
     assert info["external_data"] == {}
+    assert modes_off_usual(exported) == {}  # a web server running as another user can serve every file
     js_config = json.loads((exported / "config.json").read_text())["transformers.js_config"]
     assert js_config == {}  # the int8 variant is there: a page's default (q8) finds *_quantized.onnx
 
@@ -137,6 +139,7 @@ def test_a_graph_above_the_inline_limit_reads_data_files_named_after_it(
     js_config = json.loads((out / "config.json").read_text())["transformers.js_config"]
     assert js_config == {"use_external_data_format": info["external_data"]}
     assert verify_export(encoder, out, val_images[:4], val_captions[:4], latency_batches=()).ok
+    assert modes_off_usual(out) == {}
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import micro_config
+from helpers import micro_config, modes_off_usual
 from safetensors.torch import load_file
 
 import finderpartner.train as train_module
@@ -37,6 +37,8 @@ def test_training_run_produces_everything(small_data: Path, tmp_path: Path) -> N
     assert train_lines[-1]["train/loss"] < train_lines[0]["train/loss"]  # it learns
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000012", "step_000016"]  # keep 2
     assert result.final is not None and result.final.num_images == 24
+    # everything readable by others as the umask allows: safetensors alone would write the weights 0600
+    assert modes_off_usual(run) == {}
 
 
 @pytest.mark.parametrize("workers", [0, 1])
