@@ -308,3 +308,37 @@ def test_an_encoder_that_cannot_be_cut_out_is_a_clear_error(tmp_path: Path) -> N
     onnx.checker.check_model(model)  # the whole graph is valid; the text encoder cut out of it is not
     with pytest.raises(ExportError, match="text_model.onnx, cut out of model.onnx, is not a valid graph"):
         write_graphs(model, tmp_path)
+
+
+def test_export_from_another_folder_verifies_on_the_runs_images(
+    trained_model: Path, small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A run trained with a relative data.root (from its own folder): export run elsewhere finds the run's val images
+    through the run folder's place; when they are gone it says where it looked."""
+    import logging
+    import shutil
+
+    import yaml
+
+    from finderpartner.cli import _run_split
+
+    project = tmp_path / "project"
+    shutil.copytree(small_data, project / "data")
+    shutil.copytree(trained_model, project / "outputs" / "run" / "best_model")
+    config = {"experiment": "run", "output_dir": "outputs", "data": {"root": "data"}}
+    (project / "outputs" / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = Path("..") / "project" / "outputs" / "run" / "best_model"
+    assert main(["export", "--model", str(model), "--out", "export", "--verify-count", "20", "--json"]) == 0
+    report = json.loads((elsewhere / "export" / "verification.json").read_text())
+    assert report["images"] == 20 and report["ok"]  # the run's 24 val images (synthetic ones would be 16)
+
+    shutil.rmtree(project / "data")
+    monkeypatch.setattr(logging.getLogger("finderpartner"), "propagate", True)  # main() set up its own handler
+    with caplog.at_level("INFO", logger="finderpartner.cli"):
+        assert _run_split(model) is None
+    looked = [r.getMessage() for r in caplog.records if "are not at" in r.getMessage()]
+    assert looked and str(elsewhere / "data" / "images" / "val") in looked[0]
+    assert str(project.resolve() / "data" / "images" / "val") in looked[0]

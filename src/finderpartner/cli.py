@@ -922,16 +922,44 @@ def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
 
 
 def _run_split(model_dir: Path) -> tuple[Path, Path] | None:
-    """(images folder, captions CSV) of the validation split of the run that produced the model, if known."""
+    """(images folder, captions CSV) of the validation split of the run that produced the model, if found.
+
+    A relative data.root is relative to the folder the run was trained from: tried from there (known from the run
+    folder's place, ``<that folder>/<output_dir>/<experiment>``) and from the working folder.
+    """
     run_config = model_dir.parent / "config.yaml"
     if not run_config.is_file():
+        log.info("%s has no run folder (no %s): its training data is unknown", model_dir, run_config)
         return None
     from .config import load_config
 
     cfg = load_config(run_config)
     split = cfg.data.val_split or cfg.data.train_split
-    folder = Path(cfg.data.root) / "images" / split
-    return (folder, Path(cfg.data.root) / f"captions_{split}.csv") if folder.is_dir() else None
+    root = Path(cfg.data.root)
+    roots = [root] if root.is_absolute() else [Path.cwd() / root]
+    trained_in = _training_folder(model_dir.parent, cfg.output_dir, cfg.experiment)
+    if not root.is_absolute() and trained_in is not None and trained_in != Path.cwd():
+        roots.append(trained_in / root)
+    for candidate in roots:
+        if (candidate / "images" / split).is_dir():
+            return candidate / "images" / split, candidate / f"captions_{split}.csv"
+    log.info(
+        "the model's run (%s) used data.root %s, but its %s images are not at %s",
+        run_config,
+        cfg.data.root,
+        split,
+        " nor ".join(str(c / "images" / split) for c in roots),
+    )
+    return None
+
+
+def _training_folder(run_dir: Path, output_dir: str, experiment: str) -> Path | None:
+    """The working folder a run was trained from, when its output_dir is relative: the run folder less its tail."""
+    tail = (*Path(output_dir).parts, experiment)
+    resolved = run_dir.resolve()
+    if Path(output_dir).is_absolute() or ".." in tail or resolved.parts[-len(tail) :] != tail:
+        return None
+    return resolved.parents[len(tail) - 1]
 
 
 def _default_gallery(model_dir: Path) -> Path | None:
@@ -988,7 +1016,7 @@ def _sample_images(tmp: Path, size: int) -> tuple[Path, Path]:
     """A few synthetic sample images with captions, for verifying an export when no data is at hand."""
     from .data.sample import make_sample_data
 
-    log.info("no --images given and the model's run is unknown: verifying on synthetic sample images")
+    log.info("no --images given and the run's validation images were not found: verifying on synthetic sample images")
     root = make_sample_data(tmp / "sample", train_images=0, val_images=16, image_size=max(32, size)).root
     return root / "images" / "val", root / "captions_val.csv"
 
