@@ -36,8 +36,13 @@ eval: install
 search: install
 	$(FP) search --model $(RUN)/best_model --images data/sample/images/val --prompt "$(PROMPT)" --top-k 5
 
-# The main job: sample data -> train the tiny model -> evaluate -> a text search over the val images.
-run: train eval search
+# The main job: sample data -> train the tiny model -> evaluate -> a text search over the val images. The install
+# (a one-off: pip, PyTorch most of it) and the rest are timed apart and both printed at the end.
+run:
+	@start=$$(date +%s) && $(MAKE) --no-print-directory install && installed=$$(date +%s) && \
+	$(MAKE) --no-print-directory train eval search && done=$$(date +%s) && \
+	printf '\nmake run: install %dm%02ds, run %dm%02ds (sample data, training, evaluation, search)\n' \
+	  $$(((installed - start) / 60)) $$(((installed - start) % 60)) $$(((done - installed) / 60)) $$(((done - installed) % 60))
 
 # Lint first (seconds): ruff's checks and formatting, configured in pyproject.toml.
 lint: install-dev

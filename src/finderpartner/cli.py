@@ -887,21 +887,33 @@ def _search(args: argparse.Namespace) -> int:
             raise DataError(f"cannot read query image {args.image}: {failed[0][1]}")
         query = vectors
     hits = index.search(query, args.top_k)[0]
+    captions = _gallery_captions(index.root)  # a split of a data folder: what each hit shows, by its caption
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "query": args.prompt or str(args.image),
-                    "results": [{"rank": h.rank, "path": str(h.path), "score": round(h.score, 6)} for h in hits],
-                },
-                indent=2,
-            )
-        )
+        results = [{"rank": h.rank, "path": str(h.path), "score": round(h.score, 6)} for h in hits]
+        for result in results:
+            if (caption := captions.get(Path(result["path"]))) is not None:
+                result["caption"] = caption
+        print(json.dumps({"query": args.prompt or str(args.image), "results": results}, indent=2))
     else:
         print(f"top {len(hits)} of {len(index)} images for {args.prompt or str(args.image)!r}:")
         for h in hits:
-            print(f"{h.rank:>3}. {h.score:.4f}  {h.path}")
+            shown = f"  <- {captions[h.path]}" if h.path in captions else ""
+            print(f"{h.rank:>3}. {h.score:.4f}  {h.path}{shown}")
     return 0
+
+
+def _gallery_captions(folder: Path) -> dict[Path, str]:
+    """The first caption of each image when the gallery is a split of a data folder (``<root>/images/<split>/`` beside
+    ``<root>/captions_<split>.csv``), by image path; empty for any other folder or an unreadable CSV."""
+    from .data.dataset import read_split
+
+    if folder.parent.name != "images":
+        return {}
+    table, _ = read_split(folder.parent.parent, folder.name)  # rows with a problem are left out, nothing raised
+    captions: dict[Path, str] = {}
+    for i in range(len(table)):
+        captions.setdefault(table.path(i), table.captions[i])
+    return captions
 
 
 def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
