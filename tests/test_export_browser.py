@@ -180,6 +180,7 @@ def _cosines(result: dict[str, Any], reference: dict[str, np.ndarray]) -> dict[s
     }
 
 
+@pytest.mark.slow
 def test_transformers_js_loads_the_export_in_a_page_with_its_defaults(
     encoder, trained_model: Path, inputs, tmp_path: Path
 ) -> None:
@@ -197,6 +198,7 @@ def test_transformers_js_loads_the_export_in_a_page_with_its_defaults(
     assert fp32["image_from_files"] >= 0.99
 
 
+@pytest.mark.slow
 def test_a_graph_too_large_to_hold_its_weights_loads_from_data_files_named_after_it(
     encoder, trained_model: Path, inputs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
