@@ -479,9 +479,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # locked and cached (LiT), so that a step costs the tiny ViT and two projections (0.74x the tiny preset's CPU
     # time). It knows words the sample captions never use (synonyms, paraphrases), which a tokenizer learnt from the
     # captions cannot (README, "Pretrained towers"). Peak lr 1e-3 after 100 warm-up steps: val text->image R@1
-    # (caption-aware) 0.87-0.89 at 500-600 steps over seeds, where 5e-4 stays near 0.8 and the tiny preset at
-    # 1e-3 reaches 0.80-0.85 in 450 (benchmarks/README.md, "make run's preset"). 2m15s of training keeps make
-    # run's work after the install under 3 minutes on a 2-core fp32 CPU and buys ~550 steps there.
+    # (caption-aware) 0.87-0.89 at 500 steps over three seeds, where lr 5e-4 gave 0.83-0.87 and the tiny preset
+    # 0.79 (benchmarks/README.md, "make run's preset"). 2m15s of training keeps make run's work after the install
+    # under 3 minutes on a 2-core fp32 CPU and buys ~490 steps there.
     "minilm": {
         "experiment": "minilm_tiny_vit",
         "model": {
