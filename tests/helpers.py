@@ -25,6 +25,18 @@ MICRO_SPEC = {
 }
 
 
+def modes_off_usual(folder: Path) -> dict[str, str]:
+    """Files under ``folder`` whose mode (``stat -c %a``) is not 0666 minus the umask, as {path: octal mode}."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    usual = 0o666 & ~umask
+    return {
+        str(f.relative_to(folder)): oct(f.stat().st_mode & 0o777)[2:]
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.stat().st_mode & 0o777 != usual
+    }
+
+
 # A sitecustomize.py that hides the distributions named in $FP_HIDE (comma-separated) from importlib.metadata and
 # their modules from import, in a fresh interpreter only (put its folder first on PYTHONPATH).
 HIDE_PACKAGES = r'''

@@ -121,6 +121,20 @@ def test_index_then_search_json(
     assert scores == sorted(scores, reverse=True) and all(
         Path(r["path"]).parent == images for r in by_folder["results"]
     )
+    # a split of a data folder: each hit comes with its caption (the first of its image's rows)
+    first_caption = {}
+    for line in (small_data / "captions_val.csv").read_text().splitlines()[1:]:
+        name, caption = line.split(",", 1)
+        first_caption.setdefault(name, caption.strip('"'))
+    assert [r["caption"] for r in by_folder["results"]] == [
+        first_caption[Path(r["path"]).name] for r in by_folder["results"]
+    ]
+    assert (
+        main(["search", "--model", str(trained_model), "--images", str(images), "--prompt", PROMPT, "--top-k", "2"])
+        == 0
+    )
+    top = by_folder["results"][0]
+    assert f"{top['path']}  <- {top['caption']}" in capsys.readouterr().out
     assert (
         main(
             [

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MICRO_SPEC
+from helpers import MICRO_SPEC, modes_off_usual
 from safetensors.torch import load_file, save_file
 
 from finderpartner.cli import main
@@ -233,6 +233,7 @@ def test_round_trip_of_a_trained_tiny_model(trained_model: Path, small_data: Pat
     to_open_clip, back = tmp_path / "open_clip", tmp_path / "back"
     assert _cli("--to", "open_clip", "--model", trained_model, "--out", to_open_clip) == 0
     assert {OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, "tokenizer.json"} <= {p.name for p in to_open_clip.iterdir()}
+    assert modes_off_usual(to_open_clip) == {}  # open_clip_model.safetensors too (safetensors writes it 0600)
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{to_open_clip}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{to_open_clip}")
     ours = load_model(trained_model)

@@ -52,11 +52,19 @@ def server(searcher: Searcher, index):  # type: ignore[no-untyped-def]
     demo.close()
 
 
-def test_demo_binds_localhost_and_names_its_endpoints(server) -> None:  # type: ignore[no-untyped-def]
+def test_demo_binds_localhost_and_names_its_endpoints(server, index) -> None:  # type: ignore[no-untyped-def]
     demo, client, port = server
     assert demo.server_name == "127.0.0.1" and demo.server_port == port
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert {"/search", "/image_texts", "/text_matrix"} <= set(endpoints)
+    # parameters a client can read (and pass by name)
+    names = {name: [p["parameter_name"] for p in endpoints[name]["parameters"]] for name in endpoints}
+    assert names["/search"] == ["prompt", "top_k"]
+    assert names["/image_texts"] == ["image", "texts"] and names["/text_matrix"] == ["texts"]
+    # the page names the gallery folder, not where it lies on the server
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=10) as response:
+        page = response.read().decode("utf-8")
+    assert f"images in `{index.root.name}`" in page and str(index.root) not in page
 
 
 def test_image_against_texts_tab(server, searcher: Searcher, small_data: Path) -> None:  # type: ignore[no-untyped-def]
@@ -82,7 +90,7 @@ def test_image_against_texts_tab(server, searcher: Searcher, small_data: Path) -
 
 def test_text_comparison_tab(server, searcher: Searcher) -> None:  # type: ignore[no-untyped-def]
     _, client, _ = server
-    table = client.predict("\n".join(TEXTS), api_name="/text_matrix")
+    table = client.predict(texts="\n".join(TEXTS), api_name="/text_matrix")
     assert table["headers"] == ["text", "#1", "#2", "#3"]
     matrix = np.array([row[1:] for row in table["data"]], dtype=float)
     emb = searcher.embed_texts(TEXTS)
@@ -92,7 +100,7 @@ def test_text_comparison_tab(server, searcher: Searcher) -> None:  # type: ignor
 
 def test_gallery_search_tab(server, searcher: Searcher, index) -> None:  # type: ignore[no-untyped-def]
     _, client, _ = server
-    gallery, table = client.predict(TEXTS[1], 5, api_name="/search")
+    gallery, table = client.predict(prompt=TEXTS[1], top_k=5, api_name="/search")
     hits = index.search(searcher.embed_texts([TEXTS[1]]), 5)[0]
     assert [r[2] for r in table["data"]] == [h.path.name for h in hits]
     assert np.allclose([r[1] for r in table["data"]], [h.score for h in hits], atol=1e-3)

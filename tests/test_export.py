@@ -1,5 +1,6 @@
 """ONNX export: a self-contained folder whose encoders reproduce PyTorch on real inputs, at any batch and text length,
-laid out as Hugging Face's tools expect (optimum itself: test_export_optimum.py), with the weights on disk once."""
+laid out as Hugging Face's tools expect (optimum itself: test_export_optimum.py; transformers.js in a browser:
+test_export_browser.py), each graph with its own weights."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import modes_off_usual
 
 from finderpartner.cli import main
 from finderpartner.data.dataset import read_split
@@ -65,15 +67,15 @@ def test_export_folder_is_self_contained(exported: Path, encoder, trained_model:
     info = json.loads((exported / EXPORT_INFO).read_text())
     assert info["fingerprint"] == model_fingerprint(load_model(trained_model).model)
     assert info["embed_dim"] == 32 and info["context_length"] == encoder.context_length
-    assert info["format"] == 2
+    assert info["format"] == 3
     assert info["files"] == {
         COMBINED: "onnx/model.onnx",
         IMAGE_ENCODER: "onnx/vision_model.onnx",
         TEXT_ENCODER: "onnx/text_model.onnx",
     }
-    assert info["variants"]["int8"][TEXT_ENCODER] == "onnx/text_model_int8.onnx"
+    assert info["variants"]["int8"][TEXT_ENCODER] == "onnx/text_model_quantized.onnx"  # transformers.js's q8 name
     assert set(info["variants"]) == {"fp16", "int8"}
-    for name in ("model", "vision_model", "text_model", "vision_model_int8", "text_model_fp16", "model_int8"):
+    for name in ("model", "vision_model", "text_model", "vision_model_quantized", "text_model_fp16", "model_quantized"):
         onnx.checker.check_model(str(exported / "onnx" / f"{name}.onnx"), full_check=True)
     # batch and text length are symbolic dimensions, not the example's sizes
     image = onnx.load(str(exported / info["files"][IMAGE_ENCODER]), load_external_data=False)
@@ -90,34 +92,54 @@ def test_export_folder_is_self_contained(exported: Path, encoder, trained_model:
     assert not list(exported.rglob("*.safetensors")) and not list(exported.rglob("*.data"))
 
 
-def _size(paths) -> int:
-    return sum(Path(p).stat().st_size for p in paths)
-
-
-def test_the_graphs_share_one_copy_of_the_weights(exported: Path, encoder) -> None:
-    """model.onnx, text_model.onnx and vision_model.onnx read one weights file: the fp32 graphs take about the
-    parameters' bytes on disk (the earlier layout's clip.onnx held a second copy of everything: over 2x)."""
+def test_each_graph_holds_its_own_weights(exported: Path, encoder) -> None:
+    """A browser gives a graph only data files named after it, so each graph holds its weights (below 2 GB: inside
+    it), and config.json tells transformers.js what to load (its default in a page, q8, is the int8 variant)."""
     info = json.loads((exported / EXPORT_INFO).read_text())
     parameter_bytes = sum(p.numel() * p.element_size() for p in encoder.model.parameters())
     files = {"fp32": info["files"], **info["variants"]}
-    weights = {variant: exported / info["weights"][variant] for variant in files}
-    # tensors under 1 KiB (biases, norms) stay inside the graphs; everything else is in the file, once
-    assert 0.95 * parameter_bytes < weights["fp32"].stat().st_size <= parameter_bytes
-    assert (
-        weights["fp16"].stat().st_size <= parameter_bytes / 2 and weights["int8"].stat().st_size < parameter_bytes / 2
-    )
     for variant, graphs in files.items():
         for role, file in graphs.items():
             graph = onnx.load(str(exported / file), load_external_data=False).graph
-            external = [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-            assert {e.value for t in external for e in t.external_data if e.key == "location"} == {
-                weights[variant].name
-            }, (variant, role)
-            assert all(len(t.raw_data) < 1024 for t in graph.initializer)  # no weights of its own
-    # the rest is the graphs' structure (tens of KB each, whatever the model's size)
-    assert _size([exported / f for f in info["files"].values()] + [weights["fp32"]]) < 1.5 * parameter_bytes
+            assert not [t for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL], (variant, role)
+    # model.onnx holds every weight; the two encoders together hold them again (the logit scale aside)
+    fp32 = {role: (exported / file).stat().st_size for role, file in info["files"].items()}
+    assert parameter_bytes < fp32[COMBINED] < 1.5 * parameter_bytes
+    assert parameter_bytes < fp32[IMAGE_ENCODER] + fp32[TEXT_ENCODER] < 1.5 * parameter_bytes
+    assert (exported / info["variants"]["int8"][COMBINED]).stat().st_size < parameter_bytes / 2
     written = {p for p in exported.rglob("*") if p.is_file() and ".onnx" in p.name}
-    assert written == {exported / f for graphs in files.values() for f in graphs.values()} | set(weights.values())
+    assert written == {exported / f for graphs in files.values() for f in graphs.values()}  # no data files
+    assert info["external_data"] == {}
+    assert modes_off_usual(exported) == {}  # a web server running as another user can serve every file
+    js_config = json.loads((exported / "config.json").read_text())["transformers.js_config"]
+    assert js_config == {}  # the int8 variant is there: a page's default (q8) finds *_quantized.onnx
+
+
+def test_a_graph_above_the_inline_limit_reads_data_files_named_after_it(
+    encoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, val_images, val_captions
+) -> None:
+    """Above INLINE_MAX_BYTES each graph's weights go to <graph>.onnx_data, <graph>.onnx_data_1, ... of at most
+    DATA_CHUNK_BYTES each (transformers.js's names and chunking; config.json says how many), verified as ever."""
+    from finderpartner import export as export_module
+
+    largest = max(p.numel() * p.element_size() for p in encoder.model.parameters())  # a tensor is never split
+    monkeypatch.setattr(export_module, "INLINE_MAX_BYTES", 4096)
+    monkeypatch.setattr(export_module, "DATA_CHUNK_BYTES", largest)
+    out = tmp_path / "onnx"
+    export_onnx(encoder, out, fingerprint=model_fingerprint(encoder.model), int8=True, source="test")
+    info = json.loads((out / EXPORT_INFO).read_text())
+    for file, count in info["external_data"].items():
+        graph = onnx.load(str(out / "onnx" / file), load_external_data=False).graph
+        locations = {e.value for t in graph.initializer for e in t.external_data if e.key == "location"}
+        assert locations == {f"{file}_data"} | {f"{file}_data_{i}" for i in range(1, count)}, file
+        assert all((out / "onnx" / name).stat().st_size <= largest for name in locations)
+    assert info["external_data"]["model.onnx"] >= 2 and set(info["external_data"]) == {
+        Path(f).name for graphs in (info["files"], *info["variants"].values()) for f in graphs.values()
+    }
+    js_config = json.loads((out / "config.json").read_text())["transformers.js_config"]
+    assert js_config == {"use_external_data_format": info["external_data"]}
+    assert verify_export(encoder, out, val_images[:4], val_captions[:4], latency_batches=()).ok
+    assert modes_off_usual(out) == {}
 
 
 @pytest.mark.parametrize("batch", [1, 3, 17])
@@ -242,7 +264,7 @@ def test_an_export_of_the_earlier_layout_is_still_searched(exported: Path, tmp_p
         if f.is_file() and f.suffix in (".json", ".txt") and f.name != EXPORT_INFO:
             (old / f.name).write_bytes(f.read_bytes())
     files = {IMAGE_ENCODER: "image_encoder.onnx", TEXT_ENCODER: "text_encoder.onnx", COMBINED: "clip.onnx"}
-    old_info = {k: v for k, v in info.items() if k not in ("weights", "variants")}
+    old_info = {k: v for k, v in info.items() if k not in ("external_data", "variants")}
     (old / EXPORT_INFO).write_text(json.dumps({**old_info, "format": 1, "files": files, "variants": {}}))
     texts = ["star", "a large red circle on the left"]
     assert np.abs(OnnxSearcher(old).embed_texts(texts) - OnnxSearcher(exported).embed_texts(texts)).max() == 0
@@ -286,3 +308,37 @@ def test_an_encoder_that_cannot_be_cut_out_is_a_clear_error(tmp_path: Path) -> N
     onnx.checker.check_model(model)  # the whole graph is valid; the text encoder cut out of it is not
     with pytest.raises(ExportError, match="text_model.onnx, cut out of model.onnx, is not a valid graph"):
         write_graphs(model, tmp_path)
+
+
+def test_export_from_another_folder_verifies_on_the_runs_images(
+    trained_model: Path, small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """A run trained with a relative data.root (from its own folder): export run elsewhere finds the run's val images
+    through the run folder's place; when they are gone it says where it looked."""
+    import logging
+    import shutil
+
+    import yaml
+
+    from finderpartner.cli import _run_split
+
+    project = tmp_path / "project"
+    shutil.copytree(small_data, project / "data")
+    shutil.copytree(trained_model, project / "outputs" / "run" / "best_model")
+    config = {"experiment": "run", "output_dir": "outputs", "data": {"root": "data"}}
+    (project / "outputs" / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = Path("..") / "project" / "outputs" / "run" / "best_model"
+    assert main(["export", "--model", str(model), "--out", "export", "--verify-count", "20", "--json"]) == 0
+    report = json.loads((elsewhere / "export" / "verification.json").read_text())
+    assert report["images"] == 20 and report["ok"]  # the run's 24 val images (synthetic ones would be 16)
+
+    shutil.rmtree(project / "data")
+    monkeypatch.setattr(logging.getLogger("finderpartner"), "propagate", True)  # main() set up its own handler
+    with caplog.at_level("INFO", logger="finderpartner.cli"):
+        assert _run_split(model) is None
+    looked = [r.getMessage() for r in caplog.records if "are not at" in r.getMessage()]
+    assert looked and str(elsewhere / "data" / "images" / "val") in looked[0]
+    assert str(project.resolve() / "data" / "images" / "val") in looked[0]

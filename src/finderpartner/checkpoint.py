@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .outputs import fsync_dir, fsync_file, storage_error
+from .outputs import fsync_dir, fsync_file, storage_error, usual_modes
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ def prune(checkpoints_dir: Path, keep: int) -> None:
 
 def _write(path: Path, writer: Callable[[str], Any]) -> None:
     writer(str(path))
+    usual_modes(path)  # safetensors writes 0600
     fsync_file(path)
 
 

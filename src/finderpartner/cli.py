@@ -430,11 +430,12 @@ def _add_export_command(sub: Any) -> None:
     p = _command(
         sub,
         "export",
-        "export to ONNX in optimum's layout (model + both encoders, weights once), verify with onnxruntime",
+        "export to ONNX in optimum's and transformers.js's layout (model + both encoders), verify with onnxruntime",
         description="""
 Export to ONNX in Hugging Face optimum's layout: onnx/model.onnx (logits and both embeddings; it loads in
 optimum's ORTModelForZeroShotImageClassification), onnx/text_model.onnx and onnx/vision_model.onnx (L2-normalised
-embeddings, for search) reading one weights file, and config.json, the tokenizer and preprocessing beside them.
+embeddings, for search; transformers.js loads them in a web page), each with its own weights, and config.json,
+the tokenizer and preprocessing beside them.
 Then verify every graph against PyTorch with onnxruntime on real inputs (max abs diff, cosine, latency);
 --fp16 / --int8 also report what the smaller variants cost in accuracy.""",
         examples="""
@@ -451,7 +452,10 @@ finderpartner export --model outputs/clip/best_model --out exports/clip --fp16 -
     p.add_argument("--overwrite", action="store_true", help="replace an export of another model at --out")
     p.add_argument("--fp16", action="store_true", help="also write fp16 encoders (for GPUs) and report their accuracy")
     p.add_argument(
-        "--int8", action="store_true", help="also write int8 (dynamic quantization) encoders and report their accuracy"
+        "--int8",
+        action="store_true",
+        help="also write int8 graphs (dynamic quantization; *_quantized.onnx, transformers.js's q8) and report their "
+        "accuracy",
     )
     p.add_argument(
         "--exporter",
@@ -939,21 +943,33 @@ def _search(args: argparse.Namespace) -> int:
             raise DataError(f"cannot read query image {args.image}: {failed[0][1]}")
         query = vectors
     hits = index.search(query, args.top_k)[0]
+    captions = _gallery_captions(index.root)  # a split of a data folder: what each hit shows, by its caption
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "query": args.prompt or str(args.image),
-                    "results": [{"rank": h.rank, "path": str(h.path), "score": round(h.score, 6)} for h in hits],
-                },
-                indent=2,
-            )
-        )
+        results = [{"rank": h.rank, "path": str(h.path), "score": round(h.score, 6)} for h in hits]
+        for result in results:
+            if (caption := captions.get(Path(result["path"]))) is not None:
+                result["caption"] = caption
+        print(json.dumps({"query": args.prompt or str(args.image), "results": results}, indent=2))
     else:
         print(f"top {len(hits)} of {len(index)} images for {args.prompt or str(args.image)!r}:")
         for h in hits:
-            print(f"{h.rank:>3}. {h.score:.4f}  {h.path}")
+            shown = f"  <- {captions[h.path]}" if h.path in captions else ""
+            print(f"{h.rank:>3}. {h.score:.4f}  {h.path}{shown}")
     return 0
+
+
+def _gallery_captions(folder: Path) -> dict[Path, str]:
+    """The first caption of each image when the gallery is a split of a data folder (``<root>/images/<split>/`` beside
+    ``<root>/captions_<split>.csv``), by image path; empty for any other folder or an unreadable CSV."""
+    from .data.dataset import read_split
+
+    if folder.parent.name != "images":
+        return {}
+    table, _ = read_split(folder.parent.parent, folder.name)  # rows with a problem are left out, nothing raised
+    captions: dict[Path, str] = {}
+    for i in range(len(table)):
+        captions.setdefault(table.path(i), table.captions[i])
+    return captions
 
 
 def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
@@ -974,16 +990,44 @@ def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
 
 
 def _run_split(model_dir: Path) -> tuple[Path, Path] | None:
-    """(images folder, captions CSV) of the validation split of the run that produced the model, if known."""
+    """(images folder, captions CSV) of the validation split of the run that produced the model, if found.
+
+    A relative data.root is relative to the folder the run was trained from: tried from there (known from the run
+    folder's place, ``<that folder>/<output_dir>/<experiment>``) and from the working folder.
+    """
     run_config = model_dir.parent / "config.yaml"
     if not run_config.is_file():
+        log.info("%s has no run folder (no %s): its training data is unknown", model_dir, run_config)
         return None
     from .config import load_config
 
     cfg = load_config(run_config)
     split = cfg.data.val_split or cfg.data.train_split
-    folder = Path(cfg.data.root) / "images" / split
-    return (folder, Path(cfg.data.root) / f"captions_{split}.csv") if folder.is_dir() else None
+    root = Path(cfg.data.root)
+    roots = [root] if root.is_absolute() else [Path.cwd() / root]
+    trained_in = _training_folder(model_dir.parent, cfg.output_dir, cfg.experiment)
+    if not root.is_absolute() and trained_in is not None and trained_in != Path.cwd():
+        roots.append(trained_in / root)
+    for candidate in roots:
+        if (candidate / "images" / split).is_dir():
+            return candidate / "images" / split, candidate / f"captions_{split}.csv"
+    log.info(
+        "the model's run (%s) used data.root %s, but its %s images are not at %s",
+        run_config,
+        cfg.data.root,
+        split,
+        " nor ".join(str(c / "images" / split) for c in roots),
+    )
+    return None
+
+
+def _training_folder(run_dir: Path, output_dir: str, experiment: str) -> Path | None:
+    """The working folder a run was trained from, when its output_dir is relative: the run folder less its tail."""
+    tail = (*Path(output_dir).parts, experiment)
+    resolved = run_dir.resolve()
+    if Path(output_dir).is_absolute() or ".." in tail or resolved.parts[-len(tail) :] != tail:
+        return None
+    return resolved.parents[len(tail) - 1]
 
 
 def _default_gallery(model_dir: Path) -> Path | None:
@@ -1040,7 +1084,7 @@ def _sample_images(tmp: Path, size: int) -> tuple[Path, Path]:
     """A few synthetic sample images with captions, for verifying an export when no data is at hand."""
     from .data.sample import make_sample_data
 
-    log.info("no --images given and the model's run is unknown: verifying on synthetic sample images")
+    log.info("no --images given and the run's validation images were not found: verifying on synthetic sample images")
     root = make_sample_data(tmp / "sample", train_images=0, val_images=16, image_size=max(32, size)).root
     return root / "images" / "val", root / "captions_val.csv"
 

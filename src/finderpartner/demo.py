@@ -1,11 +1,12 @@
 """Gradio web demo over a searcher (``embedding.Searcher`` or ``onnx_runtime.OnnxSearcher``) and an optional gallery index.
 
-Three tabs, each also a named API endpoint (``gradio_client`` calls them by ``api_name``):
+Three tabs, each also a named API endpoint (``gradio_client`` calls them by ``api_name``, with named parameters):
 
-- ``/search``: gallery search by a text description, thumbnails with scores (what FinderPartner is for);
-- ``/image_texts``: an uploaded image against several texts, one per line: probabilities and cosines (a softmax
-  over the texts for CLIP; for a SigLIP model one sigmoid per text, independent of the others);
-- ``/text_matrix``: several texts against each other: the cosine similarity matrix.
+- ``/search`` (``prompt``, ``top_k``): gallery search by a text description, thumbnails with scores (what
+  FinderPartner is for);
+- ``/image_texts`` (``image``, ``texts``): an uploaded image against several texts, one per line: probabilities
+  and cosines (a softmax over the texts for CLIP; for a SigLIP model one sigmoid per text, independent of the others);
+- ``/text_matrix`` (``texts``): several texts against each other: the cosine similarity matrix.
 
 The server binds 127.0.0.1 unless told otherwise, limits uploads, and serves no file of the gallery itself:
 results are sent as thumbnails that Gradio writes to its own cache.
@@ -152,8 +153,8 @@ def _thumbnail(path: Path) -> Any:
 def build_demo(searcher: Any, index: GalleryIndex | None = None, *, title: str = "FinderPartner") -> Any:
     """The Gradio app: three tabs, each wired to a named API endpoint, each opening with a worked example."""
     gr = _gradio()
-    gallery_note = (
-        f"Gallery: {len(index)} images in `{index.root}`"
+    gallery_note = (  # the folder's name only: the page is no place for the server's file system layout
+        f"Gallery: {len(index)} images in `{index.root.name}`"
         if index is not None
         else "No gallery loaded (start with `--index INDEX` or `--images DIR`)."
     )
@@ -186,9 +187,12 @@ def _search_tab(gr: Any, searcher: Any, index: GalleryIndex | None, example: tup
     table = gr.Dataframe(
         example[1] or None, headers=["rank", "score", "file"], label="Scores (cosine similarity)", interactive=False
     )
-    fn = lambda p, n: gallery_search(searcher, index, p, n)  # noqa: E731
-    button.click(fn, inputs=[prompt, k], outputs=[gallery, table], api_name="search")
-    prompt.submit(fn, inputs=[prompt, k], outputs=[gallery, table], api_name=False)
+
+    def search(prompt: str, top_k: float) -> tuple[list[Any], list[list[Any]]]:  # names: the API's parameters
+        return gallery_search(searcher, index, prompt, top_k)
+
+    button.click(search, inputs=[prompt, k], outputs=[gallery, table], api_name="search")
+    prompt.submit(search, inputs=[prompt, k], outputs=[gallery, table], api_name=False)
 
 
 def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
@@ -208,12 +212,11 @@ def _image_texts_tab(gr: Any, searcher: Any, example: Path | None) -> None:
         with gr.Column():
             label = gr.Label(scores, label=probability_label(searcher), num_top_classes=10)
             table = gr.Dataframe(rows, headers=["text", "cosine", "probability"], label="Scores", interactive=False)
-    button.click(
-        lambda i, t: image_text_scores(searcher, i, t),
-        inputs=[image, texts],
-        outputs=[label, table],
-        api_name="image_texts",
-    )
+
+    def score(image: str | None, texts: str) -> tuple[dict[str, float], list[list[Any]]]:  # the API's parameters
+        return image_text_scores(searcher, image, texts)
+
+    button.click(score, inputs=[image, texts], outputs=[label, table], api_name="image_texts")
 
 
 def _explain_unreadable(image: Any) -> None:
@@ -240,7 +243,11 @@ def _text_matrix_tab(gr: Any, searcher: Any) -> None:
     table = gr.Dataframe(
         text_similarity(searcher, EXAMPLE_TEXTS), label="Cosine similarity between the texts", interactive=False
     )
-    button.click(lambda t: text_similarity(searcher, t), inputs=[texts], outputs=[table], api_name="text_matrix")
+
+    def compare(texts: str) -> dict[str, Any]:  # the API's parameter: texts
+        return text_similarity(searcher, texts)
+
+    button.click(compare, inputs=[texts], outputs=[table], api_name="text_matrix")
 
 
 # Opens the tab named by ?tab=<start of its title> (e.g. /?tab=compare): links straight to a tab.

@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +260,26 @@ def plot_similarity(result: EvalResult, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def figures(result: EvalResult, zeroshot: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, float]:
+    """Every figure of a validation by its eval.best_metric name: '<direction>/<metric>', 'mean_recall', 'loss',
+    'zeroshot/<set>/<metric>' (plain floats: they go into a checkpoint's JSON state)."""
+    out = {f"{d}/{m}": float(v) for d, values in result.metrics.items() for m, v in values.items()}
+    out.update(mean_recall=float(result.mean_recall), loss=float(result.loss))
+    for name, values in (zeroshot or {}).items():
+        out.update({f"zeroshot/{name}/{m}": float(v) for m, v in values.items()})
+    return out
+
+
+def format_change(before: Mapping[str, float], after: Mapping[str, float]) -> str:
+    """A fixed-width table of every figure both validations have: before, after and the change."""
+    names = [name for name in before if name in after]
+    width = max([len("metric"), *map(len, names)]) + 2
+    lines = [f"{'metric':<{width}}{'before':>10}{'after':>10}{'change':>10}"]
+    for name in names:
+        lines.append(f"{name:<{width}}{before[name]:>10.4f}{after[name]:>10.4f}{after[name] - before[name]:>+10.4f}")
+    return "\n".join(lines)
 
 
 def format_metrics(metrics: dict[str, dict[str, float]]) -> str:

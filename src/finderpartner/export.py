@@ -2,7 +2,8 @@
 
 An export folder is self-contained (everything needed to embed images and texts without PyTorch) and laid out as
 Hugging Face's ONNX tools expect a CLIP model: ``optimum.onnxruntime.ORTModelForZeroShotImageClassification``
-loads it as it is, and the file names are transformers.js's.
+loads it as it is, and transformers.js loads it with its defaults (its file names, ``transformers.js_config`` in
+config.json; tests/test_export_browser.py loads it in headless Chromium).
 
 ```
 config.json, tokenizer files, preprocessor_config.json   the model's config, tokenizer and image preprocessing
@@ -12,11 +13,14 @@ onnx/model.onnx          input_ids, attention_mask (B_txt, L) int64, pixel_value
                          zero-shot graph (SigLIP models: logits = exp(logit_scale) * cos + logit_bias)
 onnx/text_model.onnx     input_ids, attention_mask -> text_embeds      the encoders search uses: the same
 onnx/vision_model.onnx   pixel_values -> image_embeds                  nodes, cut out of model.onnx
-onnx/model.onnx_data     the weights, once: all three graphs read their tensors from it (external data)
-onnx/*_fp16.onnx, onnx/*_int8.onnx (+ model_fp16.onnx_data, ...)      optional smaller variants, laid out alike
+onnx/*_fp16.onnx, onnx/*_quantized.onnx                  optional smaller variants (--fp16, --int8), laid out alike
 finderpartner_export.json                                fingerprint, embedding size, files, versions
 ```
 
+Each graph holds its own weights (a browser gives a graph only the data files named after it), so the encoders'
+weights are on disk twice: in their graph and in model.onnx. A graph whose weights exceed ``INLINE_MAX_BYTES``
+keeps them in data files named after it (``text_model.onnx_data``, ``text_model.onnx_data_1``, ...), each under
+``DATA_CHUNK_BYTES``, as transformers.js reads them (config.json's ``use_external_data_format`` says how many).
 Batch sizes are dynamic everywhere, and so is the text length (up to the model's context length). Reading an
 export (and searching with it) is ``onnx_runtime.py``; this module writes and verifies. The
 fingerprint is the source model's (``index.model_fingerprint``), so a gallery index built with PyTorch is
@@ -53,7 +57,6 @@ from .onnx_runtime import (
     EXPORT_INFO,
     FORMAT_VERSION,
     IMAGE_ENCODER,
-    ONNX_DIR,
     TEXT_ENCODER,
     OnnxEncoders,
     graph_file,
@@ -63,7 +66,6 @@ from .onnx_runtime import (
     open_session,
     require_optional,
     variant_file,
-    weights_file,
 )
 from .outputs import claim_output, replace_dir, write_marker
 from .progress import Progress
@@ -77,7 +79,11 @@ EXPORTERS = ("auto", "dynamo", "torchscript")
 # What torch.onnx.export raises for a model it cannot export (torch.export's and dynamo's errors are
 # RuntimeErrors; the TorchScript tracer also raises the others); anything else is a bug and propagates.
 EXPORTER_ERRORS = (RuntimeError, ValueError, TypeError, AssertionError, KeyError)
-EXTERNAL_MIN_BYTES = 1024  # tensors this big or bigger live in the shared weights file; smaller ones in the graph
+EXTERNAL_MIN_BYTES = 1024  # in a graph with external data, smaller tensors stay inside the graph
+# Protobuf cannot serialise a graph of 2 GiB or more, and a browser reads each file into one ArrayBuffer (at most
+# 2 GiB in Chromium): a graph with more weights than this keeps them in data files of at most DATA_CHUNK_BYTES each.
+INLINE_MAX_BYTES = 1_800_000_000
+DATA_CHUNK_BYTES = 1_800_000_000
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -212,14 +218,17 @@ class _LogWriter:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# One copy of the weights: the zero-shot graph keeps its tensors in one external-data file, and the encoder
-# graphs, cut out of it node for node, point at the same tensors (file, offset, length) in that file.
+# The graphs: the zero-shot graph and the two encoders cut out of it node for node, each with its own weights
 
 
-def write_graphs(model: Any, folder: Path, variant: str = "fp32") -> dict[str, str]:
-    """Write a zero-shot ``onnx.ModelProto`` as ``model.onnx`` + its weights file, and the two encoder graphs
-    sharing that file. Returns role -> file, relative to ``folder`` (the export folder)."""
+def write_graphs(model: Any, folder: Path, variant: str = "fp32") -> tuple[dict[str, str], dict[str, int]]:
+    """Write a zero-shot ``onnx.ModelProto`` as ``model.onnx`` and the two encoder graphs cut out of it, each with
+    its own weights. Returns role -> file, relative to ``folder`` (the export folder), and file name -> number of
+    external-data files, for the graphs too large to hold their weights (transformers.js's
+    ``use_external_data_format``)."""
     onnx = require_optional("onnx")
+    from onnx.external_data_helper import load_external_data_for_model
+
     _strip_metadata(model.graph.node)
     for function in model.functions:
         _strip_metadata(function.node)
@@ -227,28 +236,74 @@ def write_graphs(model: Any, folder: Path, variant: str = "fp32") -> dict[str, s
     files = {role: variant_file(role, variant) for role in (COMBINED, IMAGE_ENCODER, TEXT_ENCODER)}
     combined = folder / files[COMBINED]
     combined.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(
-        model,
-        str(combined),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=weights_file(variant),
-        size_threshold=EXTERNAL_MIN_BYTES,
-    )
-    extractor = onnx.utils.Extractor(onnx.load(str(combined), load_external_data=False))
-    for role, (inputs, outputs) in ENCODERS.items():
-        # the initializers keep their external-data entries: the encoder reads model.onnx_data, holds no copy
-        path = folder / files[role]
-        onnx.save_model(extractor.extract_model(inputs, outputs), str(path))
-        try:
-            onnx.checker.check_model(str(path))
-        except onnx_tool_errors() as e:  # e.g. a tensor used only inside a control-flow subgraph was left out
-            reason = " ".join(str(e).split())[:300]
-            raise ExportError(
-                f"{path.name}, cut out of {combined.name}, is not a valid graph ({reason}); "
-                "export with the other --exporter"
-            ) from e
-    return files
+    # The cut runs shape inference, which serialises the graph: it gets the structure alone, its tensors in a
+    # scratch file that each graph then reads back what it needs from (file, offset, length).
+    scratch = folder / f".cut-{variant}"
+    scratch.mkdir()
+    try:
+        onnx.save_model(
+            model, str(scratch / "all.onnx"), save_as_external_data=True, location="all.onnx_data", size_threshold=0
+        )
+        structure = onnx.load(str(scratch / "all.onnx"), load_external_data=False)
+        extractor = onnx.utils.Extractor(structure)
+        chunks = {}
+        for role in (*ENCODERS, COMBINED):  # the cut reads ``structure`` itself: it is saved (changed) last
+            graph = structure if role == COMBINED else extractor.extract_model(*ENCODERS[role])
+            load_external_data_for_model(graph, str(scratch))
+            path = folder / files[role]
+            if count := _save_graph(graph, path):
+                chunks[path.name] = count
+            try:
+                onnx.checker.check_model(str(path))
+            except onnx_tool_errors() as e:  # e.g. a tensor used only inside a control-flow subgraph was left out
+                reason = " ".join(str(e).split())[:300]
+                raise ExportError(
+                    f"{path.name}, cut out of {combined.name}, is not a valid graph ({reason}); "
+                    "export with the other --exporter"
+                ) from e
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return files, chunks
+
+
+def _save_graph(graph: Any, path: Path) -> int:
+    """Save a graph with its weights inside, or, above ``INLINE_MAX_BYTES``, in data files named after it
+    (``<name>.onnx_data``, ``<name>.onnx_data_1``, ...: transformers.js's names), each at most ``DATA_CHUNK_BYTES``.
+    Returns the number of data files (0: weights inside)."""
+    onnx = require_optional("onnx")
+    from onnx.external_data_helper import set_external_data
+
+    tensors = [t for t in _initializers(graph) if t.HasField("raw_data")]
+    if sum(len(t.raw_data) for t in tensors) <= INLINE_MAX_BYTES:
+        onnx.save_model(graph, str(path))
+        return 0
+    chunk, used = 0, 0
+    for tensor in tensors:
+        size = len(tensor.raw_data)
+        if size < EXTERNAL_MIN_BYTES:
+            continue
+        if used and used + size > DATA_CHUNK_BYTES:
+            chunk, used = chunk + 1, 0
+        set_external_data(tensor, location=f"{path.name}_data" + (f"_{chunk}" if chunk else ""))
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        used += size
+    onnx.save_model(graph, str(path))  # writes each external tensor's raw data to its file, in order
+    return chunk + 1
+
+
+def _initializers(model: Any) -> list[Any]:
+    """Every initializer of a graph, those of its control-flow subgraphs included."""
+    found = []
+
+    def walk(graph: Any) -> None:
+        found.extend(graph.initializer)
+        for node in graph.node:
+            for attribute in node.attribute:
+                for inner in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    walk(inner)
+
+    walk(model.graph)
+    return found
 
 
 def _sort_nodes(graph: Any) -> None:
@@ -368,17 +423,18 @@ def export_onnx(
                     f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}; "
                     f"try --exporter {other}"
                 ) from e
-            files = write_graphs(onnx.load(str(raw)), tmp)
+            files, chunks = write_graphs(onnx.load(str(raw)), tmp)
             bar.update()
             written = {}
             for variant in variants:
                 bar.set_postfix_str(variant)
                 convert = convert_fp16 if variant == "fp16" else quantize_int8
-                written[variant] = write_graphs(convert(tmp / files[COMBINED], scratch), tmp, variant)
+                written[variant], more = write_graphs(convert(tmp / files[COMBINED], scratch), tmp, variant)
+                chunks.update(more)
                 bar.update()
         shutil.rmtree(scratch)
-        _write_preprocessing(encoder, tmp)
-        info.update(_info(encoder, fingerprint, exporter, opset, files, written, source))
+        _write_preprocessing(encoder, tmp, transformers_js_config(variants, chunks))
+        info.update(_info(encoder, fingerprint, exporter, opset, files, written, source, chunks))
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
         write_marker(tmp, "export", {"model": source})
 
@@ -395,10 +451,27 @@ def _legacy_export(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def _write_preprocessing(encoder: DualEncoder, out: Path) -> None:
+def transformers_js_config(variants: Sequence[str], chunks: dict[str, int]) -> dict[str, Any]:
+    """config.json's ``transformers.js_config``: what transformers.js needs to load the export with its defaults.
+
+    In a browser it loads the q8 graphs (``*_quantized.onnx``) unless told otherwise: without the int8 variant the
+    config names fp32 (``dtype``). ``use_external_data_format`` maps each graph that keeps its weights in data
+    files to their number (transformers.js fetches ``<graph>.onnx_data``, ``<graph>.onnx_data_1``, ...).
+    """
+    config: dict[str, Any] = {} if "int8" in variants else {"dtype": "fp32"}
+    if chunks:
+        config["use_external_data_format"] = dict(sorted(chunks.items()))
+    return config
+
+
+def _write_preprocessing(encoder: DualEncoder, out: Path, js_config: dict[str, Any] | None = None) -> None:
     """The model's config, tokenizer and image processor: the folder needs nothing else to embed raw text and
     images, and Hugging Face's loaders (optimum, transformers.js) find what they read beside ``onnx/``."""
     encoder.model.config.save_pretrained(out)
+    if js_config is not None:  # transformers.js's own key in config.json (other readers keep it as an attribute)
+        config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        config["transformers.js_config"] = js_config
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     encoder.tokenizer.save_pretrained(out)
     encoder.image_processor.save_pretrained(out)
     if not (out / "vocab.json").exists() and getattr(encoder.tokenizer, "is_fast", False):
@@ -417,6 +490,7 @@ def _info(
     files: dict[str, str],
     variants: dict[str, dict[str, str]],
     source: str | None,
+    chunks: dict[str, int],
 ) -> dict[str, Any]:
     import transformers
 
@@ -435,7 +509,7 @@ def _info(
         "exporter": exporter,
         "opset": opset,
         "files": files,
-        "weights": {v: f"{ONNX_DIR}/{weights_file(v)}" for v in ("fp32", *variants)},
+        "external_data": chunks,  # graph file -> its number of data files (none: every graph holds its weights)
         "variants": variants,
         "versions": {
             "torch": torch.__version__,

@@ -26,6 +26,7 @@ from .config import ARCHITECTURES, MINILM, TINY, TOWERS, ModelConfig, TinySpec, 
 from .data.transforms import EvalTransform, ImageSpec, normalize
 from .env import in_hf_cache
 from .errors import ModelError
+from .outputs import usual_modes
 from .tokenizer import build_caption_tokenizer, openai_clip_tokenizer, save_vocab_files
 
 log = logging.getLogger(__name__)
@@ -588,6 +589,8 @@ def save_model(encoder: DualEncoder, out_dir: str | Path, *, card: str | None = 
     write_vocab_files(encoder.tokenizer, out)
     if card is not None:
         (out / "README.md").write_text(card, encoding="utf-8")
+    for weights in out.glob("*.safetensors"):
+        usual_modes(weights)  # safetensors writes its files 0600
     return out
 
 

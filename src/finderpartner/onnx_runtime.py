@@ -26,12 +26,16 @@ from .errors import ExportError
 from .model import image_spec_of, tokenize_texts
 
 EXPORT_INFO = "finderpartner_export.json"
-FORMAT_VERSION = 2  # 2: onnx/ holds model.onnx, text_model.onnx, vision_model.onnx sharing one weights file
-READABLE_FORMATS = (1, 2)
+# 2: onnx/ holds model.onnx, text_model.onnx, vision_model.onnx sharing one weights file (model.onnx_data);
+# 3: each graph holds its own weights (or data files named after it), the int8 graphs are *_quantized.onnx
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 # The graphs' roles (keys of the info's ``files``): the two encoders search uses, and the zero-shot model
 IMAGE_ENCODER, TEXT_ENCODER, COMBINED = "image_encoder", "text_encoder", "clip"
 ONNX_DIR = "onnx"  # as transformers.js lays a model out: config and preprocessing at the top, graphs in onnx/
 GRAPH_STEMS = {COMBINED: "model", IMAGE_ENCODER: "vision_model", TEXT_ENCODER: "text_model"}
+# transformers.js's file suffixes: its dtype q8 (a browser's default) reads *_quantized.onnx, fp16 *_fp16.onnx
+VARIANT_SUFFIXES = {"fp32": "", "fp16": "_fp16", "int8": "_quantized"}
 
 
 def require_optional(module: str) -> Any:
@@ -46,14 +50,8 @@ def require_optional(module: str) -> Any:
 
 def variant_file(role: str, variant: str = "fp32") -> str:
     """Where this version writes a graph, relative to the export folder: ``onnx/model.onnx``,
-    ``onnx/text_model_int8.onnx``, ... (transformers.js's names: ``_fp16``, ``_int8`` for the variants)."""
-    suffix = "" if variant == "fp32" else f"_{variant}"
-    return f"{ONNX_DIR}/{GRAPH_STEMS[role]}{suffix}.onnx"
-
-
-def weights_file(variant: str = "fp32") -> str:
-    """The one external-data file the graphs of a variant share: ``model.onnx_data`` (in ``onnx/``)."""
-    return Path(variant_file(COMBINED, variant)).name + "_data"
+    ``onnx/text_model_quantized.onnx``, ... (transformers.js's names: ``_fp16``, ``_quantized`` for int8)."""
+    return f"{ONNX_DIR}/{GRAPH_STEMS[role]}{VARIANT_SUFFIXES[variant]}.onnx"
 
 
 def graph_file(folder: Path, info: dict[str, Any], role: str, variant: str = "fp32") -> Path:

@@ -240,6 +240,23 @@ def write_text_atomic(path: Path, text: str) -> None:
             tmp.unlink()
 
 
+# A new file's mode when open() creates it: 0666 minus the umask (read once, at import, before threads start).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
+def usual_modes(path: Path) -> None:
+    """Give ``path`` (a file, or every file under a folder) the mode any file we write has: 0666 minus the umask.
+
+    Some writers create their files private (safetensors' ``save_file`` writes 0600), which a web server or a
+    colleague running as another user then cannot read.
+    """
+    for file in [path] if path.is_file() else (f for f in path.rglob("*") if f.is_file() and not f.is_symlink()):
+        if file.stat().st_mode & 0o777 != FILE_MODE:
+            os.chmod(file, FILE_MODE)
+
+
 def replace_dir(write: Callable[[Path], Any], target: Path, *, what: str = "") -> None:
     """Write a folder with ``write(tmp)`` and swap it in, so ``target`` is never half-written.
 
@@ -252,6 +269,7 @@ def replace_dir(write: Callable[[Path], Any], target: Path, *, what: str = "") -
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
+        usual_modes(tmp)
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_file(f)

@@ -42,7 +42,7 @@ from .data.transforms import TrainTransform
 from .data.validate import long_captions_note
 from .env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_device, resolve_precision
 from .errors import CheckpointError, ConfigError, TrainingError, UsageError
-from .evaluate import EvalResult, evaluate_split, format_metrics
+from .evaluate import EvalResult, evaluate_split, figures, format_change, format_metrics
 from .loss import Objective, build_objective
 from .model import (
     ARCH_KIND,
@@ -90,6 +90,7 @@ class TrainState:
     nonfinite_steps: int = 0
     nonfinite_streak: int = 0
     planned_steps: int = 0  # the step count a time budget decided (0: not decided yet, or no budget)
+    before: dict[str, float] | None = None  # validation figures of pretrained weights before the first step
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Run:
     plan: Plan
     lock: FolderLock | None = None  # the run folder's lock (main process)
     zeroshot: list[tuple[ZeroShotSet, list[str]]] = dataclasses.field(default_factory=list)  # eval.zeroshot, read
+    last_figures: dict[str, float] = dataclasses.field(default_factory=dict)  # of the latest validation (figures())
 
     @property
     def total_steps(self) -> int:
@@ -153,6 +155,7 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
     run = setup(cfg, resume, overwrite)
     try:
         _log_plan(run)
+        _validate_before(run)
         stepped = run.state.global_step < run.total_steps  # False when resuming a finished run
         final = _loop(run)
         if stepped:
@@ -952,14 +955,9 @@ def _bytes(tree: Any) -> int:
 # Validation, best model, checkpoints
 
 
-def _validate(run: Run) -> EvalResult | None:
-    """Validate on every process (each embeds its share of the split); the main process logs and saves the best model.
-
-    Every process keeps the same ``best_metric`` / ``best_step`` (the main process's value is broadcast), so that
-    all make the same decision whichever checkpoint they later resume from.
-    """
-    if run.val is None:
-        return None
+def _evaluate(run: Run) -> tuple[EvalResult, dict[str, dict[str, float]]]:
+    """The validation split's result and each eval.zeroshot set's figures (every process embeds its share)."""
+    assert run.val is not None
     cfg = run.cfg
     result = evaluate_split(
         run.encoder,
@@ -987,6 +985,45 @@ def _validate(run: Run) -> EvalResult | None:
         for zset, templates in run.zeroshot
     }
     run.model.train()
+    return result, zeroshot
+
+
+def _validate_before(run: Run) -> None:
+    """Training from pretrained weights (not the random tiny model): validate once before the first step, so that
+    the summary and the model card show before -> after. Kept in the training state: a resume does not repeat it."""
+    state = run.state
+    if run.val is None or run.cfg.model.is_tiny or state.global_step > 0 or state.before is not None:
+        return
+    rng = capture_rng()  # training continues exactly as without this validation
+    try:
+        with run.plan.paused("validation"):
+            result, zeroshot = _evaluate(run)
+    finally:
+        restore_rng(rng)
+    state.before = figures(result, zeroshot)
+    if run.is_main:
+        run.trackers.log(flatten({"val": {**result.summary(), "zeroshot": zeroshot}}), 0)
+        run.trackers.log_validation(result, run.val, 0)
+        log.info(
+            "before training (%s as it starts): val loss %.4f, mean recall %.4f%s",
+            run.cfg.model.name,
+            result.loss,
+            result.mean_recall,
+            "".join(f"; zero-shot {name} top-1 {f['top1']:.4f}" for name, f in zeroshot.items()),
+        )
+
+
+def _validate(run: Run) -> EvalResult | None:
+    """Validate on every process (each embeds its share of the split); the main process logs and saves the best model.
+
+    Every process keeps the same ``best_metric`` / ``best_step`` (the main process's value is broadcast), so that
+    all make the same decision whichever checkpoint they later resume from.
+    """
+    if run.val is None:
+        return None
+    cfg = run.cfg
+    result, zeroshot = _evaluate(run)
+    run.last_figures = figures(result, zeroshot)
     name = cfg.eval.best_metric
     if name.startswith("zeroshot/"):
         _, zset_name, metric = name.split("/", 2)
@@ -1002,8 +1039,8 @@ def _validate(run: Run) -> EvalResult | None:
     if run.is_main:
         run.trackers.log(flatten({"val": {**result.summary(), "zeroshot": zeroshot}}), run.state.global_step)
         run.trackers.log_validation(result, run.val, run.state.global_step)
-        for zset_name, figures in zeroshot.items():
-            log.info("zero-shot %s: %s", zset_name, ", ".join(f"{k} {v:.4f}" for k, v in figures.items()))
+        for zset_name, values in zeroshot.items():
+            log.info("zero-shot %s: %s", zset_name, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         log.info(
             "step %d, epoch %d: val loss %.4f (at contrastive batch %d, the training batch), mean recall %.4f",
             run.state.global_step,
@@ -1127,6 +1164,16 @@ def _model_card(run: Run, result: EvalResult | None) -> str:
             f"`finderpartner eval` uses it too); mean recall {result.mean_recall:.4f}.",
             "",
         ]
+        if run.state.before is not None:
+            lines += [
+                f"### Before -> after fine-tuning (`{cfg.model.name}` before the first step, this model at step "
+                f"{run.state.global_step})",
+                "",
+                "```",
+                format_change(run.state.before, run.last_figures),
+                "```",
+                "",
+            ]
     lines += _card_data_and_text(run)
     lines += [
         "## Use",
@@ -1228,4 +1275,9 @@ def _summary(run: Run, result: TrainResult) -> None:
         )
     if result.final is not None:
         lines += ["final validation:", format_metrics(result.final.metrics)]
+        if state.before is not None and run.last_figures:
+            lines += [
+                f"before -> after fine-tuning ({run.cfg.model.name}):",
+                format_change(state.before, run.last_figures),
+            ]
     log.info("\n".join(lines))
