@@ -23,7 +23,7 @@ from .errors import (
     FinderPartnerError,
     UsageError,
 )
-from .outputs import storage_error, write_text_atomic
+from .outputs import claim_files, storage_error, write_text_atomic
 
 log = logging.getLogger("finderpartner")
 
@@ -966,6 +966,7 @@ def _export(args: argparse.Namespace) -> int:
             captions = captions or run_captions
         paths, texts = read_verification_inputs(images, captions, args.verify_count)
         report = verify_export(encoder, args.out, paths, texts, progress=not args.json)
+    claim_files(args.out, "export", {"model": source}, ["verification.json"])
     write_text_atomic(args.out / "verification.json", json.dumps(report.to_dict(), indent=2))
     if args.json:
         print(json.dumps({"export": info, "verification": report.to_dict()}, indent=2))

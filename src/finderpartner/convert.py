@@ -44,7 +44,7 @@ from .open_clip_map import (
     to_open_clip_weights,
     weight_rules,
 )
-from .outputs import claim_output, replace_dir, storage_errors, write_marker, write_text_atomic
+from .outputs import claim_output, storage_errors, write_output, write_text_atomic
 from .tokenizer import BOS_TOKEN, EOS_TOKEN, clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -444,10 +444,10 @@ def _write_verified(
                 f"{VERIFY_MIN_COSINE} and every text's ids); nothing was written. This architecture differs in a way "
                 "the converter does not detect: please report it with the model config"
             )
-        write_marker(tmp, CONVERT_KIND, inputs, time=time.strftime("%Y-%m-%dT%H:%M:%S"), finderpartner=__version__)
         verified.append(result)
 
-    replace_dir(checked, out, what=what)
+    stamp = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "finderpartner": __version__}
+    write_output(checked, out, CONVERT_KIND, inputs, what=what, **stamp)
     return verified[0]
 
 

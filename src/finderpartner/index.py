@@ -28,7 +28,7 @@ import torch
 
 from .data.files import IMAGE_EXTENSIONS, FileStamp, scan_images
 from .errors import DataError, FinderPartnerError, IndexMismatchError
-from .outputs import claim_output, replace_dir, write_marker
+from .outputs import claim_output, write_output
 from .paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,8 @@ class GalleryIndex:
             )
 
     def save(self, path: Path) -> None:
-        """Write ``index.faiss`` and ``index.json`` atomically (a crash leaves the previous index intact)."""
+        """Write ``index.faiss`` and ``index.json`` atomically (a crash leaves the previous index intact; files a
+        user put beside them stay: ``outputs.write_output``)."""
 
         def write(tmp: Path) -> None:
             tmp.mkdir(parents=True)
@@ -146,9 +147,8 @@ class GalleryIndex:
                 "failed": [[f, s.size, s.mtime_ns, reason] for f, (s, reason) in self.failed.items()],
             }
             (tmp / "index.json").write_text(json.dumps(meta), encoding="utf-8")
-            write_marker(tmp, "index", {"images": self.root})
 
-        replace_dir(write, path, what=f"gallery index {path}")
+        write_output(write, path, "index", {"images": self.root}, what=f"gallery index {path}")
 
     @classmethod
     def load(cls, path: Path) -> GalleryIndex:

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpoint import latest_checkpoint, list_checkpoints, verify
+from .checkpoint import latest_checkpoint, list_checkpoints, prune, remove_checkpoint, verify
 from .config import Config, render_yaml
 from .data.dataset import split_paths
 from .errors import CheckpointError, OutputError, UsageError
@@ -23,7 +23,9 @@ from .outputs import (
     FolderLock,
     check_not_input,
     describe_kind,
+    marked_files,
     read_marker,
+    remove_owned,
     storage_errors,
     write_marker,
     write_text_atomic,
@@ -152,10 +154,26 @@ def decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | None
 
 
 def clear_run(run_dir: Path) -> None:
+    """Delete what an earlier run wrote; in ``best_model/`` and ``checkpoints/`` only the files their marker and
+    manifests list (a user's file put there stays, and so does its folder)."""
     with storage_errors(run_dir, f"the run folder {run_dir}"):
         for name in RUN_ARTEFACTS:
             p = run_dir / name
-            if p.is_dir() and not p.is_symlink():
+            if name == "best_model" and marked_files(read_marker(p)) is not None:
+                remove_owned(p)
+            elif name == "checkpoints" and p.is_dir() and not p.is_symlink():
+                for _, step in list_checkpoints(p):
+                    remove_checkpoint(step)
+                prune(p, keep=1)  # what is left: leftovers of a crash mid-write
+                _remove_empty(p)
+            elif p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
                 p.unlink()
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("%s keeps files that finderpartner did not write: left in place", folder)

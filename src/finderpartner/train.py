@@ -60,8 +60,8 @@ from .model import (
 )
 from .outputs import (
     FolderLock,
-    replace_dir,
     storage_errors,
+    write_output,
 )
 from .probe import optimizer_state_bytes, probe_micro_batch
 from .processes import all_min, from_main
@@ -971,10 +971,13 @@ def _save_best(run: Run, result: EvalResult | None) -> None:
     run.encoder.record_objective(run.objective.record())
     run.encoder.record_train_batch_size(run.batches.global_batch)  # `eval` computes its loss at this batch
     card = _model_card(run, result)
-    replace_dir(
+    write_output(
         lambda tmp: save_model(run.encoder, tmp, card=card),
         run.run_dir / "best_model",
+        "best_model",
+        {"experiment": run.cfg.experiment},
         what=f"the best model {run.run_dir / 'best_model'}",
+        flag="the best model folder",
     )
     log.info("best model (step %d) saved to %s", run.state.global_step, run.run_dir / "best_model")
 

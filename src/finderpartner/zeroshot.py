@@ -29,7 +29,7 @@ from .errors import DataError
 from .evaluate import embed_image_shares, share
 from .metrics import zero_shot_accuracy
 from .model import DualEncoder
-from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
+from .outputs import claim_files, claim_output, storage_errors, write_text_atomic
 from .processes import world
 
 # Six of the 80 ImageNet prompt templates of OpenAI's CLIP (github.com/openai/CLIP,
@@ -314,10 +314,10 @@ def write_zeroshot_report(
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
     report = out_dir / f"{name}.json"
     with storage_errors(out_dir, f"the zero-shot report in {out_dir}"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(out_dir, "eval", {})
+        plot_name = f"plots/{name}_confusion.png"
+        claim_files(out_dir, "eval", {}, [report.name, plot_name, "history.jsonl"])
         write_text_atomic(report, json.dumps(record, indent=2))
-        plot = plot_confusion(result, out_dir / "plots" / f"{name}_confusion.png")
+        plot = plot_confusion(result, out_dir / plot_name)
         with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v for k, v in record.items() if k != "confusion"}) + "\n")
     return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
