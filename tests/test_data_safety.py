@@ -498,3 +498,26 @@ def test_checkpoint_rotation_after_skipping_a_truncated_newest_keeps_the_usable_
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000006"]
     assert main([*resume, "--set", "train.max_steps=8"]) == 0
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000008"]
+
+
+def test_out_dot_in_an_empty_folder_works_for_every_writer(
+    trained_model: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`--out .` (and `./`) has an empty name: it used to end in "ValueError ... has an empty name", exit 70."""
+    commands = {
+        "export": ["export", "--model", str(trained_model)],
+        "index": ["index", "--model", str(trained_model), "--images", str(photos), "--workers", "0"],
+        "merge": ["merge", "--base", str(trained_model), "--finetuned", str(trained_model)],
+        "convert": ["convert", "--to", "open_clip", "--model", str(trained_model)],
+    }
+    for name, command in commands.items():
+        here = tmp_path / f"out_{name}"
+        here.mkdir()
+        monkeypatch.chdir(here)
+        for out in (".", "./"):  # a second time: its own output, rewritten in place
+            code, err = _cli(capsys, "-q", *command, "--out", out)
+            assert code == 0, f"{name} --out {out}: {err}"
+        assert (here / ".finderpartner.json").is_file() and not (here / ".finderpartner-staging").exists()
+    monkeypatch.chdir(tmp_path / "out_index")
+    code, err = _cli(capsys, "export", "--model", str(trained_model), "--out", ".")
+    assert code == OutputError.exit_code and "--out . is a gallery index, not an ONNX export folder" in err

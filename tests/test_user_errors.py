@@ -614,3 +614,18 @@ def test_demo_upload_that_is_not_an_image_gets_a_clear_message(trained_model: Pa
             client.predict(gradio_client.handle_file(str(fake)), PROMPT, api_name="/image_texts")
     finally:
         demo.close()
+
+
+def test_a_config_json_that_lies_about_sizes_is_a_model_error_naming_the_tensors(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    liar = Path(shutil.copytree(trained_model, tmp_path / "liar"))
+    config = json.loads((liar / "config.json").read_text())
+    config["text_config"]["hidden_size"] *= 2  # edited by hand, or copied from another model
+    (liar / "config.json").write_text(json.dumps(config))
+    code = main(["eval", "--model", str(liar), "--data", str(small_data), "--out", str(tmp_path / "ev"), *FAST])
+    err = capsys.readouterr().err
+    assert code == ModelError.exit_code == 5 and "Traceback" not in err
+    assert f"{liar}: config.json does not describe these weights" in err
+    assert "text_model.embeddings.token_embedding.weight (weights [" in err and "and " in err and "more" in err
+    assert "restore the config.json saved with model.safetensors" in err and not (tmp_path / "ev").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import pickle
 import re
@@ -441,6 +442,8 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         )
     if pickled:
         log.warning("loading pickle weights %s (trusted with --trust-pickle / model.trust_pickle)", pickled)
+    if is_dir and not pickled:
+        _check_weight_shapes(Path(source))  # before transformers reports it as a RuntimeError it logged away
     try:
         # Untrusted: safetensors or nothing. Trusted: the pickle file found, else safetensors first (None).
         use_safetensors = True if not trust_pickle else False if pickled else None
@@ -460,6 +463,13 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
             f"{source}: the safetensors weights cannot be read ({_first_line(e)}): the file is damaged or "
             "incomplete; copy or save the model again"
         ) from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e):  # the weights' and the config's sizes differ (a hub model, pickle weights)
+            raise
+        raise ModelError(
+            f"{source}: its weights do not have the sizes its config.json describes ({_first_line(e)}); the config "
+            "was edited or belongs to another model: restore the one saved with the weights"
+        ) from None
     except (OSError, ValueError) as e:
         if is_dir:
             raise ModelError(f"{source} is not a complete save_pretrained folder: {_first_line(e)}") from None
@@ -478,6 +488,45 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         if not hasattr(model, attr):
             raise ModelError(f"{source}: {type(model).__name__} is not a CLIP-style dual encoder (no {attr})")
     return DualEncoder(model, tokenizer, processor, kind=PRETRAINED_KIND)
+
+
+def _check_weight_shapes(folder: Path) -> None:
+    """Refuse a folder whose config.json describes other tensor sizes than its safetensors weights hold, naming
+    the tensors (transformers only raises "ignore_mismatched_sizes is False" and logs the names, at a level the
+    CLI hides). The model is built on the meta device: no memory, no weights read, only the files' headers."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    index = folder / SAFE_WEIGHTS[1]
+    try:
+        files = (
+            sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+            if index.is_file()
+            else [folder / SAFE_WEIGHTS[0]]
+        )
+        with torch.device("meta"):
+            expected = {
+                k: tuple(v.shape)
+                for k, v in AutoModel.from_config(AutoConfig.from_pretrained(folder)).state_dict().items()
+            }
+        found = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as weights:
+                found |= {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
+    except Exception:  # noqa: BLE001 - anything unreadable here is reported by from_pretrained, in its words
+        return
+    wrong = [
+        f"{k} (weights {list(found[k])}, config {list(shape)})"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
+    ]
+    if wrong:
+        listing = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise ModelError(
+            f"{folder}: config.json does not describe these weights: {len(wrong)} tensor(s) have other sizes than it "
+            f"implies: {listing}. The config was edited or belongs to another model: restore the config.json saved "
+            "with model.safetensors"
+        )
 
 
 def _pickle_only(source: str, is_dir: bool) -> str | None:
