@@ -7,13 +7,14 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, progress
+from . import __version__, progress, signals
 from .errors import (
     BROKEN_PIPE,
     EXIT_CODES,
@@ -21,6 +22,7 @@ from .errors import (
     INTERRUPTED,
     DataError,
     FinderPartnerError,
+    Stopped,
     UsageError,
 )
 from .outputs import claim_files, storage_error, write_text_atomic
@@ -32,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a usage error exits with 2 here, with argparse's message
     _setup_logging(args.verbose, args.quiet)
+    signals.interrupt_on_signals()  # SIGTERM (a cluster's preemption) stops a command as Ctrl-C does
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in DataLoader workers instead
     progress.quiet_other_bars()  # bars on a terminal only, from transformers too; before it is imported
     try:
@@ -39,17 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.handler(args) or 0)
     except FinderPartnerError as e:
         rank = _launched_rank()
-        print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
+        label = "stopped" if isinstance(e, Stopped) else "error"
+        print(f"{'' if rank is None else f'[rank {rank}] '}{label}: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # stdout's reader is gone (`| head`): not a bug, and nothing more can be printed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit, when Python flushes stdout
         return BROKEN_PIPE
     except KeyboardInterrupt:
-        print(
-            "interrupted: nothing half-written was kept (earlier files are intact); a training continues with "
-            "--resume auto",
-            file=sys.stderr,
-        )
+        hint = "; a training continues from its last checkpoint with --resume auto" if args.handler is _train else ""
+        by = f" by {signals.received()}" if signals.received() else ""
+        print(f"interrupted{by}: nothing half-written was kept (earlier files are intact){hint}", file=sys.stderr)
         return INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit code
         refused = storage_error(e, Path(getattr(e, "filename", None) or "."), verb="use")
@@ -258,7 +260,8 @@ def _add_train_command(sub: Any) -> None:
         description="""
 Train as the config says (--set overrides any key). The run folder <output_dir>/<experiment>/ gets the
 resolved config, checkpoints, metrics.jsonl and best_model/ (a plain transformers folder). A folder holding an
-earlier run is continued with --resume auto or started over with --overwrite.""",
+earlier run is continued with --resume auto or started over with --overwrite. Ctrl-C or SIGTERM (a cluster's
+preemption) finishes the current step, writes a checkpoint and prints the command that continues (exit 12).""",
         examples="""
 finderpartner train --config configs/clip_tiny.yaml --resume auto
 finderpartner train --config configs/clip_base.yaml --set data.root=data/mine --set train.epochs=3""",
@@ -682,7 +685,16 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.create_sample_data:
         make_sample_data(cfg.data.root)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except Stopped as e:
+        if _launched_rank():  # the other processes of a multi-process run: the main one says how to go on
+            raise
+        again = ["finderpartner", "train", *(["--config", str(args.config)] if args.config else [])]
+        again += [x for o in args.overrides for x in ("--set", o)] + ["--resume", "auto"]
+        raise Stopped(
+            f"{e}: {shlex.join(again)}" + (" (with the same launcher)" if _launched_rank() == 0 else "")
+        ) from None
     if result.is_main:
         print(f"best model: {result.best_model}")
     return 0
@@ -997,7 +1009,13 @@ def _demo(args: argparse.Namespace) -> int:
     index = _gallery(args, searcher, progress=True)
     if index is None:
         log.warning("no gallery (--index or --images): the gallery search tab stays empty")
-    launch_demo(searcher, index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    try:  # Gradio's serving loop closes the server on a KeyboardInterrupt (signals.py: SIGTERM raises one too)
+        launch_demo(searcher, index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    except KeyboardInterrupt:
+        pass
+    if signals.received():
+        print(f"demo stopped by {signals.received()}: the server is closed", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 

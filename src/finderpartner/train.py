@@ -33,7 +33,15 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .budget import MARGIN, Plan, format_duration, steps_that_fit
-from .checkpoint import MANIFEST, latest_checkpoint, load_checkpoint, manifest_digest, save_checkpoint, verify
+from .checkpoint import (
+    MANIFEST,
+    latest_checkpoint,
+    load_checkpoint,
+    manifest_digest,
+    save_checkpoint,
+    step_dir_name,
+    verify,
+)
 from .config import Config, config_to_dict
 from .data.collate import Batch, Collator
 from .data.dataset import num_workers
@@ -41,7 +49,7 @@ from .data.sources import Batches, EvalSet, Loading, open_training_data
 from .data.transforms import TrainTransform
 from .data.validate import long_captions_note
 from .env import autocast_factory, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, TrainingError, UsageError
+from .errors import CheckpointError, ConfigError, Stopped, TrainingError, UsageError
 from .evaluate import EvalResult, evaluate_split, format_metrics
 from .loss import Objective, build_objective
 from .model import (
@@ -64,9 +72,11 @@ from .outputs import (
     write_output,
 )
 from .probe import optimizer_state_bytes, probe_micro_batch
-from .processes import all_min, from_main
+from .processes import all_min, any_true, from_main
 from .progress import Progress
 from .rundir import open_run_dir
+from .signals import StopRequest
+from .signals import name as signal_name
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, accelerator_options, check_trackers, flatten, make_trackers
 from .zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
@@ -153,13 +163,18 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
     try:
         _log_plan(run)
         stepped = run.state.global_step < run.total_steps  # False when resuming a finished run
-        final = _loop(run)
-        if stepped:
-            _save_checkpoint(run)
+        # SIGINT / SIGTERM: the step in progress is finished and checkpointed (signals.py), by every process
+        with StopRequest("finishing the current step and writing a checkpoint") as stop:
+            final = _loop(run, stop)
+            saved = stop.agreed and run.state.global_step % cfg.train.checkpoint_every == 0  # by the loop, just now
+            if stepped and not saved:
+                _save_checkpoint(run)
     finally:
         run.trackers.close()
         if run.lock is not None:
             run.lock.release()
+    if stop.agreed:
+        raise _stopped(run, stop)
     best = run.run_dir / "best_model"
     result = TrainResult(
         run.run_dir, best, run.state, final, time.perf_counter() - start, run.batches.num_rows, run.is_main
@@ -630,7 +645,18 @@ def _log_plan(run: Run) -> None:
 # The loop
 
 
-def _loop(run: Run) -> EvalResult | None:
+def _stopped(run: Run, stop: StopRequest) -> Stopped:
+    step, checkpoint = run.state.global_step, run.run_dir / "checkpoints" / step_dir_name(run.state.global_step)
+    why = signal_name(stop.signum) if stop.signum is not None else "a stop signal to another process"
+    if not run.is_main:
+        return Stopped(f"{why}: stopped with the other processes after step {step}")
+    return Stopped(
+        f"{why}: stopped after step {step} of {run.total_steps} and saved checkpoint {checkpoint}; "
+        "continue with --resume auto"
+    )
+
+
+def _loop(run: Run, stop: StopRequest | None = None) -> EvalResult | None:
     state, cfg = run.state, run.cfg
     final: EvalResult | None = None
     total = run.total_steps if run.plan.decided else None  # a time budget fixes it after the first steps
@@ -660,7 +686,12 @@ def _loop(run: Run) -> EvalResult | None:
                     _save_checkpoint(run)  # the last step is saved by train(), after the final validation
             if state.global_step >= run.total_steps:
                 break
+            if stop is not None and any_true(stop.requested):  # voted by every process at this step boundary
+                stop.agreed = True
+                break
             window.mark_data_start()
+        if stop is not None and stop.agreed:
+            break  # before the epoch's end is counted: the state a checkpoint after this step has
         epoch_done = state.step_in_epoch >= run.batches.steps_per_epoch
         last = state.global_step >= run.total_steps
         if epoch_done:

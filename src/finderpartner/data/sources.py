@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..errors import DataError
+from ..signals import ignore_in_worker
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
 from .shards import ShardStream, expand_shards, raw_samples, read_pairs, shard_sizes
 from .transforms import TrainTransform
@@ -111,6 +112,7 @@ class Loading:
             persistent_workers=self.workers > 0 and persistent,
             prefetch_factor=4 if self.workers > 0 else None,
             generator=torch.Generator(),  # the loader's own seed draw must not consume the global RNG stream
+            worker_init_fn=ignore_in_worker,  # Ctrl-C / SIGTERM stop the main process, which stops its workers
         )
 
 
