@@ -615,8 +615,19 @@ def _sample_data(args: argparse.Namespace) -> int:
 
 
 def _validate_data(args: argparse.Namespace) -> int:
-    from .data.validate import validate_split
+    import dataclasses
 
+    from .data.validate import retrieval_problem, validate_split
+
+    if not args.data.exists():
+        raise DataError(
+            f"--data {args.data} does not exist; give the data folder (images/<split>/, captions_<split>.csv)"
+        )
+    if not args.data.is_dir():
+        raise DataError(
+            f"--data {args.data} is a file; give the data folder that holds images/<split>/ and "
+            f"captions_<split>.csv (for this file: --data {args.data.parent})"
+        )
     splits = args.split or sorted(p.stem.removeprefix("captions_") for p in args.data.glob("captions_*.csv"))
     if not splits:
         raise DataError(
@@ -639,6 +650,11 @@ def _validate_data(args: argparse.Namespace) -> int:
             progress=not args.json,
         )
         for s in splits
+    ]
+    # the split-level rule train and eval apply too (a split of one image cannot be evaluated)
+    reports = [
+        dataclasses.replace(r, problems=(*r.problems, p)) if (p := retrieval_problem(r)) and r.rows_total else r
+        for r in reports
     ]
     if args.json:
         out = {
@@ -717,18 +733,28 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_zeroshot(args)
     if args.class_names is not None or args.templates is not None:
         raise UsageError("--class-names and --templates go with --classes (zero-shot classification)")
+    from .data.dataset import split_paths
     from .data.sources import EvalSet, require_retrievable
     from .data.validate import require_usable, validate_split
     from .env import autocast_factory
     from .evaluate import evaluate_split, format_metrics, write_report
     from .model import load_model, set_attention
+    from .zeroshot import claim_report_folder
 
+    model_path = Path(args.model)
+    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
+    image_dir, csv_path = split_paths(args.data, args.split)
+    protect = {"model": args.model if model_path.is_dir() else None, "images": image_dir, "captions": csv_path}
+    if not csv_path.is_file():  # a missing split or data folder, said before the model is loaded
+        require_usable(validate_split(args.data, args.split), "raise", evaluating=True)
+    claim_report_folder(out, protect)  # a refused --out before the split is embedded, not after
     device, precision = _runtime(args)
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     set_attention(encoder.model, "auto", device)  # the kernels training validated with: the same figures, faster
     table = require_usable(
         validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length),
         "raise",
+        evaluating=True,
     )
     data = require_retrievable(
         EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images"
@@ -744,8 +770,6 @@ def _eval(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.json,
     )
-    model_path = Path(args.model)
-    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
     paths = write_report(
         result,
         out,
@@ -888,6 +912,7 @@ def _search(args: argparse.Namespace) -> int:
     if index is None:
         raise UsageError("give the gallery to search: --images DIR or --index INDEX")
     if args.prompt is not None:
+        _warn_if_cut(searcher, args.prompt.strip())
         query = searcher.embed_texts([args.prompt.strip()])
     else:
         vectors, failed = searcher.embed_paths([args.image])
@@ -906,10 +931,28 @@ def _search(args: argparse.Namespace) -> int:
             )
         )
     else:
-        print(f"top {len(hits)} of {len(index)} images for {args.prompt or str(args.image)!r}:")
+        print(f"top {len(hits)} of {len(index)} images for {_shortened(args.prompt or str(args.image))!r}:")
         for h in hits:
             print(f"{h.rank:>3}. {h.score:.4f}  {h.path}")
     return 0
+
+
+def _warn_if_cut(searcher: Any, prompt: str) -> None:
+    """Say so when the prompt is longer than the model's context: the model reads its first tokens only."""
+    encoder = getattr(searcher, "onnx", None) or searcher.encoder  # OnnxSearcher / Searcher
+    tokens = len(encoder.tokenizer(prompt, truncation=False)["input_ids"])
+    if tokens > encoder.context_length:
+        log.warning(
+            "--prompt is %d tokens long; the model reads only the first %d (its context length), the rest is "
+            "ignored: %r",
+            tokens,
+            encoder.context_length,
+            _shortened(prompt),
+        )
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
@@ -1156,7 +1199,9 @@ def _sweep_set(data: Path, split: str, encoder: Any) -> tuple[Any, Any]:
     from .data.validate import require_usable, validate_split
 
     table = require_usable(
-        validate_split(data, split, tokenizer=encoder.tokenizer, context_length=encoder.context_length), "raise"
+        validate_split(data, split, tokenizer=encoder.tokenizer, context_length=encoder.context_length),
+        "raise",
+        evaluating=True,
     )
     return require_retrievable(
         EvalSet.from_table(table), f"split {split!r}", "evaluate on a split with more images"

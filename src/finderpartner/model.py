@@ -450,14 +450,8 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         model = AutoModel.from_pretrained(source, local_files_only=local_only, use_safetensors=use_safetensors)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
-    except (
-        pickle.UnpicklingError
-    ) as e:  # only reached with trust_pickle: torch's weights-only loader still refuses code
-        raise ModelError(
-            f"{pickled or source}: torch's weights-only loader refused these pickle weights (damaged, or "
-            f"they hold more than tensors, e.g. code), so nothing was loaded ({_first_line(e)}); get "
-            "safetensors weights from a source you trust"
-        ) from None
+    except pickle.UnpicklingError as e:  # only reached with trust_pickle: torch's weights-only loader refuses code
+        raise pickle_refused(pickled or source, e) from None
     except SafetensorError as e:
         raise ModelError(
             f"{source}: the safetensors weights cannot be read ({_first_line(e)}): the file is damaged or "
@@ -527,6 +521,18 @@ def _check_weight_shapes(folder: Path) -> None:
             f"implies: {listing}. The config was edited or belongs to another model: restore the config.json saved "
             "with model.safetensors"
         )
+
+
+def pickle_refused(path: str | Path, e: BaseException) -> ModelError:
+    """The error for pickle weights that torch's weights-only loader refused under --trust-pickle. Its own message
+    advises ``weights_only=False``, which would run whatever the file holds: not passed on."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    what = f"it calls {found.group(1)}" if found else "an instruction that is no tensor's"
+    return ModelError(
+        f"{path}: torch's weights-only loader refused these pickle weights: the file holds something besides "
+        f"tensors ({what}), such as code, and finderpartner will not load it, not even with --trust-pickle (which "
+        "reads tensors only). Get safetensors weights (or plain tensors) from a source you trust"
+    )
 
 
 def _pickle_only(source: str, is_dir: bool) -> str | None:

@@ -40,9 +40,9 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import signal
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -639,8 +639,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp: Path | None = None
     try:
         with storage_errors(path):
-            fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-            tmp = Path(name)
+            tmp, fd = _new_file(path.parent, f".tmp-{path.name}.")
             with open(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -650,6 +649,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _new_file(folder: Path, prefix: str) -> tuple[Path, int]:
+    """A new file under a fresh name (created exclusively, so nothing is overwritten), with the usual permissions
+    (0666 less the umask, as ``open`` gives; ``tempfile.mkstemp`` would make it 0600)."""
+    while True:
+        path = folder / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
 
 
 def fsync_file(path: Path) -> None:

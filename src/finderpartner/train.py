@@ -74,7 +74,7 @@ from .outputs import (
 from .probe import optimizer_state_bytes, probe_micro_batch
 from .processes import all_min, any_true, from_main
 from .progress import Progress
-from .rundir import open_run_dir
+from .rundir import RESUME_SCHEDULE, changed_settings, open_run_dir, resume_notes
 from .signals import StopRequest
 from .signals import name as signal_name
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
@@ -368,8 +368,9 @@ def _build_run(
         zeroshot,
     )
     if resume:
-        _resume(run, resume)
+        saved = _resume(run, resume)
         plan.adopt(state)
+        _explain_changes(run, saved, resume.path)
     if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
         state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
     run.trackers = make_trackers(cfg, accelerator, start_step=state.global_step, enabled=accelerator.is_main_process)
@@ -562,7 +563,7 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _resume(run: Run, resume: Resume) -> None:
+def _resume(run: Run, resume: Resume) -> dict[str, Any]:
     path = resume.path
     if not (path / MANIFEST).is_file():
         raise CheckpointError(
@@ -618,6 +619,34 @@ def _resume(run: Run, resume: Resume) -> None:
         run.state.epoch,
         run.state.step_in_epoch,
     )
+    return ckpt.state
+
+
+def _explain_changes(run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Settings changed since the checkpoint: refused (rundir.RESUME_REFUSED), or said with what they do now."""
+    changes = changed_settings(saved.get("config", {}), config_to_dict(run.cfg))
+    notes = resume_notes(changes, path)
+    schedule = {k: v for k, v in changes.items() if k in RESUME_SCHEDULE}
+    step = run.state.global_step
+    if schedule:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in schedule.items())
+        if run.plan.decided and run.total_steps <= step:
+            raise CheckpointError(
+                f"--resume {path}: {what} since the checkpoint, so the run now ends at step {run.total_steps}, but the "
+                f"checkpoint is at step {step}: nothing is left to train. Give more steps, or use its best model"
+            )
+        before = saved.get("scheduler", {}).get("_last_lr", [float("nan")])[0]
+        now = run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](step)
+        ends = f"at step {run.total_steps}" if run.plan.decided else "when its time budget decides"
+        notes.insert(
+            0,
+            f"{what} since the checkpoint: the run now ends {ends}, and the learning-rate schedule is recomputed "
+            f"for it: at step {step} the learning rate goes from {before:.3g} (the checkpoint's schedule) to "
+            f"{now:.3g}",
+        )
+    if run.is_main:
+        for note in notes:
+            log.warning("%s", note)
 
 
 def _log_plan(run: Run) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from .metrics import zero_shot_accuracy
 from .model import DualEncoder
 from .outputs import claim_files, claim_output, storage_errors, write_text_atomic
 from .processes import world
+
+log = logging.getLogger(__name__)
 
 # Six of the 80 ImageNet prompt templates of OpenAI's CLIP (github.com/openai/CLIP,
 # notebooks/Prompt_Engineering_for_ImageNet.ipynb), the ones that do not presume a kind of picture (no
@@ -125,6 +128,19 @@ def load_zeroshot_set(path: str | Path, class_names: str | Path | None = None, n
 
 def _from_folder(root: Path, names: list[str] | None, names_file: Path | str | None) -> ZeroShotSet:
     folders = names if names is not None else sorted(p.name for p in root.iterdir() if _is_class_folder(p))
+    if names is None:  # a folder without images is no class: said, since it changes what the accuracy means
+        empty = sorted(
+            p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in folders
+        )
+        if empty:
+            log.warning(
+                "zero-shot set %s: %d folder(s) hold no images (%s) and are left out: classifying among the %d "
+                "other classes (--class-names lists the classes explicitly)",
+                root,
+                len(empty),
+                ", ".join(empty),
+                len(folders),
+            )
     images: list[Path] = []
     labels: list[int] = []
     for index, folder in enumerate(folders):
