@@ -148,12 +148,14 @@ CASES: list[tuple[str, int, str]] = [
     ("index --model {model} --images {empty} --out {tmp}/idx2 --workers 0", 4, "no images under"),
     ("index --model {model} --images {a_file} --out {tmp}/idx3 --workers 0", 4, "a_file.txt is a file, not a folder"),
     ("search --model {model} --index {empty} --prompt x", 4, "is not a gallery index"),
+    ("search --model {model} --index {a_file} --prompt x", 4, "a_file.txt is a file, not a gallery index"),
     ("search --model {model} --images {gallery} --image {tmp}/missing.jpg --workers 0", 4, "cannot read query image"),
     ("make-shards --data {data} --split nosuch --out {tmp}/shards1", 4, "captions_nosuch.csv"),
     # model (5)
     ("eval --model {tmp}/outputs/nope/best_model --data {data}", 5, "does not exist; train one first or fix the path"),
     ("search --model {empty} --images {gallery} --prompt x", 5, "has no config.json"),
     ("export --model {tmp}/no_model --out {tmp}/export1", 5, "does not exist"),
+    ("export --model {a_file} --out {tmp}/export2", 5, "a_file.txt is a file; a model is a folder"),
     ("demo --model {tmp}/no_model", 5, "does not exist"),
     ("validate-data --data {data} --model {tmp}/no_model", 5, "does not exist"),
     ("merge --base {tmp}/no_model --finetuned {model} --out {tmp}/merged3", 5, "does not exist"),
@@ -190,6 +192,7 @@ CASES: list[tuple[str, int, str]] = [
         "which sample-data did not write",
     ),
     ("make-shards --data {data} --out {data}/images/train", 10, "is the input images"),
+    ("sample-data --out {gallery} --train-images 2 --val-images 2", 10, "which sample-data did not write"),
     ("train --config {existing_run_config}", 10, "already holds a training run"),
     # storage (11)
     ("train --config {under_a_file_config}", 11, "Not a directory"),

@@ -521,3 +521,31 @@ def test_out_dot_in_an_empty_folder_works_for_every_writer(
     monkeypatch.chdir(tmp_path / "out_index")
     code, err = _cli(capsys, "export", "--model", str(trained_model), "--out", ".")
     assert code == OutputError.exit_code and "--out . is a gallery index, not an ONNX export folder" in err
+
+
+@pytest.mark.parametrize("command", ["index", "export"])
+def test_a_full_disk_during_a_rewrite_keeps_the_previous_version_and_no_staging(
+    command: str, trained_model: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
+    """The disk holds the output, not a second version staged beside it. (Found by the careless-user pass: the
+    export's weights writer reported ENOSPC without an errno, exit 70; and the staging folder, whose proof file
+    the full disk left empty, stayed and refused every later run.)"""
+    with tmpfs(tmp_path / "disk", "size=20m") as disk:
+        out = disk / "out"
+        args = {
+            "index": ["index", "--model", str(trained_model), "--images", str(photos), "--workers", "0"],
+            "export": ["export", "--model", str(trained_model), "--int8"],
+        }[command] + ["--out", str(out)]
+        assert main(["-q", *args]) == 0
+        before = snapshot(out)
+        used = shutil.disk_usage(disk).used  # in the file system's blocks
+        subprocess.run(["mount", "-o", f"remount,size={used + 16384}", str(disk)], check=True)
+        for i in range(300):  # index: a new version needs more room; export: a second copy does not fit
+            shutil.copy(next(photos.glob("*.jpg")), photos / f"new_{i}.jpg")
+        capsys.readouterr()
+        code, err = _cli(capsys, *args)
+        assert code == StorageError.exit_code and "Traceback" not in err, err
+        assert "disk full while writing" in err and "the previous version is intact" in err
+        assert snapshot(out) == before and not (out / ".finderpartner-staging").exists()
+        subprocess.run(["mount", "-o", "remount,size=60m", str(disk)], check=True)
+        assert main(["-q", *args]) == 0  # space freed: the next run is not blocked by anything left behind

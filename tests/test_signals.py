@@ -194,3 +194,19 @@ def test_sigterm_and_sigint_stop_the_demo(trained_model: Path, small_data: Path)
         name = signal.Signals(sig).name
         assert proc.returncode == INTERRUPTED, err[-3000:]
         assert f"demo stopped by {name}" in err and "Traceback" not in err
+
+
+def test_a_signal_during_an_import_is_handled_after_it(tmp_path: Path) -> None:
+    """The first seconds of every command import torch and transformers: a KeyboardInterrupt raised inside an import
+    leaves the library half-initialised, and some swallow it (the careless-user pass saw Ctrl-C ignored, exit 0)."""
+    (tmp_path / "slow_library.py").write_text(
+        "import os, signal, time\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(0.3)\nWHOLE = True\n"
+    )
+    script = (
+        "import sys, time\nfrom finderpartner import signals\nsignals.interrupt_on_signals()\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "try:\n    import slow_library\n    time.sleep(10)\n    print('not interrupted')\n"
+        "except KeyboardInterrupt:\n    print('interrupted after the import:', getattr(sys.modules.get('slow_library'), 'WHOLE', False))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], env=launcher_env(), capture_output=True, text=True, timeout=60)
+    assert run.stdout.strip() == "interrupted after the import: True", run.stdout + run.stderr

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,8 +91,8 @@ def save_checkpoint(
         fsync_dir(checkpoints_dir)
         (final / PROOF).unlink(missing_ok=True)
     except BaseException as e:  # torch.save reports a full disk as RuntimeError, safetensors as its own error
-        if tmp.exists() and is_ours(tmp):
-            remove_temporary(tmp)
+        if tmp.exists():  # made by this call (its proof may be unwritten on a full disk)
+            shutil.rmtree(tmp, ignore_errors=True)
         err = storage_error(e, final, f"checkpoint {final}")
         if err is None:
             raise
@@ -222,8 +223,8 @@ def _remove_leftover(tmp: Path) -> None:
     """Remove a half-written checkpoint folder of ours; refuse to write over one that is not ours."""
     if not (tmp.exists() or tmp.is_symlink()):
         return
-    if tmp.is_dir() and not tmp.is_symlink() and not any(tmp.iterdir()):
-        tmp.rmdir()  # killed between making it and putting the proof in
+    if tmp.is_dir() and not tmp.is_symlink() and {p.name for p in tmp.iterdir()} <= {PROOF} and not is_ours(tmp):
+        shutil.rmtree(tmp)  # killed (or out of space) before its proof was written whole: nothing else inside
         return
     if not is_ours(tmp):
         raise OutputError(

@@ -612,14 +612,14 @@ def _describe(err: dict[str, Any], given: dict[str, str]) -> str:
         known = _field_names(loc[:-1])
         hint = difflib.get_close_matches(loc[-1], known, n=1)
         suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys here: {', '.join(known)}"
-        return f"{where}: unknown key{by}{suggestion}"
+        return f"{where}: unknown key{suggestion}{by}"
     got = err.get("input")
     if got is None and err["type"] != "missing":  # `--set data.root=` or `root:` with nothing after it
         example = _field_default(loc)
         e_g = f", e.g. {'--set ' if by else ''}{where}={example}" if example not in (None, "") else ""
         return f"{where}: no value given{by}; give one{e_g}"
     msg = err["msg"].removeprefix("Value error, ")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or got is None or f"got {got!r}" in msg else f" (got {got!r})"
     return f"{where}: {msg}{shown}{by}"
 
 

@@ -155,6 +155,8 @@ class GalleryIndex:
 
     @classmethod
     def load(cls, path: Path) -> GalleryIndex:
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path} is a file, not a gallery index (a folder made by `finderpartner index`)")
         try:
             meta = json.loads((path / "index.json").read_text(encoding="utf-8"))
             faiss_index = _faiss().read_index(str(path / "index.faiss"))

@@ -28,7 +28,7 @@ from .embedding import _stable_config
 from .errors import ModelError
 from .evaluate import EvalResult
 from .model import DualEncoder, image_spec_of, save_model
-from .outputs import claim_files, claim_output, storage_errors, write_output, write_text_atomic
+from .outputs import atomic_path, claim_files, claim_output, storage_errors, write_output, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +351,8 @@ def write_sweep_report(
     report, plot = out_dir / f"{SWEEP_REPORT}.json", out_dir / f"{SWEEP_REPORT}.png"
     with storage_errors(out_dir, f"the WiSE-FT report in {out_dir}"):
         claim_files(out_dir, "eval", {}, [report.name, plot.name])
+        plot_tradeoff(rows, [str(s["name"]) for s in record["sets"]], plot)  # first: no report without its plot
         write_text_atomic(report, json.dumps(record, indent=2))
-        plot_tradeoff(rows, [str(s["name"]) for s in record["sets"]], plot)
     return {"report": report, "plot": plot}
 
 
@@ -385,6 +385,7 @@ def plot_tradeoff(rows: Sequence[SweepRow], set_names: Sequence[str], path: Path
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a whole plot or the previous one, never half of one
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

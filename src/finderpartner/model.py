@@ -416,6 +416,8 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
     are refused unless ``trust_pickle`` (the CLI's ``--trust-pickle``, training's ``model.trust_pickle``).
     """
     source = str(name_or_path)
+    if Path(source).expanduser().is_file():
+        raise ModelError(f"{source} is a file; a model is a folder (save_pretrained: config.json, weights) or a hub id")
     is_dir = Path(source).expanduser().is_dir()
     if is_dir:
         source = str(Path(source).expanduser())

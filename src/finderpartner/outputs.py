@@ -69,8 +69,17 @@ _STORAGE_ERRNOS = {
     errno.ENAMETOOLONG,
     errno.ELOOP,
 }
-# How libraries that do not raise OSError word ENOSPC (torch.save: PytorchStreamWriter; safetensors: Rust io::Error)
-_DISK_FULL_WORDS = ("no space left", "os error 28", "storagefull", "file write failed", "unexpected pos", "disk quota")
+# How libraries word ENOSPC without an errno (torch.save: PytorchStreamWriter; safetensors: Rust io::Error; numpy's
+# tofile, which the ONNX exporter writes external data with: an OSError with no errno)
+_DISK_FULL_WORDS = (
+    "no space left",
+    "os error 28",
+    "storagefull",
+    "file write failed",
+    "unexpected pos",
+    "disk quota",
+    "problem writing element",
+)
 # What operating systems drop into any folder a user opens: never content, never removed
 _LITTER = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
@@ -177,17 +186,17 @@ def claim_output(
     if not out.is_dir():
         raise OutputError(f"{flag} {out} exists and is not a folder; choose a folder name")
     recover(out)
-    contents = _contents(out)
-    if not contents:
+    held = contents(out)
+    if not held:
         return "new"
     marker = read_marker(out)
     if marker is None and legacy is not None:
         found = legacy(out)
         marker = {"kind": kind, "inputs": found} if found is not None else None
     if marker is None:
-        listing = ", ".join(sorted(contents)[:5]) + (", ..." if len(contents) > 5 else "")
+        listing = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
         raise OutputError(
-            f"{flag} {out} already exists and holds {len(contents)} item(s) that finderpartner did not "
+            f"{flag} {out} already exists and holds {len(held)} item(s) that finderpartner did not "
             f"write ({listing}); it never replaces them: choose a new or empty folder"
         )
     if marker["kind"] != kind:
@@ -199,14 +208,14 @@ def claim_output(
         return "same"
     if overwrite:
         return "replace"
-    made_from = ", ".join(f"{k} {v}" for k, v in previous.items()) or "other inputs"
+    made_from = ", ".join(f"{k}: {v}" for k, v in previous.items() if v is not None) or "other inputs"
     raise OutputError(
         f"{flag} {out} is {describe_kind(kind)} made from {made_from}; pass --overwrite to replace it, "
         "or choose another folder"
     )
 
 
-def _contents(folder: Path) -> list[str]:
+def contents(folder: Path) -> list[str]:
     """What makes a folder non-empty: everything but the lock file, OS litter and our own proven staging folder."""
     return [
         p.name
@@ -332,15 +341,17 @@ def write_output(
         return result
     except BaseException as e:
         lock.release()
-        if stage.exists() and is_ours(stage) and not (stage / _JOURNAL).exists():
-            remove_temporary(stage)
+        if stage.exists() and not (stage / _JOURNAL).exists():  # made by this call (its proof may be unwritten)
+            shutil.rmtree(stage, ignore_errors=True)
         if created:
             _remove_empty(target)
         err = storage_error(e, target, what)
-        if err is None or err is e:
+        if err is None:
             raise
-        kept_note = "; the previous version is intact" if not created else ""
-        raise StorageError(f"{err}{kept_note}") from None
+        note = "; the previous version is intact" if not created and "previous version" not in str(err) else ""
+        if err is e and not note:
+            raise
+        raise StorageError(f"{err}{note}") from None
     finally:
         lock.release()
 
@@ -444,8 +455,13 @@ def _refuse_foreign_stage(stage: Path) -> None:
     if not (stage.exists() or stage.is_symlink()):
         return
     holder = _lock_holder(stage)
-    if holder is None and stage.is_dir() and not stage.is_symlink() and {p.name for p in stage.iterdir()} <= {".lock"}:
-        shutil.rmtree(stage)  # ours, killed between creating it and putting the proof in (nothing else inside)
+    if (
+        holder is None
+        and stage.is_dir()
+        and not stage.is_symlink()
+        and {p.name for p in stage.iterdir()} <= {".lock", PROOF}
+    ):
+        shutil.rmtree(stage)  # ours, killed (or out of space) before its proof was written whole: nothing else inside
         return
     if holder is not None:
         raise OutputError(
@@ -627,6 +643,23 @@ def storage_errors(path: Path, what: str = "") -> Iterator[None]:
         if err is None or err is e:
             raise
         raise err from None
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A fresh temporary file beside ``path`` for the block to write (a plot, say); renamed to ``path`` when the
+    block succeeds, removed when it fails: ``path`` is the previous file or the new one, never half of one."""
+    path = Path(path)
+    with storage_errors(path):
+        tmp, fd = _new_file(path.parent, f".tmp-{path.name}.")
+        os.close(fd)
+    try:
+        yield tmp
+        with storage_errors(path):
+            fsync_file(tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -9,6 +9,9 @@ job; SLURM also sends it ahead of the time limit with ``--signal``): both alike,
   step): inside its loop ``StopRequest`` only records the signal; the loop asks at each step boundary, all
   processes vote (``processes.any_true``), and all write a checkpoint together before stopping.
 * The second signal, of either kind, restores the default action and re-sends itself: the process ends at once.
+* A signal that lands inside an ``import`` (the first seconds of a command import torch, transformers, ...) is
+  handled right after it: a library interrupted mid-import is left half-initialised, and some swallow the
+  ``KeyboardInterrupt`` and go on.
 * DataLoader worker processes ignore both (``ignore_in_worker``): a terminal's Ctrl-C and SLURM's SIGTERM reach
   the whole process group, and a worker that died would stop the main process with an error of its own; the main
   process shuts its workers down, and they leave by themselves if it is killed.
@@ -46,10 +49,39 @@ def _kill_at_once(signum: int) -> None:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    if _in_import(frame):  # a library interrupted mid-import is left half-initialised (some swallow the
+        _resend_soon(signum)  # KeyboardInterrupt and go on): raised once the import is done
+        return
     if _received:
         _kill_at_once(signum)
     _received.append(signum)
     raise KeyboardInterrupt(name(signum))
+
+
+def _in_import(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+_resending = threading.Event()
+
+
+def _resend_soon(signum: int, delay_s: float = 0.05) -> None:
+    """The same signal again in ``delay_s`` (one at a time), to be handled outside the import."""
+    if _resending.is_set():
+        return
+    _resending.set()
+
+    def again() -> None:
+        _resending.clear()
+        os.kill(os.getpid(), signum)
+
+    timer = threading.Timer(delay_s, again)
+    timer.daemon = True
+    timer.start()
 
 
 def interrupt_on_signals() -> None:

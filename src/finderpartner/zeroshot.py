@@ -30,7 +30,7 @@ from .errors import DataError
 from .evaluate import embed_image_shares, share
 from .metrics import zero_shot_accuracy
 from .model import DualEncoder
-from .outputs import claim_files, claim_output, storage_errors, write_text_atomic
+from .outputs import atomic_path, claim_files, claim_output, storage_errors, write_text_atomic
 from .processes import world
 
 log = logging.getLogger(__name__)
@@ -332,8 +332,8 @@ def write_zeroshot_report(
     with storage_errors(out_dir, f"the zero-shot report in {out_dir}"):
         plot_name = f"plots/{name}_confusion.png"
         claim_files(out_dir, "eval", {}, [report.name, plot_name, "history.jsonl"])
+        plot = plot_confusion(result, out_dir / plot_name)  # the slow one first: a stop leaves no report without it
         write_text_atomic(report, json.dumps(record, indent=2))
-        plot = plot_confusion(result, out_dir / plot_name)
         with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v for k, v in record.items() if k != "confusion"}) + "\n")
     return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
@@ -372,7 +372,8 @@ def plot_confusion(result: ZeroShotResult, path: Path) -> Path:
     ax.set_ylabel("true class")
     ax.set_title(f"{result.name}: zero-shot top-1 {result.metrics['top1']:.3f} ({result.num_images} images)")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a whole plot or the previous one, never half of one
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 

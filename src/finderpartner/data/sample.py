@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ConfigError, DataError, OutputError
-from ..outputs import marked_files, read_marker, storage_errors, write_marker, write_output
+from ..outputs import contents, marked_files, read_marker, storage_errors, write_marker, write_output
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +201,13 @@ def _write_set(root: Path, meta: dict, spec: _SetKind, *, overwrite: bool) -> Sa
                 raise
     existing = [p for p in _outputs(root, spec.meta_name) if p.exists()]
     ours = meta_path.exists() or (read_marker(root) or {}).get("kind") == spec.kind
+    held = contents(root) if root.is_dir() else []
+    if held and not ours:  # a folder of the user's (photos, a real data set): nothing is written into it
+        listing = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
+        raise OutputError(
+            f"{root} already holds {listing}, which {spec.writer} did not write; it never replaces them "
+            "nor writes among them: choose a new or empty --out"
+        )
     if existing and not ours:  # a real data set (or anything else) with the same names: never ours to replace
         raise OutputError(
             f"{root} already holds {', '.join(p.relative_to(root).as_posix() for p in existing)}, which "
