@@ -452,17 +452,9 @@ def _remove_empty(folder: Path) -> None:
 
 def _refuse_foreign_stage(stage: Path) -> None:
     """A staging folder without our proof: a user's (never touched), or one another process is just creating."""
-    if not (stage.exists() or stage.is_symlink()):
+    if not (stage.exists() or stage.is_symlink()) or _remove_if_stillborn(stage):
         return
     holder = _lock_holder(stage)
-    if (
-        holder is None
-        and stage.is_dir()
-        and not stage.is_symlink()
-        and {p.name for p in stage.iterdir()} <= {".lock", PROOF}
-    ):
-        shutil.rmtree(stage)  # ours, killed (or out of space) before its proof was written whole: nothing else inside
-        return
     if holder is not None:
         raise OutputError(
             f"{stage.parent} is being written by another finderpartner process (PID {holder}); wait for it to "
@@ -472,6 +464,17 @@ def _refuse_foreign_stage(stage: Path) -> None:
         f"{stage.parent} holds {STAGING}, which finderpartner did not make (it has no proof file inside); "
         "finderpartner stages its output under that name: move it away and run the command again"
     )
+
+
+def _remove_if_stillborn(stage: Path) -> bool:
+    """Remove a staging folder of ours that died (killed, or out of space) before its proof was written whole:
+    nothing but a lock nobody holds and at most an unreadable proof file inside. True when it was removed."""
+    if not stage.is_dir() or stage.is_symlink() or {p.name for p in stage.iterdir()} - {".lock", PROOF}:
+        return False
+    if is_ours(stage) or _lock_holder(stage) is not None:  # a proven one (recover's business) or a live write
+        return False
+    shutil.rmtree(stage)
+    return True
 
 
 def _lock_holder(folder: Path) -> str | None:
@@ -497,7 +500,7 @@ def recover(target: Path) -> None:
     without a journal (killed while writing) is removed. One whose lock another process holds is refused.
     """
     stage = Path(target) / STAGING
-    if not stage.is_dir() or not is_ours(stage):
+    if not stage.is_dir() or _remove_if_stillborn(stage) or not is_ours(stage):
         return
     lock = FolderLock(stage, what="output folder", place=Path(target))
     with storage_errors(target, f"the interrupted write in {target}"):
