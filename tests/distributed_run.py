@@ -5,6 +5,7 @@ Environment:
   out-of-memory error (once); the other processes run normally.
 - ``FP_TEST_CACHE_PER_RANK``: each process keeps its micro-batch cache in ``<that folder>/rank<R>``, so that one
   process can find a cached size while another has to probe.
+- ``FP_TEST_PID_DIR``: each process writes its PID to ``<that folder>/rank<R>.pid`` (for a signal to one of them).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import sys
 import torch
 
 rank = int(os.environ.get("RANK", "0"))
+if pid_dir := os.environ.get("FP_TEST_PID_DIR"):
+    with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
 if base := os.environ.get("FP_TEST_CACHE_PER_RANK"):
     os.environ["FINDERPARTNER_CACHE"] = os.path.join(base, f"rank{rank}")
 

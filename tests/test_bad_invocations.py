@@ -73,6 +73,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, small_data: Path, trained_mo
         "shards", **{"data.format": "webdataset", "data.train_shards": str(tmp / "none-{0..3}.tar")}
     )
     w["under_a_file_config"] = config("under_file", output_dir=str(w["a_file"] / "outputs"))
+    w["bad_value_config"] = config("bad_value", **{"train.lr": -1})
     w["bad_yaml"] = tmp / "bad.yaml"
     w["bad_yaml"].write_text("train: {lr: 1e-4\n  epochs: [")
     w["list_yaml"] = tmp / "list.yaml"
@@ -134,21 +135,27 @@ CASES: list[tuple[str, int, str]] = [
     ("train --config {config} --set experiment=../escape", 3, "must be a plain folder name"),
     ("train --config {config} --set train.batch_size=1", 3, "train.batch_size"),
     ("train --config {config} --set train.precision=fp8", 3, "train.precision"),
+    ("train --config {config} --set data.root=", 3, "--set: 1 problem(s):\n  - data.root: no value given (from --set"),
+    ("train --config {bad_value_config}", 3, "bad_value.yaml: 1 problem(s):\n  - train.lr: Input should be greater"),
     # data (4)
-    ("validate-data --data {tmp}/nowhere", 4, "no captions_<split>.csv found"),
+    ("validate-data --data {tmp}/nowhere", 4, "--data {tmp}/nowhere does not exist"),
+    ("validate-data --data {a_file}", 4, "is a file; give the data folder that holds images/<split>/"),
     ("train --config {config} --set data.root={tmp}/nowhere", 4, "captions_train.csv"),
     ("train --config {shards_config}", 4, "not found"),
     ("eval --model {model} --data {tmp}/nowhere --workers 0", 4, "captions_val.csv"),
-    ("eval --model {model} --data {data} --split nosuch --workers 0", 4, "captions_nosuch.csv"),
+    ("eval --model {model} --data {data} --split nosuch --workers 0", 4, "there is no split 'nosuch' (the splits in"),
     ("index --model {model} --images {tmp}/no_photos --out {tmp}/idx1 --workers 0", 4, "image folder"),
     ("index --model {model} --images {empty} --out {tmp}/idx2 --workers 0", 4, "no images under"),
+    ("index --model {model} --images {a_file} --out {tmp}/idx3 --workers 0", 4, "a_file.txt is a file, not a folder"),
     ("search --model {model} --index {empty} --prompt x", 4, "is not a gallery index"),
+    ("search --model {model} --index {a_file} --prompt x", 4, "a_file.txt is a file, not a gallery index"),
     ("search --model {model} --images {gallery} --image {tmp}/missing.jpg --workers 0", 4, "cannot read query image"),
     ("make-shards --data {data} --split nosuch --out {tmp}/shards1", 4, "captions_nosuch.csv"),
     # model (5)
     ("eval --model {tmp}/outputs/nope/best_model --data {data}", 5, "does not exist; train one first or fix the path"),
     ("search --model {empty} --images {gallery} --prompt x", 5, "has no config.json"),
     ("export --model {tmp}/no_model --out {tmp}/export1", 5, "does not exist"),
+    ("export --model {a_file} --out {tmp}/export2", 5, "a_file.txt is a file; a model is a folder"),
     ("demo --model {tmp}/no_model", 5, "does not exist"),
     ("validate-data --data {data} --model {tmp}/no_model", 5, "does not exist"),
     ("merge --base {tmp}/no_model --finetuned {model} --out {tmp}/merged3", 5, "does not exist"),
@@ -160,7 +167,8 @@ CASES: list[tuple[str, int, str]] = [
     ),
     ("train --config {config} --set model.name={tmp}/no_model", 5, "does not exist"),
     # checkpoint (6)
-    ("train --config {config} --resume {tmp}/no_checkpoint", 6, "no manifest"),
+    ("train --config {config} --resume {tmp}/no_checkpoint", 6, "no_checkpoint: no such file or folder"),
+    ("train --config {config} --resume {data}", 6, "neither a checkpoint (<run>/checkpoints/step_NNNNNN) nor a run"),
     # index made by another model (8)
     ("search --model {other_model} --index {index} --prompt x", 8, "was built by another model"),
     # export (9)
@@ -184,6 +192,7 @@ CASES: list[tuple[str, int, str]] = [
         "which sample-data did not write",
     ),
     ("make-shards --data {data} --out {data}/images/train", 10, "is the input images"),
+    ("sample-data --out {gallery} --train-images 2 --val-images 2", 10, "which sample-data did not write"),
     ("train --config {existing_run_config}", 10, "already holds a training run"),
     # storage (11)
     ("train --config {under_a_file_config}", 11, "Not a directory"),

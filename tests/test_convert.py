@@ -368,6 +368,14 @@ def test_invocation_mistakes_are_named(oc_files, trained_model: Path, tmp_path: 
     assert _cli("--to", "open_clip", "--model", trained_model, "--checkpoint", checkpoint, "--out", tmp_path / "b") == 2
     assert _cli("--to", "hf", "--model", trained_model, "--out", tmp_path / "c") == 5
     assert "convert it with --to open_clip" in capsys.readouterr().err
+    folder = tmp_path / "oc_folder"  # an open_clip folder given to --to open_clip: it is one already
+    folder.mkdir()
+    shutil.copy(config, folder / OPEN_CLIP_CONFIG)
+    shutil.copy(checkpoint, folder / OPEN_CLIP_WEIGHTS)
+    assert _cli("--to", "open_clip", "--model", folder, "--out", tmp_path / "e") == 5
+    err = capsys.readouterr().err
+    assert f"--model {folder} is an open_clip folder already ({OPEN_CLIP_CONFIG})" in err and "use --to hf" in err
+    assert not (tmp_path / "e").exists()
     assert _cli("--to", "hf", "--model", "ViT-Nonexistent-99", "--checkpoint", checkpoint, "--out", tmp_path / "d") == 5
     assert "open_clip.list_models()" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -14,19 +15,21 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from helpers import micro_config
 from safetensors.torch import load_file
 
 from finderpartner.cli import main
 from finderpartner.errors import CheckpointError, OutputError, StorageError
+from finderpartner.onnx_runtime import load_onnx_encoders
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under the folders with the SHA-256 of its bytes."""
+    """Every file under the folders (or given itself) with the SHA-256 of its bytes."""
     found = {}
     for folder in folders:
-        for p in sorted(Path(folder).rglob("*")):
+        for p in [Path(folder), *sorted(Path(folder).rglob("*"))]:
             if p.is_file():
                 found[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return found
@@ -351,3 +354,198 @@ def test_a_read_only_output_dir_is_a_clear_error(small_data: Path, tmp_path: Pat
         code, err = _cli(capsys, "train", "--config", str(config))
         assert code == StorageError.exit_code == 11 and "Traceback" not in err
         assert f"could not write the lock file of {read_only / 'outputs' / 'run'}: Read-only file system" in err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rerunning a command into its own earlier output: only its own files change
+
+
+def _user_files(out: Path) -> dict[str, str]:
+    """Files a user adds to an output folder after the command wrote it (one inside a folder of the command's)."""
+    (out / "notes.txt").write_text("my notes")
+    (out / "mine").mkdir()
+    (out / "mine" / "result.csv").write_text("a,b\n1,2\n")
+    (out / ".old-drafts").mkdir()
+    (out / ".old-drafts" / "ch1.txt").write_text("chapter one")
+    inner = next((p for p in sorted(out.iterdir()) if p.is_dir() and p.name not in ("mine", ".old-drafts")), None)
+    if inner is not None:
+        (inner / "my_comment.txt").write_text("about these files")
+    return snapshot(out / "notes.txt", out / "mine", out / ".old-drafts", *([inner] if inner else []))
+
+
+def _still_there(before: dict[str, str]) -> None:
+    after = {p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in before if Path(p).is_file()}
+    assert after == before, sorted(set(before) - set(after))
+
+
+def test_export_again_keeps_the_users_files_and_the_other_variants(trained_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "exp0"
+    assert main(["-q", "export", "--model", str(trained_model), "--out", str(out), "--int8"]) == 0
+    mine = {p: h for p, h in _user_files(out).items() if "my_comment" in p or "onnx" not in p}
+    int8 = snapshot(*(out / "onnx").glob("*_int8.onnx*"))
+    assert len(int8) == 4
+    capsys.readouterr()
+    assert main(["export", "--model", str(trained_model), "--out", str(out), "--fp16"]) == 0
+    _still_there(mine)
+    _still_there(int8)  # the earlier int8 export of the same model stays beside the new fp16 one
+    info = json.loads((out / "finderpartner_export.json").read_text())
+    assert sorted(info["variants"]) == ["fp16", "int8"]
+    assert "onnx int8" in capsys.readouterr().out  # and is verified again with the rest
+    assert load_onnx_encoders(out, variant="int8").encode_texts(["a red circle"]).shape[0] == 1
+
+
+def test_a_user_file_where_export_writes_is_refused_by_name(trained_model: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "exp1"
+    assert main(["-q", "export", "--model", str(trained_model), "--out", str(out)]) == 0
+    (out / "onnx" / "model_int8.onnx").write_bytes(b"the user's own quantized model")
+    before = snapshot(out)
+    code, err = _cli(capsys, "export", "--model", str(trained_model), "--out", str(out), "--int8")
+    assert code == OutputError.exit_code
+    assert f"{out / 'onnx' / 'model_int8.onnx'} was not written by finderpartner" in err
+    assert "Nothing was changed" in err and snapshot(out) == before
+
+
+def test_export_variants_of_another_model_version_are_replaced_only_with_overwrite(
+    trained_model: Path, tmp_path: Path, capsys
+) -> None:
+    from finderpartner.model import load_model, save_model
+
+    model = Path(shutil.copytree(trained_model, tmp_path / "model"))
+    out = tmp_path / "exp2"
+    assert main(["-q", "export", "--model", str(model), "--out", str(out), "--int8"]) == 0
+    encoder = load_model(model)  # the model is trained further: same folder, other weights
+    with torch.no_grad():
+        encoder.model.text_projection.weight.mul_(1.5)
+    save_model(encoder, model)
+    before = snapshot(out)
+    code, err = _cli(capsys, "export", "--model", str(model), "--out", str(out), "--fp16")
+    assert code == OutputError.exit_code and snapshot(out) == before
+    assert "holds the int8 variant(s) of an earlier export of another version of this model" in err
+    assert "pass --int8 to export them again too, or --overwrite to drop them" in err
+    assert main(["-q", "export", "--model", str(model), "--out", str(out), "--fp16", "--overwrite"]) == 0
+    assert not list((out / "onnx").glob("*_int8*"))
+    assert sorted(json.loads((out / "finderpartner_export.json").read_text())["variants"]) == ["fp16"]
+
+
+def test_index_again_after_a_new_photo_keeps_the_users_files_and_dot_tmp_siblings(
+    trained_model: Path, photos: Path, tmp_path: Path, small_data: Path, capsys
+) -> None:
+    out = tmp_path / "idx11"
+    sibling = tmp_path / ".tmp-idx11"  # a user's folder that happens to have the old staging name
+    sibling.mkdir()
+    (sibling / "thesis.txt").write_text("years of work")
+    old = tmp_path / ".old-idx11"
+    old.mkdir()
+    (old / "draft.txt").write_text("a draft")
+    index = ["index", "--model", str(trained_model), "--images", str(photos), "--out", str(out), "--workers", "0"]
+    assert main(index) == 0
+    mine = _user_files(out) | snapshot(sibling, old)
+    shutil.copy(small_data / "images" / "train" / "000000.jpg", photos / "new_photo.jpg")
+    capsys.readouterr()
+    assert main(index) == 0
+    assert "(1 new, 0 changed, 0 removed, 24 unchanged)" in capsys.readouterr().out
+    _still_there(mine)
+    assert "new_photo.jpg" in [f for f, *_ in json.loads((out / "index.json").read_text())["files"]]
+
+
+def test_an_out_holding_only_hidden_user_files_is_not_empty(
+    trained_model: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "idx12"
+    (out / ".old-drafts").mkdir(parents=True)
+    (out / ".old-drafts" / "ch1.txt").write_text("chapter one")
+    (out / "desktop.ini").write_text("[.ShellClassInfo]")
+    before = snapshot(out)
+    code, err = _cli(capsys, "index", "--model", str(trained_model), "--images", str(photos), "--out", str(out))
+    assert code == OutputError.exit_code and "did not write (.old-drafts)" in err
+    assert snapshot(out) == before
+    (out / ".old-drafts" / "ch1.txt").unlink()
+    (out / ".old-drafts").rmdir()  # only the litter Windows leaves: the folder counts as empty, the litter stays
+    assert (
+        main(["index", "--model", str(trained_model), "--images", str(photos), "--out", str(out), "--workers", "0"])
+        == 0
+    )
+    assert (out / "desktop.ini").read_text() == "[.ShellClassInfo]" and (out / "index.faiss").is_file()
+
+
+def test_merge_and_convert_again_keep_the_users_files(trained_model: Path, tmp_path: Path, capsys) -> None:
+    mg0, oc1 = tmp_path / "mg0", tmp_path / "oc1"
+    merge = ["-q", "merge", "--base", str(trained_model), "--finetuned", str(trained_model), "--out", str(mg0)]
+    convert = ["-q", "convert", "--to", "open_clip", "--model", str(trained_model), "--out", str(oc1)]
+    for command, out in ((merge, mg0), (convert, oc1)):
+        assert main(command) == 0, capsys.readouterr().err
+        mine = _user_files(out)
+        assert main(command) == 0, capsys.readouterr().err
+        _still_there(mine)
+        assert not (out / ".finderpartner-staging").exists()
+
+
+def test_checkpoint_rotation_after_skipping_a_truncated_newest_keeps_the_usable_one(
+    small_data: Path, tmp_path: Path, capsys
+) -> None:
+    config = _config(tmp_path, small_data, epochs=1, checkpoint_every=4, keep_checkpoints=2)
+    assert main(["-q", "train", "--config", str(config), "--set", "train.max_steps=8"]) == 0
+    checkpoints = tmp_path / "outputs" / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000004", "step_000008"]
+    with open(checkpoints / "step_000008" / "model.safetensors", "r+b") as f:
+        f.truncate(1000)  # the newest checkpoint is damaged (a disk problem, a copy cut short)
+    # resumed from step 4, with one checkpoint kept and checkpoints every 2 steps: step 6 is written ...
+    resume = ["-q", "train", "--config", str(config), "--resume", "auto", "--set", "train.keep_checkpoints=1"]
+    assert main([*resume, "--set", "train.checkpoint_every=2", "--set", "train.max_steps=6"]) == 0
+    err = capsys.readouterr().err
+    assert "skipping checkpoint" in err and "deleting damaged checkpoint" in err
+    # ... and kept: the damaged step 8 is what rotation deletes, so the next resume finds step 6
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000006"]
+    assert main([*resume, "--set", "train.max_steps=8"]) == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_000008"]
+
+
+def test_out_dot_in_an_empty_folder_works_for_every_writer(
+    trained_model: Path, photos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """`--out .` (and `./`) has an empty name: it used to end in "ValueError ... has an empty name", exit 70."""
+    commands = {
+        "export": ["export", "--model", str(trained_model)],
+        "index": ["index", "--model", str(trained_model), "--images", str(photos), "--workers", "0"],
+        "merge": ["merge", "--base", str(trained_model), "--finetuned", str(trained_model)],
+        "convert": ["convert", "--to", "open_clip", "--model", str(trained_model)],
+    }
+    for name, command in commands.items():
+        here = tmp_path / f"out_{name}"
+        here.mkdir()
+        monkeypatch.chdir(here)
+        for out in (".", "./"):  # a second time: its own output, rewritten in place
+            code, err = _cli(capsys, "-q", *command, "--out", out)
+            assert code == 0, f"{name} --out {out}: {err}"
+        assert (here / ".finderpartner.json").is_file() and not (here / ".finderpartner-staging").exists()
+    monkeypatch.chdir(tmp_path / "out_index")
+    code, err = _cli(capsys, "export", "--model", str(trained_model), "--out", ".")
+    assert code == OutputError.exit_code and "--out . is a gallery index, not an ONNX export folder" in err
+
+
+@pytest.mark.parametrize("command", ["index", "export"])
+def test_a_full_disk_during_a_rewrite_keeps_the_previous_version_and_no_staging(
+    command: str, trained_model: Path, photos: Path, tmp_path: Path, capsys
+) -> None:
+    """The disk holds the output, not a second version staged beside it. (Found by the careless-user pass: the
+    export's weights writer reported ENOSPC without an errno, exit 70; and the staging folder, whose proof file
+    the full disk left empty, stayed and refused every later run.)"""
+    with tmpfs(tmp_path / "disk", "size=20m") as disk:
+        out = disk / "out"
+        args = {
+            "index": ["index", "--model", str(trained_model), "--images", str(photos), "--workers", "0"],
+            "export": ["export", "--model", str(trained_model), "--int8"],
+        }[command] + ["--out", str(out)]
+        assert main(["-q", *args]) == 0
+        before = snapshot(out)
+        used = shutil.disk_usage(disk).used  # in the file system's blocks
+        subprocess.run(["mount", "-o", f"remount,size={used + 16384}", str(disk)], check=True)
+        for i in range(300):  # index: a new version needs more room; export: a second copy does not fit
+            shutil.copy(next(photos.glob("*.jpg")), photos / f"new_{i}.jpg")
+        capsys.readouterr()
+        code, err = _cli(capsys, *args)
+        assert code == StorageError.exit_code and "Traceback" not in err, err
+        assert "disk full while writing" in err and "the previous version is intact" in err
+        assert snapshot(out) == before and not (out / ".finderpartner-staging").exists()
+        subprocess.run(["mount", "-o", "remount,size=60m", str(disk)], check=True)
+        assert main(["-q", *args]) == 0  # space freed: the next run is not blocked by anything left behind

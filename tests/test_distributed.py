@@ -133,6 +133,58 @@ def test_a_killed_2_process_run_resumes_from_the_broadcast_checkpoint_bitwise(
     print(f"\nkilled after step {killed_at['trainer']['global_step']}, resumed by 2 processes: bitwise equal")
 
 
+def test_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint_and_resumes_bitwise(
+    small_data: Path, outputs: Path, two_processes: Path
+) -> None:
+    """SIGTERM to rank 1 only (the one that does not write checkpoints): at the next step boundary both processes
+    vote to stop, rank 0 writes the checkpoint of that step, both stop (exit 12); the resumed run is bitwise equal
+    to the uninterrupted one."""
+    config = _config_file(outputs, small_data, "sigterm", checkpoint_every=1000, log_every=1)
+    run_dir, pids = outputs / "outputs" / "sigterm", outputs / "pids"
+    pids.mkdir()
+    job = subprocess.Popen(
+        torchrun_command(WORKER, "train", "--config", str(config)),
+        env=launcher_env(FP_TEST_PID_DIR=str(pids)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+            assert job.poll() is None and time.monotonic() < deadline, "no 3 steps within 4 minutes"
+            time.sleep(0.01)
+        os.kill(int((pids / "rank1.pid").read_text()), signal.SIGTERM)
+        out, err = job.communicate(timeout=240)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    log = out + err
+    saved = sorted((run_dir / "checkpoints").glob("step_*"))
+    assert len(saved) == 1, log[-4000:]
+    step = int(saved[0].name.split("_")[1])
+    assert 3 <= step < STEPS and json.loads((saved[0] / "state.json").read_text())["world_size"] == 2
+    assert "[rank 1] WARNING SIGTERM received: finishing the current step and writing a checkpoint" in log, log[-4000:]
+    assert f"[rank 1] stopped: SIGTERM: stopped with the other processes after step {step}" in log, log[-4000:]
+    assert (
+        f"[rank 0] stopped: a stop signal to another process: stopped after step {step} of {STEPS} and saved "
+        f"checkpoint {saved[0]}; continue with --resume auto: finderpartner train --config {config} --resume auto "
+        "(with the same launcher)"
+    ) in log, log[-4000:]
+    # both left with 12; the one traceback is torchrun's own report of workers that exited non-zero
+    assert log.count("exitcode  : 12 (pid:") == 2 and log.count("Traceback") == 1 and "ChildFailedError" in log
+
+    _train_2(config, "--resume", "auto")
+    ours, state = _final(run_dir)
+    theirs, _ = _final(two_processes)
+    assert state["trainer"]["global_step"] == STEPS
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs), "not bitwise equal to the uninterrupted run"
+    print(f"\nSIGTERM to rank 1 after step {step}: both stopped and checkpointed; resumed bitwise equal")
+
+
 def test_a_2_process_checkpoint_resumes_in_1_process_with_the_batches_re_split(
     small_data: Path, outputs: Path, two_processes: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -173,7 +173,7 @@ def test_an_index_built_by_another_model_is_refused(
     with pytest.raises(OutputError, match="is inside the input images"):
         index_folder(searcher, tmp_path, out)  # --out inside the gallery
     second = shutil.copytree(gallery, tmp_path / "second_gallery")
-    with pytest.raises(OutputError, match=r"gallery index made from images .*pass --overwrite"):
+    with pytest.raises(OutputError, match=r"gallery index made from images: .*pass --overwrite"):
         index_folder(searcher, second, out)  # the same index folder for another gallery
     index_folder(searcher, second, out, overwrite=True)
     assert GalleryIndex.load(out).root == Path(second).resolve()

@@ -185,7 +185,7 @@ def saved_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_piped_index_prints_no_bars_and_quiet_prints_no_progress(
     saved_model: Path, small_data: Path, tmp_path: Path
 ) -> None:
-    images = small_data / "images" / "val"  # 24 images: 6 batches of 4
+    images = small_data / "images" / "val"  # 24 images: 6 batches of 4, one chunk
     common = ["--model", str(saved_model), "--images", str(images), "--batch-size", "4", "--workers", "0"]
     quiet = _piped("-q", "index", *common, "--out", str(tmp_path / "quiet"))
     assert quiet.returncode == 0, quiet.stderr[-3000:]
@@ -195,8 +195,9 @@ def test_piped_index_prints_no_bars_and_quiet_prints_no_progress(
     logged = _piped("index", *common, "--out", str(tmp_path / "logged"))
     assert logged.returncode == 0, logged.stderr[-3000:]
     assert "\r" not in logged.stdout + logged.stderr  # neither ours nor transformers' "Loading weights" bar
-    found = re.findall(r"INFO +embedding images: batch (\d)/6 \(\d+%\), [\d.]+ (?:batch/s|s/batch), ", logged.stderr)
-    assert found and found[-1] == "6", logged.stderr
+    # counted in images: index embeds in chunks of batches (the work done is kept if it is stopped), one bar for all
+    found = re.findall(r"INFO +embedding images: image (\d+)/24 \(\d+%\), [\d.]+ (?:image/s|s/image), ", logged.stderr)
+    assert found and found[-1] == "24", logged.stderr
 
 
 def test_piped_training_logs_progress_lines(small_data: Path, tmp_path: Path) -> None:

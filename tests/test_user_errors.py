@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -155,6 +156,9 @@ def test_trusted_pickle_still_never_runs_code(
     assert (
         code == 5 and f"{folder / 'pytorch_model.bin'}: torch's weights-only loader refused these pickle weights" in err
     )
+    assert "the file holds something besides tensors (" in err and "such as code" in err
+    assert "will not load it, not even with --trust-pickle" in err
+    assert "weights_only" not in err  # torch's advice (weights_only=False would run the code) is not passed on
     assert "Traceback" not in err and not marker.exists()
 
 
@@ -614,3 +618,134 @@ def test_demo_upload_that_is_not_an_image_gets_a_clear_message(trained_model: Pa
             client.predict(gradio_client.handle_file(str(fake)), PROMPT, api_name="/image_texts")
     finally:
         demo.close()
+
+
+def test_a_config_json_that_lies_about_sizes_is_a_model_error_naming_the_tensors(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    liar = Path(shutil.copytree(trained_model, tmp_path / "liar"))
+    config = json.loads((liar / "config.json").read_text())
+    config["text_config"]["hidden_size"] *= 2  # edited by hand, or copied from another model
+    (liar / "config.json").write_text(json.dumps(config))
+    code = main(["eval", "--model", str(liar), "--data", str(small_data), "--out", str(tmp_path / "ev"), *FAST])
+    err = capsys.readouterr().err
+    assert code == ModelError.exit_code == 5 and "Traceback" not in err
+    assert f"{liar}: config.json does not describe these weights" in err
+    assert "text_model.embeddings.token_embedding.weight (weights [" in err and "and " in err and "more" in err
+    assert "restore the config.json saved with model.safetensors" in err and not (tmp_path / "ev").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Messages that named the wrong cause
+
+
+def test_resume_from_a_path_that_does_not_exist_says_so_and_writes_nothing(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, small_data)
+    for missing in (
+        tmp_path / "no_such_checkpoint",
+        tmp_path / "outputs" / "elsewhere" / "checkpoints" / "step_000004",
+    ):
+        assert main(["train", "--config", str(config), "--resume", str(missing)]) == 6
+        err = capsys.readouterr().err
+        assert f"--resume {missing}: no such file or folder" in err and "manifest" not in err and "mix" not in err
+        assert not (tmp_path / "outputs" / "run").exists()  # no run folder (it used to get config.yaml)
+    assert main(["-q", "train", "--config", str(config), "--set", "train.max_steps=2"]) == 0
+    before = _snapshot(tmp_path / "outputs" / "run")
+    assert main(["train", "--config", str(config), "--resume", str(tmp_path / "no_such_checkpoint")]) == 6
+    assert "no such file or folder" in capsys.readouterr().err  # not "would mix two runs"
+    assert _snapshot(tmp_path / "outputs" / "run") == before
+
+
+def test_resume_auto_after_settings_changed_says_what_they_do_or_refuses(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, small_data, checkpoint_every=4)
+    assert main(["-q", "train", "--config", str(config), "--set", "train.max_steps=4"]) == 0
+    capsys.readouterr()
+    resume = ["train", "--config", str(config), "--resume", "auto"]
+    assert main([*resume, "--set", "train.max_steps=2"]) == 6  # fewer steps than the checkpoint has
+    err = capsys.readouterr().err
+    assert (
+        "train.max_steps 4 -> 2 since the checkpoint, so the run now ends at step 2, but the checkpoint is at step 4"
+        in err
+    )
+    assert main([*resume, "--set", "train.batch_size=8"]) == 6
+    assert "train.batch_size 16 -> 8 (the checkpoint's place in the data is counted in contrastive batches of 16)" in (
+        capsys.readouterr().err
+    )
+    assert main(["-q", *resume, "--set", "train.max_steps=8", "--set", "train.lr=1e-4", "--set", "seed=8"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "train.max_steps 4 -> 8 since the checkpoint: the run now ends at step 8, and the learning-rate schedule" in err
+    )
+    assert "at step 4 the learning rate goes from" in err
+    assert "train.lr 0.001 -> 0.0001 since the checkpoint: not used, the resumed run keeps the checkpoint's" in err
+    assert "seed 7 -> 8 since the checkpoint: the coming steps read the data as now configured" in err
+
+
+def test_validate_data_names_a_missing_folder_a_file_and_a_one_image_split_as_train_does(
+    small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["validate-data", "--data", str(tmp_path / "nowhere")]) == 4
+    assert f"--data {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err
+    data = _copy_data(small_data, tmp_path / "data")
+    assert main(["validate-data", "--data", str(data / "captions_val.csv")]) == 4
+    assert (
+        f"is a file; give the data folder that holds images/<split>/ and captions_<split>.csv (for this file: --data {data})"
+        in (capsys.readouterr().err)
+    )
+    _write_csv(data / "captions_val.csv", _rows(data / "captions_val.csv")[:1])  # one validation row
+    assert main(["validate-data", "--data", str(data), "--split", "val"]) == 1
+    out = capsys.readouterr().out
+    assert "1 distinct usable image(s) in 1 pair(s): eval and training (as data.val_split) need at least 2" in out
+    assert main(["train", "--config", str(_config(tmp_path, data))]) == DataError.exit_code  # and train agrees
+    assert "has 1 distinct image(s) in 1 pair(s)" in capsys.readouterr().err
+
+
+def test_eval_refuses_its_report_folder_before_embedding_and_names_a_missing_split(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = Path(shutil.copytree(trained_model, tmp_path / "run" / "best_model"))
+    (tmp_path / "run" / "eval").mkdir()
+    (tmp_path / "run" / "eval" / "my_notes.txt").write_text("mine")  # the default --out holds a user's file
+    assert main(["eval", "--model", str(model), "--data", str(small_data), *FAST]) == 10
+    err = capsys.readouterr().err
+    assert "--out " in err and "(my_notes.txt); it never replaces them" in err
+    assert "embedding" not in err and "checking images" not in err  # refused before any work
+    assert main(["eval", "--model", str(model), "--data", str(small_data), "--split", "nosuch", *FAST]) == 4
+    err = capsys.readouterr().err
+    assert f"there is no split 'nosuch' (the splits in {small_data}: train, val)" in err
+    assert "data.on_error" not in err and "train on" not in err  # no training advice
+
+
+def test_a_huge_prompt_is_said_to_be_cut_and_echoed_short(
+    trained_model: Path, small_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = "a large red circle on the left " * 3600  # about 110 KB
+    args = ["search", "--model", str(trained_model), "--images", str(small_data / "images" / "val"), *FAST]
+    assert main([*args, "--prompt", prompt]) == 0
+    captured = capsys.readouterr()
+    assert re.search(
+        r"--prompt is \d{5} tokens long; the model reads only the first 16 \(its context length\)", captured.err
+    )
+    header = captured.out.splitlines()[0]
+    assert header.startswith("top 5 of 24 images for 'a large red circle") and header.endswith("...':")
+    assert len(header) < 120
+
+
+def test_a_zero_byte_query_image_and_an_index_of_a_file_are_named(
+    trained_model: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "query.jpg"
+    empty.write_bytes(b"")
+    args = ["search", "--model", str(trained_model), "--images", str(small_data / "images" / "val"), *FAST]
+    assert main([*args, "--image", str(empty)]) == 4
+    assert "query.jpg is a zero-byte file" in capsys.readouterr().err  # as validate-data says it
+    note = tmp_path / "afile.txt"
+    note.write_text("not photos")
+    assert (
+        main(["index", "--model", str(trained_model), "--images", str(note), "--out", str(tmp_path / "i"), *FAST]) == 4
+    )
+    assert f"{note} is a file, not a folder: --images takes the folder of images" in capsys.readouterr().err

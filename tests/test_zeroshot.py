@@ -359,3 +359,19 @@ def _worker(small_data: Path, out: Path) -> None:
 
 if __name__ == "__main__":  # the worker of the two-process test, started by torchrun
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+
+
+def test_an_empty_class_folder_is_said_to_be_left_out(
+    colour_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = Path(shutil.copytree(colour_folder, tmp_path / "colours"))
+    (root / "purple").mkdir()  # the user forgot to copy this class's images
+    (root / ".cache").mkdir()  # hidden: not a class, not worth a word
+    with caplog.at_level("WARNING", logger="finderpartner"):
+        zset = load_zeroshot_set(root)
+    assert "purple" not in zset.classes and len(zset.classes) == len(list(colour_folder.iterdir()))
+    assert (
+        f"zero-shot set {root}: 1 folder(s) hold no images (purple) and are left out: classifying among the "
+        f"{len(zset.classes)} other classes"
+    ) in caplog.text
+    assert ".cache" not in caplog.text

@@ -7,13 +7,14 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, progress
+from . import __version__, progress, signals
 from .errors import (
     BROKEN_PIPE,
     EXIT_CODES,
@@ -21,9 +22,10 @@ from .errors import (
     INTERRUPTED,
     DataError,
     FinderPartnerError,
+    Stopped,
     UsageError,
 )
-from .outputs import storage_error, write_text_atomic
+from .outputs import claim_files, storage_error, write_text_atomic
 
 log = logging.getLogger("finderpartner")
 
@@ -32,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # a usage error exits with 2 here, with argparse's message
     _setup_logging(args.verbose, args.quiet)
+    signals.interrupt_on_signals()  # SIGTERM (a cluster's preemption) stops a command as Ctrl-C does
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenise in DataLoader workers instead
     progress.quiet_other_bars()  # bars on a terminal only, from transformers too; before it is imported
     try:
@@ -39,17 +42,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.handler(args) or 0)
     except FinderPartnerError as e:
         rank = _launched_rank()
-        print(f"{'' if rank is None else f'[rank {rank}] '}error: {e}", file=sys.stderr)
+        label = "stopped" if isinstance(e, Stopped) else "error"
+        print(f"{'' if rank is None else f'[rank {rank}] '}{label}: {e}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # stdout's reader is gone (`| head`): not a bug, and nothing more can be printed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at exit, when Python flushes stdout
         return BROKEN_PIPE
     except KeyboardInterrupt:
-        print(
-            "interrupted: nothing half-written was kept (earlier files are intact); a training continues with "
-            "--resume auto",
-            file=sys.stderr,
-        )
+        hint = "; a training continues from its last checkpoint with --resume auto" if args.handler is _train else ""
+        by = f" by {signals.received()}" if signals.received() else ""
+        print(f"interrupted{by}: nothing half-written was kept (earlier files are intact){hint}", file=sys.stderr)
         return INTERRUPTED
     except Exception as e:  # noqa: BLE001 - the one place that turns any error into an exit code
         refused = storage_error(e, Path(getattr(e, "filename", None) or "."), verb="use")
@@ -259,7 +261,8 @@ def _add_train_command(sub: Any) -> None:
         description="""
 Train as the config says (--set overrides any key). The run folder <output_dir>/<experiment>/ gets the
 resolved config, checkpoints, metrics.jsonl and best_model/ (a plain transformers folder). A folder holding an
-earlier run is continued with --resume auto or started over with --overwrite.""",
+earlier run is continued with --resume auto or started over with --overwrite. Ctrl-C or SIGTERM (a cluster's
+preemption) finishes the current step, writes a checkpoint and prints the command that continues (exit 12).""",
         examples="""
 finderpartner train --config configs/clip_tiny.yaml --resume auto
 finderpartner train --config configs/clip_base.yaml --set data.root=data/mine --set train.epochs=3""",
@@ -651,8 +654,19 @@ def _sample_data(args: argparse.Namespace) -> int:
 
 
 def _validate_data(args: argparse.Namespace) -> int:
-    from .data.validate import validate_split
+    import dataclasses
 
+    from .data.validate import retrieval_problem, validate_split
+
+    if not args.data.exists():
+        raise DataError(
+            f"--data {args.data} does not exist; give the data folder (images/<split>/, captions_<split>.csv)"
+        )
+    if not args.data.is_dir():
+        raise DataError(
+            f"--data {args.data} is a file; give the data folder that holds images/<split>/ and "
+            f"captions_<split>.csv (for this file: --data {args.data.parent})"
+        )
     splits = args.split or sorted(p.stem.removeprefix("captions_") for p in args.data.glob("captions_*.csv"))
     if not splits:
         raise DataError(
@@ -675,6 +689,11 @@ def _validate_data(args: argparse.Namespace) -> int:
             progress=not args.json,
         )
         for s in splits
+    ]
+    # the split-level rule train and eval apply too (a split of one image cannot be evaluated)
+    reports = [
+        dataclasses.replace(r, problems=(*r.problems, p)) if (p := retrieval_problem(r)) and r.rows_total else r
+        for r in reports
     ]
     if args.json:
         out = {
@@ -721,7 +740,16 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.create_sample_data:
         make_sample_data(cfg.data.root)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except Stopped as e:
+        if _launched_rank():  # the other processes of a multi-process run: the main one says how to go on
+            raise
+        again = ["finderpartner", "train", *(["--config", str(args.config)] if args.config else [])]
+        again += [x for o in args.overrides for x in ("--set", o)] + ["--resume", "auto"]
+        raise Stopped(
+            f"{e}: {shlex.join(again)}" + (" (with the same launcher)" if _launched_rank() == 0 else "")
+        ) from None
     if result.is_main:
         print(f"best model: {result.best_model}")
     return 0
@@ -765,18 +793,28 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_zeroshot(args)
     if args.class_names is not None or args.templates is not None:
         raise UsageError("--class-names and --templates go with --classes (zero-shot classification)")
+    from .data.dataset import split_paths
     from .data.sources import EvalSet, require_retrievable
     from .data.validate import require_usable, validate_split
     from .env import autocast_factory
     from .evaluate import evaluate_split, format_metrics, write_report
     from .model import load_model, set_attention
+    from .zeroshot import claim_report_folder
 
+    model_path = Path(args.model)
+    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
+    image_dir, csv_path = split_paths(args.data, args.split)
+    protect = {"model": args.model if model_path.is_dir() else None, "images": image_dir, "captions": csv_path}
+    if not csv_path.is_file():  # a missing split or data folder, said before the model is loaded
+        require_usable(validate_split(args.data, args.split), "raise", evaluating=True)
+    claim_report_folder(out, protect)  # a refused --out before the split is embedded, not after
     device, precision = _runtime(args)
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     set_attention(encoder.model, "auto", device)  # the kernels training validated with: the same figures, faster
     table = require_usable(
         validate_split(args.data, args.split, tokenizer=encoder.tokenizer, context_length=encoder.context_length),
         "raise",
+        evaluating=True,
     )
     data = require_retrievable(
         EvalSet.from_table(table), f"split {args.split!r}", "evaluate on a split with more images"
@@ -792,8 +830,6 @@ def _eval(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         progress=not args.json,
     )
-    model_path = Path(args.model)
-    out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
     paths = write_report(
         result,
         out,
@@ -936,6 +972,7 @@ def _search(args: argparse.Namespace) -> int:
     if index is None:
         raise UsageError("give the gallery to search: --images DIR or --index INDEX")
     if args.prompt is not None:
+        _warn_if_cut(searcher, args.prompt.strip())
         query = searcher.embed_texts([args.prompt.strip()])
     else:
         vectors, failed = searcher.embed_paths([args.image])
@@ -951,7 +988,7 @@ def _search(args: argparse.Namespace) -> int:
                 result["caption"] = caption
         print(json.dumps({"query": args.prompt or str(args.image), "results": results}, indent=2))
     else:
-        print(f"top {len(hits)} of {len(index)} images for {args.prompt or str(args.image)!r}:")
+        print(f"top {len(hits)} of {len(index)} images for {_shortened(args.prompt or str(args.image))!r}:")
         for h in hits:
             shown = f"  <- {captions[h.path]}" if h.path in captions else ""
             print(f"{h.rank:>3}. {h.score:.4f}  {h.path}{shown}")
@@ -970,6 +1007,24 @@ def _gallery_captions(folder: Path) -> dict[Path, str]:
     for i in range(len(table)):
         captions.setdefault(table.path(i), table.captions[i])
     return captions
+
+
+def _warn_if_cut(searcher: Any, prompt: str) -> None:
+    """Say so when the prompt is longer than the model's context: the model reads its first tokens only."""
+    encoder = getattr(searcher, "onnx", None) or searcher.encoder  # OnnxSearcher / Searcher
+    tokens = len(encoder.tokenizer(prompt, truncation=False)["input_ids"])
+    if tokens > encoder.context_length:
+        log.warning(
+            "--prompt is %d tokens long; the model reads only the first %d (its context length), the rest is "
+            "ignored: %r",
+            tokens,
+            encoder.context_length,
+            _shortened(prompt),
+        )
+
+
+def _shortened(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
@@ -1066,6 +1121,7 @@ def _export(args: argparse.Namespace) -> int:
             captions = captions or run_captions
         paths, texts = read_verification_inputs(images, captions, args.verify_count)
         report = verify_export(encoder, args.out, paths, texts, progress=not args.json)
+    claim_files(args.out, "export", {"model": source}, ["verification.json"])
     write_text_atomic(args.out / "verification.json", json.dumps(report.to_dict(), indent=2))
     if args.json:
         print(json.dumps({"export": info, "verification": report.to_dict()}, indent=2))
@@ -1096,7 +1152,13 @@ def _demo(args: argparse.Namespace) -> int:
     index = _gallery(args, searcher, progress=True)
     if index is None:
         log.warning("no gallery (--index or --images): the gallery search tab stays empty")
-    launch_demo(searcher, index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    try:  # Gradio's serving loop closes the server on a KeyboardInterrupt (signals.py: SIGTERM raises one too)
+        launch_demo(searcher, index, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    except KeyboardInterrupt:
+        pass
+    if signals.received():
+        print(f"demo stopped by {signals.received()}: the server is closed", file=sys.stderr)
+        return INTERRUPTED
     return 0
 
 
@@ -1237,7 +1299,9 @@ def _sweep_set(data: Path, split: str, encoder: Any) -> tuple[Any, Any]:
     from .data.validate import require_usable, validate_split
 
     table = require_usable(
-        validate_split(data, split, tokenizer=encoder.tokenizer, context_length=encoder.context_length), "raise"
+        validate_split(data, split, tokenizer=encoder.tokenizer, context_length=encoder.context_length),
+        "raise",
+        evaluating=True,
     )
     return require_retrievable(
         EvalSet.from_table(table), f"split {split!r}", "evaluate on a split with more images"

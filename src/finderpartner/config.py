@@ -635,7 +635,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
-    return config_from_dict(apply_overrides(raw, overrides or []), source=str(path) if path else "defaults")
+    given = {item.partition("=")[0].strip(): item for item in overrides or []}
+    return config_from_dict(
+        apply_overrides(raw, overrides or []), source=str(path) if path else "defaults", given=given
+    )
 
 
 def shipped_config(path: Path) -> Path | None:
@@ -649,13 +652,18 @@ def shipped_config(path: Path) -> Path | None:
     return next((folder / path.name for folder in folders if (folder / path.name).is_file()), None)
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(raw: dict[str, Any], source: str = "config", given: dict[str, str] | None = None) -> Config:
+    """Validate a config dict; ``given``: the keys set on the command line (key -> the ``--set`` item), so that a
+    problem with one of them is said to come from ``--set``, not from the file."""
+    given = given or {}
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        problems = [_describe(err) for err in e.errors()]
-        listing = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigError(f"{source}: {len(problems)} problem(s):\n{listing}") from None
+        problems = [(_describe(err, given), ".".join(str(p) for p in err["loc"]) in given) for err in e.errors()]
+        listing = "\n".join(f"  - {p}" for p, _ in problems)
+        from_set = [by_set for _, by_set in problems]
+        where = "--set" if all(from_set) else f"{source} and --set" if any(from_set) else source
+        raise ConfigError(f"{where}: {len(problems)} problem(s):\n{listing}") from None
 
 
 def preset_config(name: str) -> Config:
@@ -664,18 +672,36 @@ def preset_config(name: str) -> Config:
     return config_from_dict(PRESETS[name], source=f"preset {name}")
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: dict[str, Any], given: dict[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     where = ".".join(loc) or "(top level)"
+    by = f" (from --set {given[where]})" if where in given else ""
     if err["type"] == "extra_forbidden":
         known = _field_names(loc[:-1])
         hint = difflib.get_close_matches(loc[-1], known, n=1)
         suggestion = f"; did you mean '{hint[0]}'?" if hint else f"; known keys here: {', '.join(known)}"
-        return f"{where}: unknown key{suggestion}"
-    msg = err["msg"].removeprefix("Value error, ")
+        return f"{where}: unknown key{suggestion}{by}"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    return f"{where}: {msg}{shown}"
+    if got is None and err["type"] != "missing":  # `--set data.root=` or `root:` with nothing after it
+        example = _field_default(loc)
+        e_g = f", e.g. {'--set ' if by else ''}{where}={example}" if example not in (None, "") else ""
+        return f"{where}: no value given{by}; give one{e_g}"
+    msg = err["msg"].removeprefix("Value error, ")
+    shown = "" if isinstance(got, dict) or got is None or f"got {got!r}" in msg else f" (got {got!r})"
+    return f"{where}: {msg}{shown}{by}"
+
+
+def _field_default(loc: list[str]) -> Any:
+    """The schema's default of a key (for an example in a message), None when it has none."""
+    model: Any = Config
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    field = getattr(model, "model_fields", {}).get(loc[-1]) if loc else None
+    default = getattr(field, "default", None)
+    return None if default is None or isinstance(default, BaseModel) or callable(default) else _plain(default)
 
 
 def _field_names(loc: list[str]) -> list[str]:

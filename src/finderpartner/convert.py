@@ -32,7 +32,7 @@ from torch import nn
 from . import __version__
 from .env import in_hf_cache
 from .errors import FinderPartnerError, ModelError, UsageError
-from .model import DualEncoder, load_model, plain_model, save_model, write_vocab_files
+from .model import DualEncoder, load_model, pickle_refused, plain_model, save_model, write_vocab_files
 from .open_clip_map import (
     check_open_clip_config,
     hf_config,
@@ -44,7 +44,7 @@ from .open_clip_map import (
     to_open_clip_weights,
     weight_rules,
 )
-from .outputs import claim_output, replace_dir, storage_errors, write_marker, write_text_atomic
+from .outputs import claim_output, storage_errors, write_output, write_text_atomic
 from .tokenizer import openai_clip_tokenizer
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,9 @@ def build_open_clip(source: OpenClipSource, *, trust_pickle: bool) -> nn.Module:
 
     try:
         oc.load_checkpoint(model, str(path), strict=True, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, SafetensorError, OSError, KeyError, ValueError, EOFError) as e:
+    except pickle.UnpicklingError as e:  # code (or other objects) in a pickle: refused even with --trust-pickle
+        raise pickle_refused(path, e) from None
+    except (RuntimeError, SafetensorError, OSError, KeyError, ValueError, EOFError) as e:
         raise ModelError(
             f"{path}: these weights do not load into the model config {source.name} ({_brief(e)}); give the config "
             "the checkpoint was trained with"
@@ -349,6 +351,11 @@ def convert(
         raise UsageError("--checkpoint names open_clip weights for --to hf; --to open_clip reads the --model folder")
     model_path = Path(model.removeprefix("local-dir:")).expanduser()
     inputs = {"to": to, "model": model_path if model_path.exists() else model, "checkpoint": checkpoint}
+    if to == TO_OPEN_CLIP and (model_path / OPEN_CLIP_CONFIG).is_file() and not (model_path / "config.json").is_file():
+        raise ModelError(
+            f"--model {model} is an open_clip folder already ({OPEN_CLIP_CONFIG}); to convert it to a transformers "
+            "CLIPModel folder use --to hf"
+        )
     claim_output(out, CONVERT_KIND, inputs, overwrite=overwrite)  # before anything is loaded
     if to == TO_HF:
         return _to_hf(model, checkpoint, out, inputs, trust_pickle=trust_pickle)
@@ -441,10 +448,10 @@ def _write_verified(
                 f"{VERIFY_MIN_COSINE} and every text's ids); nothing was written. This architecture differs in a way "
                 "the converter does not detect: please report it with the model config"
             )
-        write_marker(tmp, CONVERT_KIND, inputs, time=time.strftime("%Y-%m-%dT%H:%M:%S"), finderpartner=__version__)
         verified.append(result)
 
-    replace_dir(checked, out, what=what)
+    stamp = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "finderpartner": __version__}
+    write_output(checked, out, CONVERT_KIND, inputs, what=what, **stamp)
     return verified[0]
 
 

@@ -24,6 +24,7 @@ from .data.transforms import EvalTransform, ImageSpec
 from .env import autocast_factory
 from .model import DualEncoder
 from .progress import Progress
+from .signals import ignore_in_worker
 
 Autocast = Callable[[], contextlib.AbstractContextManager[Any]]
 Failures = list[tuple[int, str]]  # (row, reason) of each image that could not be read: its row is NaN
@@ -61,8 +62,9 @@ def embed_image_files(
         num_workers=num_workers,
         collate_fn=_collate,
         pin_memory=pin_memory,
-        generator=torch.Generator(),
-    )  # leave the global RNG stream alone (exact resumes)
+        generator=torch.Generator(),  # leave the global RNG stream alone (exact resumes)
+        worker_init_fn=ignore_in_worker,  # Ctrl-C / SIGTERM stop the main process, which stops its workers
+    )
     for rows, pixels, bad in Progress(loader, desc="embedding images", unit="batch", disable=not progress, leave=False):
         failures += [(s.index, s.reason) for s in bad]
         if pixels is not None:

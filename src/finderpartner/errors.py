@@ -72,8 +72,15 @@ class StorageError(FinderPartnerError):
     exit_code = 11
 
 
+class Stopped(FinderPartnerError):
+    """Stopped by SIGINT (Ctrl-C) or SIGTERM after saving the work so far (train: a checkpoint; index: the images
+    embedded until then): the same command again continues (train: with --resume auto)."""
+
+    exit_code = 12
+
+
 INTERNAL_ERROR = 70  # a bug: the traceback is printed with a request to report it
-INTERRUPTED = 130  # Ctrl-C
+INTERRUPTED = 130  # Ctrl-C or SIGTERM where there was nothing to save (128 + SIGINT)
 BROKEN_PIPE = 141  # what a shell reports for a process its reader left (128 + SIGPIPE): `finderpartner ... | head`
 
 EXIT_CODES: dict[int, str] = {
@@ -89,7 +96,9 @@ EXIT_CODES: dict[int, str] = {
     ExportError.exit_code: "ONNX export failed or does not match PyTorch",
     OutputError.exit_code: "output refused: it holds other files, is an input, or is in use (nothing changed)",
     StorageError.exit_code: "write failed: disk full or not writable (earlier files intact)",
+    Stopped.exit_code: "stopped by Ctrl-C or SIGTERM after saving the work so far: run it again to continue "
+    "(train: --resume auto)",
     INTERNAL_ERROR: "internal error (a bug): please report it with the printed traceback",
-    INTERRUPTED: "interrupted (Ctrl-C)",
+    INTERRUPTED: "interrupted by Ctrl-C or SIGTERM (nothing half-written kept; earlier files intact)",
     BROKEN_PIPE: "the output's reader stopped reading (e.g. piped into head); the rest of the output was dropped",
 }

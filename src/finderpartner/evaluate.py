@@ -27,7 +27,7 @@ from .errors import DataError
 from .loss import Objective, gather_features, saved_objective
 from .metrics import mean_recall, retrieval_metrics, similarity_stats, top_candidates
 from .model import DualEncoder
-from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
+from .outputs import atomic_path, claim_files, claim_output, storage_errors, write_text_atomic
 from .processes import world
 
 log = logging.getLogger(__name__)
@@ -232,10 +232,10 @@ def write_report(
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
     report = out_dir / f"{name}.json"
     with storage_errors(out_dir, f"the evaluation report in {out_dir}"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(out_dir, "eval", {})
+        plot_name = f"plots/{name}_similarity.png"
+        claim_files(out_dir, "eval", {}, [report.name, plot_name, "history.jsonl"])
+        plot = plot_similarity(result, out_dir / plot_name)  # the slow one first: a stop leaves no report without it
         write_text_atomic(report, json.dumps(record, indent=2))
-        plot = plot_similarity(result, out_dir / "plots" / f"{name}_similarity.png")
         with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
     return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
@@ -257,7 +257,8 @@ def plot_similarity(result: EvalResult, path: Path) -> Path:
     ax.set_title(f"image-caption similarity (gap {result.similarity['gap']:.3f})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a whole plot or the previous one, never half of one
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 

@@ -50,7 +50,7 @@ from torch import nn
 
 from .data.files import scan_images
 from .data.transforms import load_image, normalize
-from .errors import ExportError
+from .errors import ExportError, OutputError
 from .model import VOCAB_FILE_ERRORS, DualEncoder, encode_image, encode_text
 from .onnx_runtime import (
     COMBINED,
@@ -67,7 +67,7 @@ from .onnx_runtime import (
     require_optional,
     variant_file,
 )
-from .outputs import claim_output, replace_dir, write_marker
+from .outputs import claim_output, marked_files, read_marker, write_output
 from .progress import Progress
 from .tokenizer import save_vocab_files
 
@@ -377,12 +377,14 @@ def export_onnx(
     """Write the export folder (atomically: an existing one is replaced only when the new one is complete).
 
     The folder follows the output rule (``outputs.claim_output``): never the model folder or inside it; an export
-    of the same model is replaced, one of another model only with ``overwrite``, any other folder never.
+    of the same model is replaced, one of another model only with ``overwrite``, any other folder never; files
+    a user added are kept (``outputs.write_output``). The variants an earlier export of the same model wrote and
+    this one does not (``--int8`` then ``--fp16``) stay beside the new ones (``_kept_variants``).
     Returns the folder's ``finderpartner_export.json`` content. The model is put in eval mode on the CPU.
     """
     out_dir = Path(out_dir)
     model_dir = source if source and Path(source).is_dir() else None
-    claim_output(
+    state = claim_output(
         out_dir,
         "export",
         {"model": source},
@@ -390,6 +392,8 @@ def export_onnx(
         legacy=_legacy_export,
         protect={"model": model_dir} if model_dir else None,
     )
+    wanted = [v for v, on in (("fp16", fp16), ("int8", int8)) if on]
+    earlier = _kept_variants(out_dir, wanted, fingerprint, overwrite) if state == "same" else {}
     onnx = require_optional("onnx")
     exporter = resolve_exporter(exporter)
     if exporter == "dynamo":
@@ -433,14 +437,66 @@ def export_onnx(
                 chunks.update(more)
                 bar.update()
         shutil.rmtree(scratch)
-        _write_preprocessing(encoder, tmp, transformers_js_config(variants, chunks))
-        info.update(_info(encoder, fingerprint, exporter, opset, files, written, source, chunks))
+        chunks.update(_earlier_chunks(out_dir, earlier))
+        _write_preprocessing(encoder, tmp, transformers_js_config([*variants, *earlier], chunks))
+        info.update(_info(encoder, fingerprint, exporter, opset, files, {**earlier, **written}, source, chunks))
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2), encoding="utf-8")
-        write_marker(tmp, "export", {"model": source})
 
-    replace_dir(write, out_dir, what=f"export folder {out_dir}")
+    chunked = _earlier_chunks(out_dir, earlier)
+    graphs = [f for v in earlier for f in earlier[v].values()]
+    kept = graphs + [
+        str(Path(f).parent / d) for f in graphs for d in _data_names(Path(f).name, chunked.get(Path(f).name, 0))
+    ]
+    write_output(write, out_dir, "export", {"model": source}, what=f"export folder {out_dir}", keep=kept)
+    if earlier:
+        log.info("kept the %s variant(s) of the earlier export of this model in %s", ", ".join(earlier), out_dir)
     log.info("exported %s to %s (%s exporter, opset %d)", source or "model", out_dir, exporter, opset)
     return info
+
+
+def _kept_variants(out: Path, wanted: Sequence[str], fingerprint: str, overwrite: bool) -> dict[str, dict[str, str]]:
+    """The variants (role -> file) of the earlier export in ``out`` that this export does not write, to keep.
+
+    They stay only when they are exports of this very model (same fingerprint) and are all listed in the folder's
+    marker; variants of another version of the model would no longer match fp32: refused, or dropped with
+    ``overwrite``.
+    """
+    try:
+        previous = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8"))
+        variants = {v: dict(f) for v, f in previous.get("variants", {}).items() if v not in wanted}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+    if not variants:
+        return {}
+    if previous.get("fingerprint") != fingerprint:
+        if overwrite:
+            log.warning("--overwrite: dropping the %s variant(s) of the earlier export in %s", ", ".join(variants), out)
+            return {}
+        flags = " ".join(f"--{v}" for v in variants)
+        raise OutputError(
+            f"--out {out} holds the {', '.join(variants)} variant(s) of an earlier export of another version of "
+            f"this model (its weights changed since); they would no longer match: pass {flags} to export them "
+            "again too, or --overwrite to drop them"
+        )
+    listed = marked_files(read_marker(out)) or set()
+    return {v: f for v, f in variants.items() if set(f.values()) <= listed}
+
+
+def _earlier_chunks(out: Path, earlier: dict[str, dict[str, str]]) -> dict[str, int]:
+    """Graph file name -> number of external-data files, for the graphs of the kept earlier variants."""
+    if not earlier:
+        return {}
+    names = {Path(f).name for files in earlier.values() for f in files.values()}
+    try:
+        previous = json.loads((out / EXPORT_INFO).read_text(encoding="utf-8")).get("external_data") or {}
+        return {name: int(count) for name, count in previous.items() if name in names}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
+def _data_names(graph: str, count: int) -> list[str]:
+    """The external-data files of a graph saved by ``_save_graph`` in ``count`` chunks."""
+    return [f"{graph}_data" + (f"_{i}" if i else "") for i in range(count)]
 
 
 def _legacy_export(folder: Path) -> dict[str, Any] | None:

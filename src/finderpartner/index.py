@@ -27,9 +27,11 @@ import numpy as np
 import torch
 
 from .data.files import IMAGE_EXTENSIONS, FileStamp, scan_images
-from .errors import DataError, FinderPartnerError, IndexMismatchError
-from .outputs import claim_output, replace_dir, write_marker
+from .errors import DataError, FinderPartnerError, IndexMismatchError, Stopped
+from .outputs import claim_output, write_output
 from .paths import default_cache_dir
+from .progress import Progress
+from .signals import received
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class UpdateStats:
     removed: int = 0
     unchanged: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
+    not_embedded: int = 0  # new or changed files left for the next run (a stop signal came first)
 
     @property
     def embedded(self) -> int:
@@ -132,7 +135,8 @@ class GalleryIndex:
             )
 
     def save(self, path: Path) -> None:
-        """Write ``index.faiss`` and ``index.json`` atomically (a crash leaves the previous index intact)."""
+        """Write ``index.faiss`` and ``index.json`` atomically (a crash leaves the previous index intact; files a
+        user put beside them stay: ``outputs.write_output``)."""
 
         def write(tmp: Path) -> None:
             tmp.mkdir(parents=True)
@@ -146,12 +150,13 @@ class GalleryIndex:
                 "failed": [[f, s.size, s.mtime_ns, reason] for f, (s, reason) in self.failed.items()],
             }
             (tmp / "index.json").write_text(json.dumps(meta), encoding="utf-8")
-            write_marker(tmp, "index", {"images": self.root})
 
-        replace_dir(write, path, what=f"gallery index {path}")
+        write_output(write, path, "index", {"images": self.root}, what=f"gallery index {path}")
 
     @classmethod
     def load(cls, path: Path) -> GalleryIndex:
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path} is a file, not a gallery index (a folder made by `finderpartner index`)")
         try:
             meta = json.loads((path / "index.json").read_text(encoding="utf-8"))
             faiss_index = _faiss().read_index(str(path / "index.faiss"))
@@ -215,10 +220,25 @@ def _plan(index: GalleryIndex | None, current: dict[str, FileStamp]) -> tuple[li
     return sorted(keep_rows), to_embed, stats  # kept rows stay in their order: a no-op update changes nothing
 
 
+EMBED_CHUNK = 512  # images embedded between two points where a stop keeps the work done (update_index)
+EMBED_BATCHES_PER_CHUNK = 8  # index / search: a chunk is 8 of the embedder's batches (--batch-size)
+
+
 def update_index(
-    index: GalleryIndex | None, root: Path, fingerprint: str, embed: EmbedFn
+    index: GalleryIndex | None,
+    root: Path,
+    fingerprint: str,
+    embed: EmbedFn,
+    *,
+    progress: bool = False,
+    chunk_size: int = EMBED_CHUNK,
 ) -> tuple[GalleryIndex, UpdateStats]:
-    """Bring ``index`` up to date with the files under ``root`` (a new index when None); embeds only what changed."""
+    """Bring ``index`` up to date with the files under ``root`` (a new index when None); embeds only what changed.
+
+    Files are embedded ``chunk_size`` at a time: a Ctrl-C or SIGTERM (a ``KeyboardInterrupt``, signals.py) after
+    the first chunk returns the index of what was embedded until then, with ``stats.not_embedded`` the files left
+    (they count as new on the next run); during the first chunk it propagates.
+    """
     root = Path(os.path.abspath(root))
     current = scan_images(root)
     if index is None and not current:
@@ -229,15 +249,30 @@ def update_index(
     }
     new_vectors: np.ndarray | None = None
     embedded_ok: list[str] = []
-    if to_embed:
-        vectors, failures = embed([root / f for f in to_embed])
+    done: list[tuple[list[str], Any, Any]] = []  # (files, vectors, failures) of each chunk embedded
+    bar = Progress(total=len(to_embed), desc="embedding images", unit="image", disable=not progress or not to_embed)
+    try:
+        with bar:
+            for start in range(0, len(to_embed), chunk_size):
+                chunk = to_embed[start : start + chunk_size]
+                vectors, failures = embed([root / f for f in chunk])
+                done.append((chunk, vectors, failures))  # one step: a chunk counts whole or not at all
+                bar.update(len(chunk))
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM (signals.py): keep the chunks embedded so far
+        if not done:
+            raise
+        stats.not_embedded = len(to_embed) - sum(len(chunk) for chunk, _, _ in done)
+    parts_done = []
+    for chunk, vectors, failures in done:
         bad_rows = {row for row, _ in failures}
         for row, reason in failures:
-            failed[to_embed[row]] = (current[to_embed[row]], reason)
-            stats.failed.append((to_embed[row], reason))
-        good = [i for i in range(len(to_embed)) if i not in bad_rows]
-        new_vectors = np.asarray(vectors, np.float32)[good]
-        embedded_ok = [to_embed[i] for i in good]
+            failed[chunk[row]] = (current[chunk[row]], reason)
+            stats.failed.append((chunk[row], reason))
+        good = [i for i in range(len(chunk)) if i not in bad_rows]
+        parts_done.append(np.asarray(vectors, np.float32)[good])
+        embedded_ok += [chunk[i] for i in good]
+    if parts_done:
+        new_vectors = np.concatenate(parts_done)
     if index is not None and new_vectors is not None and new_vectors.shape[1] != index.dim:
         raise IndexMismatchError(
             f"embedding size changed ({index.dim} -> {new_vectors.shape[1]}): the index was built by another model"
@@ -342,7 +377,21 @@ def cached_gallery(embedder: Embedder, images: Path, *, progress: bool = False) 
 def _update_and_save(
     embedder: Embedder, existing: GalleryIndex | None, images: Path, out: Path, progress: bool
 ) -> tuple[GalleryIndex, UpdateStats]:
-    index, stats = update_index(existing, images, embedder.fingerprint, lambda p: embedder.embed_paths(p, progress))
+    index, stats = update_index(
+        existing,
+        images,
+        embedder.fingerprint,
+        lambda p: embedder.embed_paths(p, False),
+        progress=progress,
+        chunk_size=EMBED_BATCHES_PER_CHUNK * getattr(embedder, "batch_size", 64),
+    )
     if existing is None or stats.embedded or stats.removed or stats.failed:
         index.save(out)
+    if stats.not_embedded:
+        done = stats.embedded - stats.not_embedded
+        raise Stopped(
+            f"{received() or 'interrupted'}: stopped after embedding {done} of {stats.embedded} new or changed "
+            f"images; those {done} are saved in the index {out}, so running the same command again embeds only "
+            f"the other {stats.not_embedded}"
+        )
     return index, stats

@@ -28,7 +28,7 @@ from .embedding import _stable_config
 from .errors import ModelError
 from .evaluate import EvalResult
 from .model import DualEncoder, image_spec_of, save_model
-from .outputs import claim_output, replace_dir, storage_errors, write_marker, write_text_atomic
+from .outputs import atomic_path, claim_files, claim_output, storage_errors, write_output, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def write_merged(
 
     One alpha: ``out`` is the model folder. Several: ``out/alpha_<a>/`` each. Every model folder is a plain
     transformers folder (weights, tokenizer, processor) with a model card naming base, fine-tuned model and
-    alpha. ``out`` is claimed (``claim_merge_output``) and written atomically (``outputs.replace_dir``).
+    alpha. ``out`` is claimed (``claim_merge_output``) and written atomically, a user's files kept (``outputs.write_output``).
     """
     claim_merge_output(out, base, finetuned, alphas, overwrite=overwrite)
     inputs = merge_inputs(base, finetuned, alphas)
@@ -240,9 +240,9 @@ def write_merged(
             where = tmp if single else tmp / folder.name
             save_model(merger.at(alpha), where, card=model_card(inputs["base"], inputs["finetuned"], alpha))
             log.info("alpha %g: merged model written", alpha)
-        write_marker(tmp, MERGE_KIND, inputs, time=time.strftime("%Y-%m-%dT%H:%M:%S"), finderpartner=__version__)
 
-    replace_dir(write, out, what=f"merged model folder {out}")
+    stamp = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "finderpartner": __version__}
+    write_output(write, out, MERGE_KIND, inputs, what=f"merged model folder {out}", **stamp)
     return folders
 
 
@@ -350,10 +350,9 @@ def write_sweep_report(
     claim_sweep_output(out_dir, protect)
     report, plot = out_dir / f"{SWEEP_REPORT}.json", out_dir / f"{SWEEP_REPORT}.png"
     with storage_errors(out_dir, f"the WiSE-FT report in {out_dir}"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(out_dir, "eval", {})
+        claim_files(out_dir, "eval", {}, [report.name, plot.name])
+        plot_tradeoff(rows, [str(s["name"]) for s in record["sets"]], plot)  # first: no report without its plot
         write_text_atomic(report, json.dumps(record, indent=2))
-        plot_tradeoff(rows, [str(s["name"]) for s in record["sets"]], plot)
     return {"report": report, "plot": plot}
 
 
@@ -386,6 +385,7 @@ def plot_tradeoff(rows: Sequence[SweepRow], set_names: Sequence[str], path: Path
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a whole plot or the previous one, never half of one
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path

@@ -9,6 +9,7 @@ return type changed in 5.x.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import pickle
 import re
@@ -482,6 +483,8 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
     are refused unless ``trust_pickle`` (the CLI's ``--trust-pickle``, training's ``model.trust_pickle``).
     """
     source = str(name_or_path)
+    if Path(source).expanduser().is_file():
+        raise ModelError(f"{source} is a file; a model is a folder (save_pretrained: config.json, weights) or a hub id")
     is_dir = Path(source).expanduser().is_dir()
     if is_dir:
         source = str(Path(source).expanduser())
@@ -508,6 +511,8 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         )
     if pickled:
         log.warning("loading pickle weights %s (trusted with --trust-pickle / model.trust_pickle)", pickled)
+    if is_dir and not pickled:
+        _check_weight_shapes(Path(source))  # before transformers reports it as a RuntimeError it logged away
     try:
         # Untrusted: safetensors or nothing. Trusted: the pickle file found, else safetensors first (None).
         use_safetensors = True if not trust_pickle else False if pickled else None
@@ -516,18 +521,19 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         )
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=local_only)
-    except (
-        pickle.UnpicklingError
-    ) as e:  # only reached with trust_pickle: torch's weights-only loader still refuses code
-        raise ModelError(
-            f"{pickled or source}: torch's weights-only loader refused these pickle weights (damaged, or "
-            f"they hold more than tensors, e.g. code), so nothing was loaded ({_first_line(e)}); get "
-            "safetensors weights from a source you trust"
-        ) from None
+    except pickle.UnpicklingError as e:  # only reached with trust_pickle: torch's weights-only loader refuses code
+        raise pickle_refused(pickled or source, e) from None
     except SafetensorError as e:
         raise ModelError(
             f"{source}: the safetensors weights cannot be read ({_first_line(e)}): the file is damaged or "
             "incomplete; copy or save the model again"
+        ) from None
+    except RuntimeError as e:
+        if "mismatch" not in str(e):  # the weights' and the config's sizes differ (a hub model, pickle weights)
+            raise
+        raise ModelError(
+            f"{source}: its weights do not have the sizes its config.json describes ({_first_line(e)}); the config "
+            "was edited or belongs to another model: restore the one saved with the weights"
         ) from None
     except (OSError, ValueError) as e:
         if is_dir:
@@ -547,6 +553,57 @@ def load_model(name_or_path: str | Path, *, trust_pickle: bool = False) -> DualE
         if not hasattr(model, attr):
             raise ModelError(f"{source}: {type(model).__name__} is not a CLIP-style dual encoder (no {attr})")
     return DualEncoder(model, tokenizer, processor, kind=PRETRAINED_KIND)
+
+
+def _check_weight_shapes(folder: Path) -> None:
+    """Refuse a folder whose config.json describes other tensor sizes than its safetensors weights hold, naming
+    the tensors (transformers only raises "ignore_mismatched_sizes is False" and logs the names, at a level the
+    CLI hides). The model is built on the meta device: no memory, no weights read, only the files' headers."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModel
+
+    index = folder / SAFE_WEIGHTS[1]
+    try:
+        files = (
+            sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+            if index.is_file()
+            else [folder / SAFE_WEIGHTS[0]]
+        )
+        with torch.device("meta"):
+            expected = {
+                k: tuple(v.shape)
+                for k, v in AutoModel.from_config(AutoConfig.from_pretrained(folder)).state_dict().items()
+            }
+        found = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as weights:
+                found |= {k: tuple(weights.get_slice(k).get_shape()) for k in weights.keys()}
+    except Exception:  # noqa: BLE001 - anything unreadable here is reported by from_pretrained, in its words
+        return
+    wrong = [
+        f"{k} (weights {list(found[k])}, config {list(shape)})"
+        for k, shape in expected.items()
+        if k in found and found[k] != shape
+    ]
+    if wrong:
+        listing = "; ".join(wrong[:4]) + (f"; and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise ModelError(
+            f"{folder}: config.json does not describe these weights: {len(wrong)} tensor(s) have other sizes than it "
+            f"implies: {listing}. The config was edited or belongs to another model: restore the config.json saved "
+            "with model.safetensors"
+        )
+
+
+def pickle_refused(path: str | Path, e: BaseException) -> ModelError:
+    """The error for pickle weights that torch's weights-only loader refused under --trust-pickle. Its own message
+    advises ``weights_only=False``, which would run whatever the file holds: not passed on."""
+    found = re.search(r"GLOBAL (\S+)", str(e))
+    what = f"it calls {found.group(1)}" if found else "an instruction that is no tensor's"
+    return ModelError(
+        f"{path}: torch's weights-only loader refused these pickle weights: the file holds something besides "
+        f"tensors ({what}), such as code, and finderpartner will not load it, not even with --trust-pickle (which "
+        "reads tensors only). Get safetensors weights (or plain tensors) from a source you trust"
+    )
 
 
 def _pickle_only(source: str, is_dir: bool) -> str | None:

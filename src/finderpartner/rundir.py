@@ -13,8 +13,9 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
-from .checkpoint import latest_checkpoint, list_checkpoints, verify
+from .checkpoint import MANIFEST, latest_checkpoint, list_checkpoints, prune, remove_checkpoint, verify
 from .config import Config, render_yaml
 from .data.dataset import split_paths
 from .errors import CheckpointError, OutputError, UsageError
@@ -23,7 +24,9 @@ from .outputs import (
     FolderLock,
     check_not_input,
     describe_kind,
+    marked_files,
     read_marker,
+    remove_owned,
     storage_errors,
     write_marker,
     write_text_atomic,
@@ -56,6 +59,8 @@ def open_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[Fold
     run_dir = cfg.run_dir
     if overwrite and resume:
         raise UsageError("--overwrite starts the run over and --resume continues it: give one of them")
+    if resume not in (None, "auto"):
+        check_resume_path(Path(resume))  # before anything is written: a wrong path leaves no run folder behind
     if cfg.data.format == "csv":
         splits = [s for s in (cfg.data.train_split, cfg.data.val_split) if s]
         check_not_input(
@@ -67,6 +72,7 @@ def open_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[Fold
             },
             flag="the run folder (output_dir/experiment)",
         )
+    created = not run_dir.exists()
     lock = FolderLock(run_dir).acquire()
     try:
         resume = decide_run(run_dir, resume, overwrite)
@@ -75,8 +81,24 @@ def open_run_dir(cfg: Config, resume: str | None, overwrite: bool) -> tuple[Fold
             write_text_atomic(run_dir / "config.yaml", render_yaml(cfg))
     except BaseException:
         lock.release()
+        if created and [p.name for p in run_dir.iterdir()] == [".lock"]:  # refused before writing: leave nothing
+            shutil.rmtree(run_dir, ignore_errors=True)
         raise
     return lock, resume
+
+
+def check_resume_path(path: Path) -> None:
+    """``--resume PATH`` must name a checkpoint folder (with its manifest) or a run folder (with checkpoints/)."""
+    if not path.exists():
+        raise CheckpointError(
+            f"--resume {path}: no such file or folder; give a checkpoint folder (<run>/checkpoints/step_NNNNNN), a "
+            "run folder, or --resume auto (the newest complete checkpoint of this run)"
+        )
+    if not path.is_dir() or not ((path / "checkpoints").is_dir() or (path / MANIFEST).is_file()):
+        what = "a file" if not path.is_dir() else "a folder without manifest.json or checkpoints/"
+        raise CheckpointError(
+            f"--resume {path} is {what}: neither a checkpoint (<run>/checkpoints/step_NNNNNN) nor a run folder"
+        )
 
 
 def decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
@@ -152,10 +174,87 @@ def decide_run(run_dir: Path, resume: str | None, overwrite: bool) -> str | None
 
 
 def clear_run(run_dir: Path) -> None:
+    """Delete what an earlier run wrote; in ``best_model/`` and ``checkpoints/`` only the files their marker and
+    manifests list (a user's file put there stays, and so does its folder)."""
     with storage_errors(run_dir, f"the run folder {run_dir}"):
         for name in RUN_ARTEFACTS:
             p = run_dir / name
-            if p.is_dir() and not p.is_symlink():
+            if name == "best_model" and marked_files(read_marker(p)) is not None:
+                remove_owned(p)
+            elif name == "checkpoints" and p.is_dir() and not p.is_symlink():
+                for _, step in list_checkpoints(p):
+                    remove_checkpoint(step)
+                prune(p, keep=1)  # what is left: leftovers of a crash mid-write
+                _remove_empty(p)
+            elif p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)
             elif p.exists() or p.is_symlink():
                 p.unlink()
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        log.warning("%s keeps files that finderpartner did not write: left in place", folder)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings changed between a checkpoint and the run that resumes it (the model section is refused in train.py)
+
+# A resume under another value means nothing: refused (with why)
+RESUME_REFUSED = {
+    "train.batch_size": "the checkpoint's place in the data is counted in contrastive batches of {old}",
+    "train.loss": "the checkpoint holds the state of the {old} objective",
+}
+# The checkpoint's optimizer state holds these: a new value is not used (said, so nobody believes it is)
+RESUME_KEPT = ("train.lr", "train.betas", "train.eps", "train.weight_decay")
+# These reshape the rest of the learning-rate schedule and the step count (train.py says how)
+RESUME_SCHEDULE = ("train.epochs", "train.max_steps", "train.time_budget", "train.warmup_steps", "train.min_lr_ratio")
+# These change which pairs the coming steps read, or in which order
+RESUME_DATA = ("seed", "data.root", "data.train_split", "data.format", "data.train_shards", "data.augment")
+
+
+def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """key -> (checkpoint's value, this run's) for every setting that differs (nested keys dotted)."""
+    found: dict[str, tuple[Any, Any]] = {}
+    for key in sorted(set(saved) | set(now)):
+        old, new = saved.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            found |= changed_settings(old, new, f"{prefix}{key}.")
+        elif old != new and key in saved:  # a key the checkpoint's version did not have is no change
+            found[f"{prefix}{key}"] = (old, new)
+    return found
+
+
+def resume_notes(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> list[str]:
+    """What a resume does with each changed setting but the schedule's (train.py words those with its figures);
+    raises ``CheckpointError`` for a change that makes the resume meaningless."""
+    refused = [
+        f"{key} {old} -> {new} ({RESUME_REFUSED[key].format(old=old)})"
+        for key, (old, new) in changes.items()
+        if key in RESUME_REFUSED
+    ]
+    if refused:
+        raise CheckpointError(
+            f"--resume {checkpoint}: {'; '.join(refused)}. Resume with the checkpoint's value, or start a new run "
+            "(--set experiment=NEW_NAME) from its best model (model.name: <run>/best_model)"
+        )
+    notes = []
+    kept = {k: v for k, v in changes.items() if k in RESUME_KEPT}
+    if kept:
+        notes.append(
+            f"{', '.join(f'{k} {old} -> {new}' for k, (old, new) in kept.items())} since the checkpoint: not used, "
+            "the resumed run keeps the checkpoint's values (its optimizer state holds them); to train with new ones, "
+            "start a new run from the best model"
+        )
+    data = {k: v for k, v in changes.items() if k.startswith(RESUME_DATA)}
+    if data:
+        notes.append(
+            f"{', '.join(f'{k} {old} -> {new}' for k, (old, new) in data.items())} since the checkpoint: the coming "
+            "steps read the data as now configured (other pairs, or another order, than the run would have)"
+        )
+    rest = [k for k in changes if k not in RESUME_KEPT and not k.startswith(RESUME_DATA) and k not in RESUME_SCHEDULE]
+    if rest:
+        notes.append(f"also changed since the checkpoint, used from now on: {', '.join(rest)}")
+    return notes

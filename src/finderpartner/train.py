@@ -33,7 +33,15 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .budget import MARGIN, Plan, format_duration, steps_that_fit
-from .checkpoint import MANIFEST, latest_checkpoint, load_checkpoint, manifest_digest, save_checkpoint, verify
+from .checkpoint import (
+    MANIFEST,
+    latest_checkpoint,
+    load_checkpoint,
+    manifest_digest,
+    save_checkpoint,
+    step_dir_name,
+    verify,
+)
 from .config import Config, config_to_dict
 from .data.collate import Batch, Collator
 from .data.dataset import num_workers
@@ -41,7 +49,7 @@ from .data.sources import Batches, EvalSet, Loading, open_training_data
 from .data.transforms import TrainTransform
 from .data.validate import long_captions_note
 from .env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, TrainingError, UsageError
+from .errors import CheckpointError, ConfigError, Stopped, TrainingError, UsageError
 from .evaluate import EvalResult, evaluate_split, figures, format_change, format_metrics
 from .loss import Objective, build_objective
 from .model import (
@@ -61,13 +69,15 @@ from .model import (
 )
 from .outputs import (
     FolderLock,
-    replace_dir,
     storage_errors,
+    write_output,
 )
 from .probe import ProbeResult, device_key, optimizer_state_bytes, probe_micro_batch
-from .processes import all_min, from_main
+from .processes import all_min, any_true, from_main
 from .progress import Progress
-from .rundir import open_run_dir
+from .rundir import RESUME_SCHEDULE, changed_settings, open_run_dir, resume_notes
+from .signals import StopRequest
+from .signals import name as signal_name
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, accelerator_options, check_trackers, flatten, make_trackers
 from .zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
@@ -157,13 +167,18 @@ def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) ->
         _log_plan(run)
         _validate_before(run)
         stepped = run.state.global_step < run.total_steps  # False when resuming a finished run
-        final = _loop(run)
-        if stepped:
-            _save_checkpoint(run)
+        # SIGINT / SIGTERM: the step in progress is finished and checkpointed (signals.py), by every process
+        with StopRequest("finishing the current step and writing a checkpoint") as stop:
+            final = _loop(run, stop)
+            saved = stop.agreed and run.state.global_step % cfg.train.checkpoint_every == 0  # by the loop, just now
+            if stepped and not saved:
+                _save_checkpoint(run)
     finally:
         run.trackers.close()
         if run.lock is not None:
             run.lock.release()
+    if stop.agreed:
+        raise _stopped(run, stop)
     best = run.run_dir / "best_model"
     result = TrainResult(
         run.run_dir, best, run.state, final, time.perf_counter() - start, run.batches.num_rows, run.is_main
@@ -360,8 +375,9 @@ def _build_run(
         zeroshot,
     )
     if resume:
-        _resume(run, resume)
+        saved = _resume(run, resume)
         plan.adopt(state)
+        _explain_changes(run, saved, resume.path)
     if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
         state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
     run.trackers = make_trackers(cfg, accelerator, start_step=state.global_step, enabled=accelerator.is_main_process)
@@ -565,7 +581,7 @@ def _scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _resume(run: Run, resume: Resume) -> None:
+def _resume(run: Run, resume: Resume) -> dict[str, Any]:
     path = resume.path
     if not (path / MANIFEST).is_file():
         raise CheckpointError(
@@ -631,6 +647,34 @@ def _resume(run: Run, resume: Resume) -> None:
         run.state.epoch,
         run.state.step_in_epoch,
     )
+    return ckpt.state
+
+
+def _explain_changes(run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Settings changed since the checkpoint: refused (rundir.RESUME_REFUSED), or said with what they do now."""
+    changes = changed_settings(saved.get("config", {}), config_to_dict(run.cfg))
+    notes = resume_notes(changes, path)
+    schedule = {k: v for k, v in changes.items() if k in RESUME_SCHEDULE}
+    step = run.state.global_step
+    if schedule:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in schedule.items())
+        if run.plan.decided and run.total_steps <= step:
+            raise CheckpointError(
+                f"--resume {path}: {what} since the checkpoint, so the run now ends at step {run.total_steps}, but the "
+                f"checkpoint is at step {step}: nothing is left to train. Give more steps, or use its best model"
+            )
+        before = saved.get("scheduler", {}).get("_last_lr", [float("nan")])[0]
+        now = run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](step)
+        ends = f"at step {run.total_steps}" if run.plan.decided else "when its time budget decides"
+        notes.insert(
+            0,
+            f"{what} since the checkpoint: the run now ends {ends}, and the learning-rate schedule is recomputed "
+            f"for it: at step {step} the learning rate goes from {before:.3g} (the checkpoint's schedule) to "
+            f"{now:.3g}",
+        )
+    if run.is_main:
+        for note in notes:
+            log.warning("%s", note)
 
 
 def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], path: Path) -> None:
@@ -682,7 +726,18 @@ def _log_plan(run: Run) -> None:
 # The loop
 
 
-def _loop(run: Run) -> EvalResult | None:
+def _stopped(run: Run, stop: StopRequest) -> Stopped:
+    step, checkpoint = run.state.global_step, run.run_dir / "checkpoints" / step_dir_name(run.state.global_step)
+    why = signal_name(stop.signum) if stop.signum is not None else "a stop signal to another process"
+    if not run.is_main:
+        return Stopped(f"{why}: stopped with the other processes after step {step}")
+    return Stopped(
+        f"{why}: stopped after step {step} of {run.total_steps} and saved checkpoint {checkpoint}; "
+        "continue with --resume auto"
+    )
+
+
+def _loop(run: Run, stop: StopRequest | None = None) -> EvalResult | None:
     state, cfg = run.state, run.cfg
     final: EvalResult | None = None
     total = run.total_steps if run.plan.decided else None  # a time budget fixes it after the first steps
@@ -712,7 +767,12 @@ def _loop(run: Run) -> EvalResult | None:
                     _save_checkpoint(run)  # the last step is saved by train(), after the final validation
             if state.global_step >= run.total_steps:
                 break
+            if stop is not None and any_true(stop.requested):  # voted by every process at this step boundary
+                stop.agreed = True
+                break
             window.mark_data_start()
+        if stop is not None and stop.agreed:
+            break  # before the epoch's end is counted: the state a checkpoint after this step has
         epoch_done = state.step_in_epoch >= run.batches.steps_per_epoch
         last = state.global_step >= run.total_steps
         if epoch_done:
@@ -1061,10 +1121,13 @@ def _save_best(run: Run, result: EvalResult | None) -> None:
     run.encoder.record_objective(run.objective.record())
     run.encoder.record_train_batch_size(run.batches.global_batch)  # `eval` computes its loss at this batch
     card = _model_card(run, result)
-    replace_dir(
+    write_output(
         lambda tmp: save_model(run.encoder, tmp, card=card),
         run.run_dir / "best_model",
+        "best_model",
+        {"experiment": run.cfg.experiment},
         what=f"the best model {run.run_dir / 'best_model'}",
+        flag="the best model folder",
     )
     log.info("best model (step %d) saved to %s", run.state.global_step, run.run_dir / "best_model")
 

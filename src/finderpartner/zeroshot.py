@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,8 +30,10 @@ from .errors import DataError
 from .evaluate import embed_image_shares, share
 from .metrics import zero_shot_accuracy
 from .model import DualEncoder
-from .outputs import claim_output, storage_errors, write_marker, write_text_atomic
+from .outputs import atomic_path, claim_files, claim_output, storage_errors, write_text_atomic
 from .processes import world
+
+log = logging.getLogger(__name__)
 
 # Six of the 80 ImageNet prompt templates of OpenAI's CLIP (github.com/openai/CLIP,
 # notebooks/Prompt_Engineering_for_ImageNet.ipynb), the ones that do not presume a kind of picture (no
@@ -125,6 +128,19 @@ def load_zeroshot_set(path: str | Path, class_names: str | Path | None = None, n
 
 def _from_folder(root: Path, names: list[str] | None, names_file: Path | str | None) -> ZeroShotSet:
     folders = names if names is not None else sorted(p.name for p in root.iterdir() if _is_class_folder(p))
+    if names is None:  # a folder without images is no class: said, since it changes what the accuracy means
+        empty = sorted(
+            p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in folders
+        )
+        if empty:
+            log.warning(
+                "zero-shot set %s: %d folder(s) hold no images (%s) and are left out: classifying among the %d "
+                "other classes (--class-names lists the classes explicitly)",
+                root,
+                len(empty),
+                ", ".join(empty),
+                len(folders),
+            )
     images: list[Path] = []
     labels: list[int] = []
     for index, folder in enumerate(folders):
@@ -314,10 +330,10 @@ def write_zeroshot_report(
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
     report = out_dir / f"{name}.json"
     with storage_errors(out_dir, f"the zero-shot report in {out_dir}"):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_marker(out_dir, "eval", {})
+        plot_name = f"plots/{name}_confusion.png"
+        claim_files(out_dir, "eval", {}, [report.name, plot_name, "history.jsonl"])
+        plot = plot_confusion(result, out_dir / plot_name)  # the slow one first: a stop leaves no report without it
         write_text_atomic(report, json.dumps(record, indent=2))
-        plot = plot_confusion(result, out_dir / "plots" / f"{name}_confusion.png")
         with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({k: v for k, v in record.items() if k != "confusion"}) + "\n")
     return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
@@ -356,7 +372,8 @@ def plot_confusion(result: ZeroShotResult, path: Path) -> Path:
     ax.set_ylabel("true class")
     ax.set_title(f"{result.name}: zero-shot top-1 {result.metrics['top1']:.3f} ({result.num_images} images)")
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:  # a whole plot or the previous one, never half of one
+        fig.savefig(tmp, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 

@@ -82,13 +82,24 @@ def split_paths(root: str | Path, split: str) -> tuple[Path, Path]:
     return root / "images" / split, root / f"captions_{split}.csv"
 
 
+def _missing_split(root: Path, split: str) -> str:
+    """Why a split's CSV is not there: no data folder, a file instead of one, or no such split (and the ones that are)."""
+    if not root.exists():
+        return f"not found: the data folder {root} does not exist"
+    if not root.is_dir():
+        return f"not found: {root} is a file, not a data folder (images/<split>/ and captions_<split>.csv)"
+    splits = sorted(p.stem.removeprefix("captions_") for p in root.glob("captions_*.csv"))
+    there = f"the splits in {root}: {', '.join(splits)}" if splits else f"{root} holds no captions_<split>.csv at all"
+    return f"not found: there is no split {split!r} ({there}); expected captions_{split}.csv next to images/"
+
+
 def read_split(root: str | Path, split: str) -> tuple[PairTable, list[Problem]]:
     """Parse ``captions_<split>.csv``; rows with a problem are left out of the table and reported."""
     image_dir, csv_path = split_paths(root, split)
     name = str(csv_path)
     empty = PairTable(image_dir, csv_path, (), (), ())
     if not csv_path.is_file():
-        return empty, [Problem(name, None, "missing_csv", f"not found; expected {csv_path.name} next to images/")]
+        return empty, [Problem(name, None, "missing_csv", _missing_split(Path(root), split))]
     if not image_dir.is_dir():
         return empty, [Problem(str(image_dir), None, "missing_image_dir", "image folder not found")]
     text, problems = _decode(csv_path.read_bytes(), name)

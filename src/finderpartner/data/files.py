@@ -36,6 +36,12 @@ class FileStamp:
 
 def scan_images(root: Path) -> dict[str, FileStamp]:
     """Image files under ``root`` (recursively, by extension; hidden files and folders skipped) with their stamps."""
+    if root.exists() and not root.is_dir():
+        what = "an image" if root.suffix.lower() in IMAGE_EXTENSIONS else "a file"
+        raise DataError(
+            f"{root} is {what}, not a folder: --images takes the folder of images (searched recursively), "
+            f"e.g. --images {root.parent}"
+        )
     if not root.is_dir():
         raise DataError(f"image folder {root} not found")
     found: dict[str, FileStamp] = {}

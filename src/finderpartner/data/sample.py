@@ -13,7 +13,6 @@ import csv
 import itertools
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import ConfigError, DataError, OutputError
-from ..outputs import read_marker, storage_errors, write_marker, write_text_atomic
+from ..outputs import contents, marked_files, read_marker, storage_errors, write_marker, write_output
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +113,8 @@ def _summarise(
         try:
             with open(root / f"captions_{split}.csv", encoding="utf-8", newline="") as f:
                 rows = list(csv.reader(f))
-            files = {p.name for p in (root / "images" / split).iterdir() if p.is_file()}
+            expected = {Path(name).name for name in _file_names(meta, meta_name) if name.startswith(f"images/{split}/")}
+            files = {p.name for p in (root / "images" / split).iterdir() if p.is_file()} & expected  # a user's own stay
         except OSError as e:
             raise DataError(f"sample data in {root} is incomplete ({e}); pass overwrite to regenerate it") from e
         body = rows[1:]
@@ -201,6 +201,13 @@ def _write_set(root: Path, meta: dict, spec: _SetKind, *, overwrite: bool) -> Sa
                 raise
     existing = [p for p in _outputs(root, spec.meta_name) if p.exists()]
     ours = meta_path.exists() or (read_marker(root) or {}).get("kind") == spec.kind
+    held = contents(root) if root.is_dir() else []
+    if held and not ours:  # a folder of the user's (photos, a real data set): nothing is written into it
+        listing = ", ".join(sorted(held)[:5]) + (", ..." if len(held) > 5 else "")
+        raise OutputError(
+            f"{root} already holds {listing}, which {spec.writer} did not write; it never replaces them "
+            "nor writes among them: choose a new or empty --out"
+        )
     if existing and not ours:  # a real data set (or anything else) with the same names: never ours to replace
         raise OutputError(
             f"{root} already holds {', '.join(p.relative_to(root).as_posix() for p in existing)}, which "
@@ -211,18 +218,37 @@ def _write_set(root: Path, meta: dict, spec: _SetKind, *, overwrite: bool) -> Sa
             f"{root} already contains {spec.what} made with other arguments (or an unfinished run): "
             f"{', '.join(p.relative_to(root).as_posix() for p in existing)}; pass --overwrite to replace it"
         )
-    with storage_errors(root, f"{spec.what} in {root}"):
-        for p in existing:  # only our own outputs; anything else in OUT is left alone
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        root.mkdir(parents=True, exist_ok=True)
-        write_marker(root, spec.kind, meta)  # first: an interrupted run is still recognised as ours
-        spec.generate(root, meta)
-        # Written last: its presence marks a finished data set.
-        write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    if existing and marked_files(read_marker(root)) is None:
+        _adopt(root, spec)  # written by a version whose marker listed no files: list them now, from its meta
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        spec.generate(tmp, meta)
+        (tmp / spec.meta_name).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+    # Only the files the previous set's marker lists are replaced; anything else in OUT is left alone.
+    write_output(write, root, spec.kind, meta, what=f"{spec.what} in {root}")
     return _summarise(root, meta, spec.combos, spec.meta_name)
+
+
+def _file_names(meta: dict, meta_name: str) -> list[str]:
+    """Every file a generator writes for ``meta`` (relative paths): its images, its CSVs, its meta file."""
+    return [
+        *(f"images/{s}/{i:06d}.{meta['image_format']}" for s in SPLITS for i in range(meta[f"{s}_images"])),
+        *(f"captions_{s}.csv" for s in SPLITS),
+        meta_name,
+    ]
+
+
+def _adopt(root: Path, spec: _SetKind) -> None:
+    """Give a set written before markers listed their files the list its meta file implies (unreadable meta: none)."""
+    try:
+        old = json.loads((root / spec.meta_name).read_text(encoding="utf-8"))
+        names = _file_names(old, spec.meta_name)
+    except (OSError, ValueError, KeyError, TypeError):
+        old, names = {}, []
+    with storage_errors(root, f"{spec.what} in {root}"):
+        write_marker(root, spec.kind, old, files=names)
 
 
 def _generate(root: Path, meta: dict) -> None:

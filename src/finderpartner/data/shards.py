@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import random
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..errors import DataError
-from ..outputs import claim_output, read_marker, storage_errors, write_marker, write_text_atomic
+from ..outputs import claim_output, read_marker, write_output
 from .collate import Batch, Collator
 from .dataset import EncodedImage, Skipped, read_split, sample_seed, split_paths
 from .transforms import DECODE_ERRORS, ImageTooLarge, load_image, to_rgb
@@ -342,8 +341,8 @@ def write_shards(
 
     ``out`` follows the output rule (``outputs.claim_output``): a new or empty folder, or one that make-shards
     filled from the same data folder (other splits there are kept); never inside the data folder. The shards
-    are written to a temporary folder first, then moved in; shards of an earlier, larger run of the same split
-    are removed. ``sizes.json`` (samples per shard, every split's) is written atomically beside them.
+    and ``sizes.json`` (samples per shard, every split's) are staged, then moved in (``outputs.write_output``);
+    shards of an earlier, larger run of the same split are removed, files a user added are not.
     """
     out, data_root = Path(out), Path(os.path.abspath(root))
     image_dir, csv_path = split_paths(root, split)
@@ -357,21 +356,18 @@ def write_shards(
     if not len(table):
         raise DataError(f"{table.csv_path}: no rows to write")
     previous = (read_marker(out) or {}).get("splits", {}) if out.is_dir() else {}
-    tmp = out / f".tmp-{split}"
-    with storage_errors(out, f"shards in {out}"):
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            counts = _write_tars(table, str(tmp / f"{split}-%06d.tar"), shard_size)
-            for name in counts:
-                os.replace(tmp / name, out / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        names = list(counts)
-        for stale in set(previous.get(split, [])) - set(names):  # only files an earlier make-shards wrote
-            (out / stale).unlink(missing_ok=True)
-        write_text_atomic(out / SIZES, json.dumps(_merged_sizes(out, previous.get(split, []), counts), indent=1))
-        write_marker(out, "shards", {"data": data_root}, splits={**previous, split: names})
+    splits = dict(previous)  # the marker's shard names per split: this split's filled in by the write
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        counts = _write_tars(table, str(tmp / f"{split}-%06d.tar"), shard_size)
+        splits[split] = list(counts)
+        sizes = _merged_sizes(out, previous.get(split, []), counts)
+        (tmp / SIZES).write_text(json.dumps(sizes, indent=1), encoding="utf-8")
+
+    others = [name for s, files in previous.items() if s != split for name in files]  # other splits' shards stay
+    write_output(write, out, "shards", {"data": data_root}, what=f"shards in {out}", keep=others, splits=splits)
+    names = splits[split]
     return [str(out / name) for name in names]
 
 

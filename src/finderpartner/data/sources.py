@@ -27,10 +27,11 @@ from torch.utils.data import DataLoader
 
 from ..config import Config
 from ..errors import DataError
+from ..signals import ignore_in_worker
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
 from .shards import ShardStream, expand_shards, raw_samples, read_pairs, shard_sizes
 from .transforms import TrainTransform
-from .validate import require_usable, validate_split
+from .validate import MIN_IMAGES, require_usable, validate_split
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,10 @@ class EvalSet:
 
 def require_retrievable(data: EvalSet, what: str, fixes: str) -> EvalSet:
     """Refuse a set with fewer than 2 distinct images: its loss is NaN and every recall 1.0, which means nothing."""
-    if len(data.images) < 2:
+    if len(data.images) < MIN_IMAGES:
         raise DataError(
             f"{what} ({data.name}) has {len(data.images)} distinct image(s) in {len(data.captions)} pair(s): retrieval "
-            f"needs at least 2 images (with one, the loss is undefined and every recall is 1.0); {fixes}"
+            f"needs at least {MIN_IMAGES} images (with one, the loss is undefined and every recall is 1.0); {fixes}"
         )
     return data
 
@@ -111,6 +112,7 @@ class Loading:
             persistent_workers=self.workers > 0 and persistent,
             prefetch_factor=4 if self.workers > 0 else None,
             generator=torch.Generator(),  # the loader's own seed draw must not consume the global RNG stream
+            worker_init_fn=ignore_in_worker,  # Ctrl-C / SIGTERM stop the main process, which stops its workers
         )
 
 

@@ -140,6 +140,8 @@ def unidentified_message(path: str | Path | BinaryIO, name: str | None = None) -
     except (OSError, ValueError):
         head = b""
     readable = f"readable formats: {SUPPORTED_FORMATS}"
+    if not head:  # as validate-data says it
+        return f"{name} is a zero-byte file (empty: an interrupted copy or download?)"
     if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS or Path(name).suffix.lower() in (".heic", ".heif"):
         if HEIF_SUPPORT:
             return f"{name} is a HEIC/HEIF file that pillow-heif cannot decode (damaged?); convert it to JPEG"

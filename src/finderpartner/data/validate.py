@@ -72,12 +72,38 @@ def validate_split(
     return SplitReport(split, table, tuple(problems), rows_total)
 
 
-def require_usable(report: SplitReport, on_error: str) -> PairTable:
-    """Apply ``data.on_error``: 'raise' refuses any fatal problem, 'skip' drops the rows that have one."""
+MIN_IMAGES = 2  # an evaluated split (eval, data.val_split) needs 2 distinct images: with 1 retrieval means nothing
+
+
+def retrieval_problem(report: SplitReport) -> Problem | None:
+    """The split-level problem of a split with too few distinct usable images to be evaluated (the rule train and
+    eval apply: ``sources.require_retrievable``), so that validate-data reports it too."""
+    images = len(set(report.table.filenames))
+    if images >= MIN_IMAGES:
+        return None
+    return Problem(
+        str(report.table.csv_path),
+        None,
+        "too_few_images",
+        f"{images} distinct usable image(s) in {len(report.table)} pair(s): eval and training (as data.val_split) "
+        f"need at least {MIN_IMAGES} (with one, the loss is undefined and every recall is 1.0); add images",
+    )
+
+
+def require_usable(report: SplitReport, on_error: str, *, evaluating: bool = False) -> PairTable:
+    """Apply ``data.on_error``: 'raise' refuses any fatal problem, 'skip' drops the rows that have one.
+
+    ``evaluating``: for eval, which reads every row of its split and has no data.on_error to offer."""
     if report.fatal and on_error == "raise":
-        raise DataError(
-            f"{report.describe()}\nFix these rows, or set data.on_error: skip to train on the {len(report.table)} usable pairs."
+        rows = any(p.line is not None and p.kind != "bad_header" for p in report.fatal)
+        if not rows:  # the split itself is missing or unreadable: no row to fix or skip
+            raise DataError(report.describe())
+        advice = (
+            "Fix these rows (eval reads every row of the split)."
+            if evaluating
+            else f"Fix these rows, or set data.on_error: skip to train on the {len(report.table)} usable pairs."
         )
+        raise DataError(f"{report.describe()}\n{advice}")
     for p in report.problems:
         log.warning("%s%s", p, "" if p.fatal else " (warning)")
     if report.fatal:
