@@ -6,6 +6,9 @@ The trainer asks ``open_training_data(cfg)`` for a :class:`TrainingData` and nev
   training (``data.on_error``); batches come from an exact sampler (every pair once per epoch, resumable to the
   step), with decoded images cached in memory when the data is seen more than once.
 * :class:`ShardData` — WebDataset tar shards read as a deterministic stream (resumable to the step as well).
+* the table-shaped formats (``hf``, ``imagefolder``, ``jsonl``, ``parquet``: ``rows.py``) — read and checked row by
+  row into a table that :class:`FolderData` trains on exactly as on the folder layout; with ``data.streaming``,
+  :class:`~finderpartner.data.stream.StreamData`, a deterministic ``datasets`` stream.
 
 Both give the training captions (the tiny model learns its tokenizer from them), the number of pairs that makes an
 epoch, the validation set as an :class:`EvalSet`, and ``batches(...)``: the batch source (``steps_per_epoch``,
@@ -29,6 +32,8 @@ from ..config import Config
 from ..errors import DataError
 from ..signals import ignore_in_worker
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
+from .rows import FORMATS as ROW_FORMATS
+from .rows import RowSpec, RowTable, open_tables
 from .shards import ShardStream, expand_shards, raw_samples, read_pairs, shard_sizes
 from .transforms import TrainTransform
 from .validate import MIN_IMAGES, require_usable, validate_split
@@ -50,9 +55,9 @@ class EvalSet:
     text_to_image: list[int]
 
     @classmethod
-    def from_table(cls, table: PairTable) -> EvalSet:
-        filenames, row_to_image = table.images()
-        return cls(str(table.csv_path), [table.image_dir / f for f in filenames], list(table.captions), row_to_image)
+    def from_table(cls, table: PairTable | RowTable) -> EvalSet:
+        keys, row_to_image = table.images()
+        return cls(table.name, [table.image_source(k) for k in keys], list(table.captions), row_to_image)
 
     @classmethod
     def from_shards(cls, urls: list[str], max_pixels: int | None = None) -> EvalSet:
@@ -132,6 +137,12 @@ def open_training_data(cfg: Config, *, need_captions: bool, progress: bool) -> T
     """
     if cfg.data.format == "webdataset":
         return ShardData.open(cfg, need_captions=need_captions)
+    if cfg.data.format in ROW_FORMATS:
+        if cfg.data.streaming:
+            from .stream import StreamData
+
+            return StreamData.open(cfg, need_captions=need_captions)
+        return FolderData.open_rows(cfg, progress=progress)
     return FolderData.open(cfg, progress=progress)
 
 
@@ -139,9 +150,23 @@ def open_training_data(cfg: Config, *, need_captions: bool, progress: bool) -> T
 class FolderData:
     """A folder split: rows checked before training, an exact sampler, decoded images cached when it pays."""
 
-    table: PairTable
+    table: PairTable | RowTable
     val: EvalSet | None
     cfg: Config
+
+    @classmethod
+    def open_rows(cls, cfg: Config, *, progress: bool) -> FolderData:
+        """A table-shaped data set (``data.format`` hf, imagefolder, jsonl, parquet), checked as the folder layout."""
+        d = cfg.data
+        train, val = open_tables(RowSpec.from_data(d), d.train_split, d.val_split, d.on_error, progress=progress)
+        evalset = None
+        if val is not None:
+            evalset = require_retrievable(
+                EvalSet.from_table(val),
+                f"validation split {d.val_split!r}",
+                "add more validation pairs, or disable validation with --set data.val_split= (data.val_split: '')",
+            )
+        return cls(train, evalset, cfg)
 
     @classmethod
     def open(cls, cfg: Config, *, progress: bool) -> FolderData:
