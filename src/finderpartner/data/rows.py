@@ -580,8 +580,9 @@ def checked(rows: Rows, spec: RowSpec, *, progress: bool = False) -> tuple[RowTa
             what = table.refs[k] if isinstance(table.refs[k], Path) else "the image"
             problems.append(table.problem(i, bad[k][0], f"{what}: {bad[k][1]}"))
     problems.sort(key=lambda p: (p.file, p.line if p.line is not None else -1))
-    total = len(rows.labels) + sum(1 for p in rows.problems)
-    return table.select(keep), problems, total
+    table = table.select(keep)
+    total = len(table) + sum(1 for p in problems if p.fatal and p.line is not None)  # usable pairs + bad rows
+    return table, problems, total
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -234,6 +234,7 @@ def read_evalset(stream: Any, columns: Columns, base: Path, name: str, max_pixel
     captions: list[str] = []
     text_to_image: list[int] = []
     bad: list[str] = []
+    seen: dict[str, int] = {}
     for row_number, row in enumerate(rows_of(stream)):
         texts, why = _captions(row[columns.text], columns.text)
         ref, image_why = _image_ref(row[columns.image], columns.image, base, None)
@@ -248,9 +249,13 @@ def read_evalset(stream: Any, columns: Columns, base: Path, name: str, max_pixel
             continue
         if isinstance(ref, EncodedImage):
             ref = EncodedImage(f"{name}, row {row_number}", ref.data)
-        images.append(ref)
+            k = len(images)
+        else:  # a manifest lists a file once per caption: one image
+            k = seen.setdefault(str(ref), len(images))
+        if k == len(images):
+            images.append(ref)
         captions += texts
-        text_to_image += [len(images) - 1] * len(texts)
+        text_to_image += [k] * len(texts)
     if bad:
         log.warning("%s: %d bad row(s) left out, e.g. %s", name, len(bad), bad[0])
     return EvalSet(name, images, captions, text_to_image)
