@@ -77,7 +77,7 @@ def _write_hf(root: Path, pairs: dict[str, list[tuple[str, str]]], tmp: Path) ->
     from .rows import hf_datasets
 
     datasets = hf_datasets()
-    features = datasets.Features({"image": datasets.Image(), "caption": datasets.List(datasets.Value("string"))})
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))})
     splits = {}
     for split, rows in pairs.items():
         grouped = _grouped(rows)
