@@ -103,7 +103,7 @@ def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = F
 
 
 def _stream_loader(ctx: dict[str, Any], workers: int, batch: int) -> Any:
-    """The streamed source as ``data.stream.StreamData.batches`` builds it."""
+    """The streamed source as ``data.sources.StreamData.batches`` builds it."""
     from torch.utils.data import DataLoader
 
     from finderpartner.data.collate import Collator

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..outputs import claim_output, write_output
+from .rows import hf_datasets
 from .sample import COMBOS, FORMAT_VERSION, SPLITS, make_sample_data
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,6 @@ def _grouped(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
 
 
 def _write_hf(root: Path, pairs: dict[str, list[tuple[str, str]]], tmp: Path) -> None:
-    from .rows import hf_datasets
-
     datasets = hf_datasets()
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Sequence(datasets.Value("string"))})
     splits = {}

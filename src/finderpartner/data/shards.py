@@ -49,6 +49,7 @@ from ..errors import DataError
 from ..outputs import claim_output, read_marker, write_output
 from .collate import Batch, Collator
 from .dataset import EncodedImage, Skipped, read_split, readable, sample_seed, split_paths
+from .rows import validate_rows
 from .transforms import DECODE_ERRORS, ImageTooLarge, load_image, to_rgb
 
 log = logging.getLogger(__name__)
@@ -360,8 +361,6 @@ def write_shards(
     if rows is None:
         table, problems = read_split(root, split)
     else:  # another layout (rows.py): its split, every row and image checked
-        from .rows import validate_rows
-
         report = validate_rows(rows, [split])[0]
         table, problems = report.table, list(report.problems)
     fatal = [p for p in problems if p.fatal]

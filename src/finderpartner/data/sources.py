@@ -8,7 +8,7 @@ The trainer asks ``open_training_data(cfg)`` for a :class:`TrainingData` and nev
 * :class:`ShardData` — WebDataset tar shards read as a deterministic stream (resumable to the step as well).
 * the table-shaped formats (``hf``, ``imagefolder``, ``jsonl``, ``parquet``: ``rows.py``) — read and checked row by
   row into a table that :class:`FolderData` trains on exactly as on the folder layout; with ``data.streaming``,
-  :class:`~finderpartner.data.stream.StreamData`, a deterministic ``datasets`` stream.
+  :class:`StreamData`, a deterministic ``datasets`` stream (``stream.py``).
 
 Both give the training captions (the tiny model learns its tokenizer from them), the number of pairs that makes an
 epoch, the validation set as an :class:`EvalSet`, and ``batches(...)``: the batch source (``steps_per_epoch``,
@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -33,8 +34,9 @@ from ..errors import DataError
 from ..signals import ignore_in_worker
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
 from .rows import FORMATS as ROW_FORMATS
-from .rows import RowSpec, RowTable, open_tables
+from .rows import RowSpec, RowTable, find_split, open_tables
 from .shards import ShardStream, expand_shards, raw_samples, read_pairs, shard_sizes
+from .stream import Columns, RowStream, all_captions, open_streams, prepared, read_eval_rows, rows_of
 from .transforms import TrainTransform
 from .validate import MIN_IMAGES, require_usable, validate_split
 
@@ -139,8 +141,6 @@ def open_training_data(cfg: Config, *, need_captions: bool, progress: bool) -> T
         return ShardData.open(cfg, need_captions=need_captions)
     if cfg.data.format in ROW_FORMATS:
         if cfg.data.streaming:
-            from .stream import StreamData
-
             return StreamData.open(cfg, need_captions=need_captions)
         return FolderData.open_rows(cfg, progress=progress)
     return FolderData.open(cfg, progress=progress)
@@ -290,6 +290,94 @@ class ShardData:
             sizes=self.sizes,
         )
         # A stream's workers must see set_position(): they are not kept between epochs.
+        return stream, DataLoader(stream, batch_size=None, **loading.loader_options(persistent=False))
+
+
+@dataclass
+class StreamData:
+    """A streamed split for training, its captions (when needed), the epoch length and the validation set."""
+
+    stream: Any
+    columns: Columns
+    base: Path
+    name: str
+    captions: list[str]
+    num_rows: int
+    val: EvalSet | None
+    max_pixels: int | None
+
+    @classmethod
+    def open(cls, cfg: Config, *, need_captions: bool) -> StreamData:
+        d = cfg.data
+        spec = RowSpec.from_data(d)
+        streams, base, counts = open_streams(spec)
+        train_name = find_split(streams, d.train_split)
+        if train_name is None:
+            raise DataError(f"{spec.where} has no split {d.train_split!r} (its splits: {', '.join(streams)})")
+        name = f"{spec.where} [{train_name}]"
+        columns = Columns.of(streams[train_name], spec, name)
+        train = prepared(streams[train_name], columns)
+        known = d.train_size or counts.get(train_name)
+        val_stream, carved = None, 0
+        if d.val_split:
+            val_name = find_split(streams, d.val_split)
+            if val_name is not None and val_name != train_name:
+                val_stream = prepared(
+                    streams[val_name], Columns.of(streams[val_name], spec, f"{spec.where} [{val_name}]")
+                )
+            elif spec.val_carve > 0:
+                if known is None and spec.val_carve < 1:
+                    raise DataError(
+                        f"{name}: to carve a fraction for validation the number of rows must be known: set "
+                        "data.train_size, data.val_carve to a number of images, or data.val_split to a split"
+                    )
+                carved = int(spec.val_carve) if spec.val_carve >= 1 else max(1, round(known * spec.val_carve))
+                log.info(
+                    "%s has no split %r: its first %d rows are held out for validation (data.val_carve)",
+                    spec.where,
+                    d.val_split,
+                    carved,
+                )
+                val_stream, train = train.take(carved), train.skip(carved)
+                known = known - carved if known is not None else None
+            else:
+                raise DataError(f"{spec.where} has no split {d.val_split!r} (its splits: {', '.join(streams)})")
+        captions: list[str] = []
+        if need_captions or known is None:
+            log.info("reading the captions of %s once", name)
+            counted = 0
+            for row in rows_of(train.select_columns([columns.text])):
+                counted += 1
+                captions += all_captions(row[columns.text])
+            known = known or counted
+        if not known:
+            raise DataError(f"{name} holds no rows")
+        val = None
+        if val_stream is not None:
+            val_name = f"{spec.where} [validation]"
+            val = require_retrievable(
+                EvalSet(val_name, *read_eval_rows(val_stream, columns, base, val_name, d.max_image_pixels)),
+                "the validation set",
+                "add more validation pairs, or disable validation with --set data.val_split=",
+            )
+        return cls(train, columns, base, name, captions, known, val, d.max_image_pixels)
+
+    def batches(self, loading: Any) -> tuple[RowStream, DataLoader]:
+        stream = RowStream(
+            self.stream,
+            loading.transform,
+            loading.collate,
+            columns=self.columns,
+            base=self.base,
+            name=self.name,
+            num_rows=self.num_rows,
+            global_batch=loading.global_batch,
+            seed=loading.seed,
+            lanes=max(1, loading.workers),
+            rank=loading.rank,
+            world_size=loading.world,
+            max_pixels=self.max_pixels,
+        )
         return stream, DataLoader(stream, batch_size=None, **loading.loader_options(persistent=False))
 
 

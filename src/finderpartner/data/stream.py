@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from ..config import Config
 from ..errors import DataError
 from .dataset import EncodedImage, Skipped, readable, sample_seed
 from .rows import (
@@ -40,7 +39,6 @@ from .rows import (
     _is_image_feature,
     _is_saved,
     _manifest_splits,
-    find_split,
     hf_datasets,
     pick_column,
 )
@@ -131,105 +129,16 @@ def rows_of(stream: Any) -> Iterator[dict[str, Any]]:
             yield {k: batch[k][i] for k in keys}
 
 
-@dataclass
-class StreamData:
-    """A streamed split for training, its captions (when needed), the epoch length and the validation set."""
-
-    stream: Any
-    columns: Columns
-    base: Path
-    name: str
-    captions: list[str]
-    num_rows: int
-    val: Any
-    max_pixels: int | None
-
-    @classmethod
-    def open(cls, cfg: Config, *, need_captions: bool) -> StreamData:
-        from .sources import EvalSet, require_retrievable
-
-        d = cfg.data
-        spec = RowSpec.from_data(d)
-        streams, base, counts = open_streams(spec)
-        train_name = find_split(streams, d.train_split)
-        if train_name is None:
-            raise DataError(f"{spec.where} has no split {d.train_split!r} (its splits: {', '.join(streams)})")
-        name = f"{spec.where} [{train_name}]"
-        columns = Columns.of(streams[train_name], spec, name)
-        train = prepared(streams[train_name], columns)
-        known = d.train_size or counts.get(train_name)
-        val_stream, carved = None, 0
-        if d.val_split:
-            val_name = find_split(streams, d.val_split)
-            if val_name is not None and val_name != train_name:
-                val_stream = prepared(
-                    streams[val_name], Columns.of(streams[val_name], spec, f"{spec.where} [{val_name}]")
-                )
-            elif spec.val_carve > 0:
-                if known is None and spec.val_carve < 1:
-                    raise DataError(
-                        f"{name}: to carve a fraction for validation the number of rows must be known: set "
-                        "data.train_size, data.val_carve to a number of images, or data.val_split to a split"
-                    )
-                carved = int(spec.val_carve) if spec.val_carve >= 1 else max(1, round(known * spec.val_carve))
-                log.info(
-                    "%s has no split %r: its first %d rows are held out for validation (data.val_carve)",
-                    spec.where,
-                    d.val_split,
-                    carved,
-                )
-                val_stream, train = train.take(carved), train.skip(carved)
-                known = known - carved if known is not None else None
-            else:
-                raise DataError(f"{spec.where} has no split {d.val_split!r} (its splits: {', '.join(streams)})")
-        captions: list[str] = []
-        if need_captions or known is None:
-            log.info("reading the captions of %s once", name)
-            counted = 0
-            for row in rows_of(train.select_columns([columns.text])):
-                counted += 1
-                captions += _all(row[columns.text])
-            known = known or counted
-        if not known:
-            raise DataError(f"{name} holds no rows")
-        val = None
-        if val_stream is not None:
-            val = require_retrievable(
-                read_evalset(val_stream, columns, base, f"{spec.where} [validation]", d.max_image_pixels),
-                "the validation set",
-                "add more validation pairs, or disable validation with --set data.val_split=",
-            )
-            assert isinstance(val, EvalSet)
-        return cls(train, columns, base, name, captions, known, val, d.max_image_pixels)
-
-    def batches(self, loading: Any) -> tuple[RowStream, DataLoader]:
-        stream = RowStream(
-            self.stream,
-            loading.transform,
-            loading.collate,
-            columns=self.columns,
-            base=self.base,
-            name=self.name,
-            num_rows=self.num_rows,
-            global_batch=loading.global_batch,
-            seed=loading.seed,
-            lanes=max(1, loading.workers),
-            rank=loading.rank,
-            world_size=loading.world,
-            max_pixels=self.max_pixels,
-        )
-        return stream, DataLoader(stream, batch_size=None, **loading.loader_options(persistent=False))
-
-
-def _all(cell: Any) -> list[str]:
+def all_captions(cell: Any) -> list[str]:
     cells = cell if isinstance(cell, (list, tuple)) else [cell]
     return [c.strip() for c in cells if isinstance(c, str) and c.strip()]
 
 
-def read_evalset(stream: Any, columns: Columns, base: Path, name: str, max_pixels: int | None) -> Any:
-    """A (small) validation stream in memory: encoded images and every caption; bad rows left out and reported."""
-    from .sources import EvalSet
-
+def read_eval_rows(
+    stream: Any, columns: Columns, base: Path, name: str, max_pixels: int | None
+) -> tuple[list[Any], list[str], list[int]]:
+    """A (small) validation stream in memory: its images (encoded, or files), every caption and the image of each;
+    bad rows left out and reported."""
     images: list[Any] = []
     captions: list[str] = []
     text_to_image: list[int] = []
@@ -258,7 +167,7 @@ def read_evalset(stream: Any, columns: Columns, base: Path, name: str, max_pixel
         text_to_image += [k] * len(texts)
     if bad:
         log.warning("%s: %d bad row(s) left out, e.g. %s", name, len(bad), bad[0])
-    return EvalSet(name, images, captions, text_to_image)
+    return images, captions, text_to_image
 
 
 class RowStream(IterableDataset):
