@@ -379,3 +379,13 @@ def test_save_to_disk_trains_exactly_as_the_folder_layout(
 def test_validate_rows_reports_every_split(layouts: dict[str, Path]) -> None:
     reports = validate_rows(RowSpec("hf", layouts["hf"]))
     assert [(r.split, len(r.table), r.fatal) for r in reports] == [("train", 128, []), ("validation", 48, [])]
+
+
+def test_a_hub_id_is_read_through_datasets(layouts: dict[str, Path], tmp_path: Path) -> None:
+    """data.hf_id goes through datasets.load_dataset as a hub id does; offline, a local folder stands for the hub."""
+    from finderpartner.data.sources import open_training_data
+
+    raw = _config(tmp_path, tmp_path / "unused", {"format": "hf", "hf_id": str(layouts["parquet"]), "streaming": True})
+    data = open_training_data(config_from_dict(raw), need_captions=True, progress=False)
+    assert data.num_rows == 64 and len(data.captions) == 128  # rows counted by reading; every caption for the tokenizer
+    assert data.val is not None and len(data.val.images) == 24 and len(data.val.captions) == 48
