@@ -214,7 +214,7 @@ def _manifest_splits(root: Path, ext: str) -> dict[str, list[Path]]:
     for f in sorted(root.glob(f"*.{ext}")):
         if f.name.startswith("."):
             continue
-        split = f.stem.split("-", 1)[0].split("_", 1)[0] if "-" in f.stem or "_" in f.stem else f.stem
+        split = f.stem.split("-", 1)[0]  # train.jsonl, train-00001.jsonl
         found.setdefault(split, []).append(f)
     return found
 
@@ -229,7 +229,7 @@ def _hf_file_splits(root: Path) -> tuple[str, dict[str, list[str]]] | None:
         splits: dict[str, list[str]] = {}
         for f in files:
             stem = f.stem.lower()
-            head = stem.split("-", 1)[0].split("_", 1)[0]
+            head = stem.split("-", 1)[0]  # the hub's train-00000-of-00002, validation
             split = head if head in ("train", *VAL_NAMES) else "train"
             splits.setdefault(split, []).append(str(f))
         return builder, splits
