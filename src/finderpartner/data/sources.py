@@ -34,7 +34,7 @@ from ..errors import DataError
 from ..signals import ignore_in_worker
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
 from .rows import FORMATS as ROW_FORMATS
-from .rows import RowSpec, RowTable, find_split, open_tables
+from .rows import RowSpec, RowTable, find_split, missing_split, open_tables
 from .shards import ShardStream, expand_shards, raw_samples, read_pairs, shard_sizes
 from .stream import Columns, RowStream, all_captions, open_streams, prepared, read_eval_rows, rows_of
 from .transforms import TrainTransform
@@ -313,18 +313,17 @@ class StreamData:
         streams, base, counts = open_streams(spec)
         train_name = find_split(streams, d.train_split)
         if train_name is None:
-            raise DataError(f"{spec.where} has no split {d.train_split!r} (its splits: {', '.join(streams)})")
+            raise missing_split(spec, streams, d.train_split)
         name = f"{spec.where} [{train_name}]"
         columns = Columns.of(streams[train_name], spec, name)
         train = prepared(streams[train_name], columns)
         known = d.train_size or counts.get(train_name)
-        val_stream, carved = None, 0
+        val_stream, val_label = None, f"{spec.where} [{d.val_split}]"
         if d.val_split:
             val_name = find_split(streams, d.val_split)
             if val_name is not None and val_name != train_name:
-                val_stream = prepared(
-                    streams[val_name], Columns.of(streams[val_name], spec, f"{spec.where} [{val_name}]")
-                )
+                val_label = f"{spec.where} [{val_name}]"
+                val_stream = prepared(streams[val_name], Columns.of(streams[val_name], spec, val_label))
             elif spec.val_carve > 0:
                 if known is None and spec.val_carve < 1:
                     raise DataError(
@@ -339,9 +338,10 @@ class StreamData:
                     carved,
                 )
                 val_stream, train = train.take(carved), train.skip(carved)
+                val_label = f"{name} (first {carved} rows, carved)"
                 known = known - carved if known is not None else None
             else:
-                raise DataError(f"{spec.where} has no split {d.val_split!r} (its splits: {', '.join(streams)})")
+                raise missing_split(spec, streams, d.val_split)
         captions: list[str] = []
         if need_captions or known is None:
             log.info("reading the captions of %s once", name)
@@ -354,15 +354,14 @@ class StreamData:
             raise DataError(f"{name} holds no rows")
         val = None
         if val_stream is not None:
-            val_name = f"{spec.where} [validation]"
             val = require_retrievable(
-                EvalSet(val_name, *read_eval_rows(val_stream, columns, base, val_name, d.max_image_pixels)),
+                EvalSet(val_label, *read_eval_rows(val_stream, columns, base, val_label, d.max_image_pixels)),
                 "the validation set",
                 "add more validation pairs, or disable validation with --set data.val_split=",
             )
         return cls(train, columns, base, name, captions, known, val, d.max_image_pixels)
 
-    def batches(self, loading: Any) -> tuple[RowStream, DataLoader]:
+    def batches(self, loading: Loading) -> tuple[Batches, DataLoader]:
         stream = RowStream(
             self.stream,
             loading.transform,
