@@ -389,3 +389,17 @@ def test_a_hub_id_is_read_through_datasets(layouts: dict[str, Path], tmp_path: P
     data = open_training_data(config_from_dict(raw), need_captions=True, progress=False)
     assert data.num_rows == 64 and len(data.captions) == 128  # rows counted by reading; every caption for the tokenizer
     assert data.val is not None and len(data.val.images) == 24 and len(data.val.captions) == 48
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["save_to_disk", "parquet_stream"])
+def test_a_time_budget_ends_cleanly_on_every_source(case: str, layouts: dict[str, Path], tmp_path: Path) -> None:
+    from finderpartner.budget import MEASURE_STEPS, SKIP_STEPS
+
+    data, _ = CASES[case]
+    raw = _config(tmp_path, layouts[ROOT_OF[case]], data)
+    raw["train"].update(time_budget="1s", warmup_steps=0)
+    result = train_module.train(config_from_dict(raw))
+    # spent during start-up: the run stops where the step count is decided (over several epochs of the stream)
+    assert result.state.global_step == result.state.planned_steps == SKIP_STEPS + MEASURE_STEPS
+    assert result.final is not None and result.best_model.is_dir()
