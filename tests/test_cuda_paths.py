@@ -20,9 +20,9 @@ from helpers import MICRO_SPEC, micro_config
 
 import finderpartner.env as env
 import finderpartner.model as model_module
-import finderpartner.probe as probe
-import finderpartner.step as step
-import finderpartner.train as train_module
+import finderpartner.train.probe as probe
+import finderpartner.train.recipe as train_module
+import finderpartner.train.step as step
 from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.transforms import ImageSpec, normalize
 from finderpartner.errors import ConfigError, TrainingError

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from finderpartner.cli import main
 from finderpartner.errors import CheckpointError, OutputError, StorageError
-from finderpartner.onnx_runtime import load_onnx_encoders
+from finderpartner.interop.onnx_runtime import load_onnx_encoders
 
 
 def snapshot(*folders: Path) -> dict[str, str]:

@@ -16,15 +16,14 @@ from finderpartner.cli import main
 from finderpartner.data.dataset import read_split
 from finderpartner.embedding import model_fingerprint
 from finderpartner.errors import ExportError
-from finderpartner.export import (
+from finderpartner.interop.export import (
     PARITY_COSINE,
     compare,
     export_onnx,
     preprocess_images,
     verify_export,
 )
-from finderpartner.model import encode_image, encode_text, load_model
-from finderpartner.onnx_runtime import (
+from finderpartner.interop.onnx_runtime import (
     COMBINED,
     EXPORT_INFO,
     IMAGE_ENCODER,
@@ -34,6 +33,7 @@ from finderpartner.onnx_runtime import (
     load_onnx_encoders,
     open_session,
 )
+from finderpartner.model import encode_image, encode_text, load_model
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -120,7 +120,7 @@ def test_a_graph_above_the_inline_limit_reads_data_files_named_after_it(
 ) -> None:
     """Above INLINE_MAX_BYTES each graph's weights go to <graph>.onnx_data, <graph>.onnx_data_1, ... of at most
     DATA_CHUNK_BYTES each (transformers.js's names and chunking; config.json says how many), verified as ever."""
-    from finderpartner import export as export_module
+    from finderpartner.interop import export as export_module
 
     largest = max(p.numel() * p.element_size() for p in encoder.model.parameters())  # a tensor is never split
     monkeypatch.setattr(export_module, "INLINE_MAX_BYTES", 4096)
@@ -276,7 +276,7 @@ def test_an_encoder_that_cannot_be_cut_out_is_a_clear_error(tmp_path: Path) -> N
     """A weight used only inside a control-flow subgraph (an If branch) is not found by the cut: named, not run."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from finderpartner.export import write_graphs
+    from finderpartner.interop.export import write_graphs
 
     weight = numpy_helper.from_array(np.ones((4, 8), np.float32), "text_weight")
     branch = helper.make_graph(

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import finderpartner.data.sources as sources
-import finderpartner.train as train_module
+import finderpartner.train.recipe as train_module
 from finderpartner.cli import main
 from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.dataset import EncodedImage, Skipped

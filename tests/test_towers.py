@@ -121,7 +121,7 @@ def test_a_towers_model_exports_to_onnx_with_parity(towers_model: Path, small_da
         str(small_data / "images" / "val"),
     ]
     assert main(args) == 0
-    from finderpartner.onnx_runtime import load_onnx_encoders
+    from finderpartner.interop.onnx_runtime import load_onnx_encoders
 
     onnx = load_onnx_encoders(out)
     ours = load_model(towers_model)

@@ -8,7 +8,7 @@ import torch
 from helpers import micro_config, modes_off_usual
 from safetensors.torch import load_file
 
-import finderpartner.train as train_module
+import finderpartner.train.recipe as train_module
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
 

@@ -19,7 +19,7 @@ from helpers import launcher_env, micro_config
 from finderpartner import cli
 from finderpartner.config import ARCHITECTURES, config_from_dict
 from finderpartner.errors import ModelError, UsageError
-from finderpartner.trial import build_encoder, gpu_peak_flops, parse_size, run_trial
+from finderpartner.train.trial import build_encoder, gpu_peak_flops, parse_size, run_trial
 
 
 @pytest.fixture

@@ -233,7 +233,7 @@ def test_a_file_that_breaks_during_training_is_skipped_counted_and_named(
     from helpers import micro_config
 
     import finderpartner.data.sources as sources
-    import finderpartner.train as train_module
+    import finderpartner.train.recipe as train_module
     from finderpartner.config import config_from_dict
 
     root = tmp_path / "data"

@@ -15,11 +15,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import MANIFEST, latest_checkpoint, list_checkpoints, prune, remove_checkpoint, verify
-from .config import Config, render_yaml
-from .data.dataset import split_paths
-from .errors import CheckpointError, OutputError, UsageError
-from .outputs import (
+from ..config import Config, render_yaml
+from ..data.dataset import split_paths
+from ..errors import CheckpointError, OutputError, UsageError
+from ..outputs import (
     MARKER,
     FolderLock,
     check_not_input,
@@ -31,6 +30,7 @@ from .outputs import (
     write_marker,
     write_text_atomic,
 )
+from .checkpoint import MANIFEST, latest_checkpoint, list_checkpoints, prune, remove_checkpoint, verify
 
 log = logging.getLogger(__name__)
 

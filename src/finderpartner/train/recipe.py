@@ -31,28 +31,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .budget import MARGIN, Plan, format_duration, steps_that_fit
-from .checkpoint import (
-    MANIFEST,
-    latest_checkpoint,
-    load_checkpoint,
-    manifest_digest,
-    save_checkpoint,
-    step_dir_name,
-    verify,
-)
-from .config import Config, config_to_dict
-from .data.collate import Batch, Collator
-from .data.dataset import num_workers
-from .data.sources import Batches, EvalSet, Loading, open_training_data
-from .data.transforms import TrainTransform
-from .data.validate import long_captions_note
-from .env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, Stopped, TrainingError, UsageError
-from .evaluate import EvalResult, evaluate_split, figures, format_change, format_metrics
-from .loss import Objective, build_objective
-from .model import (
+from .. import __version__
+from ..config import Config, config_to_dict
+from ..data.collate import Batch, Collator
+from ..data.dataset import num_workers
+from ..data.sources import Batches, EvalSet, Loading, open_training_data
+from ..data.transforms import TrainTransform
+from ..data.validate import long_captions_note
+from ..env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_device, resolve_precision
+from ..errors import CheckpointError, ConfigError, Stopped, TrainingError, UsageError
+from ..evaluate import EvalResult, evaluate_split, figures, format_change, format_metrics
+from ..loss import Objective, build_objective
+from ..model import (
     ARCH_KIND,
     TINY_KIND,
     DualEncoder,
@@ -67,20 +57,30 @@ from .model import (
     set_attention,
     tower_locked,
 )
-from .outputs import (
+from ..outputs import (
     FolderLock,
     storage_errors,
     write_output,
 )
+from ..processes import all_min, any_true, from_main
+from ..progress import Progress
+from ..signals import StopRequest
+from ..signals import name as signal_name
+from ..zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
+from .budget import MARGIN, Plan, format_duration, steps_that_fit
+from .checkpoint import (
+    MANIFEST,
+    latest_checkpoint,
+    load_checkpoint,
+    manifest_digest,
+    save_checkpoint,
+    step_dir_name,
+    verify,
+)
 from .probe import ProbeResult, device_key, optimizer_state_bytes, probe_micro_batch
-from .processes import all_min, any_true, from_main
-from .progress import Progress
 from .rundir import RESUME_SCHEDULE, changed_settings, open_run_dir, resume_notes
-from .signals import StopRequest
-from .signals import name as signal_name
 from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
 from .tracking import Trackers, accelerator_options, check_trackers, flatten, make_trackers
-from .zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
 
 log = logging.getLogger(__name__)
 

@@ -20,12 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data.collate import Batch
-from .errors import TrainingError
-from .loss import Objective
-from .memory import free_memory, is_oom
-from .model import DualEncoder
-from .processes import any_true
+from ..data.collate import Batch
+from ..errors import TrainingError
+from ..loss import Objective
+from ..memory import free_memory, is_oom
+from ..model import DualEncoder
+from ..processes import any_true
 
 log = logging.getLogger(__name__)
 

@@ -34,14 +34,12 @@ from typing import Any
 
 import torch
 
-from . import step as step_module
-from .budget import Plan, format_duration
-from .config import HUB_ARCHITECTURES, TOWERS, Config
-from .data.collate import Batch
-from .data.sample import COMBOS, TEMPLATES
-from .data.shards import expand_shards
-from .data.sources import open_training_data
-from .env import (
+from ..config import HUB_ARCHITECTURES, TOWERS, Config
+from ..data.collate import Batch
+from ..data.sample import COMBOS, TEMPLATES
+from ..data.shards import expand_shards
+from ..data.sources import open_training_data
+from ..env import (
     autocast_factory,
     configure_cuda_allocator,
     cpu_cores,
@@ -51,14 +49,14 @@ from .env import (
     resolve_device,
     resolve_precision,
 )
-from .errors import ModelError, UsageError
-from .loss import build_objective
-from .memory import free_memory, peak_rss_bytes, reset_peak_rss
-from .model import DualEncoder, build_arch, build_model
-from .progress import Progress
-from .step import embed_pair
-from .tracking import Trackers
-from .train import (
+from ..errors import ModelError, UsageError
+from ..loss import build_objective
+from ..memory import free_memory, peak_rss_bytes, reset_peak_rss
+from ..model import DualEncoder, build_arch, build_model
+from ..progress import Progress
+from . import step as step_module
+from .budget import Plan, format_duration
+from .recipe import (
     Run,
     TrainState,
     _effective_batch,
@@ -70,6 +68,8 @@ from .train import (
     build_optimizer,
     probe_run,
 )
+from .step import embed_pair
+from .tracking import Trackers
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, OutputError
-from .outputs import (
+from ..errors import CheckpointError, OutputError
+from ..outputs import (
     PROOF,
     fsync_dir,
     fsync_file,

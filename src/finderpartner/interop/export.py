@@ -48,10 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.files import scan_images
-from .data.transforms import load_image, normalize
-from .errors import ExportError, OutputError
-from .model import VOCAB_FILE_ERRORS, DualEncoder, encode_image, encode_text
+from ..data.files import scan_images
+from ..data.transforms import load_image, normalize
+from ..errors import ExportError, OutputError
+from ..model import VOCAB_FILE_ERRORS, DualEncoder, encode_image, encode_text
+from ..outputs import claim_output, marked_files, read_marker, write_output
+from ..progress import Progress
+from ..tokenizer import save_vocab_files
 from .onnx_runtime import (
     COMBINED,
     EXPORT_INFO,
@@ -67,9 +70,6 @@ from .onnx_runtime import (
     require_optional,
     variant_file,
 )
-from .outputs import claim_output, marked_files, read_marker, write_output
-from .progress import Progress
-from .tokenizer import save_vocab_files
 
 log = logging.getLogger(__name__)
 

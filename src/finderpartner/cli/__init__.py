@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, progress, signals
-from .errors import (
+from .. import __version__, progress, signals
+from ..errors import (
     BROKEN_PIPE,
     EXIT_CODES,
     INTERNAL_ERROR,
@@ -25,7 +25,7 @@ from .errors import (
     Stopped,
     UsageError,
 )
-from .outputs import claim_files, storage_error, write_text_atomic
+from ..outputs import claim_files, storage_error, write_text_atomic
 
 log = logging.getLogger("finderpartner")
 
@@ -615,7 +615,7 @@ def _launched_rank() -> int | None:
 
 
 def _check_env(args: argparse.Namespace) -> int:
-    from .env import environment_report, format_report
+    from ..env import environment_report, format_report
 
     report = environment_report(config_path=args.config)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
@@ -623,7 +623,7 @@ def _check_env(args: argparse.Namespace) -> int:
 
 
 def _init_config(args: argparse.Namespace) -> int:
-    from .config import PRESET_NOTES, preset_config, render_yaml
+    from ..config import PRESET_NOTES, preset_config, render_yaml
 
     header = (
         f"# FinderPartner config, preset '{args.preset}'. Every key is optional; unknown keys are errors.\n"
@@ -636,7 +636,7 @@ def _init_config(args: argparse.Namespace) -> int:
 
 
 def _sample_data(args: argparse.Namespace) -> int:
-    from .data.sample import make_sample_data
+    from ..data.sample import make_sample_data
 
     summary = make_sample_data(
         args.out,
@@ -656,7 +656,7 @@ def _sample_data(args: argparse.Namespace) -> int:
 def _validate_data(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .data.validate import retrieval_problem, validate_split
+    from ..data.validate import retrieval_problem, validate_split
 
     if not args.data.exists():
         raise DataError(
@@ -675,7 +675,7 @@ def _validate_data(args: argparse.Namespace) -> int:
         )
     tokenizer = context = None
     if args.model:
-        from .model import load_model
+        from ..model import load_model
 
         encoder = load_model(args.model, trust_pickle=args.trust_pickle)
         tokenizer, context = encoder.tokenizer, encoder.context_length
@@ -715,7 +715,7 @@ def _validate_data(args: argparse.Namespace) -> int:
 
 
 def _make_shards(args: argparse.Namespace) -> int:
-    from .data.shards import write_shards
+    from ..data.shards import write_shards
 
     if args.shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1 (got {args.shard_size})")
@@ -729,9 +729,9 @@ def _make_shards(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .config import load_config
-    from .data.sample import make_sample_data
-    from .train import train
+    from ..config import load_config
+    from ..data.sample import make_sample_data
+    from ..train import train
 
     if args.create_sample_data and args.config is None:
         summary = make_sample_data(Path("data/sample"))
@@ -759,8 +759,8 @@ def _trial(args: argparse.Namespace) -> int:
     import time
 
     started = time.perf_counter()  # --seconds counts the imports too
-    from .config import load_config
-    from .trial import format_report, parse_size, run_trial
+    from ..config import load_config
+    from ..train import format_report, parse_size, run_trial
 
     cap = parse_size(args.memory_cap) if args.memory_cap is not None else None
     cfg = load_config(args.config, args.overrides)
@@ -777,7 +777,7 @@ def _trial(args: argparse.Namespace) -> int:
 
 
 def _runtime(args: argparse.Namespace) -> tuple[Any, str]:
-    from .env import resolve_device, resolve_precision
+    from ..env import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
     return device, resolve_precision(args.precision, device)
@@ -793,13 +793,13 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_zeroshot(args)
     if args.class_names is not None or args.templates is not None:
         raise UsageError("--class-names and --templates go with --classes (zero-shot classification)")
-    from .data.dataset import split_paths
-    from .data.sources import EvalSet, require_retrievable
-    from .data.validate import require_usable, validate_split
-    from .env import autocast_factory
-    from .evaluate import evaluate_split, format_metrics, write_report
-    from .model import load_model, set_attention
-    from .zeroshot import claim_report_folder
+    from ..data.dataset import split_paths
+    from ..data.sources import EvalSet, require_retrievable
+    from ..data.validate import require_usable, validate_split
+    from ..env import autocast_factory
+    from ..evaluate import evaluate_split, format_metrics, write_report
+    from ..model import load_model, set_attention
+    from ..zeroshot import claim_report_folder
 
     model_path = Path(args.model)
     out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
@@ -873,9 +873,9 @@ def _loss_batch(args: argparse.Namespace, encoder: Any) -> tuple[int, str]:
 
 
 def _eval_zeroshot(args: argparse.Namespace) -> int:
-    from .env import autocast_factory
-    from .model import load_model, set_attention
-    from .zeroshot import (
+    from ..env import autocast_factory
+    from ..model import load_model, set_attention
+    from ..zeroshot import (
         claim_report_folder,
         evaluate_zeroshot,
         format_zeroshot,
@@ -929,9 +929,9 @@ def _image_folders(data: Any) -> dict[str, Path]:
 
 
 def _searcher(args: argparse.Namespace) -> Any:
-    from .embedding import Searcher
-    from .model import load_model, set_attention
-    from .onnx_runtime import OnnxSearcher
+    from ..embedding import Searcher
+    from ..interop.onnx_runtime import OnnxSearcher
+    from ..model import load_model, set_attention
 
     if getattr(args, "backend", "torch") == "onnx":
         return OnnxSearcher(
@@ -948,7 +948,7 @@ def _searcher(args: argparse.Namespace) -> Any:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .index import index_folder
+    from ..index import index_folder
 
     searcher = _searcher(args)
     index, stats = index_folder(
@@ -998,7 +998,7 @@ def _search(args: argparse.Namespace) -> int:
 def _gallery_captions(folder: Path) -> dict[Path, str]:
     """The first caption of each image when the gallery is a split of a data folder (``<root>/images/<split>/`` beside
     ``<root>/captions_<split>.csv``), by image path; empty for any other folder or an unreadable CSV."""
-    from .data.dataset import read_split
+    from ..data.dataset import read_split
 
     if folder.parent.name != "images":
         return {}
@@ -1029,7 +1029,7 @@ def _shortened(text: str, limit: int = 80) -> str:
 
 def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
     """The index to search: --index (checked against the model), --images (cached), else the run's val images."""
-    from .index import GalleryIndex, cached_gallery
+    from ..index import GalleryIndex, cached_gallery
 
     if args.index is not None:
         index = GalleryIndex.load(args.index)
@@ -1054,7 +1054,7 @@ def _run_split(model_dir: Path) -> tuple[Path, Path] | None:
     if not run_config.is_file():
         log.info("%s has no run folder (no %s): its training data is unknown", model_dir, run_config)
         return None
-    from .config import load_config
+    from ..config import load_config
 
     cfg = load_config(run_config)
     split = cfg.data.val_split or cfg.data.train_split
@@ -1096,9 +1096,9 @@ def _default_gallery(model_dir: Path) -> Path | None:
 def _export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from .embedding import model_fingerprint
-    from .export import ExportError, export_onnx, format_verification, read_verification_inputs, verify_export
-    from .model import load_model
+    from ..embedding import model_fingerprint
+    from ..interop.export import ExportError, export_onnx, format_verification, read_verification_inputs, verify_export
+    from ..model import load_model
 
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
     source = str(Path(args.model).resolve()) if Path(args.model).is_dir() else str(args.model)  # usable from any cwd
@@ -1138,7 +1138,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _sample_images(tmp: Path, size: int) -> tuple[Path, Path]:
     """A few synthetic sample images with captions, for verifying an export when no data is at hand."""
-    from .data.sample import make_sample_data
+    from ..data.sample import make_sample_data
 
     log.info("no --images given and the run's validation images were not found: verifying on synthetic sample images")
     root = make_sample_data(tmp / "sample", train_images=0, val_images=16, image_size=max(32, size)).root
@@ -1146,7 +1146,7 @@ def _sample_images(tmp: Path, size: int) -> tuple[Path, Path]:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import launch_demo
+    from ..demo import launch_demo
 
     searcher = _searcher(args)
     index = _gallery(args, searcher, progress=True)
@@ -1252,8 +1252,8 @@ def _alphas(args: argparse.Namespace, default: list[float]) -> list[float]:
 
 
 def _merger(args: argparse.Namespace) -> Any:
-    from .merge import Merger
-    from .model import load_model
+    from ..merge import Merger
+    from ..model import load_model
 
     base = load_model(args.base, trust_pickle=args.trust_pickle)
     finetuned = load_model(args.finetuned, trust_pickle=args.trust_pickle)
@@ -1261,7 +1261,7 @@ def _merger(args: argparse.Namespace) -> Any:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .merge import claim_merge_output, write_merged
+    from ..merge import claim_merge_output, write_merged
 
     alphas = _alphas(args, [0.5])
     claim_merge_output(args.out, args.base, args.finetuned, alphas, overwrite=args.overwrite)  # before loading
@@ -1295,8 +1295,8 @@ def _refuse_sweep_args_without_sweep(args: argparse.Namespace) -> None:
 
 def _sweep_set(data: Path, split: str, encoder: Any) -> tuple[Any, Any]:
     """(EvalSet, its PairTable) of one evaluation set, checked as `eval` checks its split."""
-    from .data.sources import EvalSet, require_retrievable
-    from .data.validate import require_usable, validate_split
+    from ..data.sources import EvalSet, require_retrievable
+    from ..data.validate import require_usable, validate_split
 
     table = require_usable(
         validate_split(data, split, tokenizer=encoder.tokenizer, context_length=encoder.context_length),
@@ -1309,10 +1309,10 @@ def _sweep_set(data: Path, split: str, encoder: Any) -> tuple[Any, Any]:
 
 
 def _eval_sweep(args: argparse.Namespace) -> int:
-    from .env import autocast_factory
-    from .evaluate import evaluate_split
-    from .merge import claim_sweep_output, format_sweep, sweep, sweep_record, write_sweep_report
-    from .model import set_attention
+    from ..env import autocast_factory
+    from ..evaluate import evaluate_split
+    from ..merge import claim_sweep_output, format_sweep, sweep, sweep_record, write_sweep_report
+    from ..model import set_attention
 
     if args.model is not None:
         raise UsageError("--sweep-alpha evaluates merges of --base and --finetuned: drop --model")
@@ -1422,7 +1422,7 @@ agree (cosine >= 0.9999, same token ids). How to load the result is printed.
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from ..interop.convert import convert
 
     result = convert(
         args.to,

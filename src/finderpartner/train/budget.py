@@ -19,6 +19,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..progress import format_duration
+
 log = logging.getLogger(__name__)
 
 SKIP_STEPS = 10  # untimed first steps of each process's loop (the first 8 come from batches prefetched at start)
@@ -26,14 +28,6 @@ MEASURE_STEPS = 20  # timed steps before the decision
 MIN_MEASURE_STEPS = 5  # when a resumed run has less of its warm-up left than MEASURE_STEPS
 MARGIN = 0.93  # plan for this share of the time left: later steps ran up to 10% slower than the timed ones
 UNDECIDED = 10**12  # the provisional total while the decision is pending (only warm-up rates are asked for)
-
-
-def format_duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.3g} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.3g} min"
-    return f"{seconds:.3g} s"
 
 
 @dataclass
