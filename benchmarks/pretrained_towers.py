@@ -44,8 +44,9 @@ from finderpartner.data.transforms import TrainTransform  # noqa: E402
 from finderpartner.embedding import embed_images  # noqa: E402
 from finderpartner.evaluate import evaluate_split  # noqa: E402
 from finderpartner.loss import ClipLoss  # noqa: E402
-from finderpartner.model import TowerCache, apply_freezing, build_model, load_model, set_attention  # noqa: E402
+from finderpartner.model import build_model, load_model, set_attention  # noqa: E402
 from finderpartner.train import build_optimizer  # noqa: E402
+from finderpartner.train.levers import TowerCache, apply_freezing  # noqa: E402
 from finderpartner.train.step import contrastive_backward  # noqa: E402
 from finderpartner.zeroshot import TEMPLATES, class_embeddings, score_zeroshot  # noqa: E402
 

@@ -20,8 +20,9 @@ from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
 from finderpartner.errors import TrainingError
 from finderpartner.loss import ClipLoss
-from finderpartner.model import apply_freezing, apply_lora, build_tiny, enable_gradient_checkpointing, plain_model
+from finderpartner.model import build_tiny, plain_model
 from finderpartner.train import build_optimizer, train
+from finderpartner.train.levers import apply_freezing, apply_lora, enable_gradient_checkpointing
 from finderpartner.train.probe import optimizer_state_bytes, probe_micro_batch
 from finderpartner.train.step import contrastive_backward
 

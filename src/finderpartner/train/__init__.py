@@ -10,6 +10,7 @@ Code outside this package imports from here, not from the modules (scripts/impor
 """
 
 from .recipe import TrainResult, build_optimizer, probe_run, setup, train
-from .trial import format_report, parse_size, run_trial
+from .trial import run_trial
+from .trial_report import format_report, parse_size
 
 __all__ = ["TrainResult", "build_optimizer", "format_report", "parse_size", "probe_run", "run_trial", "setup", "train"]

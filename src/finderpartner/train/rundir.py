@@ -13,9 +13,12 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import Config, render_yaml
+if TYPE_CHECKING:
+    from .recipe import Run
+
+from ..config import Config, config_to_dict, render_yaml
 from ..data.dataset import split_paths
 from ..errors import CheckpointError, OutputError, UsageError
 from ..outputs import (
@@ -258,3 +261,30 @@ def resume_notes(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> list[
     if rest:
         notes.append(f"also changed since the checkpoint, used from now on: {', '.join(rest)}")
     return notes
+
+
+def explain_changes(run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Settings changed since the checkpoint: refused (rundir.RESUME_REFUSED), or said with what they do now."""
+    changes = changed_settings(saved.get("config", {}), config_to_dict(run.cfg))
+    notes = resume_notes(changes, path)
+    schedule = {k: v for k, v in changes.items() if k in RESUME_SCHEDULE}
+    step = run.state.global_step
+    if schedule:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in schedule.items())
+        if run.plan.decided and run.total_steps <= step:
+            raise CheckpointError(
+                f"--resume {path}: {what} since the checkpoint, so the run now ends at step {run.total_steps}, but the "
+                f"checkpoint is at step {step}: nothing is left to train. Give more steps, or use its best model"
+            )
+        before = saved.get("scheduler", {}).get("_last_lr", [float("nan")])[0]
+        now = run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](step)
+        ends = f"at step {run.total_steps}" if run.plan.decided else "when its time budget decides"
+        notes.insert(
+            0,
+            f"{what} since the checkpoint: the run now ends {ends}, and the learning-rate schedule is recomputed "
+            f"for it: at step {step} the learning rate goes from {before:.3g} (the checkpoint's schedule) to "
+            f"{now:.3g}",
+        )
+    if run.is_main:
+        for note in notes:
+            log.warning("%s", note)
