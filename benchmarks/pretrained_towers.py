@@ -96,7 +96,7 @@ def evaluate(model: Path, data: Path) -> dict[str, float]:
 
 def lit_throughput(data: Path, steps: int = 12, batch: int = 64) -> dict[str, float]:
     """Samples/s of training steps of the minilm preset's model: text tower unlocked, locked, locked + cached."""
-    cfg = preset_config("minilm")
+    cfg = preset_config("minilm_tiny_vit")
     table, _ = read_split(data, "train")
     results = {}
     for name, locked, cached in (("unlocked", False, False), ("locked", True, False), ("locked + cached", True, True)):

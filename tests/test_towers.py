@@ -53,7 +53,7 @@ def test_the_minilm_tower_is_found_offline_with_its_mean_pooling() -> None:
 
 
 def test_the_preset_config_builds_towers() -> None:
-    cfg = preset_config("minilm")
+    cfg = preset_config("minilm_tiny_vit")
     assert cfg.model.name == "towers" and cfg.model.towers.text == "minilm" and cfg.model.freeze.text_tower
 
 

@@ -42,29 +42,24 @@ def add_init_config_command(sub: Any) -> None:
         "init-config",
         "print a commented default config (YAML) on stdout",
         description="""
-Print a config on stdout: every key with its meaning, starting from a preset (tiny: the CPU model of
-`make run`; rtx3060: ViT-B/32 on a 12 GB GPU; minilm; finetune). Save it, edit it, train with it.""",
+Print a config on stdout: every key with its meaning. A preset is one of the shipped configs/*.yaml, by its file
+name: clip_base (ViT-B/32 on a 12 GB GPU), clip_tiny (the tiny CLIP on a CPU), minilm_tiny_vit (make run's),
+finetune. Save it, edit it, train with it.""",
         examples="""
-finderpartner init-config --preset tiny > my_config.yaml
-finderpartner init-config --preset rtx3060 > mine.yaml && finderpartner train --config mine.yaml""",
+finderpartner init-config --preset clip_tiny > my_config.yaml
+finderpartner init-config > mine.yaml && finderpartner train --config mine.yaml""",
     )
     p.add_argument(
         "--preset",
-        default="rtx3060",
-        choices=["rtx3060", "tiny", "minilm", "finetune"],
-        help="starting point (default: rtx3060)",
+        default="clip_base",
+        metavar="NAME",
+        help="a shipped config by file name: clip_base (default), clip_tiny, minilm_tiny_vit, finetune",
     )
     p.set_defaults(handler=_init_config)
 
 
 def _init_config(args: argparse.Namespace) -> int:
-    from ..config import PRESET_NOTES, preset_config, render_yaml
+    from ..config import preset_path
 
-    header = (
-        f"# FinderPartner config, preset '{args.preset}'. Every key is optional; unknown keys are errors.\n"
-        f"# Train with: finderpartner train --config <this file> [--set key=value ...]\n"
-    )
-    if args.preset in PRESET_NOTES:
-        header += f"# {PRESET_NOTES[args.preset]}\n"
-    sys.stdout.write(header + render_yaml(preset_config(args.preset)))
+    sys.stdout.write(preset_path(args.preset).read_text(encoding="utf-8"))
     return 0

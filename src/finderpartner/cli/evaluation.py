@@ -79,8 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
     from ..data.sources import EvalSet, require_retrievable
     from ..data.validate import require_usable, validate_split
     from ..env import autocast_factory
-    from ..evaluate import evaluate_split, format_metrics, write_report
-    from ..zeroshot import claim_report_folder
+    from ..evaluate import claim_report_folder, evaluate_split, format_metrics, write_report
 
     model_path = Path(args.model)
     out = args.out or (model_path.parent / "eval" if model_path.is_dir() else Path("eval"))
@@ -153,8 +152,8 @@ def _loss_batch(args: argparse.Namespace, encoder: Any) -> tuple[int, str]:
 
 def _eval_zeroshot(args: argparse.Namespace) -> int:
     from ..env import autocast_factory
+    from ..evaluate import claim_report_folder
     from ..zeroshot import (
-        claim_report_folder,
         evaluate_zeroshot,
         format_zeroshot,
         load_zeroshot_set,
@@ -341,8 +340,8 @@ def _sweep_set(data: Path, split: str, encoder: Any) -> tuple[Any, Any]:
 
 def _eval_sweep(args: argparse.Namespace) -> int:
     from ..env import autocast_factory
-    from ..evaluate import evaluate_split
-    from ..merge import claim_sweep_output, format_sweep, sweep, sweep_record, write_sweep_report
+    from ..evaluate import claim_report_folder, evaluate_split
+    from ..merge import format_sweep, sweep, sweep_record, write_sweep_report
     from ..model import set_attention
 
     if args.model is not None:
@@ -370,7 +369,7 @@ def _eval_sweep(args: argparse.Namespace) -> int:
             f"images{i + 1}": Path(data) / "images" / split,
             f"captions{i + 1}": Path(data) / f"captions_{split}.csv",
         }
-    claim_sweep_output(out, protect)  # before the models load and the sweep runs
+    claim_report_folder(out, protect)  # before the models load and the sweep runs
     merger = _merger(args)
     device, precision = runtime(args)
     sets = []

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from ..config import Config, config_to_dict
 from ..data.collate import Batch, Collator
 from ..data.dataset import num_workers
-from ..data.sources import Batches, EvalSet, Loading, open_training_data
+from ..data.sources import Batches, EvalSet, Loading, Passes, open_training_data
 from ..data.transforms import TrainTransform
 from ..data.validate import long_captions_note
 from ..env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_precision
@@ -267,7 +267,10 @@ def _build_run(
         )
     set_seed(cfg.seed)
     data = open_training_data(
-        cfg, need_captions=cfg.model.is_tiny or cfg.model.arch is not None, progress=accelerator.is_main_process
+        cfg.data,
+        Passes.of(cfg.train),
+        need_captions=cfg.model.is_tiny or cfg.model.arch is not None,
+        progress=accelerator.is_main_process,
     )
     zeroshot = _zeroshot_sets(cfg, data.val is not None)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)

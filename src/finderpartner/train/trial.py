@@ -37,7 +37,7 @@ from ..config import HUB_ARCHITECTURES, TOWERS, Config
 from ..data.collate import Batch
 from ..data.sample import COMBOS, TEMPLATES
 from ..data.shards import expand_shards
-from ..data.sources import open_training_data
+from ..data.sources import Passes, open_training_data
 from ..env import (
     autocast_factory,
     configure_cuda_allocator,
@@ -255,7 +255,7 @@ class _Trial:
         if data_present(cfg):
             # the captions of shards are read only for a model that learns its tokenizer from them (as train)
             built = cfg.model.is_tiny or cfg.model.arch is not None or cfg.model.name in HUB_ARCHITECTURES
-            self.data = open_training_data(cfg, need_captions=built, progress=self.progress)
+            self.data = open_training_data(cfg.data, Passes.of(cfg.train), need_captions=built, progress=self.progress)
         else:
             where = cfg.data.train_shards if cfg.data.format == "webdataset" else cfg.data.root
             self.notes.append(
