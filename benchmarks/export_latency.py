@@ -88,8 +88,8 @@ def measure(
 ) -> list[dict[str, Any]]:
     import torch
 
-    from finderpartner.interop.export import _repeat, preprocess_images
     from finderpartner.interop.onnx_runtime import load_onnx_encoders
+    from finderpartner.interop.verify import _repeat, preprocess_images
     from finderpartner.model import encode_image, encode_text
 
     torch.set_num_threads(threads)

@@ -16,13 +16,7 @@ from finderpartner.cli import main
 from finderpartner.data.dataset import read_split
 from finderpartner.embedding import model_fingerprint
 from finderpartner.errors import ExportError
-from finderpartner.interop.export import (
-    PARITY_COSINE,
-    compare,
-    export_onnx,
-    preprocess_images,
-    verify_export,
-)
+from finderpartner.interop.export import PARITY_COSINE, export_onnx
 from finderpartner.interop.onnx_runtime import (
     COMBINED,
     EXPORT_INFO,
@@ -33,6 +27,7 @@ from finderpartner.interop.onnx_runtime import (
     load_onnx_encoders,
     open_session,
 )
+from finderpartner.interop.verify import compare, preprocess_images, verify_export
 from finderpartner.model import encode_image, encode_text, load_model
 
 onnx = pytest.importorskip("onnx")

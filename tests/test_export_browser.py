@@ -28,7 +28,8 @@ import torch
 from finderpartner.data.dataset import read_split
 from finderpartner.embedding import model_fingerprint
 from finderpartner.interop import export as export_module
-from finderpartner.interop.export import compare, export_onnx, preprocess_images
+from finderpartner.interop.export import export_onnx
+from finderpartner.interop.verify import compare, preprocess_images
 from finderpartner.model import encode_image, encode_text, load_model
 
 pytest.importorskip("onnx")

@@ -115,8 +115,9 @@ def test_the_demo_shows_sigmoid_probabilities(siglip_run: Path, small_data: Path
 def test_onnx_export_keeps_parity_and_the_bias(siglip_run: Path, small_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from finderpartner.interop.export import export_onnx, preprocess_images, verify_export
+    from finderpartner.interop.export import export_onnx
     from finderpartner.interop.onnx_runtime import COMBINED, OnnxSearcher, open_session, variant_file
+    from finderpartner.interop.verify import preprocess_images, verify_export
 
     encoder = load_model(siglip_run / "best_model")
     out = tmp_path / "onnx"

@@ -65,7 +65,8 @@ def _export(args: argparse.Namespace) -> int:
     import tempfile
 
     from ..embedding import model_fingerprint
-    from ..interop.export import ExportError, export_onnx, format_verification, read_verification_inputs, verify_export
+    from ..interop.export import ExportError, export_onnx
+    from ..interop.verify import format_verification, read_verification_inputs, verify_export
     from ..model import load_model
 
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
