@@ -20,6 +20,8 @@ from finderpartner.errors import CheckpointError, StorageError, TrainingError
 from finderpartner.train import train
 from finderpartner.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 def _save(folder: Path, step: int, keep: int = 10, value: float = 1.0) -> Path:
     return save_checkpoint(

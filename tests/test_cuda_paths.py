@@ -31,6 +31,8 @@ from finderpartner.model import build_tiny, load_model, save_model
 from finderpartner.train import train
 from finderpartner.train.levers import TowerCache
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 GiB = 2**30
 
 

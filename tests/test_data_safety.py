@@ -24,6 +24,8 @@ from finderpartner.cli import main
 from finderpartner.errors import CheckpointError, OutputError, StorageError
 from finderpartner.interop.onnx_runtime import load_onnx_encoders
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 def snapshot(*folders: Path) -> dict[str, str]:
     """Every file under the folders (or given itself) with the SHA-256 of its bytes."""

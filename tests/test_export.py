@@ -30,6 +30,8 @@ from finderpartner.interop.onnx_runtime import (
 from finderpartner.interop.verify import compare, preprocess_images, verify_export
 from finderpartner.model import encode_image, encode_text, load_model
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 

@@ -32,6 +32,8 @@ from finderpartner.interop.export import export_onnx
 from finderpartner.interop.verify import compare, preprocess_images
 from finderpartner.model import encode_image, encode_text, load_model
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 

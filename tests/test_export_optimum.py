@@ -26,6 +26,8 @@ from finderpartner.interop.verify import preprocess_images
 from finderpartner.model import build_model, encode_image, encode_text, load_model
 from finderpartner.tokenizer import build_caption_tokenizer
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 pytest.importorskip("onnxruntime")
 if os.environ.get("FINDERPARTNER_REQUIRE_OPTIMUM") == "1":
     import optimum.onnxruntime as ort_models  # make test-optimum: an import error is a failure, not a skip

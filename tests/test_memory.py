@@ -26,6 +26,8 @@ from finderpartner.train.levers import apply_freezing, apply_lora, enable_gradie
 from finderpartner.train.probe import optimizer_state_bytes, probe_micro_batch
 from finderpartner.train.step import contrastive_backward
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 def _batch(small_data: Path, encoder, n: int):
     table, _ = read_split(small_data, "train")

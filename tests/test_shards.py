@@ -27,6 +27,8 @@ from finderpartner.errors import ConfigError, DataError
 from finderpartner.evaluate import evaluate_split
 from finderpartner.model import build_tiny
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 @pytest.fixture(scope="module")
 def shards(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

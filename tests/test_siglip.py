@@ -26,6 +26,8 @@ from finderpartner.loss import ClipLoss, SigmoidLoss, build_objective, saved_obj
 from finderpartner.model import OBJECTIVE_KEY, load_model
 from finderpartner.train import train
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 TEXTS = "a large red circle on the left\nsmall blue star, center\na small green square on the right side"
 
 

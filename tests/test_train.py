@@ -12,6 +12,8 @@ import finderpartner.train.recipe as train_module
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]

@@ -22,6 +22,8 @@ from finderpartner.errors import ModelError, UsageError
 from finderpartner.train.trial import build_encoder, run_trial
 from finderpartner.train.trial_report import gpu_peak_flops, parse_size
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 @pytest.fixture
 def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -24,6 +24,8 @@ from finderpartner.config import load_config
 from finderpartner.data.transforms import load_image
 from finderpartner.errors import ConfigError, DataError, ModelError, UsageError
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle on the left"
 FAST = ["--precision", "fp32", "--workers", "0"]

@@ -17,6 +17,8 @@ from finderpartner.data.validate import require_usable, validate_split
 from finderpartner.errors import DataError
 from finderpartner.model import build_tiny
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 def _jpeg(path: Path, size=(40, 30), colour=(200, 40, 40)) -> bytes:
     buf = io.BytesIO()
