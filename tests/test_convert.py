@@ -25,6 +25,8 @@ from finderpartner.data.transforms import load_image
 from finderpartner.interop.convert import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VERIFY_MIN_COSINE
 from finderpartner.model import build_tiny, image_features, load_model, save_model, text_features
 
+pytestmark = pytest.mark.slow  # builds, converts and runs open_clip models
+
 open_clip = pytest.importorskip("open_clip")
 
 TINY = {
