@@ -203,7 +203,7 @@ def _remove_empty(folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Settings changed between a checkpoint and the run that resumes it (the model section is refused in train.py)
+# Settings changed between a checkpoint and the run that resumes it (the model section is refused in recipe.py)
 
 # A resume under another value means nothing: refused (with why)
 RESUME_REFUSED = {
@@ -212,7 +212,7 @@ RESUME_REFUSED = {
 }
 # The checkpoint's optimizer state holds these: a new value is not used (said, so nobody believes it is)
 RESUME_KEPT = ("train.lr", "train.betas", "train.eps", "train.weight_decay")
-# These reshape the rest of the learning-rate schedule and the step count (train.py says how)
+# These reshape the rest of the learning-rate schedule and the step count (recipe.py says how)
 RESUME_SCHEDULE = ("train.epochs", "train.max_steps", "train.time_budget", "train.warmup_steps", "train.min_lr_ratio")
 # These change which pairs the coming steps read, or in which order
 RESUME_DATA = ("seed", "data.root", "data.train_split", "data.format", "data.train_shards", "data.augment")
@@ -231,7 +231,7 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "
 
 
 def resume_notes(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> list[str]:
-    """What a resume does with each changed setting but the schedule's (train.py words those with its figures);
+    """What a resume does with each changed setting but the schedule's (recipe.py words those with its figures);
     raises ``CheckpointError`` for a change that makes the resume meaningless."""
     refused = [
         f"{key} {old} -> {new} ({RESUME_REFUSED[key].format(old=old)})"

@@ -3,7 +3,7 @@
 Does this config fit, at which micro-batch, how fast, and when would the run end? The trial builds the configured
 model (a hub model whose weights cannot be fetched is measured as its architecture, ``arch:<name>``, with random
 weights: the same shapes, so the same speed and memory; it says so), probes the micro-batch as training does, and
-runs the trainer's own step (``train._train_step``: the gradient cache, the objective, AdamW, clipping, fp16 loss
+runs the trainer's own step (``recipe._train_step``: the gradient cache, the objective, AdamW, clipping, fp16 loss
 scaling, the OOM retry) on the configured data when it is there, else on synthetic batches of the model's image
 size and full-length captions, until ``seconds`` after it started (setup included; at least two steps). It
 reports the device and precision, the micro-batch and contrastive batch, pairs per second, peak memory, MFU against
