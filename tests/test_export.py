@@ -317,7 +317,7 @@ def test_export_from_another_folder_verifies_on_the_runs_images(
 
     import yaml
 
-    from finderpartner.cli import _run_split
+    from finderpartner.cli.common import run_split
 
     project = tmp_path / "project"
     shutil.copytree(small_data, project / "data")
@@ -335,7 +335,7 @@ def test_export_from_another_folder_verifies_on_the_runs_images(
     shutil.rmtree(project / "data")
     monkeypatch.setattr(logging.getLogger("finderpartner"), "propagate", True)  # main() set up its own handler
     with caplog.at_level("INFO", logger="finderpartner.cli"):
-        assert _run_split(model) is None
+        assert run_split(model) is None
     looked = [r.getMessage() for r in caplog.records if "are not at" in r.getMessage()]
     assert looked and str(elsewhere / "data" / "images" / "val") in looked[0]
     assert str(project.resolve() / "data" / "images" / "val") in looked[0]
