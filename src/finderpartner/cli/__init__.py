@@ -159,6 +159,3 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
-
-if __name__ == "__main__":
-    sys.exit(main())
