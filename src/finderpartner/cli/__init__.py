@@ -158,4 +158,3 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     pkg.propagate = False
     for noisy in ("transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-
