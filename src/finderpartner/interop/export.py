@@ -23,7 +23,7 @@ keeps them in data files named after it (``text_model.onnx_data``, ``text_model.
 ``DATA_CHUNK_BYTES``, as transformers.js reads them (config.json's ``use_external_data_format`` says how many).
 Batch sizes are dynamic everywhere, and so is the text length (up to the model's context length). Reading an
 export (and searching with it) is ``onnx_runtime.py``; this module writes and verifies. The
-fingerprint is the source model's (``index.model_fingerprint``), so a gallery index built with PyTorch is
+fingerprint is the source model's (``embedding.model_fingerprint``), so a gallery index built with PyTorch is
 searched with the export and vice versa.
 """
 
