@@ -22,7 +22,9 @@ from safetensors.torch import load_file
 
 from finderpartner.cli import main
 from finderpartner.errors import CheckpointError, OutputError, StorageError
-from finderpartner.onnx_runtime import load_onnx_encoders
+from finderpartner.interop.onnx_runtime import load_onnx_encoders
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 def snapshot(*folders: Path) -> dict[str, str]:

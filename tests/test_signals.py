@@ -24,6 +24,8 @@ from finderpartner.config import config_from_dict
 from finderpartner.errors import INTERRUPTED, Stopped
 from finderpartner.train import train
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 RUN = dict(epochs=3, checkpoint_every=1000, log_every=1)  # 24 steps; no periodic checkpoint on the way
 
 
