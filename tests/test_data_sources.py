@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-import finderpartner.train as train_module
+import finderpartner.train.recipe as train_module
 from finderpartner.cli import main
 from finderpartner.config import config_from_dict
 from finderpartner.data.dataset import read_split
@@ -394,7 +394,7 @@ def test_a_hub_id_is_read_through_datasets(layouts: dict[str, Path], tmp_path: P
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["save_to_disk", "parquet_stream"])
 def test_a_time_budget_ends_cleanly_on_every_source(case: str, layouts: dict[str, Path], tmp_path: Path) -> None:
-    from finderpartner.budget import MEASURE_STEPS, SKIP_STEPS
+    from finderpartner.train.budget import MEASURE_STEPS, SKIP_STEPS
 
     data, _ = CASES[case]
     raw = _config(tmp_path, layouts[ROOT_OF[case]], data)
