@@ -272,13 +272,14 @@ import json, sys
 import torch, torch.distributed as dist
 from torch.utils.data import DataLoader
 from finderpartner.config import config_from_dict
-from finderpartner.data.sources import Loading, open_training_data
+from finderpartner.data.sources import Loading, Passes, open_training_data
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 seen = {}
 for name, raw in json.loads(sys.argv[1]).items():
-    data = open_training_data(config_from_dict(raw), need_captions=False, progress=False)
+    cfg = config_from_dict(raw)
+    data = open_training_data(cfg.data, Passes.of(cfg.train), need_captions=False, progress=False)
     keep = lambda img, caption, rng: (torch.zeros(1), caption)
     collate = lambda items: [(i["index"], i["caption"]) for i in items]
     loading = Loading(keep, collate, 16, rank, world, 5, torch.device("cpu"), 0)
@@ -383,10 +384,11 @@ def test_validate_rows_reports_every_split(layouts: dict[str, Path]) -> None:
 
 def test_a_hub_id_is_read_through_datasets(layouts: dict[str, Path], tmp_path: Path) -> None:
     """data.hf_id goes through datasets.load_dataset as a hub id does; offline, a local folder stands for the hub."""
-    from finderpartner.data.sources import open_training_data
+    from finderpartner.data.sources import Passes, open_training_data
 
     raw = _config(tmp_path, tmp_path / "unused", {"format": "hf", "hf_id": str(layouts["parquet"]), "streaming": True})
-    data = open_training_data(config_from_dict(raw), need_captions=True, progress=False)
+    cfg = config_from_dict(raw)
+    data = open_training_data(cfg.data, Passes.of(cfg.train), need_captions=True, progress=False)
     assert data.num_rows == 64 and len(data.captions) == 128  # rows counted by reading; every caption for the tokenizer
     assert data.val is not None and len(data.val.images) == 24 and len(data.val.captions) == 48
 
