@@ -6,6 +6,9 @@ Pipelines, each through a DataLoader with batches of ``--batch`` and 0/1/2 worke
 * ``ours``          PairDataset + TrainTransform (random resized crop, flip, jitter) + Collator (tokenise, stack)
 * ``ours+cache``    the same, reading images from the pre-resized decoded cache (``data.cache_images``)
 * ``open_clip``     open_clip's CsvDataset + its train transform + its HF tokenizer wrapper (float tensors out)
+* ``hf``            ``ours`` on the same pairs read from a ``save_to_disk`` copy (images in the Arrow file)
+* ``imagefolder``   ``ours`` on an imagefolder copy (metadata.jsonl), ``jsonl`` on a JSONL manifest copy
+* ``hf-stream``     the streamed source (``data.streaming``) on the Parquet files of the ``save_to_disk`` copy
 
 at the tiny model's 64 px (from 96 px JPEGs, the sample data's default) and at 224 px (from 256 px JPEGs).
 The first batch of every loader (worker start-up) is not timed. Pipelines alternate; medians of ``--repeats``.
@@ -42,8 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pipelines",
         nargs="+",
-        default=["decode", "ours", "ours+cache", "open_clip"],
-        choices=["decode", "ours", "ours+cache", "open_clip"],
+        default=["decode", "ours", "ours+cache", "open_clip", "hf", "imagefolder", "jsonl", "hf-stream"],
+        choices=["decode", "ours", "ours+cache", "open_clip", "hf", "imagefolder", "jsonl", "hf-stream"],
     )
     p.add_argument("--train-images", type=int, default=1280, help="images in the generated data sets")
     p.add_argument(
@@ -80,15 +83,16 @@ def _decode_loader(ctx: dict[str, Any], workers: int, batch: int) -> Any:
     return DataLoader(DecodeOnly(paths), batch_size=batch, shuffle=True, num_workers=workers, collate_fn=list)
 
 
-def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = False) -> Any:
-    """Our loader as ``data.sources.FolderData.batches`` builds it (persistent workers and prefetch aside)."""
+def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = False, table: str = "table") -> Any:
+    """Our loader as ``data.sources.FolderData.batches`` builds it (persistent workers and prefetch aside), on the
+    folder layout's table or (``table``) another layout's."""
     from torch.utils.data import DataLoader
 
     from finderpartner.data.collate import Collator
     from finderpartner.data.dataset import ContrastiveBatchSampler, PairDataset
 
-    dataset = PairDataset(ctx["table"], ctx["transform"], decoded=ctx["cache"] if cached else None)
-    sampler = ContrastiveBatchSampler(len(ctx["table"]), batch, seed=0)
+    dataset = PairDataset(ctx[table], ctx["transform"], decoded=ctx["cache"] if cached else None)
+    sampler = ContrastiveBatchSampler(len(ctx[table]), batch, seed=0)
     return DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -96,6 +100,53 @@ def _ours_loader(ctx: dict[str, Any], workers: int, batch: int, cached: bool = F
         collate_fn=Collator(ctx["tokenize"]),
         prefetch_factor=4 if workers else None,
     )
+
+
+def _stream_loader(ctx: dict[str, Any], workers: int, batch: int) -> Any:
+    """The streamed source as ``data.sources.StreamData.batches`` builds it."""
+    from torch.utils.data import DataLoader
+
+    from finderpartner.data.collate import Collator
+    from finderpartner.data.rows import RowSpec
+    from finderpartner.data.stream import Columns, RowStream, open_streams, prepared
+
+    spec = RowSpec("hf", ctx["parquet"], streaming=True)
+    streams, base, counts = open_streams(spec)
+    columns = Columns.of(streams["train"], spec, "train")
+    stream = RowStream(
+        prepared(streams["train"], columns),
+        ctx["transform"],
+        Collator(ctx["tokenize"]),
+        columns=columns,
+        base=base,
+        name="train",
+        num_rows=counts["train"],
+        global_batch=batch,
+        seed=0,
+        lanes=max(1, workers),
+    )
+    return DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+
+
+def _layouts(root: Path, tmp: Path, train_images: int, image_size: int, pipelines: list[str]) -> dict[str, Any]:
+    """The same sample pairs in the other layouts (made from the same seed), read as their tables."""
+    from finderpartner.data.rows import RowSpec, open_tables
+    from finderpartner.data.sample_layouts import make_sample_layout
+
+    out: dict[str, Any] = {}
+    wanted = {"hf": "hf", "hf-stream": "hf", "imagefolder": "imagefolder", "jsonl": "jsonl"}
+    for layout in sorted({wanted[p] for p in pipelines if p in wanted}):
+        folder = tmp / f"sample_{layout}"
+        make_sample_layout(folder, layout, train_images=train_images, val_images=16, image_size=image_size)
+        if layout != "hf" or "hf" in pipelines:
+            out[f"table:{layout}"] = open_tables(RowSpec(layout, folder), "train", "", "raise")[0]
+        if layout == "hf" and "hf-stream" in pipelines:
+            import datasets
+
+            (tmp / "parquet").mkdir()
+            datasets.load_from_disk(str(folder))["train"].to_parquet(str(tmp / "parquet" / "train-00000.parquet"))
+            out["parquet"] = tmp / "parquet"
+    return out
 
 
 def _open_clip_loader(ctx: dict[str, Any], workers: int, batch: int) -> Any:
@@ -178,6 +229,7 @@ def prepare(size: int, train_images: int, batch: int, batches: int, pipelines: l
             "seconds": time.perf_counter() - start,
             "megabytes": cache.nbytes / 2**20,
         }
+    ctx.update(_layouts(root, tmp, train_images, SIZES[size], pipelines))
     if "open_clip" in pipelines:
         model_dir = common.open_clip_model_dir(spec, tokenizer, tmp / "open_clip_model")
         ctx["csv"] = common.write_open_clip_csv(root, "train", tmp / "train.tsv")
@@ -198,6 +250,10 @@ def loaders(ctx: dict[str, Any]) -> dict[str, Callable[[int, int], Any]]:
         "ours": lambda w, b: _ours_loader(ctx, w, b),
         "ours+cache": lambda w, b: _ours_loader(ctx, w, b, cached=True),
         "open_clip": lambda w, b: _open_clip_loader(ctx, w, b),
+        "hf": lambda w, b: _ours_loader(ctx, w, b, table="table:hf"),
+        "imagefolder": lambda w, b: _ours_loader(ctx, w, b, table="table:imagefolder"),
+        "jsonl": lambda w, b: _ours_loader(ctx, w, b, table="table:jsonl"),
+        "hf-stream": lambda w, b: _stream_loader(ctx, w, b),
     }
 
 

@@ -242,9 +242,38 @@ class AugmentConfig(_Section):
 class DataConfig(_Section):
     root: Path = Field(
         Path("data"),
-        description="folder with images/<split>/ and captions_<split>.csv (relative paths are from the working directory)",
+        description="folder with images/<split>/ and captions_<split>.csv (relative paths are from the working directory); "
+        "with format hf/imagefolder/jsonl/parquet: the data set (a save_to_disk folder, an imagefolder, a folder or "
+        "file of Parquet/Arrow/JSONL)",
     )
-    format: Literal["csv", "webdataset"] = Field("csv", description="'csv' (folder layout) or 'webdataset' tar shards")
+    format: Literal["csv", "webdataset", "hf", "imagefolder", "jsonl", "parquet"] = Field(
+        "csv",
+        description="'csv' (folder layout), 'webdataset' tar shards, 'hf' (a Hugging Face dataset: data.hf_id, or a "
+        "save_to_disk folder / Parquet / Arrow files at data.root), 'imagefolder' (metadata.jsonl or metadata.csv "
+        "with file_name), 'jsonl' or 'parquet' (a manifest of image path + caption rows); see docs/data.md",
+    )
+    hf_id: str | None = Field(None, description="hf: a dataset on the Hugging Face hub (instead of data.root)")
+    hf_config: str | None = Field(None, description="hf: the hub dataset's configuration name, if it has several")
+    image_column: str | None = Field(
+        None, description="hf/imagefolder/jsonl/parquet: the column of images or image paths (null: found by name)"
+    )
+    text_column: str | None = Field(
+        None,
+        description="hf/imagefolder/jsonl/parquet: the column of captions, a list of them per image allowed (null: "
+        "found by name)",
+    )
+    streaming: bool = Field(
+        False,
+        description="hf/jsonl/parquet: stream the rows through datasets instead of loading them (very large or hub "
+        "data); an epoch is data.train_size rows (or all, counted); resumes need the same number of processes",
+    )
+    val_carve: float = Field(
+        0.05,
+        ge=0,
+        description="hf/imagefolder/jsonl/parquet with no validation split: the part of the train images held out "
+        "for validation (a fraction < 1, or a number of images; 0: none, a missing split is an error)",
+    )
+    val_carve_seed: int = Field(0, description="seed of the images val_carve holds out (apart from seed: stays put)")
     train_split: str = Field("train", description="split trained on")
     val_split: str = Field(
         "val", description="split evaluated each epoch; '' or null (--set data.val_split=) disables validation"
@@ -254,7 +283,7 @@ class DataConfig(_Section):
     )
     val_shards: str | None = Field(None, description="webdataset: brace pattern of validation shards")
     train_size: int | None = Field(
-        None, ge=1, description="webdataset: number of training pairs (sets the epoch length)"
+        None, ge=1, description="webdataset, streaming: number of training pairs (sets the epoch length)"
     )
     num_workers: int | Literal["auto"] = Field(
         "auto", description="DataLoader worker processes ('auto': CPU count, at most 8)"
@@ -288,6 +317,12 @@ class DataConfig(_Section):
     def _shards_given(self) -> DataConfig:
         if self.format == "webdataset" and not self.train_shards:
             raise ValueError("format 'webdataset' needs data.train_shards")
+        if self.hf_id and self.format != "hf":
+            raise ValueError(f"data.hf_id names a hub dataset: it needs data.format 'hf' (not {self.format!r})")
+        if self.streaming and self.format not in ("hf", "jsonl", "parquet"):
+            raise ValueError(
+                "data.streaming reads a Hugging Face dataset as a stream: it needs data.format hf, jsonl or parquet"
+            )
         if self.resampled and self.format != "webdataset":
             raise ValueError(
                 "data.resampled draws WebDataset shards with replacement: it needs data.format 'webdataset' (the "

@@ -198,6 +198,7 @@ OPTIONAL = {
     "wandb": ("wandb", "0.15", "Weights & Biases logging (extra: wandb)"),
     "peft": ("peft", "0.10", "LoRA (extra: lora)"),
     "webdataset": ("webdataset", "0.2", "tar-shard data sets (extra: shards)"),
+    "datasets": ("datasets", "3.0", "Hugging Face datasets, imagefolder, Parquet data (extra: hf)"),
     "open_clip_torch": ("open_clip", "3.1", "finderpartner convert (extra: open_clip)"),
 }
 

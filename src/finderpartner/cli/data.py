@@ -21,16 +21,24 @@ def add_sample_data_command(sub: Any) -> None:
         "write the synthetic sample data set",
         description="""
 Write a deterministic synthetic data set (coloured shapes, two captions per image) in the folder layout that
-train, eval and validate-data read: images/<split>/ and captions_<split>.csv.""",
+train, eval and validate-data read (images/<split>/ and captions_<split>.csv), or with --format in another layout
+training reads (data.format): hf (save_to_disk), imagefolder (metadata.jsonl), jsonl or parquet (manifests).""",
         examples="""
 finderpartner sample-data --out data/sample
+finderpartner sample-data --out data/sample_hf --format hf
 finderpartner sample-data --out data/small --train-images 200 --val-images 50 --image-size 64""",
     )
     p.add_argument("--out", type=Path, default=Path("data/sample"), help="output folder (default: data/sample)")
     p.add_argument("--train-images", type=int, default=4000)
     p.add_argument("--val-images", type=int, default=300)
     p.add_argument("--image-size", type=int, default=96, help="pixels per side")
-    p.add_argument("--format", choices=["jpg", "png"], default="jpg")
+    p.add_argument(
+        "--format",
+        choices=["folder", "hf", "imagefolder", "jsonl", "parquet", "jpg", "png"],
+        default="folder",
+        help="layout (default: folder); jpg/png: the folder layout with that image format (older spelling)",
+    )
+    p.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace sample data made with other settings")
     p.set_defaults(handler=_sample_data)
@@ -38,19 +46,27 @@ finderpartner sample-data --out data/small --train-images 200 --val-images 50 --
 
 def _sample_data(args: argparse.Namespace) -> int:
     from ..data.sample import make_sample_data
+    from ..data.sample_layouts import make_sample_layout
 
-    summary = make_sample_data(
-        args.out,
+    layout, image_format = args.format, args.image_format
+    if layout in ("jpg", "png"):
+        layout, image_format = "folder", layout
+    options = dict(
         train_images=args.train_images,
         val_images=args.val_images,
         image_size=args.image_size,
-        image_format=args.format,
+        image_format=image_format,
         seed=args.seed,
         overwrite=args.overwrite,
     )
-    for split, c in summary.counts.items():
+    if layout == "folder":
+        counts = make_sample_data(args.out, **options).counts
+    else:
+        counts = make_sample_layout(args.out, layout, **options)
+    for split, c in counts.items():
         print(f"{split}: {c['images']} images, {c['pairs']} pairs, {c['distinct_captions']} distinct captions")
-    print(f"sample data in {summary.root}")
+    hint = "" if layout == "folder" else f" (train with --set data.format={layout} --set data.root={args.out})"
+    print(f"sample data in {args.out}{hint}")
     return 0
 
 
@@ -65,9 +81,15 @@ line: missing, empty, truncated or non-image files, bad CSV rows, empty captions
 model's context. Exits 1 when a split has a problem that stops training.""",
         examples="""
 finderpartner validate-data --data data/sample
+finderpartner validate-data --data data/sample_hf --format hf
 finderpartner validate-data --data data/mine --split train --model outputs/clip_tiny/best_model --json""",
     )
-    p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="folder with images/<split>/ and captions_<split>.csv, or a data set in another layout (--format)",
+    )
+    add_layout_flags(p)
     p.add_argument("--split", action="append", help="split(s) to check (default: every captions_*.csv)")
     p.add_argument("--model", help="count captions longer than this model's context (a saved model folder)")
     add_trust_pickle(p)
@@ -81,17 +103,22 @@ def _validate_data(args: argparse.Namespace) -> int:
 
     from ..data.validate import retrieval_problem, validate_split
 
-    if not args.data.exists():
+    spec = row_spec(args)
+    if spec is None and not args.data.exists():
         raise DataError(
             f"--data {args.data} does not exist; give the data folder (images/<split>/, captions_<split>.csv)"
         )
-    if not args.data.is_dir():
+    if spec is None and not args.data.is_dir():
         raise DataError(
             f"--data {args.data} is a file; give the data folder that holds images/<split>/ and "
             f"captions_<split>.csv (for this file: --data {args.data.parent})"
         )
-    splits = args.split or sorted(p.stem.removeprefix("captions_") for p in args.data.glob("captions_*.csv"))
-    if not splits:
+    splits = (
+        args.split
+        if spec is not None or args.split
+        else sorted(p.stem.removeprefix("captions_") for p in args.data.glob("captions_*.csv"))
+    )
+    if spec is None and not splits:
         raise DataError(
             f"{args.data}: no captions_<split>.csv found; a data folder holds images/<split>/ and "
             "captions_<split>.csv (see README: Your data)"
@@ -102,17 +129,22 @@ def _validate_data(args: argparse.Namespace) -> int:
 
         encoder = load_model(args.model, trust_pickle=args.trust_pickle)
         tokenizer, context = encoder.tokenizer, encoder.context_length
-    reports = [
-        validate_split(
-            args.data,
-            s,
-            max_pixels=args.max_pixels,
-            tokenizer=tokenizer,
-            context_length=context,
-            progress=not args.json,
-        )
-        for s in splits
-    ]
+    if spec is not None:
+        from ..data.rows import validate_rows
+
+        reports = validate_rows(spec, splits, tokenizer=tokenizer, context_length=context, progress=not args.json)
+    else:
+        reports = [
+            validate_split(
+                args.data,
+                s,
+                max_pixels=args.max_pixels,
+                tokenizer=tokenizer,
+                context_length=context,
+                progress=not args.json,
+            )
+            for s in splits
+        ]
     # the split-level rule train and eval apply too (a split of one image cannot be evaluated)
     reports = [
         dataclasses.replace(r, problems=(*r.problems, p)) if (p := retrieval_problem(r)) and r.rows_total else r
@@ -124,7 +156,14 @@ def _validate_data(args: argparse.Namespace) -> int:
                 "usable_pairs": len(r.table),
                 "rows": r.rows_total,
                 "problems": [
-                    {"file": p.file, "line": p.line, "kind": p.kind, "message": p.message, "fatal": p.fatal}
+                    {
+                        "file": p.file,
+                        "line": p.line,
+                        "unit": p.unit,
+                        "kind": p.kind,
+                        "message": p.message,
+                        "fatal": p.fatal,
+                    }
                     for p in r.problems
                 ],
             }
@@ -137,19 +176,53 @@ def _validate_data(args: argparse.Namespace) -> int:
     return 1 if any(r.fatal for r in reports) else 0
 
 
+def add_layout_flags(p: Any) -> None:
+    """The flags that name a data set in another layout than the folder one (data.format and its keys)."""
+    p.add_argument(
+        "--format",
+        choices=["auto", "csv", "hf", "imagefolder", "jsonl", "parquet"],
+        default="auto",
+        help="layout of --data (default: recognised from its files; see docs/data.md)",
+    )
+    p.add_argument("--hf-id", help="a dataset on the Hugging Face hub instead of --data (data.hf_id)")
+    p.add_argument("--image-column", help="column of images or image paths (data.image_column; default: by name)")
+    p.add_argument("--text-column", help="column of captions (data.text_column; default: by name)")
+
+
+def row_spec(args: argparse.Namespace) -> Any:
+    """The ``rows.RowSpec`` of --data/--format/--hf-id, or None for the folder layout (csv)."""
+    from ..data.rows import RowSpec, detect_format
+
+    if args.hf_id:
+        return RowSpec("hf", Path("."), args.hf_id, None, args.image_column, args.text_column, max_pixels=None)
+    if args.data is None:
+        raise UsageError("give the data: --data FOLDER (or --hf-id for a dataset on the hub)")
+    fmt = args.format if args.format != "auto" else (detect_format(args.data) or "csv")
+    if fmt == "csv":
+        return None
+    return RowSpec(
+        fmt, args.data, None, None, args.image_column, args.text_column, max_pixels=getattr(args, "max_pixels", None)
+    )
+
+
 def add_make_shards_command(sub: Any) -> None:
     p = new_command(
         sub,
         "make-shards",
         "write a split of the folder layout as WebDataset tar shards",
         description="""
-Write one split of the folder layout as WebDataset tar shards (<key>.jpg|png + <key>.txt) and sizes.json,
-for training with data.format: webdataset and data.train_shards.""",
+Write one split of a data set (the folder layout, or any layout --format names) as WebDataset tar shards
+(<key>.jpg|png + <key>.txt) and sizes.json, for training with data.format: webdataset and data.train_shards.""",
         examples="""
 finderpartner make-shards --data data/sample --split train --out shards
 finderpartner make-shards --data data/mine --split val --out shards --shard-size 5000""",
     )
-    p.add_argument("--data", type=Path, required=True, help="folder with images/<split>/ and captions_<split>.csv")
+    p.add_argument(
+        "--data",
+        type=Path,
+        help="folder with images/<split>/ and captions_<split>.csv, or a data set in another layout (--format)",
+    )
+    add_layout_flags(p)
     p.add_argument("--split", default="train")
     p.add_argument("--out", type=Path, required=True, help="shard folder (<split>-000000.tar, ...)")
     p.add_argument("--shard-size", type=int, default=1000, help="pairs per shard")
@@ -162,7 +235,15 @@ def _make_shards(args: argparse.Namespace) -> int:
 
     if args.shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1 (got {args.shard_size})")
-    shards = write_shards(args.data, args.split, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    spec = row_spec(args)
+    shards = write_shards(
+        args.data or Path(args.hf_id),
+        args.split,
+        args.out,
+        shard_size=args.shard_size,
+        overwrite=args.overwrite,
+        rows=spec,
+    )
     first, last = Path(shards[0]).name, Path(shards[-1]).name
     print(
         f"{len(shards)} shard(s) in {args.out}: use data.format: webdataset, data.train_shards: "

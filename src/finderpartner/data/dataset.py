@@ -39,9 +39,13 @@ class Problem:
     kind: str  # short identifier, e.g. "missing_file", "empty_caption"
     message: str
     fatal: bool = True  # False: reported, but handled (e.g. a BOM, a caption that will be truncated)
+    unit: str = "line"  # what ``line`` counts: a line of a text file, or a "row" of a dataset (0-based, as ds[row])
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        if self.line is None:
+            where = self.file
+        else:
+            where = f"{self.file}:{self.line}" if self.unit == "line" else f"{self.file}, {self.unit} {self.line}"
         return f"{where}: {self.message}"
 
 
@@ -60,6 +64,18 @@ class PairTable:
 
     def path(self, i: int) -> Path:
         return self.image_dir / self.filenames[i]
+
+    @property
+    def name(self) -> str:
+        return str(self.csv_path)
+
+    def source(self, i: int) -> Path:
+        """The image of row ``i`` (every table: a path, or an ``EncodedImage``; ``readable`` opens either)."""
+        return self.path(i)
+
+    def image_source(self, name: str) -> Path:
+        """The image behind a key of ``images()``."""
+        return self.image_dir / name
 
     def select(self, keep: Sequence[int]) -> PairTable:
         return PairTable(
@@ -255,10 +271,14 @@ class PairDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | Skipped:
         index, seed = key
-        path = self.table.path(index)
+        path = self.table.source(index)
         try:
             cached = self.decoded.get(index) if self.decoded is not None else None
-            img = Image.fromarray(cached) if cached is not None else load_image(path, self.max_pixels, self.min_side)
+            img = (
+                Image.fromarray(cached)
+                if cached is not None
+                else load_image(readable(path), self.max_pixels, self.min_side)
+            )
         except DECODE_ERRORS as e:  # never crash an epoch for one file: the collate function drops and reports it
             return Skipped(index, str(path), f"{type(e).__name__}: {e}")
         rng = torch.Generator().manual_seed(seed)
@@ -284,7 +304,8 @@ class DecodedImages:
 
         def decode(name: str) -> np.ndarray | None:
             try:
-                return np.asarray(_shrink(load_image(table.image_dir / name, max_pixels, side), side), dtype=np.uint8)
+                image = load_image(readable(table.image_source(name)), max_pixels, side)
+                return np.asarray(_shrink(image, side), dtype=np.uint8)
             except DECODE_ERRORS:  # reported when the dataset reads the file itself
                 return None
 
@@ -311,7 +332,7 @@ class DecodedImages:
         total = 0
         for name in picked:
             try:
-                with Image.open(table.image_dir / name) as img:
+                with Image.open(readable(table.image_source(name))) as img:
                     w, h = img.size
             except DECODE_ERRORS:  # a header that cannot be read: left out of the estimate
                 continue
@@ -346,6 +367,11 @@ class EncodedImage:
 
     def __str__(self) -> str:
         return self.name
+
+
+def readable(source: Path | EncodedImage) -> Path | io.BytesIO:
+    """What ``load_image`` opens for an image source: the file, or the encoded bytes."""
+    return io.BytesIO(source.data) if isinstance(source, EncodedImage) else source
 
 
 def image_name(item: Any) -> str:

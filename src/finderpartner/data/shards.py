@@ -48,7 +48,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ..errors import DataError
 from ..outputs import claim_output, read_marker, write_output
 from .collate import Batch, Collator
-from .dataset import EncodedImage, Skipped, read_split, sample_seed, split_paths
+from .dataset import EncodedImage, Skipped, read_split, readable, sample_seed, split_paths
+from .rows import validate_rows
 from .transforms import DECODE_ERRORS, ImageTooLarge, load_image, to_rgb
 
 log = logging.getLogger(__name__)
@@ -335,7 +336,13 @@ def shard_sizes(urls: list[str]) -> dict[str, int] | None:
 
 
 def write_shards(
-    root: str | Path, split: str, out: str | Path, *, shard_size: int = 1000, overwrite: bool = False
+    root: str | Path,
+    split: str,
+    out: str | Path,
+    *,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    rows: Any = None,
 ) -> list[str]:
     """Write a CSV-layout split as shards ``<out>/<split>-000000.tar`` ... (one sample per CSV row).
 
@@ -345,16 +352,22 @@ def write_shards(
     shards of an earlier, larger run of the same split are removed, files a user added are not.
     """
     out, data_root = Path(out), Path(os.path.abspath(root))
-    image_dir, csv_path = split_paths(root, split)
-    claim_output(
-        out, "shards", {"data": data_root}, overwrite=overwrite, overlap={"images": image_dir, "captions": csv_path}
-    )
-    table, problems = read_split(root, split)
+    if rows is None:
+        image_dir, csv_path = split_paths(root, split)
+        overlap: dict[str, Any] = {"images": image_dir, "captions": csv_path}
+    else:
+        overlap = {"data": data_root}
+    claim_output(out, "shards", {"data": data_root}, overwrite=overwrite, overlap=overlap)
+    if rows is None:
+        table, problems = read_split(root, split)
+    else:  # another layout (rows.py): its split, every row and image checked
+        report = validate_rows(rows, [split])[0]
+        table, problems = report.table, list(report.problems)
     fatal = [p for p in problems if p.fatal]
     if fatal:
-        raise DataError(f"{len(fatal)} problem(s) in {table.csv_path}, e.g. {fatal[0]}; run validate-data first")
+        raise DataError(f"{len(fatal)} problem(s) in {table.name}, e.g. {fatal[0]}; run validate-data first")
     if not len(table):
-        raise DataError(f"{table.csv_path}: no rows to write")
+        raise DataError(f"{table.name}: no rows to write")
     previous = (read_marker(out) or {}).get("splits", {}) if out.is_dir() else {}
     splits = dict(previous)  # the marker's shard names per split: this split's filled in by the write
 
@@ -388,15 +401,19 @@ def _write_tars(table: Any, pattern: str, shard_size: int) -> dict[str, int]:
     counts: dict[str, int] = {}
     with _wds().ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
         for i in range(len(table)):
-            path = table.path(i)
-            ext = path.suffix.lower().lstrip(".")
+            source = table.source(i)  # a file, or encoded bytes (a dataset's Image column)
+            if isinstance(source, EncodedImage):
+                with Image.open(io.BytesIO(source.data)) as img:
+                    ext = (img.format or "").lower()
+            else:
+                ext = source.suffix.lower().lstrip(".")
             ext = "jpg" if ext == "jpeg" else ext
             if ext not in IMAGE_KEYS:  # store other formats as PNG so readers know what they get
                 buf = io.BytesIO()
-                to_rgb(Image.open(path)).save(buf, "PNG")
+                to_rgb(Image.open(readable(source))).save(buf, "PNG")
                 ext, data = "png", buf.getvalue()
             else:
-                data = path.read_bytes()
+                data = source.data if isinstance(source, EncodedImage) else source.read_bytes()
             sink.write({"__key__": f"{i:08d}", ext: data, "txt": table.captions[i].encode("utf-8")})
             name = Path(pattern % (sink.shard - 1)).name  # the shard this sample went to (also split by bytes)
             counts[name] = counts.get(name, 0) + 1

@@ -6,6 +6,9 @@ The trainer asks ``open_training_data(cfg.data, passes)`` for a :class:`Training
   training (``data.on_error``); batches come from an exact sampler (every pair once per epoch, resumable to the
   step), with decoded images cached in memory when the data is seen more than once.
 * :class:`ShardData` — WebDataset tar shards read as a deterministic stream (resumable to the step as well).
+* the table-shaped formats (``hf``, ``imagefolder``, ``jsonl``, ``parquet``: ``rows.py``) — read and checked row by
+  row into a table that :class:`FolderData` trains on exactly as on the folder layout; with ``data.streaming``,
+  :class:`StreamData`, a deterministic ``datasets`` stream (``stream.py``).
 
 Both give the training captions (the tiny model learns its tokenizer from them), the number of pairs that makes an
 epoch, the validation set as an :class:`EvalSet`, and ``batches(...)``: the batch source (``steps_per_epoch``,
@@ -19,6 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -29,7 +33,10 @@ from ..config import DataConfig, TrainConfig
 from ..errors import DataError
 from ..signals import ignore_in_worker
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
+from .rows import FORMATS as ROW_FORMATS
+from .rows import RowSpec, RowTable, find_split, missing_split, open_tables
 from .shards import ShardStream, expand_shards, raw_samples, read_pairs, shard_sizes
+from .stream import Columns, RowStream, all_captions, open_streams, prepared, read_eval_rows, rows_of
 from .transforms import TrainTransform
 from .validate import MIN_IMAGES, require_usable, validate_split
 
@@ -50,9 +57,9 @@ class EvalSet:
     text_to_image: list[int]
 
     @classmethod
-    def from_table(cls, table: PairTable) -> EvalSet:
-        filenames, row_to_image = table.images()
-        return cls(str(table.csv_path), [table.image_dir / f for f in filenames], list(table.captions), row_to_image)
+    def from_table(cls, table: PairTable | RowTable) -> EvalSet:
+        keys, row_to_image = table.images()
+        return cls(table.name, [table.image_source(k) for k in keys], list(table.captions), row_to_image)
 
     @classmethod
     def from_shards(cls, urls: list[str], max_pixels: int | None = None) -> EvalSet:
@@ -151,6 +158,10 @@ def open_training_data(data: DataConfig, passes: Passes, *, need_captions: bool,
     """
     if data.format == "webdataset":
         return ShardData.open(data, need_captions=need_captions)
+    if data.format in ROW_FORMATS:
+        if data.streaming:
+            return StreamData.open(data, need_captions=need_captions)
+        return FolderData.open_rows(data, passes, progress=progress)
     return FolderData.open(data, passes, progress=progress)
 
 
@@ -158,10 +169,23 @@ def open_training_data(data: DataConfig, passes: Passes, *, need_captions: bool,
 class FolderData:
     """A folder split: rows checked before training, an exact sampler, decoded images cached when it pays."""
 
-    table: PairTable
+    table: PairTable | RowTable
     val: EvalSet | None
     data: DataConfig
     passes: Passes
+
+    @classmethod
+    def open_rows(cls, d: DataConfig, passes: Passes, *, progress: bool) -> FolderData:
+        """A table-shaped data set (``data.format`` hf, imagefolder, jsonl, parquet), checked as the folder layout."""
+        train, val = open_tables(RowSpec.from_data(d), d.train_split, d.val_split, d.on_error, progress=progress)
+        evalset = None
+        if val is not None:
+            evalset = require_retrievable(
+                EvalSet.from_table(val),
+                f"validation split {d.val_split!r}",
+                "add more validation pairs, or disable validation with --set data.val_split= (data.val_split: '')",
+            )
+        return cls(train, evalset, d, passes)
 
     @classmethod
     def open(cls, d: DataConfig, passes: Passes, *, progress: bool) -> FolderData:
@@ -280,6 +304,92 @@ class ShardData:
             sizes=self.sizes,
         )
         # A stream's workers must see set_position(): they are not kept between epochs.
+        return stream, DataLoader(stream, batch_size=None, **loading.loader_options(persistent=False))
+
+
+@dataclass
+class StreamData:
+    """A streamed split for training, its captions (when needed), the epoch length and the validation set."""
+
+    stream: Any
+    columns: Columns
+    base: Path
+    name: str
+    captions: list[str]
+    num_rows: int
+    val: EvalSet | None
+    max_pixels: int | None
+
+    @classmethod
+    def open(cls, d: DataConfig, *, need_captions: bool) -> StreamData:
+        spec = RowSpec.from_data(d)
+        streams, base, counts = open_streams(spec)
+        train_name = find_split(streams, d.train_split)
+        if train_name is None:
+            raise missing_split(spec, streams, d.train_split)
+        name = f"{spec.where} [{train_name}]"
+        columns = Columns.of(streams[train_name], spec, name)
+        train = prepared(streams[train_name], columns)
+        known = d.train_size or counts.get(train_name)
+        val_stream, val_label = None, f"{spec.where} [{d.val_split}]"
+        if d.val_split:
+            val_name = find_split(streams, d.val_split)
+            if val_name is not None and val_name != train_name:
+                val_label = f"{spec.where} [{val_name}]"
+                val_stream = prepared(streams[val_name], Columns.of(streams[val_name], spec, val_label))
+            elif spec.val_carve > 0:
+                if known is None and spec.val_carve < 1:
+                    raise DataError(
+                        f"{name}: to carve a fraction for validation the number of rows must be known: set "
+                        "data.train_size, data.val_carve to a number of images, or data.val_split to a split"
+                    )
+                carved = int(spec.val_carve) if spec.val_carve >= 1 else max(1, round(known * spec.val_carve))
+                log.info(
+                    "%s has no split %r: its first %d rows are held out for validation (data.val_carve)",
+                    spec.where,
+                    d.val_split,
+                    carved,
+                )
+                val_stream, train = train.take(carved), train.skip(carved)
+                val_label = f"{name} (first {carved} rows, carved)"
+                known = known - carved if known is not None else None
+            else:
+                raise missing_split(spec, streams, d.val_split)
+        captions: list[str] = []
+        if need_captions or known is None:
+            log.info("reading the captions of %s once", name)
+            counted = 0
+            for row in rows_of(train.select_columns([columns.text])):
+                counted += 1
+                captions += all_captions(row[columns.text])
+            known = known or counted
+        if not known:
+            raise DataError(f"{name} holds no rows")
+        val = None
+        if val_stream is not None:
+            val = require_retrievable(
+                EvalSet(val_label, *read_eval_rows(val_stream, columns, base, val_label, d.max_image_pixels)),
+                "the validation set",
+                "add more validation pairs, or disable validation with --set data.val_split=",
+            )
+        return cls(train, columns, base, name, captions, known, val, d.max_image_pixels)
+
+    def batches(self, loading: Loading) -> tuple[Batches, DataLoader]:
+        stream = RowStream(
+            self.stream,
+            loading.transform,
+            loading.collate,
+            columns=self.columns,
+            base=self.base,
+            name=self.name,
+            num_rows=self.num_rows,
+            global_batch=loading.global_batch,
+            seed=loading.seed,
+            lanes=max(1, loading.workers),
+            rank=loading.rank,
+            world_size=loading.world,
+            max_pixels=self.max_pixels,
+        )
         return stream, DataLoader(stream, batch_size=None, **loading.loader_options(persistent=False))
 
 

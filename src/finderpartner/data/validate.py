@@ -78,11 +78,11 @@ MIN_IMAGES = 2  # an evaluated split (eval, data.val_split) needs 2 distinct ima
 def retrieval_problem(report: SplitReport) -> Problem | None:
     """The split-level problem of a split with too few distinct usable images to be evaluated (the rule train and
     eval apply: ``sources.require_retrievable``), so that validate-data reports it too."""
-    images = len(set(report.table.filenames))
+    images = len(report.table.images()[0])
     if images >= MIN_IMAGES:
         return None
     return Problem(
-        str(report.table.csv_path),
+        report.table.name,
         None,
         "too_few_images",
         f"{images} distinct usable image(s) in {len(report.table)} pair(s): eval and training (as data.val_split) "
@@ -111,7 +111,7 @@ def require_usable(report: SplitReport, on_error: str, *, evaluating: bool = Fal
             "%s: skipping %d bad row(s); training on %d pair(s)", report.split, len(report.fatal), len(report.table)
         )
     if len(report.table) == 0:
-        raise DataError(f"{report.split}: no usable pairs in {report.table.csv_path}")
+        raise DataError(f"{report.split}: no usable pairs in {report.table.name}")
     return report.table
 
 
