@@ -296,9 +296,10 @@ def resume_run(run: Run, resume: Resume) -> dict[str, Any]:
             f"{path} was trained with another model section in its config; resume with the same model settings"
         )
     saved_world, world = int(ckpt.state.get("world_size", 1)), run.batches.world_size
-    if saved_world != world and run.cfg.data.format == "webdataset":
+    if saved_world != world and (run.cfg.data.format == "webdataset" or run.cfg.data.streaming):
         raise CheckpointError(
-            f"{path} was trained by {saved_world} process(es), this run has {world}: a shard stream's order depends "
+            f"{path} was trained by {saved_world} process(es), this run has {world}: a stream's order (shards, or a "
+            "streamed dataset split between processes) depends "
             f"on the number of processes, so resume it with {saved_world} (torchrun --nproc_per_node ... / --nnodes)"
         )
     run.model.load_state_dict({k: v for k, v in ckpt.model.items() if not k.startswith(OBJECTIVE_PREFIX)})
