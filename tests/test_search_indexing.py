@@ -175,7 +175,7 @@ def test_a_run_stopped_halfway_and_resumed_equals_an_uninterrupted_one(
     _, err = child.communicate(timeout=120)
     if how == signal.SIGTERM:
         assert child.returncode == 12, err  # Stopped: the chunk in progress saved, then exit 12
-        assert "the same command again embeds only the others" in err
+        assert "running the same command again embeds only the other" in err
     else:
         assert child.returncode == -signal.SIGKILL
     kept = len(list(parts.glob("part-*.npz")))
