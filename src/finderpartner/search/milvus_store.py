@@ -27,10 +27,12 @@ of processes share the collection and every search sees the adds and removals co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,27 @@ def parse_location(text: str | os.PathLike[str]) -> MilvusLocation:
             raise UsageError(f"{text}: a milvus-lite file name ends with .db (e.g. milvus:{body}.db)")
         loc = MilvusLocation(os.path.abspath(body), collection, "")
     return loc
+
+
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log_ = logging.getLogger(logger)
+    level, log_.level = log_.level, logging.CRITICAL
+    try:
+        yield
+    finally:
+        log_.setLevel(level)
+
+
+def _release_lite(path: str) -> None:
+    """Stop this process's milvus-lite server of ``path`` (it holds the file's lock until then)."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+    except ImportError:  # another milvus-lite layout: its servers end with the process
+        return
+    release = getattr(server_manager_instance, "release_server", None)
+    if release is not None:
+        release(path)
 
 
 # ---------------------------------------------------------------------------------------------------- filters
@@ -248,13 +271,20 @@ class MilvusStore:
 
     # ------------------------------------------------------------------------------------------ open / create
 
-    @staticmethod
-    def _connect(location: MilvusLocation, *, writing: bool) -> Any:
+    # milvus-lite runs in this process, one server per file, kept until the process exits: the last store of a
+    # file to close releases it, so that another process (serve after index) can open the file
+    _local_users: dict[str, int] = {}
+    _local_lock = threading.Lock()
+
+    @classmethod
+    def _connect(cls, location: MilvusLocation, *, writing: bool) -> Any:
         pymilvus = _pymilvus()
         if location.is_local:
             Path(location.uri).parent.mkdir(parents=True, exist_ok=True)
         try:
-            return pymilvus.MilvusClient(uri=location.uri, token=location.token)
+            # milvus-lite logs a traceback of its own when the file is locked: the message below says it all
+            with _quiet("milvus_lite"):
+                client = pymilvus.MilvusClient(uri=location.uri, token=location.token)
         except pymilvus.exceptions.MilvusException as e:
             if location.is_local:
                 error = OutputError if writing else DataError
@@ -264,6 +294,10 @@ class MilvusStore:
                     "server and give its URI (milvus:http://host:19530) to share a collection between processes"
                 ) from None
             raise DataError(f"cannot connect to Milvus at {location.uri}: {e.message}") from None
+        if location.is_local:
+            with cls._local_lock:
+                cls._local_users[location.uri] = cls._local_users.get(location.uri, 0) + 1
+        return client
 
     @classmethod
     def open(
@@ -273,7 +307,7 @@ class MilvusStore:
         loc = location if isinstance(location, MilvusLocation) else parse_location(location)
         client = cls._connect(loc, writing=writing)
         if not client.has_collection(loc.collection):
-            client.close()
+            cls(client, loc, {}).close()
             raise DataError(
                 f"{loc} holds no store: make it with finderpartner index --model <model> --images <folder> --out {loc}"
             )
@@ -282,7 +316,12 @@ class MilvusStore:
             store.close()
             raise DataError(f"{loc} is a Milvus collection finderpartner did not make: choose another #collection")
         if fingerprint is not None:
-            store.check_model(fingerprint)
+            try:
+                store.check_model(fingerprint)
+            except IndexMismatchError:
+                store.close()
+                raise
+        client.load_collection(loc.collection)  # searchable (a reopened milvus-lite file starts released)
         return store
 
     @classmethod
@@ -330,7 +369,10 @@ class MilvusStore:
             metric_type="IP",
             params=dict(index_params or {}),
         )
-        client.create_collection(loc.collection, schema=schema, index_params=params, consistency_level="Strong")
+        client.create_collection(loc.collection, schema=schema, consistency_level="Strong")
+        # sync=False: waiting for the (empty) index asks milvus-lite for a timestamp it does not implement
+        client.create_index(loc.collection, params, sync=False)
+        client.load_collection(loc.collection)
         props = {
             _PROP + "format": str(FORMAT),
             _PROP + "fingerprint": fingerprint,
@@ -578,7 +620,17 @@ class MilvusStore:
         ]
 
     def close(self) -> None:
+        if self._client is None:
+            return
         self._client.close()
+        self._client = None
+        if self.location.is_local:
+            with self._local_lock:
+                left = self._local_users.get(self.location.uri, 1) - 1
+                self._local_users[self.location.uri] = left
+            if left <= 0:
+                self._local_users.pop(self.location.uri, None)
+                _release_lite(self.location.uri)
 
     def __enter__(self) -> MilvusStore:
         return self
