@@ -1,0 +1,213 @@
+"""The base index of a FAISS store: exact below a measured size, an IVF index under a memory budget above it.
+
+The rule (measured by benchmarks/search_scale.py on the 2-core reference machine; docs/search.md has the figures):
+
+* ``n < FLAT_BELOW``: ``IndexFlatIP`` (exact). Below this size one exact query scans few enough bytes to stay
+  well under the 10 ms p99 goal, and no training is needed.
+* above it: ``IVF{nlist},{code}`` with ``nlist`` the power of two nearest ``4 * sqrt(n)``, and ``code`` the most
+  precise of SQ8, SQ6, SQ4, PQ{d/4} whose bytes per vector (code + 8 bytes of id) fit the memory budget
+  (default ``MEMORY_FRACTION`` = 1/4 of the flat float32 index). ``nprobe`` is then tuned at build time: the
+  smallest power of two whose recall@10 against exact search reaches ``RECALL_TARGET`` on held-out queries;
+  the recall reached is stored in the manifest.
+
+Ids are the store's photo ids (``add_with_ids``; the flat index wrapped in ``IndexIDMap2``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import FinderPartnerError
+
+log = logging.getLogger(__name__)
+
+FLAT_BELOW = 50_000  # measured: flat p99 passes 10 ms between 50k and 100k vectors of dim 512 (docs/search.md)
+MEMORY_FRACTION = 0.25
+RECALL_TARGET = 0.95
+HELD_OUT = 1000  # queries used to measure recall at build time
+TRAIN_PER_LIST = 40  # training points per IVF list (FAISS warns below 39)
+ID_BYTES = 8
+
+
+def faiss_module() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise FinderPartnerError(
+            "the photo store needs FAISS: pip install 'finderpartner[index]' (faiss-cpu)"
+        ) from None
+    return faiss
+
+
+@dataclass
+class AnnInfo:
+    """What the manifest records about a base index."""
+
+    factory: str
+    count: int
+    nprobe: int | None = None
+    ef_search: int | None = None
+    recall_at_10: float | None = None  # vs exact, on held-out queries, at the chosen nprobe
+    recall_by_nprobe: dict[str, float] = field(default_factory=dict)
+    bytes: int = 0
+    build_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> AnnInfo:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def code_bytes(code: str, d: int) -> int:
+    if code == "SQ8":
+        return d
+    if code == "SQ6":
+        return math.ceil(d * 6 / 8)
+    if code == "SQ4":
+        return math.ceil(d / 2)
+    if code.startswith("PQ"):
+        m = int(code[2:].split("x")[0])
+        return m
+    raise ValueError(code)
+
+
+def choose_factory(n: int, d: int, memory_fraction: float = MEMORY_FRACTION, flat_below: int = FLAT_BELOW) -> str:
+    """The factory string for ``n`` vectors of dim ``d`` (module docstring: the rule)."""
+    if n < flat_below:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
+    budget = memory_fraction * 4 * d  # bytes per vector
+    pq = f"PQ{max(1, d // 4)}" if d % 4 == 0 else f"PQ{max(1, d // 8)}"
+    for code in ("SQ8", "SQ6", "SQ4", pq):
+        if code_bytes(code, d) + ID_BYTES <= budget:
+            return f"IVF{nlist},{code}"
+    return f"IVF{nlist},PQ{max(1, d // 16)}"
+
+
+def nlist_of(index: Any) -> int | None:
+    faiss = faiss_module()
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else None
+
+
+def build(
+    vectors: np.ndarray,
+    ids: np.ndarray,
+    factory: str,
+    *,
+    queries: np.ndarray | None = None,
+    recall_target: float = RECALL_TARGET,
+    seed: int = 0,
+    threads: int | None = None,
+) -> tuple[Any, AnnInfo]:
+    """Build the base index over ``vectors`` (float32, L2-normalised) with ``ids``; for an approximate index,
+    tune nprobe on ``queries`` (held-out: default, ``HELD_OUT`` stored vectors moved off themselves)."""
+    faiss = faiss_module()
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    n, d = vectors.shape
+    start = time.perf_counter()
+    if factory == "Flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+        if n:
+            index.add_with_ids(vectors, ids)
+        info = AnnInfo(factory, n)
+    else:
+        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is None:  # HNSW and the like hold no ids of their own
+            index = faiss.IndexIDMap2(index)
+        rng = np.random.default_rng(seed)
+        nlist = ivf.nlist if ivf is not None else 0
+        n_train = min(n, max(TRAIN_PER_LIST * nlist, 10_000))
+        train = vectors[np.sort(rng.choice(n, n_train, replace=False))] if n_train < n else vectors
+        if ivf is not None:
+            ivf.cp.niter = 10  # k-means iterations: 10 reach the same recall as 25 here, at 40 % of the cost
+            ivf.cp.max_points_per_centroid = TRAIN_PER_LIST * 4
+        index.train(np.ascontiguousarray(train))
+        for s in range(0, n, 65536):  # in slices: no second full-size copy
+            index.add_with_ids(vectors[s : s + 65536], ids[s : s + 65536])
+        info = AnnInfo(factory, n)
+        if queries is None:
+            queries = perturbed_queries(vectors, min(HELD_OUT, n), rng)
+        tune(index, vectors, ids, queries, info, recall_target)
+    info.build_s = round(time.perf_counter() - start, 3)
+    info.bytes = index_bytes(index)
+    return index, info
+
+
+def perturbed_queries(vectors: np.ndarray, m: int, rng: np.random.Generator, cos: float = 0.8) -> np.ndarray:
+    """Held-out queries from stored vectors: each moved to cosine ``cos`` from a stored one (a query is near a
+    photo, never a copy of it: a copy would be found by any index and inflate the recall)."""
+    base = vectors[rng.choice(len(vectors), m, replace=False)].astype(np.float32)
+    noise = rng.standard_normal(base.shape).astype(np.float32)
+    noise -= (noise * base).sum(1, keepdims=True) * base  # orthogonal to the photo
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    q = cos * base + math.sqrt(1 - cos * cos) * noise
+    return np.ascontiguousarray(q / np.linalg.norm(q, axis=1, keepdims=True), dtype=np.float32)
+
+
+def exact_top(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k ids of each query (ground truth), -1 padded."""
+    faiss = faiss_module()
+    _, rows = faiss.knn(np.ascontiguousarray(queries, np.float32), vectors, k, metric=faiss.METRIC_INNER_PRODUCT)
+    return np.where(rows >= 0, ids[np.clip(rows, 0, None)], -1)
+
+
+def recall_at(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    hits = sum(len(set(f[f >= 0]) & set(t[t >= 0])) for f, t in zip(found, truth))
+    return hits / max(1, sum(int((t >= 0).sum()) for t in truth[:, :k]))
+
+
+def tune(index: Any, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, info: AnnInfo, target: float) -> None:
+    """The smallest nprobe (powers of two) reaching ``target`` recall@10; the last tried when none does."""
+    faiss = faiss_module()
+    truth = exact_top(queries, vectors, ids, 10)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        _, found = index.search(queries, 10)
+        info.recall_at_10 = round(recall_at(found, truth), 4)
+        return
+    nprobe = 1
+    while True:
+        ivf.nprobe = nprobe
+        _, found = index.search(queries, 10)
+        r = recall_at(found, truth)
+        info.recall_by_nprobe[str(nprobe)] = round(r, 4)
+        if r >= target or nprobe >= ivf.nlist:
+            break
+        nprobe *= 2
+    info.nprobe, info.recall_at_10 = nprobe, round(r, 4)
+    if r < target:
+        log.warning("the approximate index reaches recall@10 %.3f < %.2f even at nprobe %d", r, target, nprobe)
+
+
+def index_bytes(index: Any) -> int:
+    return int(faiss_module().serialize_index(index).size)
+
+
+def search_params(index: Any, sel: Any, nprobe: int | None, ef_search: int | None) -> Any:
+    """SearchParameters for this index with an id selector and the knobs (None: the built-in values)."""
+    faiss = faiss_module()
+    inner = index.index if isinstance(index, faiss.IndexIDMap) else index
+    ivf = faiss.try_extract_index_ivf(inner)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(nprobe if nprobe is not None else ivf.nprobe)
+    elif isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = int(ef_search if ef_search is not None else inner.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters()
+    if sel is not None:
+        params.sel = sel
+    return params
