@@ -196,3 +196,11 @@ def test_compiled_expressions_never_contain_raw_values() -> None:
         expr = parse(f"city = '{value.replace(chr(39), chr(39) * 2)}'", {"city": "text", "age": "integer"})
         out = compiler.compile(expr)
         assert out.count('"') - out.count('\\"') == 2, out  # exactly one string literal, its quotes escaped
+
+
+def test_live_stamps_and_locations_given_as_paths(store) -> None:  # type: ignore[no-untyped-def]
+    s, rows, _ = store
+    stamps = s.live_stamps()
+    assert len(stamps) == 70 and stamps["img/0003.jpg"] == (3, rows[3].size, rows[3].mtime_ns)
+    assert parse_location(Path("milvus:http://host:19530#gallery")).uri == "http://host:19530"  # '//' kept
+    assert parse_location("milvus:https://x.example.com:443").collection == "photos"

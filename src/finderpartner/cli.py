@@ -1207,8 +1207,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .search.backends import live_store
-    from .serve import SearchService, ServeSettings, read_token, run
+    from .search.backends import open_store, store_version
+    from .serve import LiveStore, SearchService, ServeSettings, read_token, run
 
     for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-pixels", args.max_pixels)):
         if value <= 0:
@@ -1227,7 +1227,8 @@ def _serve(args: argparse.Namespace) -> int:
     )
     args.batch_size, args.workers = args.max_batch, 0  # an upload is one image: no decoding processes
     searcher = _searcher(args)
-    live = live_store(args.index, searcher.fingerprint)
+    fingerprint = searcher.fingerprint
+    live = LiveStore(lambda: open_store(args.index, fingerprint=fingerprint), store_version(args.index), fingerprint)
     service = SearchService(searcher, live, settings, model=str(args.model), store=str(args.index))
     try:
         run(service, log_level="info" if args.verbose else "warning", announce=lambda line: print(line, flush=True))

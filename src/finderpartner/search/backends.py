@@ -2,10 +2,10 @@
 
 A location is a folder (the FAISS store, faiss_store.py: the default) or ``milvus:FILE.db`` /
 ``milvus:http://host:19530[#collection]`` (milvus_store.py). ``open_store`` opens either for reading;
-``live_store`` gives the service a ``serve.LiveStore``: the store opened now, and a cheap token that changes when
-another process commits to it (a new manifest: added segments, a compaction; or new tombstones in meta.sqlite).
-A Milvus store has no token: a Milvus server shows every search the collection as it is, and a milvus-lite file
-is held by this process alone.
+``store_version`` gives a long-running reader (``serve.LiveStore``) a cheap token that changes when another
+process commits to the store (a new manifest: added segments, a compaction; or new tombstones in meta.sqlite).
+A Milvus store has no token (None): a Milvus server shows every search the collection as it is, and a milvus-lite
+file is held by this process alone.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IndexMismatchError
-from ..serve import LiveStore
 from .faiss_store import MANIFEST, META, FaissStore
 from .milvus_store import MilvusStore, is_milvus_location, parse_location
 
@@ -64,11 +63,8 @@ class FolderVersion:
         return (manifest, data)
 
 
-def live_store(location: str | os.PathLike[str], fingerprint: str) -> LiveStore:
-    """The store at ``location`` as the search service serves it: opened now, reopened when it changes."""
-    version: Callable[[], Hashable | None]
+def store_version(location: str | os.PathLike[str]) -> Callable[[], Hashable | None]:
+    """The change token of the store at ``location`` (module docstring)."""
     if is_milvus_location(location):
-        version = lambda: None  # noqa: E731 - live by itself (module docstring)
-    else:
-        version = FolderVersion(Path(os.path.abspath(location)))
-    return LiveStore(lambda: open_store(location, fingerprint=fingerprint), version, fingerprint)
+        return lambda: None  # live by itself (module docstring)
+    return FolderVersion(Path(os.path.abspath(location)))

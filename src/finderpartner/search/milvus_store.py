@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -95,6 +96,7 @@ def parse_location(text: str | os.PathLike[str]) -> MilvusLocation:
     """``milvus:photos.db``, ``milvus:/data/photos.db#mine``, ``milvus:http://host:19530#photos``."""
     body = str(text)
     body = body[len(PREFIX) :] if body.startswith(PREFIX) else body
+    body = re.sub(r"^(https?|tcp|grpc):/(?=[^/])", r"\1://", body)  # through pathlib.Path, '//' became '/'
     body, _, collection = body.partition("#")
     collection = collection or DEFAULT_COLLECTION
     if not collection.replace("_", "a").isalnum() or not (collection[0].isalpha() or collection[0] == "_"):
@@ -442,6 +444,19 @@ class MilvusStore:
     def _count(self, expr: str) -> int:
         rows = self._client.query(self.location.collection, filter=expr, output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
+
+    def live_stamps(self) -> dict[str, tuple[int, int, int]]:
+        """path -> (id, size, mtime_ns) of every live photo (what `index` compares the files with)."""
+        out: dict[str, tuple[int, int, int]] = {}
+        fields = ["id", "path", "size", "mtime_ns"]
+        iterator = self._client.query_iterator(self.location.collection, batch_size=10_000, filter="", output_fields=fields)
+        try:
+            while batch := iterator.next():
+                for r in batch:
+                    out[r["path"]] = (int(r["id"]), int(r["size"]), int(r["mtime_ns"]))
+        finally:
+            iterator.close()
+        return out
 
     def compile(self, where: Filter) -> str:
         """The Milvus expression of a filter (public for tests and for reading what a search sends)."""
