@@ -303,7 +303,6 @@ def test_store_updates_are_swapped_in_while_queries_run(
     """Adds, removals and a compaction by a writer beside the server: every query during them answered (200), and
     each change visible once the watcher has swapped the new version in."""
     from finderpartner.search.faiss_store import FaissStore
-
     from finderpartner.search.filters import parse
 
     paths, attrs = _gallery(small_data)
