@@ -60,7 +60,7 @@ def _brute(store: FaissStore, vectors: np.ndarray, q: np.ndarray, k: int, where:
         if i in live
         and (expr is None or evaluate(expr, {"id": i, "path": r.path, "size": r.size, "mtime_ns": 7, **r.attributes}))
     ]
-    scores = q @ vectors.astype(np.float16).astype(np.float32)[keep].T  # the store keeps float16 vectors
+    scores = q @ vectors[keep].T
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return [[keep[j] for j in row] for row in order]
 

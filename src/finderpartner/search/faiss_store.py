@@ -5,7 +5,7 @@
       .lock                 held by the one writer (a second one is refused: outputs.FolderLock)
       manifest.json         format, model fingerprint, dim, generation, segments, base index and its recall
       meta.sqlite           one row per photo (meta.py); the tombstones
-      segments/seg-NNNNNN.vec.npy + .ids.npy    raw vectors (float16) and their ids, appended, never rewritten
+      segments/seg-NNNNNN.vec.npy + .ids.npy    raw vectors (float32) and their ids, appended, never rewritten
       ann/base-GGGGGG.faiss the base index over the segments of the last compaction (ann.py)
 
 Search = the base index (an id selector keeps removed rows and rows outside the filter out) + an exact scan of
@@ -53,6 +53,7 @@ KIND = "index"  # the output marker's kind: `finderpartner index` makes it
 MANIFEST = "manifest.json"
 META = "meta.sqlite"
 EXACT_SUBSET_BELOW = 20_000  # a filter matching fewer live rows is answered exactly over them
+SUBSET_CACHE_BYTES = 256 * 2**20
 SCAN_ROWS = 65_536  # rows of a segment scored at once in an exact scan
 # test hook: called with a step name at each point a crash is interesting (tests kill the process there)
 _crash_point: Callable[[str], None] | None = None
@@ -67,7 +68,7 @@ def _step(name: str) -> None:
 class _Segment:
     number: int
     ids: np.ndarray  # int64, (n,)
-    vectors: np.ndarray  # float16/float32 memory map, (n, d)
+    vectors: np.ndarray  # memory map (n, d) of the manifest's vector_dtype
     order: np.ndarray  # argsort of ids (ids are usually sorted already; given ids need not be)
 
 
@@ -111,6 +112,8 @@ class FaissStore:
         self._version = -1
         self._manifest_stamp: int | None = None
         self._filter_cache: dict[Filter, tuple[int, np.ndarray]] = {}
+        # small subsets' vectors, gathered once per filter (and state of the store): 256 MB at most
+        self._subset_cache: dict[Filter, tuple[int, np.ndarray, np.ndarray]] = {}
         self._load_files()
         self._load_removed()
 
@@ -126,7 +129,7 @@ class FaissStore:
         model: str | None = None,
         protect: Mapping[str, Any] | None = None,
         overwrite: bool = False,
-        vector_dtype: str = "float16",
+        vector_dtype: str = "float32",
         options: Mapping[str, Any] | None = None,
     ) -> FaissStore:
         """Open the store at ``path`` for writing, making it if needed (the output rule: a folder holding what
@@ -280,6 +283,7 @@ class FaissStore:
         self._version = self.meta.data_version()
         self._removed = self.meta.removed_ids()
         self._filter_cache.clear()
+        self._subset_cache.clear()
 
     def refresh(self) -> None:
         """Pick up another process's commits (a reader beside the writer): tombstones at once, new segments and
@@ -364,6 +368,7 @@ class FaissStore:
             _Segment(number, id_arr, np.load(self.path / vec_name, mmap_mode="r"), np.argsort(id_arr))
         )
         self._filter_cache.clear()
+        self._subset_cache.clear()
         return ids
 
     def _ensure_columns(self, rows: Sequence[PhotoRow]) -> None:
@@ -478,6 +483,20 @@ class FaissStore:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
         return np.concatenate(ids_out), np.concatenate(vec_out)
 
+    def _subset(self, where: Filter | None, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, vectors) of the live rows in ``allowed``; a small subset is kept for the next query with the
+        same filter (a service answers many queries within one city)."""
+        if where is None or allowed is None or len(allowed) * self.dim * 4 > SUBSET_CACHE_BYTES // 8:
+            return self._live_vectors(allowed)
+        cached = self._subset_cache.get(where)
+        if cached is not None and cached[0] == self._version and len(cached[1]) == len(allowed):
+            return cached[1], cached[2]
+        ids, vectors = self._live_vectors(allowed)
+        if sum(v.nbytes for _, _, v in self._subset_cache.values()) + vectors.nbytes > SUBSET_CACHE_BYTES:
+            self._subset_cache.clear()
+        self._subset_cache[where] = (self._version, ids, vectors)
+        return ids, vectors
+
     def _allowed(self, where: Filter | None) -> np.ndarray | None:
         if where is None:
             return None
@@ -527,7 +546,7 @@ class FaissStore:
         if allowed is not None and len(allowed) == 0:
             return _empty(len(q), k)
         if knobs.exact or self._base is None or (allowed is not None and len(allowed) < exact_below):
-            ids, vectors = self._live_vectors(allowed)
+            ids, vectors = self._subset(where, allowed)
             return _exact(q, vectors, ids, k)
         parts = [self._search_base(q, k, allowed, knobs)]
         for seg in self._segments:
@@ -561,9 +580,27 @@ class FaissStore:
             share = max(len(allowed) / live, 1e-6)
             nprobe = min(ivf.nlist, math.ceil((nprobe or ivf.nprobe) / share))
         params = ann.search_params(self._base, sel, nprobe, knobs.ef_search)
-        scores, ids = self._base.search(q, k, params=params)
+        info = (self.manifest.get("base") or {}).get("info") or {}
+        refine = knobs.refine if knobs.refine is not None else int(info.get("refine", 1))
+        scores, ids = self._base.search(q, k * max(1, refine), params=params)
         del keep
+        if refine > 1:
+            return ann.rescore(q, ids, self._vectors_of, k)
         return scores, ids
+
+    def _vectors_of(self, ids: np.ndarray) -> np.ndarray:
+        """float32 vectors of these ids (each in some segment), in their order."""
+        out = np.zeros((len(ids), self.dim), np.float32)
+        for seg in self._segments:
+            sorted_ids = seg.ids[seg.order]
+            if not len(sorted_ids):
+                continue
+            pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
+            hit = sorted_ids[pos] == ids
+            if hit.any():
+                rows = seg.order[pos[hit]]
+                out[hit] = np.asarray(seg.vectors[np.sort(rows)], np.float32)[np.argsort(np.argsort(rows))]
+        return out
 
     def meta_count_cached(self) -> int:
         return sum(len(s.ids) for s in self._segments) - len(self._removed)

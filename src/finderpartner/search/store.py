@@ -45,13 +45,16 @@ class SearchKnobs:
 
     ``nprobe``: IVF lists visited per query (more = better recall, slower); ``ef_search``: HNSW candidate list;
     ``exact``: ignore the approximate index and scan every live vector; ``exact_below``: a filter matching fewer
-    rows than this is answered by an exact scan of those rows (cheaper and exact; None = the store's default).
+    rows than this is answered by an exact scan of those rows (cheaper and exact; None = the store's default);
+    ``refine``: the approximate index proposes ``refine * k`` candidates, re-scored exactly from the stored
+    vectors (1 = no re-scoring; None = the store's value).
     """
 
     nprobe: int | None = None
     ef_search: int | None = None
     exact: bool = False
     exact_below: int | None = None
+    refine: int | None = None
 
 
 @dataclass(frozen=True)
