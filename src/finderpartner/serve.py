@@ -94,6 +94,7 @@ class _Served:
     store: Any
     version: Hashable
     opened_at: float
+    columns: dict[str, str] = field(default_factory=dict)  # read once at open (filters are parsed against them)
     in_flight: int = 0
     retired: bool = False
 
@@ -109,7 +110,8 @@ class LiveStore:
         self._open, self._version, self.fingerprint = open_store, version, fingerprint
         self._lock = threading.Lock()
         first_version = version()
-        self._now = _Served(self._checked(open_store()), first_version, time.time())
+        store = self._checked(open_store())
+        self._now = _Served(store, first_version, time.time(), dict(store.columns()))
         self.reloads = 0
         self.reload_error: str | None = None
         self._stop = threading.Event()
@@ -157,7 +159,7 @@ class LiveStore:
         if self._version() != version:  # written to while it opened: open again at the next poll
             store.close()
             return False
-        new = _Served(store, version, time.time())
+        new = _Served(store, version, time.time(), dict(store.columns()))
         with self._lock:
             old, self._now = self._now, new
             old.retired = True
@@ -276,8 +278,8 @@ class SearchService:
         self.started_at = time.time()
         self._closed = False
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")  # one model, one thread
-        self._searcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")  # stores batch queries
-        self._other = ThreadPoolExecutor(max_workers=1, thread_name_prefix="health")
+        # one thread for every use of the store: stores batch queries, and a SQLite connection is not shared
+        self._searcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         self.texts = Batcher(self._encode_texts, self._encoder, settings.max_batch)
         self.searches = Batcher(self._search_batch, self._searcher, settings.max_batch)
 
@@ -321,7 +323,7 @@ class SearchService:
         k = self.check_k(k)
         served = self.live.acquire()
         try:
-            expr = self.parse_where(where, served.store.columns())
+            expr = self.parse_where(where, served.columns)
             vector = await self.texts.submit(None, text.strip())
             return await self._search(served, vector, k, expr, {"text": text.strip(), "where": where})
         finally:
@@ -331,7 +333,7 @@ class SearchService:
         k = self.check_k(k)
         served = self.live.acquire()
         try:
-            expr = self.parse_where(where, served.store.columns())
+            expr = self.parse_where(where, served.columns)
             loop = asyncio.get_running_loop()
             vector = await loop.run_in_executor(self._encoder, self._embed_image, data, filename)
             return await self._search(served, vector, k, expr, {"image": filename, "where": where})
@@ -375,10 +377,18 @@ class SearchService:
             "search_ms": round((time.perf_counter() - start) * 1000, 3),
         }
 
-    def health(self, full: bool) -> dict[str, Any]:
+    async def health(self, full: bool) -> dict[str, Any]:
         if not full:
             return {"status": "ok"}
-        served = self.live.current
+        served = self.live.acquire()  # held: the version is not closed under the count
+        try:
+            # on the search thread: a store's connection (SQLite) is used by one thread at a time
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._searcher, self._health, served)
+        finally:
+            self.live.release(served)
+
+    def _health(self, served: _Served) -> dict[str, Any]:
         store = served.store
         return {
             "status": "ok",
@@ -403,9 +413,9 @@ class SearchService:
         if self._closed:
             return
         self._closed = True
-        self.live.close()
-        for executor in (self._encoder, self._searcher, self._other):
+        for executor in (self._encoder, self._searcher):  # the work in flight first, then the store it uses
             executor.shutdown(wait=True, cancel_futures=True)
+        self.live.close()
 
 
 def _generation(served: _Served) -> Any:
@@ -575,8 +585,7 @@ def build_app(service: SearchService) -> Any:
     @app.get("/healthz", summary="model, store, counts, generation")
     @takes_request
     async def healthz(request: Any) -> Any:
-        loop = asyncio.get_running_loop()  # a count may ask the store (Milvus): not on the event loop
-        return await loop.run_in_executor(service._other, service.health, authorised(request))
+        return await service.health(authorised(request))
 
     @app.exception_handler(fastapi.exceptions.RequestValidationError)
     async def invalid(request: Any, exc: Any) -> Any:

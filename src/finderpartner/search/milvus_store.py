@@ -61,6 +61,8 @@ _PROP = "finderpartner."
 
 
 def _pymilvus() -> Any:
+    # gRPC's C++ core logs a line each time a process forks beside its threads (DataLoader workers): not news
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         import pymilvus
     except ImportError:
@@ -352,7 +354,12 @@ class MilvusStore:
                 raise OutputError(
                     f"{loc} is a Milvus collection finderpartner did not make: choose another #collection"
                 )
-            store.check_model(fingerprint)
+            try:
+                store.check_model(fingerprint)
+            except IndexMismatchError:
+                store.close()
+                raise
+            client.load_collection(loc.collection)  # searchable (a reopened milvus-lite file starts released)
             return store
         mapping = {name: (f"a{i}", kind) for i, (name, kind) in enumerate((columns or {}).items())}
         pymilvus = _pymilvus()
@@ -449,7 +456,10 @@ class MilvusStore:
         """path -> (id, size, mtime_ns) of every live photo (what `index` compares the files with)."""
         out: dict[str, tuple[int, int, int]] = {}
         fields = ["id", "path", "size", "mtime_ns"]
-        iterator = self._client.query_iterator(self.location.collection, batch_size=10_000, filter="", output_fields=fields)
+        with _quiet("pymilvus"):  # milvus-lite has no MVCC timestamp to give: pymilvus warns, then uses its own
+            iterator = self._client.query_iterator(
+                self.location.collection, batch_size=10_000, filter="", output_fields=fields
+            )
         try:
             while batch := iterator.next():
                 for r in batch:
