@@ -375,28 +375,48 @@ def _add_index_command(sub: Any) -> None:
     p = _command(
         sub,
         "index",
-        "embed a folder of images into a FAISS index (updates only what changed)",
+        "embed photos into a photo store (parallel, resumable); remove photos; compact",
         description="""
-Embed every image under a folder (recursively) into a FAISS index, with the file list and the model's
-fingerprint. Run it again on the same folder and only new and changed images are embedded, removed ones
-dropped; an index made by another model is refused.""",
+Embed every image under a folder (or listed in a CSV/JSONL) into a photo store: FAISS + SQLite, with
+attribute columns for --where filters (docs/search.md). Run it again and only new and changed images are
+embedded, appended without rewriting the index; under torchrun / accelerate launch each process embeds a share.
+Work is saved in parts as it goes: after Ctrl-C, SIGTERM or a crash the same command continues.
+`index remove` hides photos from every search at once; `index compact` drops them from disk and rebuilds the
+base index (exact for small stores, IVF with measured recall above).""",
         examples="""
 finderpartner index --model outputs/clip_tiny/best_model --images photos --out photos_index
-finderpartner index --backend onnx --model exports/clip_tiny --images photos --out photos_index_onnx""",
+finderpartner index --model outputs/clip_tiny/best_model --list people.jsonl --attributes people.csv --out store
+torchrun --nproc_per_node 2 -m finderpartner.cli index --model M --images photos --out store
+finderpartner index remove --out store --where "city = 'Paris'"
+finderpartner index compact --out store""",
     )
-    p.add_argument("--model", required=True)
+    p.add_argument(
+        "action",
+        nargs="?",
+        choices=["add", "remove", "compact"],
+        default="add",
+        help="add (default): embed photos; remove: hide photos now; compact: drop them, rebuild the index",
+    )
+    p.add_argument("--model", help="model folder (or export folder with --backend onnx); needed to add")
     _add_trust_pickle(p)
-    p.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    p.add_argument("--images", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--list", type=Path, help="CSV or JSONL naming the images (column path; other columns: attributes)")
+    p.add_argument("--attributes", type=Path, help="CSV/JSONL: a file name column, then attribute columns")
     p.add_argument(
         "--out",
+        "--store",
+        dest="out",
         type=Path,
         required=True,
-        help="index folder (new, or an index of the same folder: only new and changed images are embedded)",
+        help="photo store folder (new, or a store of the same model: photos are added)",
     )
+    p.add_argument("--path", action="append", help="remove: this photo (repeatable)")
+    p.add_argument("--id", action="append", type=int, help="remove: the photo with this id (repeatable)")
+    p.add_argument("--where", help="remove: the photos matching this filter (docs/search.md: the grammar)")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an index of another folder, another model, or a damaged one at --out",
+        help="replace a store of another model, or an index of an earlier version, at --out",
     )
     _add_runtime_args(p)
     _add_backend_args(p)
@@ -423,7 +443,14 @@ finderpartner search --model outputs/clip_tiny/best_model --index photos_index -
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="describe what you are looking for")
     what.add_argument("--image", type=Path, help="find images similar to this one")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("-k", "--top-k", type=int, default=5)
+    p.add_argument(
+        "--where",
+        help="with --index: only photos matching this filter, e.g. \"city = 'Paris' and age "
+        'between 25 and 35" (docs/search.md)',
+    )
+    p.add_argument("--nprobe", type=int, help="with --index: IVF lists visited (default: tuned at build time)")
+    p.add_argument("--exact", action="store_true", help="with --index: exact search over every photo")
     _add_runtime_args(p)
     _add_backend_args(p)
     p.add_argument("--json", action="store_true")
@@ -992,16 +1019,9 @@ def _searcher(args: argparse.Namespace) -> Any:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from .index import index_folder
+    from .search.commands import index_command
 
-    searcher = _searcher(args)
-    index, stats = index_folder(
-        searcher, args.images, args.out, overwrite=args.overwrite, model=args.model, progress=True
-    )
-    for name, reason in stats.failed:
-        log.warning("could not embed %s: %s", name, reason)
-    print(f"index {args.out}: {len(index)} images ({stats})")
-    return 0
+    return index_command(args, _searcher)
 
 
 def _search(args: argparse.Namespace) -> int:
@@ -1011,7 +1031,13 @@ def _search(args: argparse.Namespace) -> int:
         )
     if args.top_k < 1:
         raise UsageError(f"--top-k must be at least 1 (got {args.top_k})")
+    if args.index is None and (args.where or args.nprobe or args.exact):
+        raise UsageError("--where, --nprobe and --exact search a photo store: give it with --index STORE")
     searcher = _searcher(args)
+    if args.index is not None:
+        from .search.commands import search_store
+
+        return search_store(args, searcher)
     index = _gallery(args, searcher, progress=not args.json)
     if index is None:
         raise UsageError("give the gallery to search: --images DIR or --index INDEX")
@@ -1073,12 +1099,15 @@ def _shortened(text: str, limit: int = 80) -> str:
 
 def _gallery(args: argparse.Namespace, searcher: Any, progress: bool) -> Any:
     """The index to search: --index (checked against the model), --images (cached), else the run's val images."""
-    from .index import GalleryIndex, cached_gallery
+    from .index import cached_gallery
 
-    if args.index is not None:
-        index = GalleryIndex.load(args.index)
-        index.check_model(searcher.fingerprint, args.index)
-        return index
+    if args.index is not None:  # a photo store (`finderpartner index`), seen by the demo as a gallery
+        from .search.faiss_store import FaissStore
+        from .search.searcher import PhotoSearcher, StoreGallery
+
+        store = FaissStore.open(args.index)
+        PhotoSearcher(searcher, store, where=str(args.index))  # refuses another model's store
+        return StoreGallery(store)
     images = args.images or _default_gallery(Path(getattr(searcher, "source", None) or args.model))
     if images is None:
         return None

@@ -304,6 +304,11 @@ class FaissStore:
         if not self.writable:
             raise UsageError(f"photo store {self.path} was opened read-only")
 
+    def save_manifest(self) -> None:
+        """Write the manifest after a change to a free-form entry (``roots``)."""
+        self._require_writable()
+        self._save_manifest()
+
     def _save_manifest(self) -> None:
         write_text_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=1))
         self._manifest_stamp = _stamp(self.path / MANIFEST)
