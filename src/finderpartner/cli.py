@@ -577,6 +577,7 @@ finderpartner serve --backend onnx --model exports/clip --index photos_index --h
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--max-batch", type=int, default=32, help="queries encoded together when they arrive at once")
+    p.add_argument("--search-threads", type=int, default=1, help="FAISS threads (default 1: the model has the cores)")
     _add_backend_args(p)
     p.set_defaults(handler=_serve)
 
@@ -1260,6 +1261,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         max_k=args.max_k,
         max_batch=args.max_batch,
+        search_threads=args.search_threads,
         reload_interval_s=args.reload_interval,
     )
     args.batch_size, args.workers = args.max_batch, 0  # an upload is one image: no decoding processes

@@ -72,6 +72,7 @@ class ServeSettings:
     max_k: int = 100
     max_text_chars: int = 1_000
     max_batch: int = 32  # text queries encoded (and searched) at once
+    search_threads: int = 1  # FAISS's OpenMP threads (the model's PyTorch threads are separate)
     reload_interval_s: float = 1.0  # how often the store's files are checked for a new version (0: never)
 
 
@@ -649,6 +650,7 @@ def run(service: SearchService, *, log_level: str = "warning", announce: Callabl
     """Serve until SIGTERM / Ctrl-C (then uvicorn finishes the requests in flight and the signal is re-raised)."""
     _, uvicorn = _web()
     settings = service.settings
+    _faiss_threads(settings.search_threads)
     if settings.host not in LOOPBACK and settings.token is None:
         log.warning(
             "serving on %s without a token: anyone who reaches this address can search; set --token-file or $%s",
@@ -673,6 +675,17 @@ def run(service: SearchService, *, log_level: str = "warning", announce: Callabl
         sock.close()
     if not server.started:
         raise FinderPartnerError("the server did not start (see the log above)")
+
+
+def _faiss_threads(n: int) -> None:
+    """FAISS's OpenMP threads for this process: one by default, the cores being the model's (PyTorch encodes
+    on them meanwhile). At 100k vectors, 1 and 2 threads cost the same server CPU per query (serve_load.py,
+    measured beside other jobs); a store far larger, or a machine with more cores, may want more."""
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(max(1, n))
 
 
 def read_token(path: str | None, env: dict[str, str]) -> str | None:
