@@ -388,8 +388,7 @@ finderpartner index --model outputs/clip_tiny/best_model --images photos --out p
 finderpartner index --model outputs/clip_tiny/best_model --list people.jsonl --attributes people.csv --out store
 torchrun --nproc_per_node 2 -m finderpartner.cli index --model M --images photos --out store
 finderpartner index remove --out store --where "city = 'Paris'"
-finderpartner index compact --out store
-finderpartner index --model M --images photos --attributes people.csv --out milvus:photos.db""",
+finderpartner index compact --out store""",
     )
     p.add_argument(
         "action",
