@@ -379,14 +379,13 @@ def _add_index_command(sub: Any) -> None:
         description="""
 Embed every image under a folder (or listed in a CSV/JSONL) into a photo store: FAISS + SQLite, with
 attribute columns for --where filters (docs/search.md). Run it again and only new and changed images are
-embedded, appended without rewriting the index; under torchrun / accelerate launch each process embeds a share.
+embedded, appended without rewriting the index; under torchrun / accelerate launch (-m finderpartner.cli index ...)
+each process embeds a share.
 Work is saved in parts as it goes: after Ctrl-C, SIGTERM or a crash the same command continues.
 `index remove` hides photos from every search at once; `index compact` drops them from disk and rebuilds the
 base index (exact for small stores, IVF with measured recall above).""",
         examples="""
-finderpartner index --model outputs/clip_tiny/best_model --images photos --out photos_index
-finderpartner index --model outputs/clip_tiny/best_model --list people.jsonl --attributes people.csv --out store
-torchrun --nproc_per_node 2 -m finderpartner.cli index --model M --images photos --out store
+finderpartner index --model outputs/clip_tiny/best_model --images photos --attributes people.csv --out store
 finderpartner index remove --out store --where "city = 'Paris'"
 finderpartner index compact --out store""",
     )

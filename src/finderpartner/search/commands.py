@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def index_command(args: argparse.Namespace, make_embedder: Callable[[argparse.Na
         )
         if world()[0] == 0:
             for name, reason in stats.failed:
-                log.warning("could not embed %s: %s", name, reason)
+                shown = os.path.relpath(name, args.images) if args.images is not None else name
+                log.warning("could not embed %s: %s", shown, reason)
             tail = " (base index built)" if stats.compacted else ""
             print(f"index {args.out}: {stats.live} images ({stats}){tail}")
         return 0

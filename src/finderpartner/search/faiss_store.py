@@ -140,6 +140,12 @@ class FaissStore:
             message = _legacy_message(path)
             if message is not None and not overwrite:
                 raise DataError(message)
+        if state == "same" and is_store(path) and overwrite:
+            try:
+                _read_manifest(path)
+            except DataError:
+                log.warning("replacing the damaged photo store %s (--overwrite)", path)
+                _remove_damaged(path)
         if state == "same" and is_store(path):
             store = cls.open(path, writable=True)
             if store.fingerprint == fingerprint and store.dim == dim:
@@ -690,14 +696,25 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         ok = manifest.get("format") == FORMAT and isinstance(manifest.get("segments"), list)
     except (OSError, ValueError, AttributeError) as e:
-        raise DataError(
-            f"photo store {path} is damaged ({MANIFEST}: {e}); rebuild it with `finderpartner index`"
-        ) from None
+        raise DataError(f"photo store {path} is damaged ({MANIFEST}: {e}); {_rebuild(path)}") from None
     if not ok:
-        raise DataError(f"{path / MANIFEST} is not a photo store manifest; rebuild it with `finderpartner index`")
+        raise DataError(f"photo store {path} is damaged ({MANIFEST} is not a store manifest); {_rebuild(path)}")
     if manifest.get("version", 0) > VERSION:
         raise DataError(f"photo store {path} was written by a newer finderpartner (format {manifest['version']})")
     return manifest
+
+
+def _rebuild(path: Path) -> str:
+    return f"rebuild it: finderpartner index --model <model> --images <folder> --out {path} --overwrite"
+
+
+def _remove_damaged(path: Path) -> None:
+    """--overwrite of a store whose manifest is unreadable: the files of the store's own layout, nothing else."""
+    for name in (MANIFEST, META, META + "-wal", META + "-shm"):
+        (path / name).unlink(missing_ok=True)
+    for pattern in ("segments/seg-*.npy", "segments/.tmp-seg-*", "ann/base-*.faiss", "ann/.tmp-base-*"):
+        for f in path.glob(pattern):
+            f.unlink()
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

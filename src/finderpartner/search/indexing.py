@@ -342,7 +342,8 @@ def index_photos(
         return todo, stats.resumed
 
     try:
-        todo, _ = from_main(prepare)
+        todo, resumed = from_main(prepare)
+        stats_total = [len(todo) + resumed]
         share = todo[rank * len(todo) // size : (rank + 1) * len(todo) // size]
         folder = parts_dir(out)
         if share:
@@ -354,9 +355,12 @@ def index_photos(
             embedder, share, folder, rank, chunk_size, progress and rank == 0, len(todo), after_chunk
         )
         if any_true(stopped):
+            done = from_main(lambda: len(read_parts(folder, embedder.fingerprint)[0]))
+            total = stats_total[0] if stats_total else done
             raise Stopped(
-                f"{received() or 'interrupted'}: stopped; the images embedded so far are saved in {folder}, and "
-                "the same command again embeds only the others"
+                f"{received() or 'interrupted'}: stopped after embedding {done} of {total} new or changed images; "
+                f"those {done} are saved in the index {out} (as parts), so running the same command again embeds "
+                f"only the other {total - done}"
             )
         result = from_main(lambda: _merge(embedder.fingerprint, out, store, context, stats))
     finally:

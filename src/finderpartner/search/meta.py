@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, StorageError
+from ..outputs import free_space
 from .filters import INTEGER, KINDS, REAL, TEXT, Filter, quote_identifier, to_sql
 
 BUILTIN: dict[str, str] = {"id": INTEGER, "path": TEXT, "size": INTEGER, "mtime_ns": INTEGER}
@@ -83,9 +84,29 @@ def coerce(value: Any, kind: str, what: str) -> Any:
     return str(value)
 
 
+def _storage_errors(method: Any) -> Any:
+    """SQLite's refused writes (a full disk, a read-only file) as a StorageError naming the file: not a bug."""
+
+    def wrapper(self: Meta, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.OperationalError as e:
+            text = str(e).lower()
+            if "full" in text or "disk" in text or "readonly" in text or "unable to open" in text:
+                raise StorageError(
+                    f"could not write {self.path} ({e}): {free_space(self.path)}; free space there (or make it "
+                    "writable) and run the command again: what the store held before is intact"
+                ) from None
+            raise
+
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
 class Meta:
     """The SQLite side of a store. One writer (the store's folder lock), any number of readers (WAL)."""
 
+    @_storage_errors
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
         uri = f"file:{path}?mode={'ro' if readonly else 'rwc'}"
@@ -129,6 +150,7 @@ class Meta:
     def attribute_columns(self) -> dict[str, str]:
         return {k: v for k, v in self.columns().items() if k not in BUILTIN}
 
+    @_storage_errors
     def ensure_columns(self, kinds: Mapping[str, str], where: str = "attributes") -> None:
         """Add attribute columns the store does not have yet; a known column keeps its kind (an integer column
         given real values later becomes... refused: DataError naming it)."""
@@ -171,6 +193,7 @@ class Meta:
             found.update(dict(self.db.execute(q, chunk).fetchall()))
         return found
 
+    @_storage_errors
     def insert(self, rows: Sequence[tuple[int, str, int, int, dict[str, Any]]], segment: int) -> None:
         """Rows (id, path, size, mtime_ns, attributes) in one transaction, with the id counter."""
         attrs = list(self.attribute_columns())
@@ -190,6 +213,7 @@ class Meta:
             self.db.execute("ROLLBACK")
             raise
 
+    @_storage_errors
     def tombstone(self, ids: Sequence[int] = (), paths: Sequence[str] = (), where: Filter | None = None) -> int:
         """Mark live rows removed, in one transaction; returns how many were live."""
         self.db.execute("BEGIN IMMEDIATE")
@@ -247,10 +271,12 @@ class Meta:
         cur = self.db.execute("SELECT path, id, size, mtime_ns FROM photos WHERE deleted = 0")
         return {p: (i, s, m) for p, i, s, m in cur}
 
+    @_storage_errors
     def purge_removed(self) -> int:
         """Delete tombstoned rows for good (compaction, after the new base no longer holds them)."""
         return self.db.execute("DELETE FROM photos WHERE deleted = 1").rowcount
 
+    @_storage_errors
     def set_segment(self, segment: int) -> None:
         """Every live row now lives in the one segment a compaction wrote."""
         self.db.execute("BEGIN IMMEDIATE")
