@@ -7,7 +7,7 @@ CONFIG ?= configs/minilm_tiny_vit.yaml
 RUN    ?= outputs/$(basename $(notdir $(CONFIG)))# the shipped configs' experiment is their file name
 PROMPT ?= a large red circle on the left
 
-.PHONY: run test test-optimum browser-deps lint install install-dev sample train eval search bench clean
+.PHONY: run test test-fast test-optimum browser-deps lint install install-dev sample train eval search bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,11 @@ lint: install-dev
 test: lint browser-deps
 	$(BIN)/python -m pytest -q
 	$(MAKE) test-optimum
+
+# The inner loop: the tests that neither train a model nor start processes (well under a minute). `make test` runs
+# them too, with the rest.
+test-fast: install-dev
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The browser test (tests/test_export_browser.py) needs Debian's Chromium and transformers.js: npm ci installs the
 # versions tests/browser/package-lock.json pins into tests/browser/node_modules (ignored by git), without

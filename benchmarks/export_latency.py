@@ -56,7 +56,7 @@ def build(tmp: Path, exporter: str, variants: list[str]) -> tuple[Any, Path, lis
     """The tiny model, its export, and real inputs (sample images and captions)."""
     from finderpartner.config import TinySpec
     from finderpartner.embedding import model_fingerprint
-    from finderpartner.export import export_onnx
+    from finderpartner.interop.export import export_onnx
     from finderpartner.model import build_tiny
 
     data = common.sample_data(None, image_size=96, train_images=0, val_images=128)
@@ -88,9 +88,9 @@ def measure(
 ) -> list[dict[str, Any]]:
     import torch
 
-    from finderpartner.export import _repeat, preprocess_images
+    from finderpartner.interop.onnx_runtime import load_onnx_encoders
+    from finderpartner.interop.verify import _repeat, preprocess_images
     from finderpartner.model import encode_image, encode_text
-    from finderpartner.onnx_runtime import load_onnx_encoders
 
     torch.set_num_threads(threads)
     model = encoder.model.eval()

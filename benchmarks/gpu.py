@@ -43,7 +43,8 @@ import torch  # noqa: E402
 from finderpartner.config import config_from_dict  # noqa: E402
 from finderpartner.env import configure_cuda_allocator, cuda_bf16_native, enable_tf32  # noqa: E402
 from finderpartner.model import CLIP_MEAN, CLIP_STD  # noqa: E402
-from finderpartner.trial import gpu_peak_flops, run_trial  # noqa: E402
+from finderpartner.train.trial import run_trial  # noqa: E402
+from finderpartner.train.trial_report import gpu_peak_flops  # noqa: E402
 
 GiB = 2**30
 # --dry-run: the issue-6 tiny spec (benchmarks/common.py), small batches, a few seconds each

@@ -38,8 +38,8 @@ from finderpartner.env import autocast_factory, resolve_device, resolve_precisio
 from finderpartner.loss import ClipLoss  # noqa: E402
 from finderpartner.memory import is_oom, peak_rss_bytes, reset_peak_rss  # noqa: E402
 from finderpartner.model import CLIP_MEAN, CLIP_STD, DualEncoder, build_tiny  # noqa: E402
-from finderpartner.probe import synthetic_batch  # noqa: E402
-from finderpartner.step import contrastive_backward  # noqa: E402
+from finderpartner.train.probe import synthetic_batch  # noqa: E402
+from finderpartner.train.step import contrastive_backward  # noqa: E402
 
 GiB = 2**30
 

@@ -42,7 +42,7 @@ def _require(module: Any, attr: str) -> Any:
 
 def _after_setup(hook: Callable[[Any], None]) -> None:
     """Run ``hook(run)`` on the trainer's ``Run`` right after ``train.setup`` built it."""
-    from finderpartner import train
+    from finderpartner.train import recipe as train
 
     original = _require(train, "setup")
 
@@ -62,7 +62,7 @@ def _adamw_variant(**flags: bool) -> None:
     """Rebuild the optimizer with the same parameter groups and hyper-parameters, plus ``flags``."""
     import torch
 
-    from finderpartner import train
+    from finderpartner.train import recipe as train
 
     original = _require(train, "build_optimizer")
 

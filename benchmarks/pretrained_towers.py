@@ -44,9 +44,10 @@ from finderpartner.data.transforms import TrainTransform  # noqa: E402
 from finderpartner.embedding import embed_images  # noqa: E402
 from finderpartner.evaluate import evaluate_split  # noqa: E402
 from finderpartner.loss import ClipLoss  # noqa: E402
-from finderpartner.model import TowerCache, apply_freezing, build_model, load_model, set_attention  # noqa: E402
-from finderpartner.step import contrastive_backward  # noqa: E402
+from finderpartner.model import build_model, load_model, set_attention  # noqa: E402
 from finderpartner.train import build_optimizer  # noqa: E402
+from finderpartner.train.levers import TowerCache, apply_freezing  # noqa: E402
+from finderpartner.train.step import contrastive_backward  # noqa: E402
 from finderpartner.zeroshot import TEMPLATES, class_embeddings, score_zeroshot  # noqa: E402
 
 PRESETS = {
@@ -95,7 +96,7 @@ def evaluate(model: Path, data: Path) -> dict[str, float]:
 
 def lit_throughput(data: Path, steps: int = 12, batch: int = 64) -> dict[str, float]:
     """Samples/s of training steps of the minilm preset's model: text tower unlocked, locked, locked + cached."""
-    cfg = preset_config("minilm")
+    cfg = preset_config("minilm_tiny_vit")
     table, _ = read_split(data, "train")
     results = {}
     for name, locked, cached in (("unlocked", False, False), ("locked", True, False), ("locked + cached", True, True)):

@@ -168,7 +168,7 @@ def bucket_samples(raw: Path) -> dict[str, Any]:
         if not stack or not n.isdigit():
             continue
         frames = [_short(f) for f in stack.split(";")]
-        if not any(f.startswith("_loop (finderpartner/train.py") for f in frames):
+        if not any(f.startswith("_loop (finderpartner/train/recipe.py") for f in frames):
             continue  # setup, validation at the end, other threads (they never enter _loop)
         counts[_bucket(frames)] += int(n)
         leaves[frames[-1]] += int(n)
@@ -253,7 +253,7 @@ def micro(size: int, batch: int, repeats: int) -> dict[str, Any]:
     from finderpartner.env import autocast_factory, resolve_precision
     from finderpartner.loss import ClipLoss
     from finderpartner.model import set_attention
-    from finderpartner.step import contrastive_backward
+    from finderpartner.train.step import contrastive_backward
 
     encoder, b = real_batch(size, batch)
     model, spec = encoder.model, encoder.image_spec
@@ -420,7 +420,7 @@ def _compile(encoder: Any, b: Any, spec: Any, autocast: Any, repeats: int) -> di
     import torch
 
     from finderpartner.loss import ClipLoss
-    from finderpartner.step import contrastive_backward
+    from finderpartner.train.step import contrastive_backward
 
     model = copy.deepcopy(encoder.model)
     for tower in (model.vision_model, model.text_model):

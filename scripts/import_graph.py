@@ -7,7 +7,10 @@ imported): top level and inside functions, relative and absolute. The graph is p
 with what it imports (``*`` marks an import inside a function). The exit status is 1 when
 
 - modules import each other in a cycle (counting imports inside functions: that is how a circle hides), or
-- a function imports one of the package's modules, outside ``LAZY_ALLOWED``.
+- a function imports one of the package's modules, outside ``LAZY_ALLOWED``, or
+- the layers are crossed: a module outside ``train/`` imports one of its modules instead of ``train`` itself (its
+  ``__init__`` is the door: what the command line needs), or the library layer (the top-level modules and
+  ``data/``) imports ``interop/`` (ONNX and open_clip conversion sit above the library, reached from ``cli/``).
 
 Imports under ``if TYPE_CHECKING:`` never run; they are shown (``~``) but not checked.
 """
@@ -24,9 +27,47 @@ from pathlib import Path
 # torch, transformers or pydantic are missing: the command line and the environment report import the rest of
 # the package only inside the commands that need it.
 LAZY_ALLOWED = {
-    "cli": "the command line imports each command's modules when that command runs, so check-env needs no torch",
+    "cli": "the command line (the cli package, all its modules) imports each command's modules when that command "
+    "runs, so check-env needs no torch",
     "env": "the environment report reads the config only when pydantic and pyyaml are importable",
 }
+
+
+# Sub-packages whose modules only the sub-package itself imports; the rest of the package goes through __init__.
+SEALED = ("train",)
+# Sub-packages above the library layer: the top-level modules and data/ must not import them.
+ABOVE_LIBRARY = ("interop",)
+LIBRARY = ("", "data")  # the package's top level ('' : modules with no dot) and these sub-packages
+
+
+def _in(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _lazy_allowed(module: str) -> bool:
+    return any(_in(module, name) for name in LAZY_ALLOWED)
+
+
+def _layer_problems(edges: list[Edge], package: str) -> list[str]:
+    """Imports that cross the layers: a sealed sub-package's module from outside, interop/ from the library."""
+    problems = []
+    for e in edges:
+        if e.type_only:
+            continue
+        for sealed in SEALED:
+            if e.target.startswith(sealed + ".") and not _in(e.source, sealed):
+                problems.append(
+                    f"layer: {_label(package, e.source)} (line {e.line}) imports {_label(package, e.target)}; "
+                    f"import it from {_label(package, sealed)} (its __init__ exports what others need)"
+                )
+        library = "." not in e.source or any(_in(e.source, p) for p in LIBRARY if p)
+        for above in ABOVE_LIBRARY:
+            if library and _in(e.target, above) and not _in(e.source, above):
+                problems.append(
+                    f"layer: the library module {_label(package, e.source)} (line {e.line}) imports "
+                    f"{_label(package, e.target)}; only the command line may use {_label(package, above)}"
+                )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -162,8 +203,9 @@ def check(package_dir: Path) -> tuple[list[Edge], list[str]]:
     problems += [
         f"function-level import: {_label(package, e.source)} (line {e.line}) imports {_label(package, e.target)}"
         for e in edges
-        if e.in_function and not e.type_only and e.source not in LAZY_ALLOWED
+        if e.in_function and not e.type_only and not _lazy_allowed(e.source)
     ]
+    problems += _layer_problems(edges, package)
     return edges, problems
 
 
@@ -192,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     if not problems:
-        print(f"import graph of {args.package_dir.name}: no cycles, no function-level imports of its own modules")
+        print(
+            f"import graph of {args.package_dir.name}: no cycles, no function-level imports of its own modules, "
+            f"{', '.join(SEALED)} entered only through __init__, {', '.join(ABOVE_LIBRARY)} not imported by the library"
+        )
     return 1 if problems else 0
 
 

@@ -55,3 +55,15 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, small_data: Path) ->
     tmp = tmp_path_factory.mktemp("trained")
     result = train(config_from_dict(micro_config(tmp, small_data, epochs=2)))
     return result.best_model
+
+
+# Session and module fixtures that train a model: the first test that asks for one waits for a whole training, so
+# every test that uses one (directly or through another fixture) is `slow`, like the files that train or start
+# processes themselves (their module-level `pytestmark`). `pytest -m "not slow"` (make test-fast) is the rest.
+TRAINING_FIXTURES = {"trained_model", "towers_model"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

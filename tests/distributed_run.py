@@ -23,7 +23,7 @@ if base := os.environ.get("FP_TEST_CACHE_PER_RANK"):
     os.environ["FINDERPARTNER_CACHE"] = os.path.join(base, f"rank{rank}")
 
 if os.environ.get("FP_TEST_OOM_RANK") == str(rank):
-    import finderpartner.step as step
+    import finderpartner.train.step as step
 
     real_embed_pair, calls, fail_at = step.embed_pair, [0], int(os.environ["FP_TEST_OOM_CALL"])
 

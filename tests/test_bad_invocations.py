@@ -26,6 +26,8 @@ from finderpartner.errors import (
     UsageError,
 )
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -13,12 +13,14 @@ import pytest
 import torch
 from helpers import micro_config
 
-import finderpartner.checkpoint as ckpt_module
 import finderpartner.loss as loss_module
-from finderpartner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify
+import finderpartner.train.checkpoint as ckpt_module
 from finderpartner.config import config_from_dict
 from finderpartner.errors import CheckpointError, StorageError, TrainingError
 from finderpartner.train import train
+from finderpartner.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, verify
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 def _save(folder: Path, step: int, keep: int = 10, value: float = 1.0) -> Path:

@@ -16,6 +16,8 @@ import pytest
 
 from finderpartner.cli import build_parser, exit_code_table, main
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle on the left"
 

@@ -7,12 +7,13 @@ import yaml
 from pydantic import ValidationError
 
 from finderpartner.config import (
-    PRESETS,
     Config,
     apply_overrides,
     config_from_dict,
     load_config,
     preset_config,
+    preset_names,
+    preset_path,
     render_yaml,
 )
 from finderpartner.errors import ConfigError
@@ -30,12 +31,15 @@ def test_every_shipped_config_loads(path: Path) -> None:
     assert isinstance(cfg, Config)
 
 
-def test_shipped_presets_match_their_generators() -> None:
+def test_presets_are_the_shipped_files_and_old_names_are_aliases() -> None:
     root = Path(__file__).parents[1] / "configs"
-    assert load_config(root / "clip_tiny.yaml") == preset_config("tiny")
-    assert load_config(root / "clip_base.yaml") == preset_config("rtx3060")
-    assert load_config(root / "minilm_tiny_vit.yaml") == preset_config("minilm")
-    assert load_config(root / "finetune.yaml") == preset_config("finetune")
+    assert preset_names() == sorted(p.stem for p in CONFIGS)
+    for name in preset_names():
+        assert preset_path(name) == root / f"{name}.yaml"
+    for old, new in {"tiny": "clip_tiny", "rtx3060": "clip_base", "minilm": "minilm_tiny_vit"}.items():
+        assert preset_config(old) == preset_config(new) == load_config(root / f"{new}.yaml")
+    with pytest.raises(ConfigError, match="unknown preset 'huge'; the presets are the shipped configs: clip_base, "):
+        preset_path("huge")
 
 
 def test_three_mistakes_are_all_reported(tmp_path: Path) -> None:
@@ -85,7 +89,7 @@ def test_missing_file_and_bad_yaml_are_clear(tmp_path: Path) -> None:
         load_config(broken)
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", preset_names())
 def test_rendered_config_round_trips(name: str) -> None:
     cfg = preset_config(name)
     text = render_yaml(cfg)
@@ -94,7 +98,7 @@ def test_rendered_config_round_trips(name: str) -> None:
 
 
 def test_config_is_immutable() -> None:
-    cfg = preset_config("tiny")
+    cfg = preset_config("clip_tiny")
     with pytest.raises(ValidationError, match="frozen"):
         cfg.train.lr = 1.0  # type: ignore[misc]
 

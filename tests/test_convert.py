@@ -21,9 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from finderpartner.cli import main
 from finderpartner.config import TinySpec
-from finderpartner.convert import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VERIFY_MIN_COSINE
 from finderpartner.data.transforms import load_image
+from finderpartner.interop.convert import OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS, VERIFY_MIN_COSINE
 from finderpartner.model import build_tiny, image_features, load_model, save_model, text_features
+
+pytestmark = pytest.mark.slow  # builds, converts and runs open_clip models
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -168,7 +170,7 @@ def test_open_clip_to_hf_embeds_as_open_clip(variant: str, small_data: Path, tmp
 
 def test_every_mlp_width_survives_open_clips_ratio() -> None:
     """open_clip sizes an MLP as int(width * mlp_ratio): the ratio written must give the width back, always."""
-    from finderpartner.open_clip_map import mlp_ratio
+    from finderpartner.interop.open_clip_map import mlp_ratio
 
     pairs = [(w, i) for w in range(8, 2049, 8) for i in range(w, 6 * w + 1, 8)] + [(1664, 8192), (1280, 5120)]
     assert all(int(w * mlp_ratio(w, i, "test")) == i for w, i in pairs)
@@ -346,7 +348,7 @@ def test_a_conversion_that_fails_verification_writes_nothing(oc_files, tmp_path:
     command exits 5 and --out keeps what it held, byte for byte."""
     from dataclasses import replace
 
-    import finderpartner.convert as convert
+    import finderpartner.interop.convert as convert
 
     config, checkpoint = oc_files
     out = tmp_path / "hf"

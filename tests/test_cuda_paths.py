@@ -20,14 +20,18 @@ from helpers import MICRO_SPEC, micro_config
 
 import finderpartner.env as env
 import finderpartner.model as model_module
-import finderpartner.probe as probe
-import finderpartner.step as step
-import finderpartner.train as train_module
+import finderpartner.train.levers as levers
+import finderpartner.train.probe as probe
+import finderpartner.train.recipe as train_module
+import finderpartner.train.step as step
 from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.transforms import ImageSpec, normalize
 from finderpartner.errors import ConfigError, TrainingError
-from finderpartner.model import TowerCache, build_tiny, load_model, save_model
+from finderpartner.model import build_tiny, load_model, save_model
 from finderpartner.train import train
+from finderpartner.train.levers import TowerCache
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 GiB = 2**30
 
@@ -270,7 +274,7 @@ def test_image_keys_are_computed_where_the_pixels_are_and_tell_images_apart() ->
     keys, again = TowerCache.image_keys(pixels), TowerCache.image_keys(nudged)
     assert keys[1] == keys[3] and len(set(keys)) == 3 and all(len(k) == 16 for k in keys)
     assert again[0] != keys[0] and again[1:] == keys[1:]
-    assert model_module.pixel_hash(pixels).device == pixels.device  # hashed in place: a GPU batch stays on the GPU
+    assert levers.pixel_hash(pixels).device == pixels.device  # hashed in place: a GPU batch stays on the GPU
     assert TowerCache.image_keys(pixels.float()) != keys  # float pixels are hashed by their bits (not cast)
 
 
@@ -330,10 +334,10 @@ def test_training_sets_the_allocator_before_cuda_starts(
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.setattr(env.platform, "system", lambda: "Linux")
     seen = []
-    real = train_module._accelerator  # where the device (and CUDA) is first touched
+    real = train_module.make_accelerator  # where the device (and CUDA) is first touched
     monkeypatch.setattr(
         train_module,
-        "_accelerator",
+        "make_accelerator",
         lambda cfg: seen.append(env.os.environ.get("PYTORCH_CUDA_ALLOC_CONF")) or real(cfg),
     )
     train(config_from_dict(micro_config(tmp_path, small_data, epochs=1, max_steps=1)))

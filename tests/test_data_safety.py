@@ -22,8 +22,10 @@ from safetensors.torch import load_file
 
 from finderpartner.cli import main
 from finderpartner.errors import CheckpointError, OutputError, StorageError
-from finderpartner.onnx_runtime import load_onnx_encoders
+from finderpartner.interop.onnx_runtime import load_onnx_encoders
 from finderpartner.search.faiss_store import FaissStore
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
@@ -383,8 +385,8 @@ def test_export_again_keeps_the_users_files_and_the_other_variants(trained_model
     out = tmp_path / "exp0"
     assert main(["-q", "export", "--model", str(trained_model), "--out", str(out), "--int8"]) == 0
     mine = {p: h for p, h in _user_files(out).items() if "my_comment" in p or "onnx" not in p}
-    int8 = snapshot(*(out / "onnx").glob("*_int8.onnx*"))
-    assert len(int8) == 4
+    int8 = snapshot(*(out / "onnx").glob("*_quantized.onnx*"))
+    assert len(int8) == 3  # model, text_model, vision_model: each graph holds its weights
     capsys.readouterr()
     assert main(["export", "--model", str(trained_model), "--out", str(out), "--fp16"]) == 0
     _still_there(mine)
@@ -398,11 +400,11 @@ def test_export_again_keeps_the_users_files_and_the_other_variants(trained_model
 def test_a_user_file_where_export_writes_is_refused_by_name(trained_model: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "exp1"
     assert main(["-q", "export", "--model", str(trained_model), "--out", str(out)]) == 0
-    (out / "onnx" / "model_int8.onnx").write_bytes(b"the user's own quantized model")
+    (out / "onnx" / "model_quantized.onnx").write_bytes(b"the user's own quantized model")
     before = snapshot(out)
     code, err = _cli(capsys, "export", "--model", str(trained_model), "--out", str(out), "--int8")
     assert code == OutputError.exit_code
-    assert f"{out / 'onnx' / 'model_int8.onnx'} was not written by finderpartner" in err
+    assert f"{out / 'onnx' / 'model_quantized.onnx'} was not written by finderpartner" in err
     assert "Nothing was changed" in err and snapshot(out) == before
 
 
@@ -424,7 +426,7 @@ def test_export_variants_of_another_model_version_are_replaced_only_with_overwri
     assert "holds the int8 variant(s) of an earlier export of another version of this model" in err
     assert "pass --int8 to export them again too, or --overwrite to drop them" in err
     assert main(["-q", "export", "--model", str(model), "--out", str(out), "--fp16", "--overwrite"]) == 0
-    assert not list((out / "onnx").glob("*_int8*"))
+    assert not list((out / "onnx").glob("*_quantized*"))
     assert sorted(json.loads((out / "finderpartner_export.json").read_text())["variants"]) == ["fp16"]
 
 

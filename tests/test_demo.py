@@ -15,6 +15,8 @@ from finderpartner.embedding import Searcher
 from finderpartner.index import index_folder
 from finderpartner.model import load_model
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 gr = pytest.importorskip("gradio")
 gradio_client = pytest.importorskip("gradio_client")
 pytest.importorskip("faiss")

@@ -28,6 +28,8 @@ from finderpartner.cli import main
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 WORKER = str(Path(__file__).with_name("distributed_run.py"))  # finderpartner's command line, faults optional
 RUN = dict(epochs=4, batch_size=24, micro_batch_size=5, checkpoint_every=4, dist_timeout="2m")
 STEPS = 20  # 5 per epoch

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from helpers import MICRO_SPEC, run_torchrun
@@ -22,6 +23,8 @@ from finderpartner.data.sources import EvalSet
 from finderpartner.embedding import embed_texts
 from finderpartner.evaluate import evaluate_split, share
 from finderpartner.model import DualEncoder, build_tiny
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 IMAGES = 23  # odd numbers of images and of captions: the shares of 2 processes are uneven
 

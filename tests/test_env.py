@@ -119,6 +119,7 @@ def test_check_env_with_a_config_checks_its_model_and_output_folder(
     assert "not cached, hub unreachable" in out and "requirements not met" in out
 
 
+@pytest.mark.slow  # a subprocess imports the package with a module hidden
 @pytest.mark.parametrize("hidden", ["accelerate", "torch"])
 def test_missing_required_package_exits_non_zero_and_says_what_to_install(tmp_path: Path, hidden: str) -> None:
     run = _run_hidden(tmp_path, hidden, "--json")

@@ -16,15 +16,8 @@ from finderpartner.cli import main
 from finderpartner.data.dataset import read_split
 from finderpartner.embedding import model_fingerprint
 from finderpartner.errors import ExportError
-from finderpartner.export import (
-    PARITY_COSINE,
-    compare,
-    export_onnx,
-    preprocess_images,
-    verify_export,
-)
-from finderpartner.model import encode_image, encode_text, load_model
-from finderpartner.onnx_runtime import (
+from finderpartner.interop.export import PARITY_COSINE, export_onnx
+from finderpartner.interop.onnx_runtime import (
     COMBINED,
     EXPORT_INFO,
     IMAGE_ENCODER,
@@ -34,6 +27,10 @@ from finderpartner.onnx_runtime import (
     load_onnx_encoders,
     open_session,
 )
+from finderpartner.interop.verify import compare, preprocess_images, verify_export
+from finderpartner.model import encode_image, encode_text, load_model
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -120,7 +117,7 @@ def test_a_graph_above_the_inline_limit_reads_data_files_named_after_it(
 ) -> None:
     """Above INLINE_MAX_BYTES each graph's weights go to <graph>.onnx_data, <graph>.onnx_data_1, ... of at most
     DATA_CHUNK_BYTES each (transformers.js's names and chunking; config.json says how many), verified as ever."""
-    from finderpartner import export as export_module
+    from finderpartner.interop import export as export_module
 
     largest = max(p.numel() * p.element_size() for p in encoder.model.parameters())  # a tensor is never split
     monkeypatch.setattr(export_module, "INLINE_MAX_BYTES", 4096)
@@ -276,7 +273,7 @@ def test_an_encoder_that_cannot_be_cut_out_is_a_clear_error(tmp_path: Path) -> N
     """A weight used only inside a control-flow subgraph (an If branch) is not found by the cut: named, not run."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from finderpartner.export import write_graphs
+    from finderpartner.interop.export import write_graphs
 
     weight = numpy_helper.from_array(np.ones((4, 8), np.float32), "text_weight")
     branch = helper.make_graph(
@@ -320,7 +317,7 @@ def test_export_from_another_folder_verifies_on_the_runs_images(
 
     import yaml
 
-    from finderpartner.cli import _run_split
+    from finderpartner.cli.common import run_split
 
     project = tmp_path / "project"
     shutil.copytree(small_data, project / "data")
@@ -338,7 +335,7 @@ def test_export_from_another_folder_verifies_on_the_runs_images(
     shutil.rmtree(project / "data")
     monkeypatch.setattr(logging.getLogger("finderpartner"), "propagate", True)  # main() set up its own handler
     with caplog.at_level("INFO", logger="finderpartner.cli"):
-        assert _run_split(model) is None
+        assert run_split(model) is None
     looked = [r.getMessage() for r in caplog.records if "are not at" in r.getMessage()]
     assert looked and str(elsewhere / "data" / "images" / "val") in looked[0]
     assert str(project.resolve() / "data" / "images" / "val") in looked[0]

@@ -25,11 +25,14 @@ import numpy as np
 import pytest
 import torch
 
-from finderpartner import export as export_module
 from finderpartner.data.dataset import read_split
 from finderpartner.embedding import model_fingerprint
-from finderpartner.export import compare, export_onnx, preprocess_images
+from finderpartner.interop import export as export_module
+from finderpartner.interop.export import export_onnx
+from finderpartner.interop.verify import compare, preprocess_images
 from finderpartner.model import encode_image, encode_text, load_model
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")

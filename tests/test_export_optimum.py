@@ -21,9 +21,12 @@ from helpers import MICRO_SPEC
 from finderpartner.config import config_from_dict
 from finderpartner.data.dataset import read_split
 from finderpartner.embedding import model_fingerprint
-from finderpartner.export import export_onnx, preprocess_images
+from finderpartner.interop.export import export_onnx
+from finderpartner.interop.verify import preprocess_images
 from finderpartner.model import build_model, encode_image, encode_text, load_model
 from finderpartner.tokenizer import build_caption_tokenizer
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 pytest.importorskip("onnxruntime")
 if os.environ.get("FINDERPARTNER_REQUIRE_OPTIMUM") == "1":

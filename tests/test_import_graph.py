@@ -39,3 +39,28 @@ def test_the_checker_finds_a_cycle_hidden_in_a_function(tmp_path: Path) -> None:
     assert "function-level import: pkg.c (line 2) imports pkg.a" in result.stderr
     assert "pkg.d" not in result.stderr  # a TYPE_CHECKING import never runs
     assert "pkg.c -> a*" in result.stdout and "pkg.d -> a~, sub" in result.stdout
+
+
+def test_the_checker_finds_layer_crossings(tmp_path: Path) -> None:
+    """A train/ module imported from outside train/, and interop/ imported by the library (top level or data/)."""
+    pkg = tmp_path / "pkg"
+    for sub in ("train", "interop", "data", "cli"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "train" / "__init__.py").write_text("from .recipe import train\n")
+    (pkg / "train" / "recipe.py").write_text("from .step import one\ndef train():\n    pass\n")
+    (pkg / "train" / "step.py").write_text("one = 1\n")
+    (pkg / "interop" / "export.py").write_text("from ..train import train\n")  # through the door: fine
+    (pkg / "data" / "load.py").write_text("from ..interop.export import x\n")  # library -> interop
+    (pkg / "model.py").write_text("from .train.step import one\n")  # around the door
+    (pkg / "cli" / "run.py").write_text("from ..interop import export\nfrom ..train import train\n")  # fine
+    result = _run(str(pkg))
+    assert result.returncode == 1
+    problems = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert problems == [
+        "error: layer: the library module pkg.data.load (line 1) imports pkg.interop.export; "
+        "only the command line may use pkg.interop",
+        "error: layer: pkg.model (line 1) imports pkg.train.step; import it from pkg.train "
+        "(its __init__ exports what others need)",
+    ], result.stderr

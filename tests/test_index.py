@@ -24,8 +24,8 @@ from finderpartner.index import (
     index_folder,
     update_index,
 )
+from finderpartner.interop.onnx_runtime import OnnxSearcher
 from finderpartner.model import build_tiny, load_model, save_model
-from finderpartner.onnx_runtime import OnnxSearcher
 
 pytest.importorskip("faiss")
 CPU = torch.device("cpu")
@@ -199,7 +199,7 @@ def test_damaged_or_missing_index_gets_a_clear_error(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def onnx_export(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("onnxruntime")
-    from finderpartner.export import export_onnx
+    from finderpartner.interop.export import export_onnx
 
     encoder = load_model(trained_model)
     out = tmp_path_factory.mktemp("onnx") / "export"

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from helpers import micro_config
@@ -21,6 +22,8 @@ from safetensors.torch import load_file
 
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

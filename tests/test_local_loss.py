@@ -25,8 +25,10 @@ from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
 from finderpartner.loss import Objective, build_objective
 from finderpartner.model import DualEncoder, build_tiny
-from finderpartner.step import contrastive_backward, sum_gradients_across_processes
 from finderpartner.train import train
+from finderpartner.train.step import contrastive_backward, sum_gradients_across_processes
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 PAIRS = 16
 ROWS = (9, 7)  # uneven local batches of the two processes

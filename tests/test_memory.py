@@ -12,18 +12,21 @@ import torch
 from helpers import MICRO_SPEC, micro_config
 from safetensors.torch import load_file
 
-import finderpartner.probe as probe
-import finderpartner.step as step
+import finderpartner.train.probe as probe
+import finderpartner.train.step as step
 from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.collate import Collator
 from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
 from finderpartner.errors import TrainingError
 from finderpartner.loss import ClipLoss
-from finderpartner.model import apply_freezing, apply_lora, build_tiny, enable_gradient_checkpointing, plain_model
-from finderpartner.probe import optimizer_state_bytes, probe_micro_batch
-from finderpartner.step import contrastive_backward
+from finderpartner.model import build_tiny, plain_model
 from finderpartner.train import build_optimizer, train
+from finderpartner.train.levers import apply_freezing, apply_lora, enable_gradient_checkpointing
+from finderpartner.train.probe import optimizer_state_bytes, probe_micro_batch
+from finderpartner.train.step import contrastive_backward
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 def _batch(small_data: Path, encoder, n: int):

@@ -207,6 +207,7 @@ def test_alpha_outside_0_1_needs_extrapolate(
 RUNTIME = ["--device", "cpu", "--precision", "fp32", "--workers", "0"]
 
 
+@pytest.mark.slow  # embeds the split at every alpha
 def test_sweep_writes_table_json_and_plot_and_its_ends_are_eval_of_each_model(
     models: dict[str, Path], small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

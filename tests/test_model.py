@@ -124,6 +124,7 @@ print(json.dumps({"transformers": transformers.__version__, "labels": [s["label"
 """
 
 
+@pytest.mark.slow  # a subprocess loads it with transformers alone
 def test_saved_model_loads_with_plain_transformers_and_gives_the_same_embeddings(encoder, tmp_path: Path) -> None:
     folder = save_model(encoder, tmp_path / "best_model", card="# test card\n")
     assert (folder / "model.safetensors").is_file() and (folder / "README.md").is_file()

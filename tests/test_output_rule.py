@@ -19,6 +19,8 @@ from helpers import launcher_env
 from finderpartner.errors import OutputError
 from finderpartner.outputs import MARKER, STAGING, claim_output, read_marker, recover, write_output
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 def tree(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` (relative path -> SHA-256 of its bytes), the marker and staging left out."""

@@ -25,6 +25,8 @@ from helpers import MICRO_SPEC, launcher_env, micro_config
 from finderpartner import progress
 from finderpartner.progress import Progress
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 @pytest.fixture
 def lines(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:

@@ -23,6 +23,8 @@ from finderpartner.data.sample import (
 )
 from finderpartner.errors import DataError, OutputError
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 SMALL = {"train_images": 200, "val_images": 100}
 
 

@@ -23,6 +23,7 @@ from finderpartner.cli import main
 from finderpartner.search.faiss_store import FaissStore
 
 pytest.importorskip("faiss")
+pytestmark = pytest.mark.slow  # trains a model and starts processes (the fast subset: pytest -m 'not slow')
 FAST = ["--workers", "0", "--batch-size", "8"]
 
 
@@ -190,7 +191,6 @@ def test_a_run_stopped_halfway_and_resumed_equals_an_uninterrupted_one(
         np.testing.assert_allclose(a[p][1], b[p][1], rtol=0, atol=1e-6)  # the same vectors
 
 
-@pytest.mark.slow
 def test_two_gloo_processes_index_what_one_does(trained_model: Path, small_data: Path, tmp_path: Path) -> None:
     gallery = _gallery(small_data, tmp_path / "g", 64)
     one, two = tmp_path / "one", tmp_path / "two"

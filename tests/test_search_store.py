@@ -251,6 +251,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # five real processes
 @pytest.mark.parametrize(
     ("action", "point"),
     [

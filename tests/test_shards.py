@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 import finderpartner.data.sources as sources
-import finderpartner.train as train_module
+import finderpartner.train.recipe as train_module
 from finderpartner.cli import main
 from finderpartner.config import TinySpec, config_from_dict
 from finderpartner.data.dataset import EncodedImage, Skipped
@@ -26,6 +26,8 @@ from finderpartner.data.transforms import load_image
 from finderpartner.errors import ConfigError, DataError
 from finderpartner.evaluate import evaluate_split
 from finderpartner.model import build_tiny
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 @pytest.fixture(scope="module")
@@ -200,24 +202,24 @@ def test_shard_data_counts_from_sizes_json_without_reading_shards(shards: Path, 
 
     monkeypatch.setattr(sources, "raw_samples", spy)
     cfg = config_from_dict(_config(tmp_path, shards))
-    data = ShardData.open(cfg, need_captions=False)
+    data = ShardData.open(cfg.data, need_captions=False)
     assert data.num_rows == 128 and data.captions == [] and reads == []
-    data = ShardData.open(cfg, need_captions=True)  # the tiny tokenizer needs the captions: one read
+    data = ShardData.open(cfg.data, need_captions=True)  # the tiny tokenizer needs the captions: one read
     assert data.num_rows == 128 and len(data.captions) == 128 and len(reads) == 1
 
     bare = tmp_path / "bare"
     shutil.copytree(shards, bare)
     (bare / "sizes.json").unlink()
     reads.clear()
-    data = ShardData.open(config_from_dict(_config(tmp_path, bare)), need_captions=False)
+    data = ShardData.open(config_from_dict(_config(tmp_path, bare)).data, need_captions=False)
     assert data.num_rows == 128 and data.captions == [] and len(reads) == 1  # no sizes: counted by reading
 
     (bare / "sizes.json").write_text('{"train-000000.tar": 40, "train-0000')
     with pytest.raises(DataError, match=rf"{bare / 'sizes.json'} is damaged: not JSON"):
-        ShardData.open(config_from_dict(_config(tmp_path, bare)), need_captions=False)
+        ShardData.open(config_from_dict(_config(tmp_path, bare)).data, need_captions=False)
     (bare / "sizes.json").write_text('{"train-000000.tar": "forty"}')
     with pytest.raises(DataError, match=r"is damaged: expected .*delete it to have the shards counted"):
-        ShardData.open(config_from_dict(_config(tmp_path, bare)), need_captions=False)
+        ShardData.open(config_from_dict(_config(tmp_path, bare)).data, need_captions=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,7 +293,7 @@ from finderpartner.data.shards import raw_samples
 dist.init_process_group("gloo")
 reads = []
 sources.raw_samples = lambda urls: reads.append(len(urls)) or raw_samples(urls)  # observes the full reads
-data = sources.ShardData.open(config_from_dict(json.loads(sys.argv[1])), need_captions=True)
+data = sources.ShardData.open(config_from_dict(json.loads(sys.argv[1])).data, need_captions=True)
 record = {"rank": dist.get_rank(), "reads": reads, "rows": data.num_rows, "captions": data.captions}
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:  # one file each: stdout lines would interleave
     json.dump(record, f)

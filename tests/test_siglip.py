@@ -26,6 +26,8 @@ from finderpartner.loss import ClipLoss, SigmoidLoss, build_objective, saved_obj
 from finderpartner.model import OBJECTIVE_KEY, load_model
 from finderpartner.train import train
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 TEXTS = "a large red circle on the left\nsmall blue star, center\na small green square on the right side"
 
 
@@ -115,8 +117,9 @@ def test_the_demo_shows_sigmoid_probabilities(siglip_run: Path, small_data: Path
 def test_onnx_export_keeps_parity_and_the_bias(siglip_run: Path, small_data: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    from finderpartner.export import export_onnx, preprocess_images, verify_export
-    from finderpartner.onnx_runtime import COMBINED, OnnxSearcher, open_session, variant_file
+    from finderpartner.interop.export import export_onnx
+    from finderpartner.interop.onnx_runtime import COMBINED, OnnxSearcher, open_session, variant_file
+    from finderpartner.interop.verify import preprocess_images, verify_export
 
     encoder = load_model(siglip_run / "best_model")
     out = tmp_path / "onnx"

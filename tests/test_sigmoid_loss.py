@@ -11,6 +11,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 from helpers import MICRO_SPEC, micro_config, run_torchrun
@@ -22,8 +23,10 @@ from finderpartner.data.dataset import PairDataset, read_split
 from finderpartner.data.transforms import TrainTransform
 from finderpartner.loss import Objective, SigmoidLoss, build_objective
 from finderpartner.model import DualEncoder, build_tiny
-from finderpartner.step import contrastive_backward, sum_gradients_across_processes
 from finderpartner.train import train
+from finderpartner.train.step import contrastive_backward, sum_gradients_across_processes
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 PAIRS = 64
 MICRO = 8

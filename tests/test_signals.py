@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from safetensors.torch import load_file
 from finderpartner.config import config_from_dict
 from finderpartner.errors import INTERRUPTED, Stopped
 from finderpartner.train import train
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 RUN = dict(epochs=3, checkpoint_every=1000, log_every=1)  # 24 steps; no periodic checkpoint on the way
 
@@ -213,3 +216,24 @@ def test_a_signal_during_an_import_is_handled_after_it(tmp_path: Path) -> None:
     )
     run = subprocess.run([sys.executable, "-c", script], env=launcher_env(), capture_output=True, text=True, timeout=60)
     assert run.stdout.strip() == "interrupted after the import: True", run.stdout + run.stderr
+
+
+def _raised_in(filename: str, error: BaseException) -> tuple[type[BaseException], BaseException, Any]:
+    try:
+        exec(compile("raise error", filename, "exec"), {"error": error})
+    except BaseException as e:  # noqa: BLE001 - the exception is the point
+        return type(e), e, e.__traceback__
+    raise AssertionError("not raised")
+
+
+def test_a_dead_workers_error_in_the_resource_sharer_thread_prints_no_traceback(capsys) -> None:
+    """Ctrl-C to a process group can end a DataLoader worker while multiprocessing's resource-sharer thread is
+    handing it a file descriptor; that thread calls sys.excepthook itself. Only that case is kept quiet."""
+    from finderpartner import signals
+
+    signals._quiet_dead_peer(*_raised_in("/usr/lib/python3/multiprocessing/resource_sharer.py", ConnectionResetError()))
+    assert capsys.readouterr().err == ""
+    signals._quiet_dead_peer(*_raised_in("/somewhere/else.py", ConnectionResetError("other")))
+    assert "ConnectionResetError: other" in capsys.readouterr().err
+    signals._quiet_dead_peer(*_raised_in("/x/multiprocessing/resource_sharer.py", ValueError("a bug")))
+    assert "ValueError: a bug" in capsys.readouterr().err

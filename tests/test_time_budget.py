@@ -11,10 +11,12 @@ import torch
 from helpers import micro_config
 from safetensors.torch import load_file
 
-import finderpartner.train as train_module
-from finderpartner.budget import MEASURE_STEPS, SKIP_STEPS, steps_that_fit
+import finderpartner.train.recipe as train_module
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
+from finderpartner.train.budget import MEASURE_STEPS, SKIP_STEPS, steps_that_fit
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 WARMUP = SKIP_STEPS + MEASURE_STEPS + 3  # the budget run's warm-up is not lengthened: both runs share it
 
@@ -97,7 +99,7 @@ def test_steps_that_fit_budgets_validations_and_checkpoints() -> None:
 
 
 def test_warm_up_covers_the_timing_and_is_cut_when_longer_than_the_budgeted_run() -> None:
-    from finderpartner.budget import Plan
+    from finderpartner.train.budget import Plan
 
     def plan(**train: object) -> Plan:
         return Plan.from_config(config_from_dict({"train": train}).train, 100, 0.0)

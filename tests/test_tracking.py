@@ -28,10 +28,12 @@ from finderpartner.data.sources import EvalSet
 from finderpartner.env import TRACKERS
 from finderpartner.errors import ConfigError, FinderPartnerError
 from finderpartner.evaluate import RetrievalExamples, retrieval_examples
-from finderpartner.retrieval_grid import HEADER, OTHER, OWN, PAD, SAME_CAPTION, TEXT_WIDTH, THUMB, grid_size
-from finderpartner.retrieval_grid import retrieval_grid as draw_grid
-from finderpartner.tracking import check_trackers, wandb_mode
 from finderpartner.train import train
+from finderpartner.train.retrieval_grid import HEADER, OTHER, OWN, PAD, SAME_CAPTION, TEXT_WIDTH, THUMB, grid_size
+from finderpartner.train.retrieval_grid import retrieval_grid as draw_grid
+from finderpartner.train.tracking import check_trackers, wandb_mode
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +199,7 @@ def test_a_resumed_run_continues_its_wandb_run(
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    caplog.set_level(logging.INFO, logger="finderpartner.tracking")
+    caplog.set_level(logging.INFO, logger="finderpartner.train.tracking")
     raw = micro_config(tmp_path, small_data, max_steps=4)  # logs every 2 steps, a checkpoint at 4
     raw["tracking"] = {"tensorboard": False, "wandb": True}
     run_dir = train(config_from_dict(raw)).run_dir

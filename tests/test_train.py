@@ -8,9 +8,11 @@ import torch
 from helpers import micro_config, modes_off_usual
 from safetensors.torch import load_file
 
-import finderpartner.train as train_module
+import finderpartner.train.recipe as train_module
 from finderpartner.config import config_from_dict
 from finderpartner.train import train
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -161,7 +163,7 @@ def test_the_lr_schedule_is_transformers_cosine_with_min_lr_after_the_warm_up(
             scheduler.step()
         return out
 
-    ours = lrs(lambda o: train_module._scheduler(o, warmup, total, floor))
+    ours = lrs(lambda o: train_module.build_scheduler(o, warmup, total, floor))
     theirs = lrs(lambda o: get_cosine_with_min_lr_schedule_with_warmup(o, warmup, total, min_lr_rate=floor))
     assert ours[warmup : total + 1] == pytest.approx(theirs[warmup : total + 1], abs=1e-12, rel=0)
     assert ours[total:] == [0.5 * floor] * 3  # past the end ours stays at the floor (theirs climbs back up)

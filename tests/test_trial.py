@@ -19,7 +19,10 @@ from helpers import launcher_env, micro_config
 from finderpartner import cli
 from finderpartner.config import ARCHITECTURES, config_from_dict
 from finderpartner.errors import ModelError, UsageError
-from finderpartner.trial import build_encoder, gpu_peak_flops, parse_size, run_trial
+from finderpartner.train.trial import build_encoder, run_trial
+from finderpartner.train.trial_report import gpu_peak_flops, parse_size
+
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
 
 
 @pytest.fixture

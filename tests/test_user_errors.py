@@ -24,6 +24,8 @@ from finderpartner.config import load_config
 from finderpartner.data.transforms import load_image
 from finderpartner.errors import ConfigError, DataError, ModelError, UsageError
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large red circle on the left"
 FAST = ["--precision", "fp32", "--workers", "0"]
@@ -507,7 +509,7 @@ def test_huge_caption_is_reported_on_its_line_and_reading_goes_on(
 
 def test_export_verification_captions_with_a_huge_field_are_an_export_error(small_data: Path, tmp_path: Path) -> None:
     from finderpartner.errors import ExportError
-    from finderpartner.export import read_verification_inputs
+    from finderpartner.interop.verify import read_verification_inputs
 
     captions = tmp_path / "captions.csv"
     _write_csv(captions, [("a.jpg", "fine"), ("b.jpg", "x" * 10_000_000)])

@@ -17,6 +17,8 @@ from finderpartner.data.validate import require_usable, validate_split
 from finderpartner.errors import DataError
 from finderpartner.model import build_tiny
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 
 def _jpeg(path: Path, size=(40, 30), colour=(200, 40, 40)) -> bytes:
     buf = io.BytesIO()
@@ -233,7 +235,7 @@ def test_a_file_that_breaks_during_training_is_skipped_counted_and_named(
     from helpers import micro_config
 
     import finderpartner.data.sources as sources
-    import finderpartner.train as train_module
+    import finderpartner.train.recipe as train_module
     from finderpartner.config import config_from_dict
 
     root = tmp_path / "data"

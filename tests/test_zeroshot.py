@@ -31,6 +31,8 @@ from finderpartner.zeroshot import (
     score_zeroshot,
 )
 
+pytestmark = pytest.mark.slow  # trains a model or starts processes (the fast subset: pytest -m 'not slow')
+
 FAST = ["--precision", "fp32", "--workers", "0", "--device", "cpu"]
 
 

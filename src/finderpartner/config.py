@@ -514,76 +514,31 @@ class Config(_Section):
         return self.output_dir / self.experiment
 
 
-# Presets: what `init-config --preset` starts from. configs/*.yaml are rendered from these.
-PRESET_NOTES: dict[str, str] = {
-    "finetune": "Set model.name to the model to fine-tune (a saved best_model folder or a hub id) and data.root to the "
-    "new data.",
-}
-# The 2-minute CPU recipe of the tiny and finetune presets (the minilm preset, make run's, changes lr and budget).
-_CPU_TRAIN: dict[str, Any] = {
-    "epochs": 10,  # ignored: the time budget decides (colour, size, position: learnt by epoch 3)
-    # 2 min of training: ~375-450 steps of the tiny preset on a 2-core CPU in fp32, ~1250 with native bf16;
-    # never more than 10 epochs (1250 steps).
-    "time_budget": "2m",
-    "max_steps": 1250,
-    "batch_size": 64,
-    "lr": 5e-4,
-    "weight_decay": 0.1,
-    "warmup_steps": 50,
-    "checkpoint_every": 100,
-    "log_every": 10,
-}
-# No crops or colour jitter in a two-minute run (3-4 epochs: nothing to over-fit yet; the errors left are shapes,
-# which crops blur); the flip stays (it swaps left/right in the caption).
-_CPU_AUGMENT: dict[str, Any] = {"crop_scale": (1.0, 1.0), "color_jitter": 0.0}
+# Presets are the shipped configs/*.yaml, one name each: the file's stem. The names earlier versions used are still
+# accepted (a dict lookup); --help and errors name only the files.
+PRESET_ALIASES = {"rtx3060": "clip_base", "tiny": "clip_tiny", "minilm": "minilm_tiny_vit"}
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "rtx3060": {},
-    # make run's preset: the tiny ViT with a pretrained text tower, all-MiniLM-L6-v2 (offline, the [minilm] extra),
-    # locked and cached (LiT), so that a step costs the tiny ViT and two projections (0.74x the tiny preset's CPU
-    # time). It knows words the sample captions never use (synonyms, paraphrases), which a tokenizer learnt from the
-    # captions cannot (README, "Pretrained towers"). Peak lr 1e-3 after 100 warm-up steps: val text->image R@1
-    # (caption-aware) 0.87-0.89 at 500 steps over three seeds, where lr 5e-4 gave 0.83-0.87 and the tiny preset
-    # 0.79 (benchmarks/README.md, "make run's preset"). 2m15s of training keeps make run's work after the install
-    # under 3 minutes on a 2-core fp32 CPU and buys ~490 steps there.
-    "minilm": {
-        "experiment": "minilm_tiny_vit",
-        "model": {
-            "name": TOWERS,
-            "tiny": {"patch_size": 16, "vision_width": 256, "vision_heads": 4, "vision_layers": 3},
-            "towers": {"text": MINILM, "vision": TINY, "projection_dim": 128},
-            "freeze": {"text_tower": True},
-        },
-        "data": {
-            "root": "data/sample",
-            "num_workers": 2,
-            "augment": dict(_CPU_AUGMENT),
-        },
-        "train": {**_CPU_TRAIN, "time_budget": "2m15s", "lr": 1e-3, "warmup_steps": 100},
-    },
-    # Fine-tuning a model trained before (set model.name to its best_model folder, or a hub id) on new data: the
-    # recipe chosen with scripts/two_stage.py's stage 2 (README, "Fine-tuning recipe"). Peak lr 5e-4 gained most on
-    # the new domain of 5e-4, 1e-4 and 3e-5 without forgetting more of the old one; the locked (cached) text tower
-    # buys ~3x the steps of an unlocked one in the same time and both gained more and forgot less at 5e-4.
-    "finetune": {
-        "experiment": "finetune",
-        "model": {"name": "outputs/minilm_tiny_vit/best_model", "freeze": {"text_tower": True}},
-        "data": {
-            "root": "data",
-            "num_workers": 2,
-            "augment": dict(_CPU_AUGMENT),
-        },
-        "train": dict(_CPU_TRAIN),
-    },
-    "tiny": {
-        "experiment": "clip_tiny",
-        # 16-pixel patches (17 vision tokens instead of 65) and a wider, shallower ViT: 2.3x the steps per second
-        # of the 8-pixel spec in fp32, and more learnt per second (README, "How fast on your CPU").
-        "model": {"name": TINY, "tiny": {"patch_size": 16, "vision_width": 256, "vision_heads": 4, "vision_layers": 3}},
-        "data": {"root": "data/sample", "num_workers": 2, "augment": dict(_CPU_AUGMENT)},
-        "train": dict(_CPU_TRAIN),
-    },
-}
+
+def configs_folders() -> list[Path]:
+    """Where the shipped configs are: inside the installed package (pyproject.toml puts configs/*.yaml there in a
+    wheel), else in the checkout this package runs from (src/finderpartner/ -> configs/)."""
+    here = Path(__file__).resolve().parent
+    return [here / "configs"] + ([here.parents[1] / "configs"] if here.parent.name == "src" else [])
+
+
+def preset_names() -> list[str]:
+    """The shipped presets: the stems of configs/*.yaml."""
+    folder = next((f for f in configs_folders() if f.is_dir()), None)
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder is not None else []
+
+
+def preset_path(name: str) -> Path:
+    """The YAML file of a preset (``clip_tiny`` -> configs/clip_tiny.yaml); an old name works as its alias."""
+    stem = PRESET_ALIASES.get(name, name)
+    found = shipped_config(Path("configs") / f"{stem}.yaml") if stem and "/" not in stem else None
+    if found is None:
+        raise ConfigError(f"unknown preset {name!r}; the presets are the shipped configs: {', '.join(preset_names())}")
+    return found
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -647,9 +602,7 @@ def shipped_config(path: Path) -> Path | None:
     checkout this package runs from (src/finderpartner/ -> configs/). None when there is no such file."""
     if path.is_absolute() or len(path.parts) != 2 or path.parts[0] != "configs":
         return None
-    here = Path(__file__).resolve().parent
-    folders = [here / "configs"] + ([here.parents[1] / "configs"] if here.parent.name == "src" else [])
-    return next((folder / path.name for folder in folders if (folder / path.name).is_file()), None)
+    return next((folder / path.name for folder in configs_folders() if (folder / path.name).is_file()), None)
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "config", given: dict[str, str] | None = None) -> Config:
@@ -667,9 +620,8 @@ def config_from_dict(raw: dict[str, Any], source: str = "config", given: dict[st
 
 
 def preset_config(name: str) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-    return config_from_dict(PRESETS[name], source=f"preset {name}")
+    """A preset's config: its shipped YAML file, read (``preset_path``)."""
+    return load_config(preset_path(name))
 
 
 def _describe(err: dict[str, Any], given: dict[str, str]) -> str:

@@ -316,7 +316,7 @@ def _recommendation(gpu: dict[str, Any]) -> dict[str, Any]:
         mem = gpu["memory_gb"]
         # Measured orders of magnitude for ViT-B/32 at 224 px with the gradient cache (see README, "Memory").
         micro = 256 if mem >= 20 else 128 if mem >= 10 else 64 if mem >= 7 else 32
-        fits = "the rtx3060 preset fits" if mem >= 10 else "use the rtx3060 preset with a smaller micro-batch"
+        fits = "the clip_base preset fits" if mem >= 10 else "use the clip_base preset with a smaller micro-batch"
         return {
             "device": "cuda",
             "precision": precision,

@@ -1,4 +1,4 @@
-"""Exceptions whose message is meant for the user, and the exit code of each. Only ``cli.py`` turns them into
+"""Exceptions whose message is meant for the user, and the exit code of each. Only ``cli/`` turns them into
 exit codes; ``EXIT_CODES`` is the table that ``finderpartner --help`` and README print (a test keeps them equal).
 """
 

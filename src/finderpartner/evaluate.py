@@ -11,7 +11,7 @@ import copy
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +215,43 @@ def retrieval_examples(
     return RetrievalExamples(rows, top.tolist(), scores.tolist(), rank.tolist())
 
 
+def claim_report_folder(out_dir: Path, protect: Mapping[str, Any] | None = None) -> None:
+    """Refuse ``out_dir`` unless an evaluation report may go there (the output rule, ``outputs.claim_output``): a
+    new or empty folder or an evaluation folder, never one holding other files, nor one inside ``protect`` (the
+    models and the data). Checked before the work, and again on writing."""
+    claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
+
+
+def write_eval_report(
+    out_dir: Path,
+    name: str,
+    record: Mapping[str, Any],
+    plot: tuple[str, Callable[[Path], Path]],
+    *,
+    history: Mapping[str, Any] | None = None,
+    protect: Mapping[str, Any] | None = None,
+    what: str = "the evaluation report",
+) -> dict[str, Path]:
+    """The one writer of evaluation reports (retrieval, zero-shot, the WiSE-FT sweep): ``<out>/<name>.json`` holding
+    ``record``, the plot ``plot = (relative path, draw(path))`` drawn first (a stop leaves no report without its
+    plot), and ``history`` (when given) appended to ``<out>/history.jsonl``. The folder is claimed as
+    ``claim_report_folder`` says, and only these files are written."""
+    claim_report_folder(out_dir, protect)
+    report = out_dir / f"{name}.json"
+    plot_name, draw = plot
+    names = [report.name, plot_name] + (["history.jsonl"] if history is not None else [])
+    with storage_errors(out_dir, f"{what} in {out_dir}"):
+        claim_files(out_dir, "eval", {}, names)
+        plot_path = draw(out_dir / plot_name)
+        write_text_atomic(report, json.dumps(record, indent=2))
+        written = {"report": report, "plot": plot_path}
+        if history is not None:
+            with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(history) + "\n")
+            written["history"] = out_dir / "history.jsonl"
+    return written
+
+
 def write_report(
     result: EvalResult,
     out_dir: Path,
@@ -223,22 +260,10 @@ def write_report(
     *,
     protect: dict[str, Any] | None = None,
 ) -> dict[str, Path]:
-    """``<out>/<name>.json``, ``<out>/plots/<name>_similarity.png``, and a line appended to ``<out>/history.jsonl``.
-
-    ``out`` follows the output rule (``outputs.claim_output``): a new or empty folder or an evaluation folder,
-    never one holding other files, nor one inside ``protect`` (the model and the data).
-    """
-    claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
+    """``<out>/<name>.json``, ``<out>/plots/<name>_similarity.png``, and a line appended to ``<out>/history.jsonl``."""
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
-    report = out_dir / f"{name}.json"
-    with storage_errors(out_dir, f"the evaluation report in {out_dir}"):
-        plot_name = f"plots/{name}_similarity.png"
-        claim_files(out_dir, "eval", {}, [report.name, plot_name, "history.jsonl"])
-        plot = plot_similarity(result, out_dir / plot_name)  # the slow one first: a stop leaves no report without it
-        write_text_atomic(report, json.dumps(record, indent=2))
-        with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-    return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
+    plot = (f"plots/{name}_similarity.png", lambda path: plot_similarity(result, path))
+    return write_eval_report(out_dir, name, record, plot, history=record, protect=protect)
 
 
 def plot_similarity(result: EvalResult, path: Path) -> Path:

@@ -26,9 +26,9 @@ import torch
 from . import __version__
 from .embedding import _stable_config
 from .errors import ModelError
-from .evaluate import EvalResult
+from .evaluate import EvalResult, write_eval_report
 from .model import DualEncoder, image_spec_of, save_model
-from .outputs import atomic_path, claim_files, claim_output, storage_errors, write_output, write_text_atomic
+from .outputs import atomic_path, claim_output, write_output
 
 log = logging.getLogger(__name__)
 
@@ -337,23 +337,14 @@ def sweep_record(
     }
 
 
-def claim_sweep_output(out_dir: Path, protect: Mapping[str, Any] | None = None) -> None:
-    """The sweep writes into an evaluation report folder, claimed as ``evaluate.write_report`` claims it: new or
-    empty, or an evaluation folder; never one holding other files, nor one inside ``protect`` (models, data)."""
-    claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
-
-
 def write_sweep_report(
     record: Mapping[str, Any], rows: Sequence[SweepRow], out_dir: Path, *, protect: Mapping[str, Any] | None = None
 ) -> dict[str, Path]:
-    """``<out>/wise_ft.json`` (``sweep_record``) and ``<out>/wise_ft.png`` (``plot_tradeoff``)."""
-    claim_sweep_output(out_dir, protect)
-    report, plot = out_dir / f"{SWEEP_REPORT}.json", out_dir / f"{SWEEP_REPORT}.png"
-    with storage_errors(out_dir, f"the WiSE-FT report in {out_dir}"):
-        claim_files(out_dir, "eval", {}, [report.name, plot.name])
-        plot_tradeoff(rows, [str(s["name"]) for s in record["sets"]], plot)  # first: no report without its plot
-        write_text_atomic(report, json.dumps(record, indent=2))
-    return {"report": report, "plot": plot}
+    """``<out>/wise_ft.json`` (``sweep_record``) and ``<out>/wise_ft.png`` (``plot_tradeoff``), in an evaluation
+    report folder (``evaluate.write_eval_report``); no history line."""
+    names = [str(s["name"]) for s in record["sets"]]
+    plot = (f"{SWEEP_REPORT}.png", lambda path: plot_tradeoff(rows, names, path))
+    return write_eval_report(out_dir, SWEEP_REPORT, record, plot, protect=protect, what="the WiSE-FT report")
 
 
 def plot_tradeoff(rows: Sequence[SweepRow], set_names: Sequence[str], path: Path) -> Path:

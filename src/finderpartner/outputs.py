@@ -292,18 +292,7 @@ def write_output(
     """
     target = Path(os.path.abspath(target))
     created = not target.exists()
-    stage = target / STAGING
-    with storage_errors(target, what):
-        target.mkdir(parents=True, exist_ok=True)
-        recover(target)
-        _refuse_foreign_stage(stage)
-        try:
-            stage.mkdir()
-        except FileExistsError:  # another process began writing here this very moment
-            raise OutputError(
-                f"{flag} {target} is being written by another finderpartner process; wait for it "
-                "to finish, or choose another folder"
-            ) from None
+    stage = _open_stage(target, what, flag)
     lock = FolderLock(stage, what="output folder", place=target)
     try:
         with storage_errors(target, what):
@@ -355,6 +344,23 @@ def write_output(
         raise StorageError(f"{err}{note}") from None
     finally:
         lock.release()
+
+
+def _open_stage(target: Path, what: str, flag: str) -> Path:
+    """Make ``target`` (finishing or undoing an interrupted write first) and its new, empty staging folder."""
+    stage = target / STAGING
+    with storage_errors(target, what):
+        target.mkdir(parents=True, exist_ok=True)
+        recover(target)
+        _refuse_foreign_stage(stage)
+        try:
+            stage.mkdir()
+        except FileExistsError:  # another process began writing here this very moment
+            raise OutputError(
+                f"{flag} {target} is being written by another finderpartner process; wait for it "
+                "to finish, or choose another folder"
+            ) from None
+    return stage
 
 
 def _files_under(folder: Path) -> set[str]:

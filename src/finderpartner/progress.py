@@ -24,8 +24,6 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from .budget import format_duration
-
 log = logging.getLogger("finderpartner.progress")
 
 FRACTION = 0.1  # a log line per tenth of the work
@@ -33,6 +31,15 @@ SECONDS = 30.0  # and at least one this often (the only ones when the total is u
 MIN_GAP = 1.0  # but never two within this many seconds (the last line, at the end, aside)
 
 BAR, LINES, OFF = "bar", "lines", "off"
+
+
+def format_duration(seconds: float) -> str:
+    """'42 s', '3.5 min', '1.2 h'."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.3g} h"
+    if seconds >= 60:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds:.3g} s"
 
 
 def display(enabled: bool = True) -> str:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
-from types import FrameType
+import traceback
+from types import FrameType, TracebackType
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,24 @@ def _resend_soon(signum: int, delay_s: float = 0.05) -> None:
     timer.start()
 
 
+def _quiet_dead_peer(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+    """``sys.excepthook`` that drops one case: multiprocessing's resource-sharer thread (which hands file
+    descriptors to DataLoader workers) failing to reach a worker a Ctrl-C or SIGTERM to the process group just
+    ended. That thread calls ``sys.excepthook`` itself, so the stop printed a traceback beside its own message."""
+    frames = traceback.extract_tb(tb)
+    if issubclass(kind, (OSError, EOFError)) and any(f.filename.endswith("resource_sharer.py") for f in frames):
+        log.debug("a DataLoader worker was gone before it got its data: %s: %s", kind.__name__, value)
+        return
+    _excepthook(kind, value, tb)
+
+
+_excepthook = sys.excepthook
+
+
 def interrupt_on_signals() -> None:
     """SIGINT and SIGTERM raise ``KeyboardInterrupt`` (the first one); the second kills at once. Main thread only."""
     if threading.current_thread() is threading.main_thread():
+        sys.excepthook = _quiet_dead_peer
         for s in STOP_SIGNALS:
             if signal.getsignal(s) is not signal.SIG_IGN:  # nohup / a shell's background job: stays ignored
                 signal.signal(s, _interrupt)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -27,10 +26,10 @@ import torch.nn.functional as F
 from .data.files import IMAGE_EXTENSIONS
 from .embedding import Autocast, embed_texts
 from .errors import DataError
-from .evaluate import embed_image_shares, share
+from .evaluate import embed_image_shares, share, write_eval_report
 from .metrics import zero_shot_accuracy
 from .model import DualEncoder
-from .outputs import atomic_path, claim_files, claim_output, storage_errors, write_text_atomic
+from .outputs import atomic_path
 from .processes import world
 
 log = logging.getLogger(__name__)
@@ -326,22 +325,10 @@ def write_zeroshot_report(
     The same folder rule as the retrieval report (``evaluate.write_report``): a new or empty folder or an
     evaluation folder, never one holding other files, nor one inside ``protect``.
     """
-    claim_report_folder(out_dir, protect)
     record = {"name": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(extra or {}), **result.summary()}
-    report = out_dir / f"{name}.json"
-    with storage_errors(out_dir, f"the zero-shot report in {out_dir}"):
-        plot_name = f"plots/{name}_confusion.png"
-        claim_files(out_dir, "eval", {}, [report.name, plot_name, "history.jsonl"])
-        plot = plot_confusion(result, out_dir / plot_name)  # the slow one first: a stop leaves no report without it
-        write_text_atomic(report, json.dumps(record, indent=2))
-        with open(out_dir / "history.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({k: v for k, v in record.items() if k != "confusion"}) + "\n")
-    return {"report": report, "history": out_dir / "history.jsonl", "plot": plot}
-
-
-def claim_report_folder(out_dir: Path, protect: dict[str, Any] | None = None) -> None:
-    """Refuse ``out_dir`` unless an evaluation report may go there (checked before the work, and again on writing)."""
-    claim_output(out_dir, "eval", {}, protect=protect, legacy=lambda p: {} if (p / "history.jsonl").is_file() else None)
+    plot = (f"plots/{name}_confusion.png", lambda path: plot_confusion(result, path))
+    history = {k: v for k, v in record.items() if k != "confusion"}
+    return write_eval_report(out_dir, name, record, plot, history=history, protect=protect, what="the zero-shot report")
 
 
 def plot_confusion(result: ZeroShotResult, path: Path) -> Path:

@@ -1,6 +1,6 @@
 """Data sources: what training and evaluation read, behind one interface for CSV folders and WebDataset shards.
 
-The trainer asks ``open_training_data(cfg)`` for a :class:`TrainingData` and never branches on the format:
+The trainer asks ``open_training_data(cfg.data, passes)`` for a :class:`TrainingData` and never branches on the format:
 
 * :class:`FolderData` — ``<root>/images/<split>/`` plus ``captions_<split>.csv``, checked row by row before
   training (``data.on_error``); batches come from an exact sampler (every pair once per epoch, resumable to the
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from ..config import Config
+from ..config import DataConfig, TrainConfig
 from ..errors import DataError
 from ..signals import ignore_in_worker
 from .dataset import ContrastiveBatchSampler, DecodedImages, PairDataset, PairTable
@@ -124,15 +124,34 @@ class TrainingData(Protocol):
     def batches(self, loading: Loading) -> tuple[Batches, DataLoader]: ...
 
 
-def open_training_data(cfg: Config, *, need_captions: bool, progress: bool) -> TrainingData:
+@dataclass(frozen=True)
+class Passes:
+    """How often training reads the data, as the trainer knows it before the data is opened: a number of steps
+    (``train.max_steps``: passes = steps / steps per epoch) or else of epochs (``math.inf``: not known yet, as under
+    a time budget). The folder source caches decoded images only when the data is read more than once."""
+
+    epochs: float
+    steps: int | None = None
+
+    def count(self, steps_per_epoch: int) -> float:
+        return self.steps / steps_per_epoch if self.steps else self.epochs
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> Passes:
+        """``train.max_steps``, else ``train.epochs``; a time budget without max_steps: not known before it is
+        measured (more than one pass is assumed)."""
+        return cls(math.inf if train.time_budget and not train.max_steps else train.epochs, train.max_steps)
+
+
+def open_training_data(data: DataConfig, passes: Passes, *, need_captions: bool, progress: bool) -> TrainingData:
     """The configured training data (``data.format``), checked, with its validation set.
 
-    ``need_captions``: the caller needs every training caption (the tiny model's tokenizer is learnt from them);
-    shards are then read once in full.
+    ``passes``: how often training reads it. ``need_captions``: the caller needs every training caption (the tiny
+    model's tokenizer is learnt from them); shards are then read once in full.
     """
-    if cfg.data.format == "webdataset":
-        return ShardData.open(cfg, need_captions=need_captions)
-    return FolderData.open(cfg, progress=progress)
+    if data.format == "webdataset":
+        return ShardData.open(data, need_captions=need_captions)
+    return FolderData.open(data, passes, progress=progress)
 
 
 @dataclass
@@ -141,11 +160,11 @@ class FolderData:
 
     table: PairTable
     val: EvalSet | None
-    cfg: Config
+    data: DataConfig
+    passes: Passes
 
     @classmethod
-    def open(cls, cfg: Config, *, progress: bool) -> FolderData:
-        d = cfg.data
+    def open(cls, d: DataConfig, passes: Passes, *, progress: bool) -> FolderData:
         train = require_usable(
             validate_split(d.root, d.train_split, max_pixels=d.max_image_pixels, progress=progress), d.on_error
         )
@@ -159,7 +178,7 @@ class FolderData:
                 f"validation split {d.val_split!r}",
                 "add more validation pairs, or disable validation with --set data.val_split= (data.val_split: '')",
             )
-        return cls(train, val, cfg)
+        return cls(train, val, d, passes)
 
     @property
     def captions(self) -> list[str]:
@@ -170,21 +189,18 @@ class FolderData:
         return len(self.table)
 
     def batches(self, loading: Loading) -> tuple[Batches, DataLoader]:
-        train = self.cfg.train
         sampler = ContrastiveBatchSampler(
             self.num_rows, loading.global_batch, loading.seed, loading.rank, loading.world
         )
-        passes = train.max_steps / sampler.steps_per_epoch if train.max_steps else train.epochs
-        if train.time_budget and not train.max_steps:
-            passes = math.inf  # not known before the budget is measured: assume more than one pass
+        passes = self.passes.count(sampler.steps_per_epoch)
         decoded = self._decoded_images(loading.transform, passes, progress=loading.rank == 0)
-        dataset = PairDataset(self.table, loading.transform, self.cfg.data.max_image_pixels, decoded)
+        dataset = PairDataset(self.table, loading.transform, self.data.max_image_pixels, decoded)
         options = loading.loader_options(persistent=True)
         return sampler, DataLoader(dataset, batch_sampler=sampler, collate_fn=loading.collate, **options)
 
     def _decoded_images(self, transform: TrainTransform, passes: float, progress: bool) -> DecodedImages | None:
         """The decoded-image cache when it pays (the data is seen more than once) and fits (measured: +8% per step)."""
-        d = self.cfg.data
+        d = self.data
         if d.cache_images is False or (d.cache_images == "auto" and passes <= 1):
             return None
         side = transform.source_side
@@ -221,11 +237,10 @@ class ShardData:
     sizes: dict[str, int] | None = None  # samples per shard, when sizes.json lists them all
 
     @classmethod
-    def open(cls, cfg: Config, *, need_captions: bool) -> ShardData:
-        """The shards of ``cfg.data``. The number of pairs comes from ``data.train_size``, else from the
+    def open(cls, d: DataConfig, *, need_captions: bool) -> ShardData:
+        """The shards of ``data``. The number of pairs comes from ``data.train_size``, else from the
         ``sizes.json`` beside the shards; only when neither gives it, or the captions are needed (the tiny
         tokenizer), are the shards read: once, by rank 0, which sends the result to the other processes."""
-        d = cfg.data
         urls = expand_shards(d.train_shards or "")
         sizes = shard_sizes(urls)
         known = sum(sizes.values()) if sizes is not None else None

@@ -1,6 +1,6 @@
 """The base index of a FAISS store: exact below a measured size, an IVF index under a memory budget above it.
 
-The rule (measured by benchmarks/search_scale.py on the 2-core reference machine; docs/search.md has the figures):
+The rule (benchmarks/search_scale.py measures it on the 2-core reference machine; docs/search.md has the figures):
 
 * ``n < FLAT_BELOW``: ``IndexFlatIP`` (exact). Below this size one exact query scans few enough bytes to stay
   well under the 10 ms p99 goal, and no training is needed.
@@ -30,7 +30,9 @@ from ..errors import FinderPartnerError
 
 log = logging.getLogger(__name__)
 
-FLAT_BELOW = 50_000  # measured: flat p99 passes 10 ms between 50k and 100k vectors of dim 512 (docs/search.md)
+# ~100 MB of float32 scanned per query at dim 512: about what one core streams in 10 ms. search_scale.py prints the
+# flat p99 at 25k-200k to check it; on the shared machine those figures were noise (docs/search.md)
+FLAT_BELOW = 50_000
 MEMORY_FRACTION = 0.25
 RECALL_TARGET = 0.95
 REFINE = 4  # an approximate index proposes 4k candidates, re-scored exactly from the stored vectors

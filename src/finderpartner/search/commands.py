@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import UsageError
 from ..processes import world
 from .backends import open_store
@@ -32,6 +34,9 @@ def index_command(args: argparse.Namespace, make_embedder: Callable[[argparse.Na
             raise UsageError("index: give the photos to add with --images DIR or --list FILE (CSV or JSONL)")
         if args.path or args.id or args.where:
             raise UsageError("--path/--id/--where select photos to remove: finderpartner index remove --out STORE ...")
+        local = os.environ.get("LOCAL_RANK")
+        if local is not None and torch.cuda.is_available() and torch.cuda.device_count() > int(local):
+            torch.cuda.set_device(int(local))  # one GPU per launched process (device "auto" takes the current one)
         embedder = make_embedder(args)
         stats = index_photos(
             embedder,

@@ -200,12 +200,16 @@ class FaissStore:
         """Open an existing store; ``writable`` takes the folder's lock (one writer at a time) and finishes or
         rolls back what a killed writer left halfway."""
         path = Path(os.path.abspath(path))
+        if path.exists() and not path.is_dir():
+            raise DataError(
+                f"{path} is a file, not a gallery index (a photo store folder made by `finderpartner index`)"
+            )
         if not path.is_dir():
-            raise DataError(f"{path} is not a photo store (no such folder); build one with `finderpartner index`")
+            raise DataError(f"gallery index {path} not found; build one with `finderpartner index --out {path}`")
         if not is_store(path):
             raise DataError(
                 _legacy_message(path)
-                or f"{path} is not a photo store (no {MANIFEST}); build one with `finderpartner index`"
+                or f"{path} is not a gallery index (no {MANIFEST}); build one with `finderpartner index`"
             )
         lock = FolderLock(path, "photo store").acquire() if writable else None
         try:

@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data.transforms import ImageSpec, normalize
-from .embedding import Failures, embed_image_files
-from .errors import ExportError
-from .model import image_spec_of, tokenize_texts
+from ..data.transforms import ImageSpec, normalize
+from ..embedding import Failures, embed_image_files
+from ..errors import ExportError
+from ..model import image_spec_of, tokenize_texts
 
 EXPORT_INFO = "finderpartner_export.json"
 # 2: onnx/ holds model.onnx, text_model.onnx, vision_model.onnx sharing one weights file (model.onnx_data);

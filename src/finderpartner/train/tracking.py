@@ -35,12 +35,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .config import Config, TrackingConfig, config_to_dict, render_yaml
-from .data.sources import EvalSet
-from .env import tracker_problems
-from .errors import CheckpointError, FinderPartnerError
-from .evaluate import EvalResult
-from .outputs import storage_errors, write_text_atomic
+from ..config import Config, TrackingConfig, config_to_dict, render_yaml
+from ..data.sources import EvalSet
+from ..env import tracker_problems
+from ..errors import CheckpointError, FinderPartnerError
+from ..evaluate import EvalResult
+from ..outputs import storage_errors, write_text_atomic
 from .retrieval_grid import retrieval_grid
 
 log = logging.getLogger(__name__)

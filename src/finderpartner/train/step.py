@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,12 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .data.collate import Batch
-from .errors import TrainingError
-from .loss import Objective
-from .memory import free_memory, is_oom
-from .model import DualEncoder
-from .processes import any_true
+from ..config import Config
+from ..data.collate import Batch
+from ..errors import TrainingError
+from ..loss import Objective
+from ..memory import free_memory, is_oom
+from ..model import DualEncoder
+from ..processes import any_true
 
 log = logging.getLogger(__name__)
 
@@ -214,3 +216,61 @@ def restore_rng(state: dict[str, Any]) -> None:
     if "cuda" in state:
         device, cuda_state = state["cuda"]
         torch.cuda.set_rng_state(cuda_state, device)
+
+
+def parameter_groups(model: nn.Module, objective: Objective, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on weight matrices; none on biases, norms, embeddings and the objective's ``no_decay()``.
+
+    Parameters keep the order of ``step_parameters`` (the model's, then the objective's own): a checkpoint's
+    optimizer state is matched to parameters by position.
+    """
+    no_decay_modules = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm2d)
+    no_decay: set[int] = {
+        id(p) for m in model.modules() if isinstance(m, no_decay_modules) for p in m.parameters(recurse=False)
+    } | {id(p) for p in objective.no_decay()}
+    decay, rest = [], []
+    for p in step_parameters(model, objective):
+        if p.requires_grad:
+            (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, objective: Objective, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW over ``parameter_groups`` (benchmarks wrap this to compare optimizer variants)."""
+    groups = parameter_groups(model, objective, cfg.train.weight_decay)
+    kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "eps": cfg.train.eps}
+    try:  # one fused kernel over all parameters (CUDA; CPU since torch 2.4): measured +3% per step on the CPU
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, warmup: int | Callable[[], int], total: int | Callable[[], int], floor: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to ``floor * lr``.
+
+    ``warmup`` and ``total`` may be callables read at every step (a time budget decides the total, and caps a
+    warm-up longer than the run, during the warm-up; until then only warm-up factors are asked for).
+
+    Why not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: after the warm-up this is the same curve
+    (``tests/test_train.py`` checks every step against it, 1e-12), but that one fixes ``num_training_steps`` when it
+    is built, and under ``train.time_budget`` the step count is only known after steps 10-30 have been timed. Its
+    warm-up also starts at factor 0, so its first optimizer step does nothing; this one starts at 1/(w+1).
+    """
+    if isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
+        log.warning(
+            "warm-up of %d steps is not shorter than the %d training steps: using %d", warmup, total, total // 5
+        )
+        warmup = total // 5
+    warmup_now = warmup if callable(warmup) else (lambda: warmup)
+    total_now = total if callable(total) else (lambda: total)
+
+    def factor(step: int) -> float:
+        w = warmup_now()
+        if step < w:
+            return (step + 1) / (w + 1)
+        progress = min(1.0, (step - w) / max(1, total_now() - w))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

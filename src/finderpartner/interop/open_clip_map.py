@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .errors import ModelError
-from .model import DualEncoder, plain_model
+from ..errors import ModelError
+from ..model import DualEncoder, plain_model
 
 log = logging.getLogger(__name__)
 

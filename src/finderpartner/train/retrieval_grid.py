@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from .data.dataset import EncodedImage
-from .data.sources import EvalSet
-from .data.transforms import DECODE_ERRORS, load_image
-from .evaluate import RetrievalExamples
+from ..data.dataset import EncodedImage
+from ..data.sources import EvalSet
+from ..data.transforms import DECODE_ERRORS, load_image
+from ..evaluate import RetrievalExamples
 
 THUMB = 96  # thumbnail side in pixels
 PAD = 8

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from .data.collate import Batch
-from .errors import TrainingError
-from .loss import Objective
-from .memory import available_memory_bytes, free_memory, is_oom, peak_rss_bytes, reset_peak_rss
-from .model import DualEncoder
-from .paths import default_cache_dir
+from ..data.collate import Batch
+from ..errors import TrainingError
+from ..loss import Objective
+from ..memory import available_memory_bytes, free_memory, is_oom, peak_rss_bytes, reset_peak_rss
+from ..model import DualEncoder
+from ..paths import default_cache_dir
 from .step import embed_pair, step_parameters
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ pushes a good one out. Deleting a checkpoint deletes the files its manifest list
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,13 +23,14 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, OutputError
-from .outputs import (
+from ..config import config_to_dict
+from ..errors import CheckpointError, OutputError
+from ..outputs import (
     PROOF,
     fsync_dir,
     fsync_file,
@@ -38,6 +40,10 @@ from .outputs import (
     storage_error,
     usual_modes,
 )
+from .step import restore_rng
+
+if TYPE_CHECKING:
+    from .recipe import Resume, Run
 
 log = logging.getLogger(__name__)
 
@@ -269,3 +275,121 @@ def _sha256(path: Path) -> str:
 
 def _describe(path: Path) -> dict[str, Any]:
     return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def resume_run(run: Run, resume: Resume) -> dict[str, Any]:
+    path = resume.path
+    if not (path / MANIFEST).is_file():
+        raise CheckpointError(
+            f"process {run.accelerator.process_index} cannot read the checkpoint {path} that the main process chose: "
+            "a multi-machine run needs output_dir on a filesystem every machine shares (NFS, Lustre, ...)"
+        )
+    if manifest_digest(path) != resume.manifest_sha256:
+        raise CheckpointError(
+            f"process {run.accelerator.process_index} sees a different {path / MANIFEST} than the main process: "
+            "every machine must see the same output_dir (a shared filesystem), not a copy of its own"
+        )
+    ckpt = load_checkpoint(path, verified=run.is_main)  # the main process verified it while choosing it
+    saved_cfg = ckpt.state.get("config", {})
+    if saved_cfg.get("model") != config_to_dict(run.cfg)["model"]:
+        raise CheckpointError(
+            f"{path} was trained with another model section in its config; resume with the same model settings"
+        )
+    saved_world, world = int(ckpt.state.get("world_size", 1)), run.batches.world_size
+    if saved_world != world and run.cfg.data.format == "webdataset":
+        raise CheckpointError(
+            f"{path} was trained by {saved_world} process(es), this run has {world}: a shard stream's order depends "
+            f"on the number of processes, so resume it with {saved_world} (torchrun --nproc_per_node ... / --nnodes)"
+        )
+    run.model.load_state_dict({k: v for k, v in ckpt.model.items() if not k.startswith(OBJECTIVE_PREFIX)})
+    _restore_objective(run, ckpt.model, path)
+    run.optimizer.load_state_dict(ckpt.optimizer)
+    run.scheduler.load_state_dict(ckpt.state["scheduler"])
+    _load_scaler(run.scaler, ckpt.state.get("scaler") or {}, path)
+    for f in dataclasses.fields(run.state):
+        setattr(run.state, f.name, ckpt.state["trainer"].get(f.name, getattr(run.state, f.name)))
+    if saved_world != world:
+        # The data position is global (batch k of an epoch is the same pairs for any number of processes), so
+        # the run continues exactly; only the per-process share, and with it the micro-batch, changes.
+        log.info(
+            "%s was trained by %d process(es), this run has %d: each contrastive batch of %d is re-split "
+            "(%d per process); the micro-batch is chosen again",
+            path,
+            saved_world,
+            world,
+            run.batches.global_batch,
+            run.batches.global_batch // world,
+        )
+        run.state.micro_batch_size = 0
+    rng: dict[str, Any] = {"cpu": ckpt.rng["cpu"]}
+    if run.device.type == "cuda":
+        rank = run.accelerator.process_index
+        own = own_gpu_rng(ckpt.rng, rank)
+        if own is not None:
+            rng["cuda"] = (run.device.index, own)
+        else:
+            log.warning(
+                "%s holds no GPU random state for process %d (trained by %d): its dropout continues from the seed, so "
+                "this resume is not bitwise identical to an uninterrupted run",
+                path,
+                rank,
+                saved_world,
+            )
+    restore_rng(rng)
+    log.info(
+        "resumed from %s (step %d, epoch %d, batch %d of the epoch)",
+        path,
+        run.state.global_step,
+        run.state.epoch,
+        run.state.step_in_epoch,
+    )
+    return ckpt.state
+
+
+def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], path: Path) -> None:
+    """The fp16 loss scale of a checkpoint; one saved in another precision holds none (``{}``): start afresh."""
+    if saved:
+        scaler.load_state_dict(saved)  # a disabled scaler (bf16/fp32 now) ignores it
+    elif scaler.is_enabled():
+        log.info("%s was saved without fp16 loss scaling (another precision): the loss scale starts afresh", path)
+
+
+def gpu_rng_entries(states: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Checkpoint RNG tensors of each process's own GPU generator (``states[rank]``; None: no GPU)."""
+    return {f"cuda_rank_{rank}": s for rank, s in enumerate(states) if s is not None}
+
+
+def own_gpu_rng(saved: dict[str, torch.Tensor], rank: int) -> torch.Tensor | None:
+    """This process's GPU generator state in a checkpoint's RNG tensors (None: not saved, e.g. more processes now).
+
+    Checkpoints before ``cuda_rank_<r>`` kept ``cuda_<i>``: every GPU generator of the main process, of which only
+    its own device's (0) was ever used; that one is the main process's state, the others are not anyone's.
+    """
+    if f"cuda_rank_{rank}" in saved:
+        return saved[f"cuda_rank_{rank}"]
+    return saved.get("cuda_0") if rank == 0 else None
+
+
+# Checkpoint keys of the objective's parameters that are not the model's (next to the model's own weights).
+OBJECTIVE_PREFIX = "objective."
+
+
+def objective_tensors(run: Run) -> dict[str, torch.Tensor]:
+    """The objective's parameters that the model's state does not hold, by checkpoint key.
+
+    None for CLIP (its temperature is the model's ``logit_scale``), so its checkpoints are as before.
+    """
+    in_model = {id(p) for p in run.model.parameters()}
+    return {
+        OBJECTIVE_PREFIX + name: p.detach() for name, p in run.objective.named_parameters() if id(p) not in in_model
+    }
+
+
+def _restore_objective(run: Run, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """Load the objective's own parameters; a checkpoint without them (older, or CLIP) leaves their initial values."""
+    for key, p in objective_tensors(run).items():
+        if key in saved:
+            with torch.no_grad():
+                p.copy_(saved[key])
+        else:
+            log.warning("%s holds no %s: it starts from its initial value", path, key)

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import os
-import platform
 import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,56 +30,54 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader
 
-from . import __version__
-from .budget import MARGIN, Plan, format_duration, steps_that_fit
-from .checkpoint import (
-    MANIFEST,
-    latest_checkpoint,
-    load_checkpoint,
-    manifest_digest,
-    save_checkpoint,
-    step_dir_name,
-    verify,
-)
-from .config import Config, config_to_dict
-from .data.collate import Batch, Collator
-from .data.dataset import num_workers
-from .data.sources import Batches, EvalSet, Loading, open_training_data
-from .data.transforms import TrainTransform
-from .data.validate import long_captions_note
-from .env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_device, resolve_precision
-from .errors import CheckpointError, ConfigError, Stopped, TrainingError, UsageError
-from .evaluate import EvalResult, evaluate_split, figures, format_change, format_metrics
-from .loss import Objective, build_objective
-from .model import (
-    ARCH_KIND,
-    TINY_KIND,
-    DualEncoder,
-    TowerCache,
-    apply_freezing,
-    apply_lora,
-    build_model,
-    build_tiny,
-    enable_gradient_checkpointing,
-    plain_model_class,
-    save_model,
-    set_attention,
-    tower_locked,
-)
-from .outputs import (
+from ..config import Config, config_to_dict
+from ..data.collate import Batch, Collator
+from ..data.dataset import num_workers
+from ..data.sources import Batches, EvalSet, Loading, Passes, open_training_data
+from ..data.transforms import TrainTransform
+from ..data.validate import long_captions_note
+from ..env import autocast_factory, configure_cuda_allocator, enable_tf32, resolve_precision
+from ..errors import CheckpointError, ConfigError, Stopped, TrainingError
+from ..evaluate import EvalResult, evaluate_split, figures, format_change, format_metrics
+from ..loss import Objective, build_objective
+from ..model import TINY_KIND, DualEncoder, build_model, build_tiny, plain_model_class, save_model, set_attention
+from ..outputs import (
     FolderLock,
     storage_errors,
     write_output,
 )
+from ..processes import all_min, any_true, from_main
+from ..progress import Progress
+from ..signals import StopRequest
+from ..signals import name as signal_name
+from ..zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
+from .budget import Plan, decide_steps
+from .card import CardFacts, model_card, versions
+from .checkpoint import (
+    gpu_rng_entries,
+    latest_checkpoint,
+    manifest_digest,
+    objective_tensors,
+    own_gpu_rng,  # noqa: F401 - tests reach it here
+    resume_run,
+    save_checkpoint,
+    step_dir_name,
+    verify,
+)
+from .launch import make_accelerator
+from .levers import TowerCache, apply_freezing, apply_lora, enable_gradient_checkpointing, tower_locked
 from .probe import ProbeResult, device_key, optimizer_state_bytes, probe_micro_batch
-from .processes import all_min, any_true, from_main
-from .progress import Progress
-from .rundir import RESUME_SCHEDULE, changed_settings, open_run_dir, resume_notes
-from .signals import StopRequest
-from .signals import name as signal_name
-from .step import backward_with_oom_retry, capture_rng, restore_rng, step_parameters, sum_gradients_across_processes
-from .tracking import Trackers, accelerator_options, check_trackers, flatten, make_trackers
-from .zeroshot import ZeroShotSet, evaluate_zeroshot, load_zeroshot_set, read_templates
+from .rundir import explain_changes, open_run_dir
+from .step import (
+    backward_with_oom_retry,
+    build_optimizer,
+    build_scheduler,
+    capture_rng,
+    restore_rng,
+    step_parameters,
+    sum_gradients_across_processes,
+)
+from .tracking import Trackers, check_trackers, flatten, make_trackers
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +150,11 @@ class Run:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @functools.cached_property
+    def autocast(self) -> Callable[[], contextlib.AbstractContextManager[Any]]:
+        """The forward pass's precision context (``env.autocast_factory``), built once for the run."""
+        return autocast_factory(self.device, self.precision)
+
 
 def train(cfg: Config, *, resume: str | None = None, overwrite: bool = False) -> TrainResult:
     """Fine-tune (or train from scratch) a dual encoder as configured; returns where the results are.
@@ -202,7 +204,7 @@ def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
     start = time.perf_counter()  # a time budget counts from here
     configure_cuda_allocator()  # before CUDA's first allocation (a no-op if the user set it)
     check_trackers(cfg.tracking)  # a tracker that is not installed: refused before the run folder is touched
-    accelerator = _accelerator(cfg)
+    accelerator = make_accelerator(cfg)
     device = accelerator.device
     precision = resolve_precision(cfg.train.precision, device)
     lock: FolderLock | None = None
@@ -219,74 +221,6 @@ def setup(cfg: Config, resume: str | None, overwrite: bool = False) -> Run:
         if lock is not None:
             lock.release()
         raise
-
-
-# Accelerate plugins that shard or wrap the model: this trainer sums gradients itself (see the module docstring).
-_UNSUPPORTED_PLUGINS = {
-    "ACCELERATE_USE_FSDP": "FSDP",
-    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
-    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
-}
-
-
-def _accelerator(cfg: Config) -> Any:
-    """Accelerate's process state: the process group (with ``train.dist_timeout``) and this process's device."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    asked = [name for key, name in _UNSUPPORTED_PLUGINS.items() if os.environ.get(key, "").lower() in ("1", "true")]
-    if asked:
-        raise ConfigError(
-            f"the accelerate config asks for {' and '.join(asked)}, which this trainer does not use: it is data "
-            "parallel (each process holds the whole model; gradients are summed across processes). To fit a large "
-            "model use train.precision bf16, model.gradient_checkpointing, a frozen tower or LoRA; launch with a "
-            "plain multi-GPU accelerate config or torchrun"
-        )
-    asked_for = _accelerate_launch_processes()
-    if asked_for > 1:
-        raise UsageError(
-            f"accelerate launch was asked for {asked_for} processes but started only this one (its single-process "
-            f"launcher, used when it sees no GPUs or gets --cpu): add --multi_gpu instead of --cpu (without GPUs the "
-            f"processes then train on the CPU, over gloo), "
-            f"or launch with torchrun --nproc_per_node {asked_for}"
-        )
-    mixed = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    if mixed not in ("no", "", cfg.train.precision):
-        log.warning(
-            "the accelerate config's mixed_precision %s is not used: train.precision (%s) decides",
-            mixed,
-            cfg.train.precision,
-        )
-    device_type = resolve_device(cfg.train.device).type
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.dist_timeout_s))
-    # autocast is ours (see env.py): accelerate's mixed precision stays off
-    return Accelerator(
-        cpu=device_type == "cpu",
-        mixed_precision="no",
-        kwargs_handlers=[timeout],
-        **accelerator_options(cfg.tracking, cfg.run_dir),  # W&B, MLflow, ... (tracking.py)
-    )
-
-
-def _accelerate_launch_processes() -> int:
-    """The --num_processes of an ``accelerate launch`` that started this process alone (0 when not that case).
-
-    Accelerate's single-process launcher sets ACCELERATE_USE_CPU and no WORLD_SIZE; the number asked for is read
-    from the launcher's command line (Linux /proc; elsewhere this check is skipped).
-    """
-    if "ACCELERATE_USE_CPU" not in os.environ or "WORLD_SIZE" in os.environ:
-        return 0
-    try:
-        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
-            parent = f.read().decode("utf-8", "replace").split("\0")
-    except OSError:
-        return 0
-    for i, arg in enumerate(parent):
-        for flag in ("--num_processes", "--num-processes"):
-            value = arg[len(flag) + 1 :] if arg.startswith(flag + "=") else parent[i + 1] if arg == flag else None
-            if value is not None and value.isdigit():
-                return int(value)
-    return 0
 
 
 @dataclass(frozen=True)
@@ -333,7 +267,10 @@ def _build_run(
         )
     set_seed(cfg.seed)
     data = open_training_data(
-        cfg, need_captions=cfg.model.is_tiny or cfg.model.arch is not None, progress=accelerator.is_main_process
+        cfg.data,
+        Passes.of(cfg.train),
+        need_captions=cfg.model.is_tiny or cfg.model.arch is not None,
+        progress=accelerator.is_main_process,
     )
     zeroshot = _zeroshot_sets(cfg, data.val is not None)
     encoder = _load_encoder(cfg, data.captions, resume is not None, accelerator.is_main_process)
@@ -351,7 +288,7 @@ def _build_run(
     # a model saved by a SigLIP run starts a SigLIP run from its saved temperature and bias
     objective = build_objective(cfg.train.loss, model, local_loss=cfg.train.local_loss, record=encoder.objective_record)
     optimizer = build_optimizer(model, objective, cfg)
-    scheduler = _scheduler(
+    scheduler = build_scheduler(
         optimizer, plan.warmup_now if plan.budget_s else plan.warmup, plan.total_now, cfg.train.min_lr_ratio
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -375,9 +312,9 @@ def _build_run(
         zeroshot,
     )
     if resume:
-        saved = _resume(run, resume)
+        saved = resume_run(run, resume)
         plan.adopt(state)
-        _explain_changes(run, saved, resume.path)
+        explain_changes(run, saved, resume.path)
     if not state.micro_batch_size:  # a resumed run keeps the micro-batch it had (results do not depend on it)
         state.micro_batch_size = _choose_micro_batch(run, global_batch // world)
     run.trackers = make_trackers(cfg, accelerator, start_step=state.global_step, enabled=accelerator.is_main_process)
@@ -513,7 +450,7 @@ def probe_run(run: Run, local_batch: int, *, cache: bool = True, memory_cap_byte
         run.objective,
         local_batch=local_batch,
         device=run.device,
-        autocast=autocast_factory(run.device, run.precision),
+        autocast=run.autocast,
         reserve_bytes=int(run.cfg.train.memory_reserve_gb * 2**30),
         state_bytes=optimizer_state_bytes(run.optimizer),
         cache_key=key if cache else None,
@@ -521,184 +458,6 @@ def probe_run(run: Run, local_batch: int, *, cache: bool = True, memory_cap_byte
         world_size=run.batches.world_size,
         memory_cap_bytes=memory_cap_bytes,
     )
-
-
-def parameter_groups(model: nn.Module, objective: Objective, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on weight matrices; none on biases, norms, embeddings and the objective's ``no_decay()``.
-
-    Parameters keep the order of ``step_parameters`` (the model's, then the objective's own): a checkpoint's
-    optimizer state is matched to parameters by position.
-    """
-    no_decay_modules = (nn.LayerNorm, nn.Embedding, nn.GroupNorm, nn.BatchNorm2d)
-    no_decay: set[int] = {
-        id(p) for m in model.modules() if isinstance(m, no_decay_modules) for p in m.parameters(recurse=False)
-    } | {id(p) for p in objective.no_decay()}
-    decay, rest = [], []
-    for p in step_parameters(model, objective):
-        if p.requires_grad:
-            (rest if p.ndim < 2 or id(p) in no_decay else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def build_optimizer(model: nn.Module, objective: Objective, cfg: Config) -> torch.optim.Optimizer:
-    """AdamW over ``parameter_groups`` (benchmarks wrap this to compare optimizer variants)."""
-    groups = parameter_groups(model, objective, cfg.train.weight_decay)
-    kwargs = {"lr": cfg.train.lr, "betas": tuple(cfg.train.betas), "eps": cfg.train.eps}
-    try:  # one fused kernel over all parameters (CUDA; CPU since torch 2.4): measured +3% per step on the CPU
-        return torch.optim.AdamW(groups, fused=True, **kwargs)
-    except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(groups, **kwargs)
-
-
-def _scheduler(
-    optimizer: torch.optim.Optimizer, warmup: int | Callable[[], int], total: int | Callable[[], int], floor: float
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to ``floor * lr``.
-
-    ``warmup`` and ``total`` may be callables read at every step (a time budget decides the total, and caps a
-    warm-up longer than the run, during the warm-up; until then only warm-up factors are asked for).
-
-    Why not transformers' ``get_cosine_with_min_lr_schedule_with_warmup``: after the warm-up this is the same curve
-    (``tests/test_train.py`` checks every step against it, 1e-12), but that one fixes ``num_training_steps`` when it
-    is built, and under ``train.time_budget`` the step count is only known after steps 10-30 have been timed. Its
-    warm-up also starts at factor 0, so its first optimizer step does nothing; this one starts at 1/(w+1).
-    """
-    if isinstance(warmup, int) and isinstance(total, int) and warmup >= total:
-        log.warning(
-            "warm-up of %d steps is not shorter than the %d training steps: using %d", warmup, total, total // 5
-        )
-        warmup = total // 5
-    warmup_now = warmup if callable(warmup) else (lambda: warmup)
-    total_now = total if callable(total) else (lambda: total)
-
-    def factor(step: int) -> float:
-        w = warmup_now()
-        if step < w:
-            return (step + 1) / (w + 1)
-        progress = min(1.0, (step - w) / max(1, total_now() - w))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _resume(run: Run, resume: Resume) -> dict[str, Any]:
-    path = resume.path
-    if not (path / MANIFEST).is_file():
-        raise CheckpointError(
-            f"process {run.accelerator.process_index} cannot read the checkpoint {path} that the main process chose: "
-            "a multi-machine run needs output_dir on a filesystem every machine shares (NFS, Lustre, ...)"
-        )
-    if manifest_digest(path) != resume.manifest_sha256:
-        raise CheckpointError(
-            f"process {run.accelerator.process_index} sees a different {path / MANIFEST} than the main process: "
-            "every machine must see the same output_dir (a shared filesystem), not a copy of its own"
-        )
-    ckpt = load_checkpoint(path, verified=run.is_main)  # the main process verified it while choosing it
-    saved_cfg = ckpt.state.get("config", {})
-    if saved_cfg.get("model") != config_to_dict(run.cfg)["model"]:
-        raise CheckpointError(
-            f"{path} was trained with another model section in its config; resume with the same model settings"
-        )
-    saved_world, world = int(ckpt.state.get("world_size", 1)), run.batches.world_size
-    if saved_world != world and run.cfg.data.format == "webdataset":
-        raise CheckpointError(
-            f"{path} was trained by {saved_world} process(es), this run has {world}: a shard stream's order depends "
-            f"on the number of processes, so resume it with {saved_world} (torchrun --nproc_per_node ... / --nnodes)"
-        )
-    run.model.load_state_dict({k: v for k, v in ckpt.model.items() if not k.startswith(OBJECTIVE_PREFIX)})
-    _restore_objective(run, ckpt.model, path)
-    run.optimizer.load_state_dict(ckpt.optimizer)
-    run.scheduler.load_state_dict(ckpt.state["scheduler"])
-    _load_scaler(run.scaler, ckpt.state.get("scaler") or {}, path)
-    for f in dataclasses.fields(TrainState):
-        setattr(run.state, f.name, ckpt.state["trainer"].get(f.name, getattr(run.state, f.name)))
-    if saved_world != world:
-        # The data position is global (batch k of an epoch is the same pairs for any number of processes), so
-        # the run continues exactly; only the per-process share, and with it the micro-batch, changes.
-        log.info(
-            "%s was trained by %d process(es), this run has %d: each contrastive batch of %d is re-split "
-            "(%d per process); the micro-batch is chosen again",
-            path,
-            saved_world,
-            world,
-            run.batches.global_batch,
-            run.batches.global_batch // world,
-        )
-        run.state.micro_batch_size = 0
-    rng: dict[str, Any] = {"cpu": ckpt.rng["cpu"]}
-    if run.device.type == "cuda":
-        rank = run.accelerator.process_index
-        own = own_gpu_rng(ckpt.rng, rank)
-        if own is not None:
-            rng["cuda"] = (run.device.index, own)
-        else:
-            log.warning(
-                "%s holds no GPU random state for process %d (trained by %d): its dropout continues from the seed, so "
-                "this resume is not bitwise identical to an uninterrupted run",
-                path,
-                rank,
-                saved_world,
-            )
-    restore_rng(rng)
-    log.info(
-        "resumed from %s (step %d, epoch %d, batch %d of the epoch)",
-        path,
-        run.state.global_step,
-        run.state.epoch,
-        run.state.step_in_epoch,
-    )
-    return ckpt.state
-
-
-def _explain_changes(run: Run, saved: dict[str, Any], path: Path) -> None:
-    """Settings changed since the checkpoint: refused (rundir.RESUME_REFUSED), or said with what they do now."""
-    changes = changed_settings(saved.get("config", {}), config_to_dict(run.cfg))
-    notes = resume_notes(changes, path)
-    schedule = {k: v for k, v in changes.items() if k in RESUME_SCHEDULE}
-    step = run.state.global_step
-    if schedule:
-        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in schedule.items())
-        if run.plan.decided and run.total_steps <= step:
-            raise CheckpointError(
-                f"--resume {path}: {what} since the checkpoint, so the run now ends at step {run.total_steps}, but the "
-                f"checkpoint is at step {step}: nothing is left to train. Give more steps, or use its best model"
-            )
-        before = saved.get("scheduler", {}).get("_last_lr", [float("nan")])[0]
-        now = run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](step)
-        ends = f"at step {run.total_steps}" if run.plan.decided else "when its time budget decides"
-        notes.insert(
-            0,
-            f"{what} since the checkpoint: the run now ends {ends}, and the learning-rate schedule is recomputed "
-            f"for it: at step {step} the learning rate goes from {before:.3g} (the checkpoint's schedule) to "
-            f"{now:.3g}",
-        )
-    if run.is_main:
-        for note in notes:
-            log.warning("%s", note)
-
-
-def _load_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any], path: Path) -> None:
-    """The fp16 loss scale of a checkpoint; one saved in another precision holds none (``{}``): start afresh."""
-    if saved:
-        scaler.load_state_dict(saved)  # a disabled scaler (bf16/fp32 now) ignores it
-    elif scaler.is_enabled():
-        log.info("%s was saved without fp16 loss scaling (another precision): the loss scale starts afresh", path)
-
-
-def gpu_rng_entries(states: list[torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    """Checkpoint RNG tensors of each process's own GPU generator (``states[rank]``; None: no GPU)."""
-    return {f"cuda_rank_{rank}": s for rank, s in enumerate(states) if s is not None}
-
-
-def own_gpu_rng(saved: dict[str, torch.Tensor], rank: int) -> torch.Tensor | None:
-    """This process's GPU generator state in a checkpoint's RNG tensors (None: not saved, e.g. more processes now).
-
-    Checkpoints before ``cuda_rank_<r>`` kept ``cuda_<i>``: every GPU generator of the main process, of which only
-    its own device's (0) was ever used; that one is the main process's state, the others are not anyone's.
-    """
-    if f"cuda_rank_{rank}" in saved:
-        return saved[f"cuda_rank_{rank}"]
-    return saved.get("cuda_0") if rank == 0 else None
 
 
 def _log_plan(run: Run) -> None:
@@ -751,7 +510,7 @@ def _loop(run: Run, stop: StopRequest | None = None) -> EvalResult | None:
             window.mark_data_end()
             _train_step(run, batch, window)
             if run.plan.step_done(state.global_step):
-                _decide_steps(run)
+                decide_steps(run)
                 bar.set_total(run.total_steps)
             bar.update(1)
             bar.set_postfix(
@@ -857,7 +616,7 @@ def _train_step(run: Run, batch: Batch, window: _Window) -> None:
         run.objective,
         batch,
         micro_batch_size=state.micro_batch_size,
-        autocast=autocast_factory(run.device, run.precision),
+        autocast=run.autocast,
         backward=lambda loss: run.scaler.scale(loss).backward(),
         oom_advice=lambda micro: _oom_advice(run, micro),
         step=state.global_step + 1,
@@ -922,95 +681,6 @@ def _skip_nonfinite(run: Run, loss: float, grad_norm: float) -> None:
 # Time budget: after the first steps, how many fit
 
 
-def _decide_steps(run: Run) -> None:
-    """Fix the step count of a time-budget run: the main process decides from what it measured, the others agree."""
-    plan, state, cfg = run.plan, run.state, run.cfg
-    total = torch.zeros(1, dtype=torch.long, device=run.device if dist.is_initialized() else "cpu")
-    validation_s = 0.0 if run.val is None else _validation_cost(run)  # every process: validation is shared
-    if run.is_main:
-        checkpoint_s = plan.measured_cost("checkpoint") or _checkpoint_cost_estimate(run)
-        remaining = plan.remaining_s() * MARGIN
-        more = steps_that_fit(
-            remaining,
-            state.global_step,
-            plan.rate,
-            validation_s=validation_s,
-            checkpoint_s=checkpoint_s,
-            steps_per_epoch=run.batches.steps_per_epoch,
-            eval_every_epochs=cfg.train.eval_every_epochs,
-            checkpoint_every=cfg.train.checkpoint_every,
-        )
-        fits = state.global_step + more
-        total[0] = min(fits, plan.cap) if plan.cap else fits
-        capped = ""
-        if plan.cap and fits > plan.cap:
-            capped = f"; capped at train.max_steps {plan.cap} (the budget allows {fits})"
-        log.info(
-            "time budget %s: %d steps planned at %.2f steps/s (%.1f epochs; %d steps and %.0f s spent so far, "
-            "validation ~%.1f s, checkpoint ~%.1f s)%s",
-            format_duration(plan.budget_s or 0),
-            int(total[0]),
-            plan.rate,
-            int(total[0]) / run.batches.steps_per_epoch,
-            state.global_step,
-            time.perf_counter() - plan.start,
-            validation_s,
-            checkpoint_s,
-            capped,
-        )
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(total, src=0)
-    plan.fix(max(int(total[0]), state.global_step))
-    state.planned_steps = plan.total
-
-
-def _validation_cost(run: Run) -> float:
-    """Seconds per validation: measured when one ran already, else timed on a slice of the split and scaled up.
-
-    Every process calls this (the slice is validated as validation runs: shared between the processes).
-    """
-    measured = run.plan.measured_cost("validation")
-    if measured is not None:
-        return measured
-    assert run.val is not None
-    val, k = run.val, min(len(run.val.images), 64)
-    rows = [i for i, image in enumerate(val.text_to_image) if image < k]
-    part = EvalSet(val.name, val.images[:k], [val.captions[i] for i in rows], [val.text_to_image[i] for i in rows])
-    rng = capture_rng()  # leaves the run exactly as it was: same random numbers, training mode
-    start = time.perf_counter()
-    try:
-        evaluate_split(
-            run.encoder,
-            part,
-            device=run.device,
-            autocast=autocast_factory(run.device, run.precision),
-            batch_size=run.cfg.eval.batch_size,
-            objective=run.objective,
-            loss_batch_size=run.batches.global_batch,
-            chunk_size=run.cfg.eval.chunk_size,
-            distributed=True,
-        )
-    finally:
-        run.model.train()
-        restore_rng(rng)
-    seconds = time.perf_counter() - start
-    scale = max(len(val.images) / max(1, k), len(val.captions) / max(1, len(rows)))
-    return seconds * scale + _bytes(run.model.state_dict()) / 200e6  # + saving the best model
-
-
-def _checkpoint_cost_estimate(run: Run) -> float:
-    """Seconds per checkpoint before one was written: its bytes at 200 MB/s."""
-    return 0.05 + (_bytes(run.model.state_dict()) + _bytes(run.optimizer.state_dict()["state"])) / 200e6
-
-
-def _bytes(tree: Any) -> int:
-    if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
-    if isinstance(tree, dict):
-        return sum(_bytes(v) for v in tree.values())
-    return 0
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Validation, best model, checkpoints
 
@@ -1023,7 +693,7 @@ def _evaluate(run: Run) -> tuple[EvalResult, dict[str, dict[str, float]]]:
         run.encoder,
         run.val,
         device=run.device,
-        autocast=autocast_factory(run.device, run.precision),
+        autocast=run.autocast,
         batch_size=cfg.eval.batch_size,
         objective=run.objective,
         loss_batch_size=run.batches.global_batch,
@@ -1038,7 +708,7 @@ def _evaluate(run: Run) -> tuple[EvalResult, dict[str, dict[str, float]]]:
             zset,
             templates=templates,
             device=run.device,
-            autocast=autocast_factory(run.device, run.precision),
+            autocast=run.autocast,
             batch_size=cfg.eval.batch_size,
             distributed=True,  # like the split: each process embeds a share, all get the same figures
         ).metrics
@@ -1120,7 +790,7 @@ def _save_best(run: Run, result: EvalResult | None) -> None:
     # into config.json; CLIP: nothing changes (a record inherited from a SigLIP-trained start is dropped).
     run.encoder.record_objective(run.objective.record())
     run.encoder.record_train_batch_size(run.batches.global_batch)  # `eval` computes its loss at this batch
-    card = _model_card(run, result)
+    card = model_card(card_facts(run), result)
     write_output(
         lambda tmp: save_model(run.encoder, tmp, card=card),
         run.run_dir / "best_model",
@@ -1130,6 +800,26 @@ def _save_best(run: Run, result: EvalResult | None) -> None:
         flag="the best model folder",
     )
     log.info("best model (step %d) saved to %s", run.state.global_step, run.run_dir / "best_model")
+
+
+def card_facts(run: Run) -> CardFacts:
+    return CardFacts(
+        cfg=run.cfg,
+        kind=run.encoder.kind,
+        model_class=plain_model_class(run.model).__name__,
+        mean_pooling=getattr(run.model.config, "text_pooling", "pooler") == "mean",
+        vocabulary=len(run.encoder.tokenizer),
+        context_length=run.encoder.context_length,
+        step=run.state.global_step,
+        epoch=run.state.epoch,
+        global_batch=run.batches.global_batch,
+        precision=run.precision,
+        train_pairs=run.batches.num_rows,
+        samples_seen=run.state.samples_seen,
+        objective=run.objective.record(),
+        before=run.state.before,
+        after=run.last_figures,
+    )
 
 
 def _save_checkpoint(run: Run) -> None:
@@ -1146,181 +836,18 @@ def _save_checkpoint(run: Run) -> None:
             "scaler": run.scaler.state_dict(),
             "config": config_to_dict(run.cfg),
             "world_size": run.batches.world_size,
-            "versions": _versions(),
+            "versions": versions(),
         }
         save_checkpoint(
             run.run_dir / "checkpoints",
             run.state.global_step,
-            model={**run.model.state_dict(), **_objective_tensors(run)},
+            model={**run.model.state_dict(), **objective_tensors(run)},
             optimizer=run.optimizer.state_dict(),
             rng=tensors,
             state=state,
             keep=run.cfg.train.keep_checkpoints,
         )
     run.accelerator.wait_for_everyone()
-
-
-# Checkpoint keys of the objective's parameters that are not the model's (next to the model's own weights).
-OBJECTIVE_PREFIX = "objective."
-
-
-def _objective_tensors(run: Run) -> dict[str, torch.Tensor]:
-    """The objective's parameters that the model's state does not hold, by checkpoint key.
-
-    None for CLIP (its temperature is the model's ``logit_scale``), so its checkpoints are as before.
-    """
-    in_model = {id(p) for p in run.model.parameters()}
-    return {
-        OBJECTIVE_PREFIX + name: p.detach() for name, p in run.objective.named_parameters() if id(p) not in in_model
-    }
-
-
-def _restore_objective(run: Run, saved: dict[str, torch.Tensor], path: Path) -> None:
-    """Load the objective's own parameters; a checkpoint without them (older, or CLIP) leaves their initial values."""
-    for key, p in _objective_tensors(run).items():
-        if key in saved:
-            with torch.no_grad():
-                p.copy_(saved[key])
-        else:
-            log.warning("%s holds no %s: it starts from its initial value", path, key)
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "finderpartner": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _model_card(run: Run, result: EvalResult | None) -> str:
-    cfg = run.cfg
-    model_class = plain_model_class(run.model).__name__  # CLIPModel, or VisionTextDualEncoderModel (towers)
-    processor_class = "CLIPProcessor" if model_class == "CLIPModel" else "VisionTextDualEncoderProcessor"
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: zero-shot-image-classification",
-        f"license: {cfg.card.license}",
-        "tags: [clip, finderpartner]",
-        "---",
-        f"# {cfg.experiment}",
-        "",
-        f"CLIP dual encoder {'trained from scratch' if run.encoder.kind in (TINY_KIND, ARCH_KIND) else 'fine-tuned'} with "
-        f"FinderPartner {__version__} from `{cfg.model.name}` on `{cfg.data.root}`",
-        f"(split `{cfg.data.train_split}`), step {run.state.global_step}, epoch {run.state.epoch}, contrastive batch "
-        f"{run.batches.global_batch}, precision {run.precision}, seed {cfg.seed}.",
-        "",
-    ]
-    if result is not None:
-        lines += [
-            f"## Validation (`{cfg.data.val_split}`, {result.num_images} images, {result.num_captions} captions)",
-            "",
-            "```",
-            format_metrics(result.metrics),
-            "```",
-            "",
-            f"Validation loss {result.loss:.4f} (at contrastive batch {result.loss_batch_size}, the training batch; "
-            f"`finderpartner eval` uses it too); mean recall {result.mean_recall:.4f}.",
-            "",
-        ]
-        if run.state.before is not None:
-            lines += [
-                f"### Before -> after fine-tuning (`{cfg.model.name}` before the first step, this model at step "
-                f"{run.state.global_step})",
-                "",
-                "```",
-                format_change(run.state.before, run.last_figures),
-                "```",
-                "",
-            ]
-    lines += _card_data_and_text(run)
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        f"from transformers import {model_class}, {processor_class}",
-        f'model = {model_class}.from_pretrained("path/to/best_model")',
-        f'processor = {processor_class}.from_pretrained("path/to/best_model")',
-        "```",
-        "",
-    ]
-    if getattr(run.model.config, "text_pooling", "pooler") == "mean":
-        lines += [
-            "Text embeddings are the mean of the text tower's token outputs (config.json `text_pooling: mean`), then",
-            "`text_projection`, not `get_text_features` (which uses the tower's pooler).",
-            "",
-        ]
-    record = run.objective.record()
-    if record is not None:
-        lines += [
-            "## Scores are sigmoids (SigLIP), not a softmax",
-            "",
-            f"Trained with the pairwise sigmoid loss (`train.loss: {record['loss']}`): every image-text pair is scored",
-            "on its own, `p = sigmoid(exp(logit_scale) * cos + logit_bias)`, independently of the other texts (the",
-            "probabilities need not sum to 1). The learnt temperature is the model's `logit_scale` "
-            f"({record['logit_scale']:.6g}, exp {math.exp(record['logit_scale']):.6g}); the bias "
-            f"({record['logit_bias']:.6g}) is in config.json as `finderpartner_objective.logit_bias`.",
-            "",
-            "```python",
-            "import torch",
-            'bias = model.config.finderpartner_objective["logit_bias"]',
-            'inputs = processor(text=texts, images=image, return_tensors="pt", padding=True)',
-            "logits = model(**inputs).logits_per_image  # exp(logit_scale) * cosine",
-            "probs = torch.sigmoid(logits + bias)  # not logits.softmax(-1)",
-            "```",
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def _card_data_and_text(run: Run) -> list[str]:
-    """The card's training data, license and text-input sections."""
-    cfg, encoder = run.cfg, run.encoder
-    source = f"WebDataset shards `{cfg.data.train_shards}`" if cfg.data.format == "webdataset" else f"`{cfg.data.root}`"
-    lines = [
-        "## Training data",
-        "",
-        f"{run.batches.num_rows} image-caption pairs per epoch from {source} (split `{cfg.data.train_split}`), "
-        f"{run.state.samples_seen} pairs seen in training.",
-        "",
-        cfg.card.data
-        or "No description was given (set `card.data` in the config to say what the images and captions "
-        "are, where they come from, and under which terms).",
-        "",
-        "## License",
-        "",
-        f"`{cfg.card.license}` (`card.license`)."
-        if cfg.card.license != "other"
-        else "Not stated (`card.license: other`): the terms of the training data"
-        + ("" if encoder.kind in (TINY_KIND, ARCH_KIND) else f" and of the pretrained model ({_base_names(cfg)})")
-        + " apply.",
-        "",
-        "## Text input",
-        "",
-        f"Texts are truncated to {encoder.context_length} tokens (the text tower's context length), start and end "
-        "tokens included.",
-    ]
-    if encoder.kind == TINY_KIND:
-        lines.append(
-            f"The tokenizer is a byte-level BPE of {len(encoder.tokenizer)} tokens learnt from the training captions, "
-            "not OpenAI CLIP's: words the captions never used are split into pieces the model rarely or never saw, "
-            "so write queries in the captions' vocabulary."
-        )
-    elif encoder.kind == ARCH_KIND:
-        lines.append("The tokenizer is OpenAI CLIP's byte-level BPE (49,408 tokens).")
-    else:
-        lines.append(f"The tokenizer is the pretrained text tower's ({_base_names(cfg)}), unchanged.")
-    return [*lines, ""]
-
-
-def _base_names(cfg: Config) -> str:
-    if cfg.model.name == "towers":
-        return f"text `{cfg.model.towers.text}`, vision `{cfg.model.towers.vision}`"
-    return f"`{cfg.model.name}`"
 
 
 def _summary(run: Run, result: TrainResult) -> None:

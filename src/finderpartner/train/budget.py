@@ -17,7 +17,18 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from ..data.sources import EvalSet
+from ..evaluate import evaluate_split
+from ..progress import format_duration
+from .step import capture_rng, restore_rng
+
+if TYPE_CHECKING:
+    from .recipe import Run
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +37,6 @@ MEASURE_STEPS = 20  # timed steps before the decision
 MIN_MEASURE_STEPS = 5  # when a resumed run has less of its warm-up left than MEASURE_STEPS
 MARGIN = 0.93  # plan for this share of the time left: later steps ran up to 10% slower than the timed ones
 UNDECIDED = 10**12  # the provisional total while the decision is pending (only warm-up rates are asked for)
-
-
-def format_duration(seconds: float) -> str:
-    if seconds >= 3600:
-        return f"{seconds / 3600:.3g} h"
-    if seconds >= 60:
-        return f"{seconds / 60:.3g} min"
-    return f"{seconds:.3g} s"
 
 
 @dataclass
@@ -199,3 +202,92 @@ def steps_that_fit(
         else:
             hi = mid - 1
     return lo
+
+
+def decide_steps(run: Run) -> None:
+    """Fix the step count of a time-budget run: the main process decides from what it measured, the others agree."""
+    plan, state, cfg = run.plan, run.state, run.cfg
+    total = torch.zeros(1, dtype=torch.long, device=run.device if dist.is_initialized() else "cpu")
+    validation_s = 0.0 if run.val is None else _validation_cost(run)  # every process: validation is shared
+    if run.is_main:
+        checkpoint_s = plan.measured_cost("checkpoint") or _checkpoint_cost_estimate(run)
+        remaining = plan.remaining_s() * MARGIN
+        more = steps_that_fit(
+            remaining,
+            state.global_step,
+            plan.rate,
+            validation_s=validation_s,
+            checkpoint_s=checkpoint_s,
+            steps_per_epoch=run.batches.steps_per_epoch,
+            eval_every_epochs=cfg.train.eval_every_epochs,
+            checkpoint_every=cfg.train.checkpoint_every,
+        )
+        fits = state.global_step + more
+        total[0] = min(fits, plan.cap) if plan.cap else fits
+        capped = ""
+        if plan.cap and fits > plan.cap:
+            capped = f"; capped at train.max_steps {plan.cap} (the budget allows {fits})"
+        log.info(
+            "time budget %s: %d steps planned at %.2f steps/s (%.1f epochs; %d steps and %.0f s spent so far, "
+            "validation ~%.1f s, checkpoint ~%.1f s)%s",
+            format_duration(plan.budget_s or 0),
+            int(total[0]),
+            plan.rate,
+            int(total[0]) / run.batches.steps_per_epoch,
+            state.global_step,
+            time.perf_counter() - plan.start,
+            validation_s,
+            checkpoint_s,
+            capped,
+        )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(total, src=0)
+    plan.fix(max(int(total[0]), state.global_step))
+    state.planned_steps = plan.total
+
+
+def _validation_cost(run: Run) -> float:
+    """Seconds per validation: measured when one ran already, else timed on a slice of the split and scaled up.
+
+    Every process calls this (the slice is validated as validation runs: shared between the processes).
+    """
+    measured = run.plan.measured_cost("validation")
+    if measured is not None:
+        return measured
+    assert run.val is not None
+    val, k = run.val, min(len(run.val.images), 64)
+    rows = [i for i, image in enumerate(val.text_to_image) if image < k]
+    part = EvalSet(val.name, val.images[:k], [val.captions[i] for i in rows], [val.text_to_image[i] for i in rows])
+    rng = capture_rng()  # leaves the run exactly as it was: same random numbers, training mode
+    start = time.perf_counter()
+    try:
+        evaluate_split(
+            run.encoder,
+            part,
+            device=run.device,
+            autocast=run.autocast,
+            batch_size=run.cfg.eval.batch_size,
+            objective=run.objective,
+            loss_batch_size=run.batches.global_batch,
+            chunk_size=run.cfg.eval.chunk_size,
+            distributed=True,
+        )
+    finally:
+        run.model.train()
+        restore_rng(rng)
+    seconds = time.perf_counter() - start
+    scale = max(len(val.images) / max(1, k), len(val.captions) / max(1, len(rows)))
+    return seconds * scale + _bytes(run.model.state_dict()) / 200e6  # + saving the best model
+
+
+def _checkpoint_cost_estimate(run: Run) -> float:
+    """Seconds per checkpoint before one was written: its bytes at 200 MB/s."""
+    return 0.05 + (_bytes(run.model.state_dict()) + _bytes(run.optimizer.state_dict()["state"])) / 200e6
+
+
+def _bytes(tree: Any) -> int:
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_bytes(v) for v in tree.values())
+    return 0

@@ -29,10 +29,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import __version__
-from .env import in_hf_cache
-from .errors import FinderPartnerError, ModelError, UsageError
-from .model import DualEncoder, load_model, pickle_refused, plain_model, save_model, write_vocab_files
+from .. import __version__
+from ..env import in_hf_cache
+from ..errors import FinderPartnerError, ModelError, UsageError
+from ..model import DualEncoder, load_model, pickle_refused, plain_model, save_model, write_vocab_files
+from ..outputs import claim_output, storage_errors, write_output, write_text_atomic
+from ..tokenizer import openai_clip_tokenizer
 from .open_clip_map import (
     check_open_clip_config,
     hf_config,
@@ -44,8 +46,6 @@ from .open_clip_map import (
     to_open_clip_weights,
     weight_rules,
 )
-from .outputs import claim_output, storage_errors, write_output, write_text_atomic
-from .tokenizer import openai_clip_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,15 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .checkpoint import MANIFEST, latest_checkpoint, list_checkpoints, prune, remove_checkpoint, verify
-from .config import Config, render_yaml
-from .data.dataset import split_paths
-from .errors import CheckpointError, OutputError, UsageError
-from .outputs import (
+if TYPE_CHECKING:
+    from .recipe import Run
+
+from ..config import Config, config_to_dict, render_yaml
+from ..data.dataset import split_paths
+from ..errors import CheckpointError, OutputError, UsageError
+from ..outputs import (
     MARKER,
     FolderLock,
     check_not_input,
@@ -31,6 +33,7 @@ from .outputs import (
     write_marker,
     write_text_atomic,
 )
+from .checkpoint import MANIFEST, latest_checkpoint, list_checkpoints, prune, remove_checkpoint, verify
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +203,7 @@ def _remove_empty(folder: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Settings changed between a checkpoint and the run that resumes it (the model section is refused in train.py)
+# Settings changed between a checkpoint and the run that resumes it (the model section is refused in recipe.py)
 
 # A resume under another value means nothing: refused (with why)
 RESUME_REFUSED = {
@@ -209,7 +212,7 @@ RESUME_REFUSED = {
 }
 # The checkpoint's optimizer state holds these: a new value is not used (said, so nobody believes it is)
 RESUME_KEPT = ("train.lr", "train.betas", "train.eps", "train.weight_decay")
-# These reshape the rest of the learning-rate schedule and the step count (train.py says how)
+# These reshape the rest of the learning-rate schedule and the step count (recipe.py says how)
 RESUME_SCHEDULE = ("train.epochs", "train.max_steps", "train.time_budget", "train.warmup_steps", "train.min_lr_ratio")
 # These change which pairs the coming steps read, or in which order
 RESUME_DATA = ("seed", "data.root", "data.train_split", "data.format", "data.train_shards", "data.augment")
@@ -228,7 +231,7 @@ def changed_settings(saved: dict[str, Any], now: dict[str, Any], prefix: str = "
 
 
 def resume_notes(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> list[str]:
-    """What a resume does with each changed setting but the schedule's (train.py words those with its figures);
+    """What a resume does with each changed setting but the schedule's (recipe.py words those with its figures);
     raises ``CheckpointError`` for a change that makes the resume meaningless."""
     refused = [
         f"{key} {old} -> {new} ({RESUME_REFUSED[key].format(old=old)})"
@@ -258,3 +261,30 @@ def resume_notes(changes: dict[str, tuple[Any, Any]], checkpoint: Path) -> list[
     if rest:
         notes.append(f"also changed since the checkpoint, used from now on: {', '.join(rest)}")
     return notes
+
+
+def explain_changes(run: Run, saved: dict[str, Any], path: Path) -> None:
+    """Settings changed since the checkpoint: refused (rundir.RESUME_REFUSED), or said with what they do now."""
+    changes = changed_settings(saved.get("config", {}), config_to_dict(run.cfg))
+    notes = resume_notes(changes, path)
+    schedule = {k: v for k, v in changes.items() if k in RESUME_SCHEDULE}
+    step = run.state.global_step
+    if schedule:
+        what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in schedule.items())
+        if run.plan.decided and run.total_steps <= step:
+            raise CheckpointError(
+                f"--resume {path}: {what} since the checkpoint, so the run now ends at step {run.total_steps}, but the "
+                f"checkpoint is at step {step}: nothing is left to train. Give more steps, or use its best model"
+            )
+        before = saved.get("scheduler", {}).get("_last_lr", [float("nan")])[0]
+        now = run.scheduler.base_lrs[0] * run.scheduler.lr_lambdas[0](step)
+        ends = f"at step {run.total_steps}" if run.plan.decided else "when its time budget decides"
+        notes.insert(
+            0,
+            f"{what} since the checkpoint: the run now ends {ends}, and the learning-rate schedule is recomputed "
+            f"for it: at step {step} the learning rate goes from {before:.3g} (the checkpoint's schedule) to "
+            f"{now:.3g}",
+        )
+    if run.is_main:
+        for note in notes:
+            log.warning("%s", note)
