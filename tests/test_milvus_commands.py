@@ -17,6 +17,7 @@ from helpers import launcher_env
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 httpx = pytest.importorskip("httpx")
+pytestmark = pytest.mark.slow  # trains a model and starts processes (the fast subset: pytest -m 'not slow')
 
 
 def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -43,7 +44,6 @@ def _search(model: Path, store: str, *extra: str) -> list[dict]:
     return json.loads(out.stdout)["results"]
 
 
-@pytest.mark.slow
 def test_index_search_and_serve_on_milvus_lite(trained_model: Path, small_data: Path, tmp_path: Path) -> None:
     from test_serve import Server
 
@@ -104,7 +104,6 @@ def test_index_search_and_serve_on_milvus_lite(trained_model: Path, small_data: 
     assert code == 130 and "Traceback" not in err, err
 
 
-@pytest.mark.slow
 def test_a_store_of_another_model_is_refused(trained_model: Path, small_data: Path, tmp_path: Path) -> None:
     from finderpartner.search.milvus_store import MilvusStore
 

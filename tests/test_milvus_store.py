@@ -172,6 +172,7 @@ def test_bad_inputs_are_refused_with_what_to_do(store, tmp_path: Path) -> None: 
         parse_location("milvus:x.db#no-dashes")
 
 
+@pytest.mark.slow  # starts a process
 def test_a_second_process_gets_a_clear_message(store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     import subprocess
     import sys

@@ -31,6 +31,8 @@ from finderpartner.embedding import Searcher  # noqa: E402
 from finderpartner.model import load_model  # noqa: E402
 from finderpartner.search import PhotoRow  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains a model and starts processes (the fast subset: pytest -m 'not slow')
+
 COLUMNS = {"color": "text", "number": "integer"}
 TOKEN = "s3cret-token-for-tests"
 
@@ -296,7 +298,6 @@ def test_port_taken_is_a_clear_error(trained_model: Path, small_data: Path, sear
     assert "Traceback" not in out.stderr
 
 
-@pytest.mark.slow
 def test_store_updates_are_swapped_in_while_queries_run(
     trained_model: Path, small_data: Path, searcher: Searcher, tmp_path: Path
 ) -> None:
