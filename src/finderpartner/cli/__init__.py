@@ -31,6 +31,7 @@ from .environment import add_check_env_command, add_init_config_command
 from .evaluation import add_eval_command, add_merge_command
 from .interop import add_convert_command, add_export_command
 from .search import add_demo_command, add_index_command, add_search_command
+from .serve import add_serve_command
 from .training import add_train_command, add_trial_command
 
 log = logging.getLogger("finderpartner")
@@ -102,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_search_command,
         add_export_command,
         add_demo_command,
+        add_serve_command,
         add_convert_command,
     ):
         add(sub)

@@ -63,7 +63,8 @@ finderpartner index compact --out store""",
         dest="out",
         type=Path,
         required=True,
-        help="photo store folder (new, or a store of the same model: photos are added)",
+        help="photo store folder (new, or a store of the same model: photos are added), or a Milvus collection: "
+        "milvus:FILE.db, milvus:http://host:19530[#name] (docs/serve.md)",
     )
     p.add_argument("--path", action="append", help="remove: this photo (repeatable)")
     p.add_argument("--id", action="append", type=int, help="remove: the photo with this id (repeatable)")
@@ -93,7 +94,9 @@ finderpartner search --model outputs/clip_tiny/best_model --index photos_index -
     p.add_argument("--model", required=True)
     add_trust_pickle(p)
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--index", type=Path, help="index folder made by `finderpartner index`")
+    where.add_argument(
+        "--index", type=Path, help="store made by `finderpartner index` (a folder, or milvus:FILE.db / milvus:URI)"
+    )
     where.add_argument("--images", type=Path, help="folder of images (embeddings cached and reused)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="describe what you are looking for")
@@ -160,7 +163,11 @@ def _searcher(args: argparse.Namespace) -> Any:
 
 def _index(args: argparse.Namespace) -> int:
     from ..search.commands import index_command
+    from ..search.milvus_index import milvus_index_command
+    from ..search.milvus_store import is_milvus_location
 
+    if is_milvus_location(args.out):  # a Milvus collection (docs/serve.md), not a store folder
+        return milvus_index_command(args, _searcher)
     return index_command(args, _searcher)
 
 

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import UsageError
 from ..processes import world
+from .backends import open_store
 from .faiss_store import FaissStore
 from .filters import parse
 from .indexing import index_photos
@@ -92,7 +93,7 @@ def knobs_from(args: argparse.Namespace) -> SearchKnobs:
 
 def search_store(args: argparse.Namespace, embedder: Any) -> int:
     """`finderpartner search --index STORE`: the top-k photos, with --where and the knobs."""
-    store = FaissStore.open(args.index)
+    store = open_store(args.index)  # a store folder, or a Milvus collection (milvus:...: backends.py)
     try:
         searcher = PhotoSearcher(embedder, store, where=str(args.index))
         where = searcher.where(args.where)
