@@ -69,7 +69,7 @@ def make_model(work: Path) -> tuple[Path, Path]:
     """A tiny model folder and its ONNX export (fp32 + int8)."""
     from finderpartner.config import TinySpec
     from finderpartner.embedding import model_fingerprint
-    from finderpartner.export import export_onnx
+    from finderpartner.interop.export import export_onnx
     from finderpartner.model import build_tiny, save_model
 
     model, export = work / "model", work / "export"
