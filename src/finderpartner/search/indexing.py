@@ -321,25 +321,8 @@ def index_photos(
         store = FaissStore.create(
             out, dim=dim, fingerprint=embedder.fingerprint, model=model, protect=protect, overwrite=overwrite
         )
-        live = store.meta.live_stamps()
         done, _ = read_parts(parts_dir(out), embedder.fingerprint)
-        todo = []
-        for p in sorted(photos, key=lambda p: p.path):
-            now = (p.size, p.mtime_ns)
-            had = live.get(p.path)
-            if had is not None and (had[1], had[2]) == now:
-                stats.unchanged += 1
-                continue
-            if had is not None:
-                stats.changed += 1
-            else:
-                stats.added += 1
-            part = done.get(p.path)
-            if part is not None and part.stamp == now:
-                stats.resumed += 1
-                continue
-            todo.append(p)
-        return todo, stats.resumed
+        return _to_embed(photos, store.meta.live_stamps(), done, stats), stats.resumed
 
     try:
         todo, resumed = from_main(prepare)
@@ -367,6 +350,30 @@ def index_photos(
         if store is not None:
             store.close()
     return result
+
+
+def _to_embed(
+    photos: list[Photo], live: dict[str, tuple[int, int, int]], done: dict[str, _Done], stats: IndexStats
+) -> list[Photo]:
+    """The photos to embed, in path order: new or changed since the store's rows, and not in a saved part (a
+    stopped run's work); ``stats`` counts each kind."""
+    todo = []
+    for p in sorted(photos, key=lambda p: p.path):
+        now = (p.size, p.mtime_ns)
+        had = live.get(p.path)
+        if had is not None and (had[1], had[2]) == now:
+            stats.unchanged += 1
+            continue
+        if had is not None:
+            stats.changed += 1
+        else:
+            stats.added += 1
+        part = done.get(p.path)
+        if part is not None and part.stamp == now:
+            stats.resumed += 1
+            continue
+        todo.append(p)
+    return todo
 
 
 def _embed_share(
