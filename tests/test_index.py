@@ -159,7 +159,7 @@ def test_search_equals_brute_force_on_real_embeddings(searcher, small_data: Path
 
 
 def test_an_index_built_by_another_model_is_refused(
-    searcher, gallery: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    searcher, trained_model: Path, gallery: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "idx"
     index_folder(searcher, gallery, out)
@@ -167,7 +167,9 @@ def test_an_index_built_by_another_model_is_refused(
     with pytest.raises(IndexMismatchError, match=r"built by another model .*rebuild it: finderpartner index"):
         index_folder(Searcher(other, device=CPU), gallery, out)
     other_dir = save_model(other, tmp_path / "other_model")
-    code = main(["search", "--model", str(other_dir), "--index", str(out), "--prompt", "a red circle"])
+    store = tmp_path / "store"  # `search --index` reads the photo store that `finderpartner index` writes
+    assert main(["-q", "index", "--model", str(trained_model), "--images", str(gallery), "--out", str(store)]) == 0
+    code = main(["search", "--model", str(other_dir), "--index", str(store), "--prompt", "a red circle"])
     assert code == IndexMismatchError.exit_code == 8
     assert "was built by another model" in capsys.readouterr().err
     with pytest.raises(OutputError, match="is inside the input images"):
@@ -211,7 +213,12 @@ def onnx_export(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_onnx_backend_returns_the_same_top_k_as_torch(
-    searcher, onnx_export: Path, small_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    searcher,
+    trained_model: Path,
+    onnx_export: Path,
+    small_data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     onnx = OnnxSearcher(onnx_export, batch_size=8)
     assert onnx.fingerprint == searcher.fingerprint  # an index from either backend serves both
@@ -226,6 +233,9 @@ def test_onnx_backend_returns_the_same_top_k_as_torch(
     for hits_t, hits_o in zip(index.search(queries["torch"], 8), index.search(queries["onnx"], 8)):
         assert [h.path for h in hits_t] == [h.path for h in hits_o]
         assert np.allclose([h.score for h in hits_t], [h.score for h in hits_o], atol=1e-5)
+    store = tmp_path / "store"  # the photo store `finderpartner index` writes, searched through the ONNX export
+    assert main(["-q", "index", "--model", str(trained_model), "--images", str(images), "--out", str(store)]) == 0
+    capsys.readouterr()
     code = main(
         [
             "search",
@@ -234,7 +244,7 @@ def test_onnx_backend_returns_the_same_top_k_as_torch(
             "--model",
             str(onnx_export),
             "--index",
-            str(tmp_path / "idx"),
+            str(store),
             "--prompt",
             PROMPTS[0],
             "--top-k",
