@@ -13,7 +13,7 @@ query at a time, and the same with a filter (10 % of the rows) answered inside t
 smaller sizes: the threshold below which the store stays exact (ann.FLAT_BELOW). Writes JSON to
 benchmarks/results/search_scale.json and the table into benchmarks/README.md ("## Search at a million photos").
 
-    nice -n 10 python benchmarks/search_scale.py --out /work/bench/store-1m     # keeps the built 1M store
+    nice -n 10 python benchmarks/search_scale.py --out /tmp/store-1m     # keeps the built 1M store
     python benchmarks/search_scale.py --n 100000 --queries 200                  # a quick look
 """
 

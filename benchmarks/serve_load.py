@@ -18,8 +18,8 @@ The model defaults to a random-weight ViT-B/32 (arch:ViT-B-32: the real text enc
   made once in ``--work`` and reused.
 
     python benchmarks/serve_load.py --make faiss:20000 --make milvus:20000 --requests 200     # a quick look
-    nice -n 10 python benchmarks/search_scale.py --out /work/bench/store-1m                    # the 1M store
-    python benchmarks/serve_load.py --index /work/bench/store-1m --adopt --requests 2000       # alone, 2 cores
+    nice -n 10 python benchmarks/search_scale.py --out /tmp/store-1m                    # the 1M store
+    python benchmarks/serve_load.py --index /tmp/store-1m --adopt --requests 2000       # alone, 2 cores
 """
 
 from __future__ import annotations
