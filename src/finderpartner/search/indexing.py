@@ -306,15 +306,7 @@ def index_photos(
 
     def prepare() -> tuple[list[Photo], int]:
         nonlocal store
-        if images is not None:
-            root, photos = list_folder(images)
-            kinds: dict[str, str] = {}
-        else:
-            assert listing is not None
-            root, photos, kinds = list_file(listing)
-        if attributes is not None:
-            photos, more = attach_attributes(photos, root, attributes)
-            kinds.update(more)
+        root, photos, kinds = gather_photos(images, listing, attributes)
         protect = {"images": images, "list": listing, "attributes": attributes, "model": model}
         context.update(root=root, photos=photos, kinds=kinds, protect=protect, folder_mode=images is not None)
         dim = int(embedder.embed_texts(["a photo"]).shape[1])  # the store's dim, before any image is embedded
@@ -322,7 +314,7 @@ def index_photos(
             out, dim=dim, fingerprint=embedder.fingerprint, model=model, protect=protect, overwrite=overwrite
         )
         done, _ = read_parts(parts_dir(out), embedder.fingerprint)
-        return _to_embed(photos, store.meta.live_stamps(), done, stats), stats.resumed
+        return to_embed(photos, store.meta.live_stamps(), done, stats), stats.resumed
 
     try:
         todo, resumed = from_main(prepare)
@@ -352,11 +344,31 @@ def index_photos(
     return result
 
 
-def _to_embed(
-    photos: list[Photo], live: dict[str, tuple[int, int, int]], done: dict[str, _Done], stats: IndexStats
+def gather_photos(
+    images: Path | None, listing: Path | None, attributes: Path | None
+) -> tuple[Path, list[Photo], dict[str, str]]:
+    """The photos to index (a folder, or a CSV/JSONL list) with their attributes joined: (root, photos, column
+    kinds). Every store's ``index`` starts here."""
+    if images is not None:
+        root, photos = list_folder(images)
+        kinds: dict[str, str] = {}
+    else:
+        assert listing is not None
+        root, photos, kinds = list_file(listing)
+    if attributes is not None:
+        photos, more = attach_attributes(photos, root, attributes)
+        kinds.update(more)
+    return root, photos, kinds
+
+
+def to_embed(
+    photos: list[Photo],
+    live: dict[str, tuple[int, int, int]],
+    done: dict[str, _Done] | None,
+    stats: IndexStats,
 ) -> list[Photo]:
-    """The photos to embed, in path order: new or changed since the store's rows, and not in a saved part (a
-    stopped run's work); ``stats`` counts each kind."""
+    """The photos to embed, in path order: new or changed since the store's rows (``live``: path -> id, size,
+    mtime_ns), and not in a saved part (``done``: a stopped run's work); ``stats`` counts each kind."""
     todo = []
     for p in sorted(photos, key=lambda p: p.path):
         now = (p.size, p.mtime_ns)
@@ -368,7 +380,7 @@ def _to_embed(
             stats.changed += 1
         else:
             stats.added += 1
-        part = done.get(p.path)
+        part = done.get(p.path) if done else None
         if part is not None and part.stamp == now:
             stats.resumed += 1
             continue

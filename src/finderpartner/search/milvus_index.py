@@ -22,7 +22,7 @@ from ..errors import Stopped, UsageError
 from ..progress import Progress
 from ..signals import StopRequest, received
 from .filters import parse
-from .indexing import Embedder, IndexStats, Photo, attach_attributes, list_file, list_folder
+from .indexing import Embedder, IndexStats, Photo, gather_photos, to_embed
 from .meta import coerce
 from .milvus_store import MilvusStore, parse_location
 from .store import PhotoRow
@@ -47,32 +47,14 @@ def index_milvus(
         raise UsageError("give the photos to index: --images DIR or --list FILE (CSV or JSONL)")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise UsageError("index into a Milvus store runs in one process: start it without torchrun / accelerate launch")
-    if images is not None:
-        root, photos = list_folder(images)
-        kinds: dict[str, str] = {}
-    else:
-        assert listing is not None
-        root, photos, kinds = list_file(listing)
-    if attributes is not None:
-        photos, more = attach_attributes(photos, root, attributes)
-        kinds.update(more)
+    root, photos, kinds = gather_photos(images, listing, attributes)
     loc = parse_location(location)
     dim = int(embedder.embed_texts(["a photo"]).shape[1])
     stats = IndexStats()
     with MilvusStore.create(loc, dim=dim, fingerprint=embedder.fingerprint, model=model or "", columns=kinds) as store:
         columns = store.columns()
         live = store.live_stamps()
-        todo: list[Photo] = []
-        for p in sorted(photos, key=lambda p: p.path):
-            had = live.get(p.path)
-            if had is not None and (had[1], had[2]) == (p.size, p.mtime_ns):
-                stats.unchanged += 1
-                continue
-            if had is not None:
-                stats.changed += 1
-            else:
-                stats.added += 1
-            todo.append(p)
+        todo = to_embed(photos, live, None, stats)  # each chunk is committed as it goes: no parts to resume from
         if images is not None:  # photos gone from the indexed folder leave the store
             prefix = str(root) + os.sep
             present = {p.path for p in photos}
