@@ -25,46 +25,32 @@ MINILM = "minilm"  # model.towers.text: all-MiniLM-L6-v2 from the installed gt-a
 ARCH_PREFIX = "arch:"  # model.name: arch:<name>, a public CLIP architecture with random weights (no download)
 # OpenAI's ViT CLIPs, as open_clip names them: their public shapes (what `train` and `trial` build for arch:<name>).
 # Text: 77 tokens, OpenAI's 49,408-token BPE (open_clip ships it); quick-GELU; MLPs 4x wide.
+_VIT_B = dict(
+    image_size=224,
+    patch_size=32,
+    vision_width=768,
+    vision_layers=12,
+    vision_heads=12,
+    text_width=512,
+    text_layers=12,
+    text_heads=8,
+    context_length=77,
+    embed_dim=512,
+    vocab_size=49408,
+)
 ARCHITECTURES: dict[str, dict[str, int]] = {
-    "ViT-B-32": dict(
-        image_size=224,
-        patch_size=32,
-        vision_width=768,
-        vision_layers=12,
-        vision_heads=12,
-        text_width=512,
-        text_layers=12,
-        text_heads=8,
-        context_length=77,
-        embed_dim=512,
-        vocab_size=49408,
-    ),
-    "ViT-B-16": dict(
-        image_size=224,
-        patch_size=16,
-        vision_width=768,
-        vision_layers=12,
-        vision_heads=12,
-        text_width=512,
-        text_layers=12,
-        text_heads=8,
-        context_length=77,
-        embed_dim=512,
-        vocab_size=49408,
-    ),
-    "ViT-L-14": dict(
-        image_size=224,
-        patch_size=14,
-        vision_width=1024,
-        vision_layers=24,
-        vision_heads=16,
-        text_width=768,
-        text_layers=12,
-        text_heads=12,
-        context_length=77,
-        embed_dim=768,
-        vocab_size=49408,
-    ),
+    "ViT-B-32": _VIT_B,
+    "ViT-B-16": {**_VIT_B, "patch_size": 16},
+    "ViT-L-14": {
+        **_VIT_B,
+        "patch_size": 14,
+        "vision_width": 1024,
+        "vision_layers": 24,
+        "vision_heads": 16,
+        "text_width": 768,
+        "text_heads": 12,
+        "embed_dim": 768,
+    },
 }
 # The hub models of those shapes: a trial that cannot fetch their weights measures the architecture instead.
 HUB_ARCHITECTURES = {
