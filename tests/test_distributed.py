@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -176,8 +177,11 @@ def test_sigterm_to_one_process_stops_both_at_one_step_with_a_checkpoint_and_res
         f"checkpoint {saved[0]}; continue with --resume auto: finderpartner train --config {config} --resume auto "
         "(with the same launcher)"
     ) in log, log[-4000:]
-    # both left with 12; the one traceback is torchrun's own report of workers that exited non-zero
-    assert log.count("exitcode  : 12 (pid:") == 2 and log.count("Traceback") == 1 and "ChildFailedError" in log
+    # Rank 1 left with 12. Rank 0 left with 12 too, unless torchrun, seeing rank 1 gone, stopped it first (its
+    # message above is already out). The one traceback is torchrun's own report of workers that exited non-zero.
+    codes = re.findall(r"exitcode\s*: (-?\d+) \(pid:", log)
+    assert "12" in codes and set(codes) <= {"12", "-15"}, log[-4000:]
+    assert log.count("Traceback") == 1 and "ChildFailedError" in log, log[-4000:]
 
     _train_2(config, "--resume", "auto")
     ours, state = _final(run_dir)
