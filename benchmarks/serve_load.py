@@ -20,6 +20,10 @@ The model defaults to a random-weight ViT-B/32 (arch:ViT-B-32: the real text enc
     python benchmarks/serve_load.py --make faiss:20000 --make milvus:20000 --requests 200     # a quick look
     nice -n 10 python benchmarks/search_scale.py --out /tmp/store-1m                    # the 1M store
     python benchmarks/serve_load.py --index /tmp/store-1m --adopt --requests 2000       # alone, 2 cores
+    python benchmarks/serve_load.py --index /tmp/store-1m --adopt --encoder torch onnx:int8   # the text encoders
+
+``--encoder onnx:int8`` serves the model's ONNX export (made once, `finderpartner export --int8`) with
+`serve --backend onnx`: the query text is embedded by onnxruntime, the store is the same.
 """
 
 from __future__ import annotations
@@ -63,6 +67,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--where", default=None, help="a filter sent with every query (synthetic stores: city, year)")
     p.add_argument("--work", type=Path, default=common.CACHE_DIR / "serve_load")
     p.add_argument("--serve-arg", action="append", default=[], help="extra argument for finderpartner serve")
+    p.add_argument(
+        "--encoder",
+        nargs="+",
+        default=["torch"],
+        choices=["torch", "onnx:fp32", "onnx:int8"],
+        help="how the server embeds the query text, each measured in turn: the PyTorch model, or its ONNX export "
+        "(made once in --work with `finderpartner export --int8`) through `serve --backend onnx`",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON results (default benchmarks/results/serve_load.json)")
     return p.parse_args(argv)
 
@@ -182,6 +194,16 @@ def adopt(store: Path, work: Path, fingerprint: str) -> str:
 # ------------------------------------------------------------------------------------------------ the server
 
 
+def exported(model: Path, work: Path, fingerprint: str) -> Path:
+    """The model's ONNX export (fp32 and int8), made once in ``work``."""
+    out = work / f"export-{model.name}-{fingerprint[:12]}"
+    if not (out / "finderpartner_export.json").is_file():
+        print(f"exporting {model} to ONNX (fp32 and int8) in {out}", flush=True)
+        command = [sys.executable, "-m", "finderpartner.cli", "export", "--model", str(model), "--out", str(out)]
+        subprocess.run([*command, "--int8"], env=common.child_env(), check=True)
+    return out
+
+
 class Server:
     def __init__(self, model: Path, store: str, extra: list[str]) -> None:
         command = [sys.executable, "-m", "finderpartner.cli", "serve", "--model", str(model), "--index", store]
@@ -269,8 +291,9 @@ def health(url: str) -> dict[str, Any]:
     return httpx.get(f"{url}/healthz", timeout=60).json()
 
 
-def bench_store(model: Path, store: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    server = Server(model, store, args.serve_arg)
+def bench_store(model: Path, store: str, args: argparse.Namespace, seed: int, encoder: str) -> dict[str, Any]:
+    backend = ["--backend", "onnx", "--onnx-variant", encoder.split(":")[1]] if encoder.startswith("onnx") else []
+    server = Server(model, store, [*backend, *args.serve_arg])
     try:
         before = health(server.url)
         asyncio.run(load(server.url, query_texts(args.warmup, seed + 1000), 2, args.k, args.where))
@@ -292,6 +315,7 @@ def bench_store(model: Path, store: str, args: argparse.Namespace, seed: int) ->
         code = server.stop()
     return {
         "store": store,
+        "encoder": encoder,
         "backend": after.get("backend"),
         "count": after.get("count"),
         "runs": runs,
@@ -320,13 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         stores.append(make_store(spec, args.work, fingerprint, dim))
     results = []
     for i, (location, info) in enumerate(stores):
-        print(f"serving {location}", flush=True)
-        result = bench_store(model, location, args, seed=i)
-        result["build"] = info
-        results.append(result)
+        for encoder in args.encoder:
+            print(f"serving {location}, text encoder {encoder}", flush=True)
+            served = exported(model, args.work, fingerprint) if encoder.startswith("onnx") else model
+            result = bench_store(served, location, args, seed=i, encoder=encoder)
+            result["build"] = info
+            results.append(result)
     rows = [
         [
             r["backend"],
+            r["encoder"],
             r["count"],
             run["concurrency"],
             run["requests"],
@@ -343,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     headers = [
         "store",
+        "encoder",
         "photos",
         "conc.",
         "requests",

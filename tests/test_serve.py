@@ -360,3 +360,42 @@ def test_store_updates_are_swapped_in_while_queries_run(
     assert len(statuses) > 20 and set(statuses) == {200}, (statuses, err)
     assert health["errors"]["server"] == 0 and health["reload_error"] is None
     assert code == 130 and "Traceback" not in err, err
+
+
+def test_accepted_connections_have_nagle_off() -> None:
+    # asyncio turns Nagle off only on sockets whose proto is TCP; with proto 0, each two-part response waited for
+    # the client's delayed ACK (40 ms a request with httpx on loopback)
+    import socket
+
+    from finderpartner.serve import bind
+
+    with bind("127.0.0.1", 0) as listener, socket.create_connection(listener.getsockname()[:2]):
+        conn, _ = listener.accept()
+        with conn:
+            assert conn.proto == socket.IPPROTO_TCP
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_the_onnx_backend_serves_the_hits_of_the_model(
+    trained_model: Path, small_data: Path, searcher: Searcher, tmp_path: Path
+) -> None:
+    pytest.importorskip("onnxruntime")
+    from finderpartner.embedding import model_fingerprint
+    from finderpartner.interop.export import export_onnx
+    from finderpartner.interop.onnx_runtime import OnnxSearcher
+
+    encoder = load_model(trained_model)
+    export = tmp_path / "export"  # TorchScript: a second; test_export.py checks the default exporter's parity
+    export_onnx(encoder, export, fingerprint=model_fingerprint(encoder.model), exporter="torchscript")
+    # a server's onnxruntime threads sleep between queries instead of spinning on the cores the HTTP thread needs
+    options = OnnxSearcher(export, spin=False).onnx.text_session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    paths, attrs = _gallery(small_data)
+    server = Server(export, _make_store("faiss", tmp_path, searcher, paths, attrs), "--backend", "onnx")
+    try:
+        r = server.client.post("/search", json={"text": "a small blue star", "k": 5})
+        assert r.status_code == 200, r.text
+        _check_top_k(r.json()["hits"], searcher, paths, "a small blue star", [True] * len(paths), 5)
+    finally:
+        code, err = server.stop()
+    assert code == 130 and "Traceback" not in err, err

@@ -634,7 +634,11 @@ async def _dispatch(service: SearchService, request: Any) -> dict[str, Any]:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a taken port is a clear error (uvicorn would exit by itself)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio turns Nagle off (TCP_NODELAY) only on sockets whose proto is IPPROTO_TCP, and accepted
+    # sockets take the listener's. With proto 0, a response written in two parts waited for the client's delayed
+    # ACK: 40 ms added to every request (measured with httpx on loopback).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -31,7 +31,7 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Any, Any, str]:
 
     device, precision = runtime(args)
     encoder = load_model(args.model, trust_pickle=args.trust_pickle)
-    set_attention(encoder.model, "auto", device)
+    set_attention(encoder.model, "auto", device, precision)
     return encoder, device, precision
 
 

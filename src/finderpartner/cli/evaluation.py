@@ -379,7 +379,7 @@ def _eval_sweep(args: argparse.Namespace) -> int:
         protect |= {f"images{i + 1}": table.image_dir, f"captions{i + 1}": table.csv_path}
 
     def evaluate(encoder: Any) -> list[Any]:
-        set_attention(encoder.model, "auto", device)  # as `eval` does
+        set_attention(encoder.model, "auto", device, precision)  # as `eval` does
         return [
             evaluate_split(
                 encoder,

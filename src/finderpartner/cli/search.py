@@ -156,6 +156,7 @@ def _searcher(args: argparse.Namespace) -> Any:
             device=args.device,
             batch_size=args.batch_size,
             num_workers=args.workers,
+            spin=not getattr(args, "serving", False),
         )
     encoder, device, precision = load_for_inference(args)
     return Searcher(encoder, device=device, precision=precision, batch_size=args.batch_size, num_workers=args.workers)

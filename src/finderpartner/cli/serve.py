@@ -78,6 +78,7 @@ def _serve(args: argparse.Namespace) -> int:
         reload_interval_s=args.reload_interval,
     )
     args.batch_size, args.workers = args.max_batch, 0  # an upload is one image: no decoding processes
+    args.serving = True  # onnxruntime's threads do not busy-wait between queries
     searcher = _searcher(args)
     fingerprint = searcher.fingerprint
     live = LiveStore(lambda: open_store(args.index, fingerprint=fingerprint), store_version(args.index), fingerprint)
