@@ -9,7 +9,7 @@ the server's own error count (its /healthz `errors.server`, which must stay 0), 
 SIGTERM (130: stopped cleanly).
 
 The model defaults to a random-weight ViT-B/32 (arch:ViT-B-32: the real text encoder's cost, 12 layers x 512,
-77 tokens; no download). Stores:
+77 tokens; no download); ``--text-tower minilm`` takes the towers preset's pretrained MiniLM-L6 instead. Stores:
 
 - ``--index LOCATION``: an existing store. A FAISS store made for another model (search_scale.py's synthetic 1M
   store) is served through ``--adopt``: a folder beside it whose manifest names this model and whose segments and
@@ -21,6 +21,7 @@ The model defaults to a random-weight ViT-B/32 (arch:ViT-B-32: the real text enc
     nice -n 10 python benchmarks/search_scale.py --out /tmp/store-1m                    # the 1M store
     python benchmarks/serve_load.py --index /tmp/store-1m --adopt --requests 2000       # alone, 2 cores
     python benchmarks/serve_load.py --index /tmp/store-1m --adopt --encoder torch onnx:int8   # the text encoders
+    python benchmarks/serve_load.py --index /tmp/store-1m --adopt --encoder torch onnx:int8 --text-tower minilm
 
 ``--encoder onnx:int8`` serves the model's ONNX export (made once, `finderpartner export --int8`) with
 `serve --backend onnx`: the query text is embedded by onnxruntime, the store is the same.
@@ -56,7 +57,14 @@ CITIES = ["Paris", "Lyon", "Berlin", "Rome", "Madrid", "Oslo", "Lisbon", "Vienna
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="model folder (default: a random ViT-B/32 made once in --work)")
+    p.add_argument("--model", type=Path, help="model folder (default: one made once in --work, see --text-tower)")
+    p.add_argument(
+        "--text-tower",
+        choices=["vit-b-32", "minilm"],
+        default="vit-b-32",
+        help="without --model: a random-weight ViT-B/32 (CLIP's text tower, 12 x 512), or the towers preset's "
+        "all-MiniLM-L6-v2 (pretrained, 6 x 384; tiny ViT) with a 512-d projection",
+    )
     p.add_argument("--index", action="append", default=[], help="an existing store (repeatable)")
     p.add_argument("--adopt", action="store_true", help="serve a FAISS store of another model through a view")
     p.add_argument("--make", action="append", default=[], help="faiss:N or milvus:N synthetic store (repeatable)")
@@ -85,12 +93,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_dir(args: argparse.Namespace) -> Path:
     if args.model is not None:
         return args.model
-    out = args.work / "model-vit-b-32"
+    out = args.work / ("model-vit-b-32" if args.text_tower == "vit-b-32" else "model-minilm-512")
     if not (out / "config.json").is_file():
-        from finderpartner.model import build_arch
+        from finderpartner.config import TinySpec, TowersConfig
+        from finderpartner.model import build_arch, build_towers
 
-        print(f"making a random-weight ViT-B/32 in {out}", flush=True)
-        build_arch("ViT-B-32").save(out)
+        print(f"making a {args.text_tower} model in {out}", flush=True)
+        if args.text_tower == "vit-b-32":
+            build_arch("ViT-B-32").save(out)
+        else:
+            build_towers(TowersConfig(projection_dim=512), TinySpec()).save(out)
     return out
 
 
