@@ -181,21 +181,26 @@ def main(argv: list[str] | None = None) -> int:
         results["resume"] = resume_check(model, export, images, args.work, args.batch_size, args.images)
         print(f"  resume: {results['resume']}", flush=True)
     common.save_results("index_throughput", args, results)
-    text = markdown(results, args.images)
+    text = markdown(results, args.images, common.machine_info())
     print(text)
     if not args.no_readme:
         write_section(text)
     return 0
 
 
-def markdown(r: dict[str, Any], n: int) -> str:
+def markdown(r: dict[str, Any], n: int, machine: dict[str, Any]) -> str:
+    load = machine.get("load_avg_at_start") or [float("nan")]
     lines = [
         README_SECTION,
         "",
         f"benchmarks/index_throughput.py: `finderpartner index` on {n:,} 224 px JPEGs (the sample images, repeated), "
         "tiny-spec model (the decode/resize pipeline is real, the encoder small), --workers 0, batch 64. Wall time "
-        "of the whole command (model load and merge included), on the shared 2-core machine beside other jobs: "
-        "noisy, the lead reruns it alone.",
+        f"of the whole command (model load and merge included), on {machine['cpu']} with {machine['cores']} cores, "
+        f"fp32 (load average {load[0]:.1f} at the start; the benchmark alone). One process uses every core (its "
+        "intra-op threads); 2 processes (torchrun, one thread each) decode in parallel but load the model twice and "
+        "merge their parts: on 2 cores that pays for PyTorch and not for onnxruntime, whose one process already "
+        "keeps both cores busy. Processes are for more cores and for GPUs (one rank each); int8 is the CPU's "
+        "fastest backend.",
         "",
         "| backend | processes | wall | images/s |",
         "|---|---|---|---|",
@@ -211,6 +216,11 @@ def markdown(r: dict[str, Any], n: int) -> str:
             f"resumed: `{res['resumed_line']}`. Against an uninterrupted run: same paths {res['same_paths']}, same ids "
             f"{res['same_ids']}, largest vector difference {res['max_abs_vector_diff']:.2g}.",
         ]
+    lines += [
+        "",
+        "Rerun with `python benchmarks/index_throughput.py` (it rewrites this section). The stop-and-resume equality "
+        "is also a test (tests/test_search_indexing.py: SIGTERM and SIGKILL, same ids, vectors equal to 1e-6).",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -97,8 +97,8 @@ def _embed_into(
             replaced = [chunk[i].path for i in good if chunk[i].path in live]
             if replaced:
                 store.remove(paths=replaced)
-            if rows:
-                store.add(rows, np.asarray(vectors, np.float32)[good])
+            if rows:  # their paths were compared with the live ones above (replaced ones just removed)
+                store.add(rows, np.asarray(vectors, np.float32)[good], check_paths=False)
             stats.embedded += len(chunk)
             bar.update(len(chunk))
             if after_chunk is not None:
