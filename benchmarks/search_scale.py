@@ -15,6 +15,11 @@ benchmarks/results/search_scale.json and the table into benchmarks/README.md ("#
 
     nice -n 10 python benchmarks/search_scale.py --out /tmp/store-1m     # keeps the built 1M store
     python benchmarks/search_scale.py --n 100000 --queries 200                  # a quick look
+    python benchmarks/search_scale.py --compare-codes                           # why SQ8/SQ4 and not SQ6
+
+``--compare-codes`` measures only the choice of code (ann.choose_factory's order): one IVF coarse quantizer
+trained once, then IVF-SQ8, SQ4 and SQ6 on it, each timed one query at a time at nprobe 16/32/64 with the exact
+re-scoring of 4k and 8k candidates that the store does, recall@10 against exact search.
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FAISS threads while timing single queries (1: a service runs one query per core; with 2 threads "
         "on a busy 2-core machine OpenMP's waiting dominates); building uses all cores",
     )
+    p.add_argument("--compare-codes", action="store_true", help="time SQ8 / SQ4 / SQ6 on one coarse quantizer")
     return p.parse_args(argv)
 
 
@@ -136,8 +142,53 @@ def flat_threshold(x: np.ndarray, queries: np.ndarray, sizes: list[int]) -> list
     return rows
 
 
+def compare_codes(args: argparse.Namespace) -> int:
+    """``--compare-codes`` (module docstring)."""
+    import faiss
+
+    from finderpartner.search import ann
+
+    print(common.machine_line(), flush=True)
+    mix = Mixture(args.dim, args.clusters, args.seed)
+    x = mix.sample(args.n)
+    mix.sample(args.queries, query=True)  # the tuning set of main(): the same held-out queries follow
+    queries = mix.sample(min(args.queries, args.timed), query=True)
+    truth = ann.exact_top(queries, x, np.arange(args.n, dtype=np.int64), 10)
+    nlist = 2 ** round(math.log2(4 * math.sqrt(args.n)))
+    quantizer = faiss.IndexFlatIP(args.dim)
+    sample = x[np.random.default_rng(args.seed).choice(args.n, min(args.n, nlist * ann.TRAIN_PER_LIST), replace=False)]
+    faiss.IndexIVFFlat(quantizer, args.dim, nlist, faiss.METRIC_INNER_PRODUCT).train(sample)  # trains the quantizer
+    rows = []
+    for code, kind in (("SQ8", "QT_8bit"), ("SQ4", "QT_4bit"), ("SQ6", "QT_6bit")):
+        qtype = getattr(faiss.ScalarQuantizer, kind)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, args.dim, nlist, qtype, faiss.METRIC_INNER_PRODUCT)
+        index.train(sample)  # the coarse quantizer is trained: this trains the scalar quantizer only
+        faiss.omp_set_num_threads(faiss.omp_get_max_threads())
+        index.add(x)
+        faiss.omp_set_num_threads(args.threads)
+        for nprobe in (16, 32, 64):
+            index.nprobe = nprobe
+            for refine in (4, 8):
+                found, times = [], []
+                for q in queries:
+                    t0 = time.perf_counter()
+                    _, cand = index.search(q[None], 10 * refine)
+                    cand = cand[0][cand[0] >= 0]
+                    found.append(cand[np.argsort(-(x[cand] @ q))[:10]])  # the store's exact re-scoring
+                    times.append(1000 * (time.perf_counter() - t0))
+                rec = float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth)]))
+                p50, p99 = np.percentile(times, 50), np.percentile(times, 99)
+                rows.append([f"IVF{nlist},{code}", nprobe, refine, f"{rec:.3f}", f"{p50:.2f}", f"{p99:.2f}"])
+                print(f"  {rows[-1]}", flush=True)
+        del index
+    print(common.table(["index", "nprobe", "re-scored x", "recall@10", "p50 ms", "p99 ms"], rows))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare_codes:
+        return compare_codes(args)
     import faiss
 
     from finderpartner.search import ann

@@ -206,7 +206,7 @@ def test_a_malformed_filter_changes_nothing(tmp_path: Path) -> None:
 
 def test_choose_factory_follows_the_memory_budget() -> None:
     assert ann.choose_factory(10_000, 512) == "Flat"
-    assert ann.choose_factory(1_000_000, 512) == "IVF4096,SQ6"  # SQ8 + id = 520 B > 512 B (1/4 of 2048)
+    assert ann.choose_factory(1_000_000, 512) == "IVF4096,SQ4"  # SQ8 + id = 520 B > 512 B (1/4 of 2048)
     assert ann.choose_factory(1_000_000, 512, memory_fraction=0.5) == "IVF4096,SQ8"
     assert ann.choose_factory(1_000_000, 512, memory_fraction=0.1) == "IVF4096,PQ128"
     factory = ann.choose_factory(1_000_000, 512)

@@ -4,11 +4,16 @@ The rule (benchmarks/search_scale.py measures it on the 2-core reference machine
 
 * ``n < FLAT_BELOW``: ``IndexFlatIP`` (exact). Below this size one exact query scans few enough bytes to stay
   well under the 10 ms p99 goal, and no training is needed.
-* above it: ``IVF{nlist},{code}`` with ``nlist`` the power of two nearest ``4 * sqrt(n)``, and ``code`` the most
-  precise of SQ8, SQ6, SQ4, PQ{d/4} whose bytes per vector (code + 8 bytes of id) fit the memory budget
-  (default ``MEMORY_FRACTION`` = 1/4 of the flat float32 index). The index proposes ``REFINE * k`` candidates,
-  which the store re-scores exactly from its stored vectors (on disk, memory-mapped: only the candidates' rows are
-  read), so the quantisation error costs no recall. ``nprobe`` is then tuned at build time: the smallest power of
+* above it: ``IVF{nlist},{code}`` with ``nlist`` the power of two nearest ``4 * sqrt(n)``, and ``code`` the first
+  of SQ8, SQ4, PQ{d/4} whose bytes per vector (code + 8 bytes of id) fit the memory budget (default
+  ``MEMORY_FRACTION`` = 1/4 of the flat float32 index). SQ6 is not among them: FAISS scans byte codes twice as fast
+  as the others, and with the exact re-scoring of 8k candidates SQ4 matched SQ6's latency and recall in 2/3 of its
+  memory (``search_scale.py --compare-codes``, 1M x 512, nprobe 32, one thread, one coarse quantizer: SQ8 recall@10
+  0.974, p50 2.9 / p99 4.3 ms; SQ4 x8 0.971, 4.8 / 8.7 ms; SQ6 x4 0.974, 5.5 / 8.9 ms). SQ8 needs 520 B a vector
+  at d = 512, just over 1/4 of 2048: a ``memory_fraction`` of 0.26 buys it. Stores built with SQ6 still open.
+  The index proposes ``REFINE * k`` candidates, which the store re-scores exactly from its stored vectors (on
+  disk, memory-mapped: only the candidates' rows are read), so the coarser code costs little recall (SQ4 at
+  nprobe 32: recall@10 0.953 with 4k candidates, 0.971 with 8k). ``nprobe`` is then tuned at build time: the smallest power of
   two whose recall@10 against exact search reaches ``RECALL_TARGET`` on held-out queries; the recall reached is
   stored in the manifest. (PQ is the last resort: at 1M x 512 its training took 10x SQ's on 2 cores and its
   recall with the same re-scoring stayed under 0.9 in our measurement.)
@@ -38,7 +43,7 @@ RECALL_TARGET = 0.95
 # nprobe is tuned to the target plus this margin: the queries that tune it are a sample, and recall on other queries
 # (the held-out check, a user's) scatters around it (1M benchmark: 0.950 on the tuning queries, 0.943 held out)
 TUNE_MARGIN = 0.01
-REFINE = 4  # an approximate index proposes 4k candidates, re-scored exactly from the stored vectors
+REFINE = 8  # an approximate index proposes 8k candidates, re-scored exactly from the stored vectors
 HELD_OUT = 1000  # queries used to measure recall at build time
 TRAIN_PER_LIST = 40  # training points per IVF list (FAISS warns below 39)
 ID_BYTES = 8
@@ -96,7 +101,7 @@ def choose_factory(n: int, d: int, memory_fraction: float = MEMORY_FRACTION, fla
     nlist = 2 ** round(math.log2(4 * math.sqrt(n)))
     budget = memory_fraction * 4 * d  # bytes per vector
     pq = f"PQ{max(1, d // 4)}" if d % 4 == 0 else f"PQ{max(1, d // 8)}"
-    for code in ("SQ8", "SQ6", "SQ4", pq):
+    for code in ("SQ8", "SQ4", pq):  # the fastest to scan (module docstring)
         if code_bytes(code, d) + ID_BYTES <= budget:
             return f"IVF{nlist},{code}"
     return f"IVF{nlist},PQ{max(1, d // 16)}"

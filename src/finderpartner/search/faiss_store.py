@@ -23,7 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,10 @@ class _Segment:
     ids: np.ndarray  # int64, (n,)
     vectors: np.ndarray  # memory map (n, d) of the manifest's vector_dtype
     order: np.ndarray  # argsort of ids (ids are usually sorted already; given ids need not be)
+    sorted_ids: np.ndarray = field(init=False)  # ids[order], made once: every re-scored query looks ids up in it
+
+    def __post_init__(self) -> None:
+        self.sorted_ids = self.ids[self.order]
 
 
 def segment_files(number: int) -> tuple[str, str]:
@@ -487,7 +491,7 @@ class FaissStore:
                 keep = ~np.isin(seg.ids, self._removed) if len(self._removed) else slice(None)
                 rows = np.arange(len(seg.ids))[keep]
             else:
-                sorted_ids = seg.ids[seg.order]
+                sorted_ids = seg.sorted_ids
                 pos = np.clip(np.searchsorted(sorted_ids, allowed), 0, max(0, len(sorted_ids) - 1))
                 hit = sorted_ids[pos] == allowed if len(sorted_ids) else np.zeros(len(allowed), bool)
                 rows = np.sort(seg.order[pos[hit]])
@@ -607,7 +611,7 @@ class FaissStore:
         """float32 vectors of these ids (each in some segment), in their order."""
         out = np.zeros((len(ids), self.dim), np.float32)
         for seg in self._segments:
-            sorted_ids = seg.ids[seg.order]
+            sorted_ids = seg.sorted_ids
             if not len(sorted_ids):
                 continue
             pos = np.clip(np.searchsorted(sorted_ids, ids), 0, len(sorted_ids) - 1)
