@@ -295,3 +295,32 @@ def test_a_removed_photo_never_comes_back_after_a_kill(tmp_path: Path, action: s
     store.compact()
     assert 5 not in {h.id for h in store.search(q, 700)[0]}
     store.close()
+
+
+def test_a_reader_that_read_the_manifest_a_compaction_replaced_loads_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race `serve` lost under load: a reader reads the manifest, a writer's compaction commits and deletes the
+    # segments it merged, the reader opens one of them. It must read the new manifest and answer from it.
+    from finderpartner.search import faiss_store
+
+    writer = _store(tmp_path / "s", n_base=300, n_new=100)
+    reader = FaissStore.open(tmp_path / "s")
+    stale = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    writer.compact()  # merges the segments into a new one and deletes the old files
+    assert not all((tmp_path / "s" / faiss_store.segment_files(n)[0]).exists() for n in stale["segments"])
+    real, calls = faiss_store._read_manifest, []
+
+    def read_stale_first(path: Path) -> dict:
+        calls.append(path)
+        return stale if len(calls) == 1 else real(path)
+
+    monkeypatch.setattr(faiss_store, "_read_manifest", read_stale_first)
+    reader.refresh()
+    assert len(calls) == 2 and reader.manifest["generation"] == writer.manifest["generation"]
+    q = _vectors(3, 9)
+    assert [[h.id for h in hits] for hits in reader.search(q, 5)] == [
+        [h.id for h in hits] for hits in writer.search(q, 5)
+    ]
+    writer.close()
+    reader.close()

@@ -276,6 +276,7 @@ def _default_gallery(model_dir: Path) -> Path | None:
 def _demo(args: argparse.Namespace) -> int:
     from ..demo import launch_demo
 
+    args.serving = True  # a server too: onnxruntime's threads do not busy-wait between queries
     searcher = _searcher(args)
     index = _gallery(args, searcher, progress=True)
     if index is None:

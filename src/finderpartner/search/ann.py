@@ -13,10 +13,10 @@ The rule (benchmarks/search_scale.py measures it on the 2-core reference machine
   at d = 512, just over 1/4 of 2048: a ``memory_fraction`` of 0.26 buys it. Stores built with SQ6 still open.
   The index proposes ``REFINE * k`` candidates, which the store re-scores exactly from its stored vectors (on
   disk, memory-mapped: only the candidates' rows are read), so the coarser code costs little recall (SQ4 at
-  nprobe 32: recall@10 0.953 with 4k candidates, 0.971 with 8k). ``nprobe`` is then tuned at build time: the smallest power of
-  two whose recall@10 against exact search reaches ``RECALL_TARGET`` on held-out queries; the recall reached is
-  stored in the manifest. (PQ is the last resort: at 1M x 512 its training took 10x SQ's on 2 cores and its
-  recall with the same re-scoring stayed under 0.9 in our measurement.)
+  nprobe 32: recall@10 0.953 with 4k candidates, 0.971 with 8k). ``nprobe`` is then tuned at build time: the
+  smallest power of two whose recall@10 against exact search reaches ``RECALL_TARGET`` on held-out queries; the
+  recall reached is stored in the manifest. (PQ is the last resort: at 1M x 512 its training took 10x SQ's on 2
+  cores and its recall with the same re-scoring stayed under 0.9 in our measurement.)
 
 Ids are the store's photo ids (``add_with_ids``; the flat index wrapped in ``IndexIDMap2``).
 """

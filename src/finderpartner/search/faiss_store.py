@@ -55,6 +55,7 @@ META = "meta.sqlite"
 EXACT_SUBSET_BELOW = 20_000  # a filter matching fewer live rows is answered exactly over them
 SUBSET_CACHE_BYTES = 256 * 2**20
 SCAN_ROWS = 65_536  # rows of a segment scored at once in an exact scan
+LOAD_ATTEMPTS = 5  # a reader re-reads the manifest when a writer's commit removed the files it was opening
 # test hook: called with a step name at each point a crash is interesting (tests kill the process there)
 _crash_point: Callable[[str], None] | None = None
 
@@ -104,7 +105,9 @@ def _legacy_message(path: Path) -> str | None:
 class FaissStore:
     """A ``VectorStore`` in one folder (module docstring). Open with ``create`` or ``open``."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], meta: Meta, lock: FolderLock | None) -> None:
+    def __init__(
+        self, path: Path, manifest: dict[str, Any], meta: Meta, lock: FolderLock | None, *, stamp: int | None = None
+    ) -> None:
         self.path = path
         self.manifest = manifest
         self.meta = meta
@@ -118,7 +121,7 @@ class FaissStore:
         self._filter_cache: dict[Filter, tuple[int, np.ndarray]] = {}
         # small subsets' vectors, gathered once per filter (and state of the store): 256 MB at most
         self._subset_cache: dict[Filter, tuple[int, np.ndarray, np.ndarray]] = {}
-        self._load_files()
+        self._load_files(stamp)
         self._load_removed()
 
     # ------------------------------------------------------------------------------------------ open / create
@@ -217,10 +220,11 @@ class FaissStore:
             )
         lock = FolderLock(path, "photo store").acquire() if writable else None
         try:
+            stamp = _stamp(path / MANIFEST)  # before the read: a commit after it is seen by the next refresh
             manifest = _read_manifest(path)
             meta = Meta(path / META)
             manifest = _recover(path, manifest, meta) if writable else _as_committed(path, manifest, meta)
-            return cls(path, manifest, meta, lock)
+            return cls(path, manifest, meta, lock, stamp=stamp)
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -273,25 +277,51 @@ class FaissStore:
 
     # ------------------------------------------------------------------------------------------ loading
 
-    def _load_files(self) -> None:
+    def _load_files(self, stamp: int | None = None, manifest: dict[str, Any] | None = None) -> None:
+        """Load the segments and the base that ``manifest`` (default: ``self.manifest``) names, then make it the
+        store's; ``stamp``: the manifest file's stamp taken before it was read (what ``refresh`` compares with).
+
+        A reader can lose this race to a writer: it reads the manifest, the writer commits a compaction and
+        deletes the segments it merged, the reader opens one of them. Then the reader reads the new manifest and
+        tries again (``LOAD_ATTEMPTS``); the store keeps its previous files until a load is complete.
+        """
+        manifest = self.manifest if manifest is None else manifest
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                segments, base, base_segments = self._open_files(manifest)
+                break
+            except FileNotFoundError:
+                if self.writable or attempt == LOAD_ATTEMPTS - 1:
+                    raise
+                stamp = _stamp(self.path / MANIFEST)
+                manifest = _as_committed(self.path, _read_manifest(self.path), self.meta)
+        self.manifest = manifest
+        self._segments, self._base, self._base_segments = segments, base, base_segments
+        self._manifest_stamp = stamp if stamp is not None else _stamp(self.path / MANIFEST)
+
+    def _open_files(self, manifest: dict[str, Any]) -> tuple[list[_Segment], Any, set[int]]:
         faiss = ann.faiss_module()
-        self._segments = []
-        for number in self.manifest["segments"]:
+        segments = []
+        for number in manifest["segments"]:
             vec, ids = segment_files(number)
             v = np.load(self.path / vec, mmap_mode="r")
             i = np.load(self.path / ids)
-            self._segments.append(_Segment(number, i, v, np.argsort(i, kind="stable")))
-        base = self.manifest.get("base")
-        if base:
-            self._base = faiss.read_index(str(self.path / base["file"]))
-            self._base_segments = set(base["segments"])
-            nprobe = (base.get("info") or {}).get("nprobe")
-            ivf = faiss.try_extract_index_ivf(self._base)
-            if ivf is not None and nprobe:
-                ivf.nprobe = int(nprobe)
-        else:
-            self._base, self._base_segments = None, set()
-        self._manifest_stamp = _stamp(self.path / MANIFEST)
+            segments.append(_Segment(number, i, v, np.argsort(i, kind="stable")))
+        base = manifest.get("base")
+        if not base:
+            return segments, None, set()
+        file = self.path / base["file"]
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError:
+            if not file.exists():  # replaced by a newer base since the manifest was read (_load_files retries)
+                raise FileNotFoundError(str(file)) from None
+            raise
+        nprobe = (base.get("info") or {}).get("nprobe")
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and nprobe:
+            ivf.nprobe = int(nprobe)
+        return segments, index, set(base["segments"])
 
     def _load_removed(self) -> None:
         self._version = self.meta.data_version()
@@ -306,8 +336,7 @@ class FaissStore:
             return
         stamp = _stamp(self.path / MANIFEST)
         if stamp != self._manifest_stamp:
-            self.manifest = _as_committed(self.path, _read_manifest(self.path), self.meta)
-            self._load_files()
+            self._load_files(stamp, _as_committed(self.path, _read_manifest(self.path), self.meta))
             self._load_removed()
         elif self.meta.data_version() != self._version:
             self._load_removed()
