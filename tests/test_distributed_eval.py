@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import MICRO_SPEC, run_torchrun
+from helpers import MICRO_SPEC, end_worker, run_torchrun
 
 import finderpartner.evaluate as evaluate
 from finderpartner.config import TinySpec
@@ -121,3 +121,4 @@ def _worker(small_data: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    end_worker()

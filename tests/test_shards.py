@@ -284,7 +284,7 @@ def test_bad_validation_samples_are_named_by_shard_and_key(tmp_path: Path, caplo
 
 
 _READ_ON_RANK_0 = """
-import json, sys
+import json, os, sys
 import torch.distributed as dist
 import finderpartner.data.sources as sources
 from finderpartner.config import config_from_dict
@@ -298,6 +298,8 @@ record = {"rank": dist.get_rank(), "reads": reads, "rows": data.num_rows, "capti
 with open(f"{sys.argv[2]}/rank{dist.get_rank()}.json", "w") as f:  # one file each: stdout lines would interleave
     json.dump(record, f)
 dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)  # gloo can abort the teardown past this point (tests/helpers.end_worker)
 """
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import MICRO_SPEC, micro_config, run_torchrun
+from helpers import MICRO_SPEC, end_worker, micro_config, run_torchrun
 from safetensors.torch import load_file, save_file
 
 from finderpartner.config import TinySpec, config_from_dict
@@ -117,3 +117,4 @@ def _worker(small_data: Path, out: Path) -> None:
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    end_worker()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import MICRO_SPEC, micro_config, run_torchrun
+from helpers import MICRO_SPEC, end_worker, micro_config, run_torchrun
 
 from finderpartner.cli import main
 from finderpartner.config import TinySpec, config_from_dict
@@ -361,6 +361,7 @@ def _worker(small_data: Path, out: Path) -> None:
 
 if __name__ == "__main__":  # the worker of the two-process test, started by torchrun
     _worker(Path(sys.argv[1]), Path(sys.argv[2]))
+    end_worker()
 
 
 def test_an_empty_class_folder_is_said_to_be_left_out(

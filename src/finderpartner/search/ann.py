@@ -8,9 +8,10 @@ The rule (benchmarks/search_scale.py measures it on the 2-core reference machine
   of SQ8, SQ4, PQ{d/4} whose bytes per vector (code + 8 bytes of id) fit the memory budget (default
   ``MEMORY_FRACTION`` = 1/4 of the flat float32 index). SQ6 is not among them: FAISS scans byte codes twice as fast
   as the others, and with the exact re-scoring of 8k candidates SQ4 matched SQ6's latency and recall in 2/3 of its
-  memory (``search_scale.py --compare-codes``, 1M x 512, nprobe 32, one thread, one coarse quantizer: SQ8 recall@10
-  0.974, p50 2.9 / p99 4.3 ms; SQ4 x8 0.971, 4.8 / 8.7 ms; SQ6 x4 0.974, 5.5 / 8.9 ms). SQ8 needs 520 B a vector
-  at d = 512, just over 1/4 of 2048: a ``memory_fraction`` of 0.26 buys it. Stores built with SQ6 still open.
+  memory (``search_scale.py --compare-codes``, 1M x 512, nprobe 32, one thread, one coarse quantizer, recall@10
+  and p50 / p99: SQ8 x4 0.974, 2.8 / 4.1 ms; SQ4 x8 0.971, 4.8 / 8.7 ms; SQ6 x4 0.974, 5.5 / 8.9 ms). SQ8 needs
+  520 B a vector at d = 512, just over 1/4 of 2048: a ``memory_fraction`` of 0.26 buys it. Stores built with SQ6
+  still open.
   The index proposes ``REFINE * k`` candidates, which the store re-scores exactly from its stored vectors (on
   disk, memory-mapped: only the candidates' rows are read), so the coarser code costs little recall (SQ4 at
   nprobe 32: recall@10 0.953 with 4k candidates, 0.971 with 8k). ``nprobe`` is then tuned at build time: the
