@@ -402,6 +402,8 @@ def test_a_time_budget_ends_cleanly_on_every_source(case: str, layouts: dict[str
     raw = _config(tmp_path, layouts[ROOT_OF[case]], data)
     raw["train"].update(time_budget="1s", warmup_steps=0)
     result = train_module.train(config_from_dict(raw))
-    # spent during start-up: the run stops where the step count is decided (over several epochs of the stream)
-    assert result.state.global_step == result.state.planned_steps == SKIP_STEPS + MEASURE_STEPS
+    # (nearly) spent during start-up: the run stops at the steps it planned where the count is decided, after several
+    # epochs of the stream (how many steps a fast machine still fits into the second is its own: 30 or 31 seen)
+    assert result.state.global_step == result.state.planned_steps >= SKIP_STEPS + MEASURE_STEPS
+    assert result.state.epoch >= (SKIP_STEPS + MEASURE_STEPS) // 8  # 8 steps an epoch: the source was read again
     assert result.final is not None and result.best_model.is_dir()
