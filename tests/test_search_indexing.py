@@ -108,6 +108,10 @@ def test_index_search_where_append_remove_compact(
     assert "20 photos, 11 removed photo(s) dropped, base index Flat" in capsys.readouterr().out
     assert main([*search, "-k", "50"]) == 0
     assert json.loads(capsys.readouterr().out)["results"] == left
+    # a selection that matches nothing says what it looked for (was a silent "removed 0")
+    assert main(["index", "remove", "--out", str(store), "--path", str(gallery / "new.jpg"), "--id", "999"]) == 0
+    err = capsys.readouterr().err
+    assert f"no live photo matched path {gallery / 'new.jpg'}, id 999: nothing was removed" in err
 
 
 def test_an_index_of_the_earlier_format_is_refused_by_search_and_index(

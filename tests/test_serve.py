@@ -205,6 +205,11 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(served) -> None:  # typ
         ({"files": {"image": ("notes.txt", b"hello, not an image", "text/plain")}}, 415, "not a readable image"),
         ({"files": {"image": ("bomb.png", _png(1000, 1000), "image/png")}}, 413, "over the limit of 250000"),
         ({"files": {"other": ("a.jpg", paths[0].read_bytes(), "image/jpeg")}}, 400, 'named "image"'),
+        (  # a part without a name: the multipart parser refuses it (was a 500)
+            {"content": b"--b\r\n\r\nx\r\n--b--\r\n", "headers": {"content-type": "multipart/form-data; boundary=b"}},
+            400,
+            "multipart body cannot be read",
+        ),
         ({"content": b"text=x", "headers": {"content-type": "text/plain"}}, 415, "application/json"),
     ]
     for kwargs, status, words in cases:

@@ -617,12 +617,20 @@ async def _dispatch(service: SearchService, request: Any) -> dict[str, Any]:
             raise RequestError(400, f"unknown field(s) {sorted(unknown)}: send text, k, where")
         return await service.search_text(body.get("text"), body.get("k", 10), body.get("where"))
     if kind == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=4, max_part_size=service.settings.max_upload_bytes) as form:
+        from starlette.exceptions import HTTPException  # a body the multipart parser refuses
+
+        try:
+            form = await request.form(max_files=1, max_fields=4, max_part_size=service.settings.max_upload_bytes)
+        except HTTPException as e:
+            raise RequestError(e.status_code, f"the multipart body cannot be read: {e.detail}") from None
+        try:
             upload = form.get("image")
             if upload is None or isinstance(upload, str):
                 raise RequestError(400, 'upload the image as a file field named "image"')
             data = await upload.read()
             return await service.search_image(data, upload.filename or "upload", form.get("k", "10"), form.get("where"))
+        finally:
+            await form.close()
     raise RequestError(
         415, f"send application/json (a text query) or multipart/form-data (an image), not {kind or 'no content type'}"
     )

@@ -114,11 +114,30 @@ def add_trust_pickle(p: argparse.ArgumentParser) -> None:
     )
 
 
+def whole_number(low: int, high: int | None = None):
+    """An argparse type: an int in [low, high], else argparse's usage error (exit 2) saying the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {value})")
+        return value
+
+    return parse
+
+
+PORT = whole_number(0, 65535)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--batch-size", type=int, default=64, help="images embedded at once")
-    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
+    p.add_argument("--batch-size", type=whole_number(1), default=64, help="images embedded at once")
+    p.add_argument("--workers", type=whole_number(0), default=2, help="image-decoding worker processes")
 
 
 def add_backend_args(p: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from ..errors import (
     UsageError,
 )
 from .common import (
+    PORT,
     add_backend_args,
     add_runtime_args,
     add_trust_pickle,
@@ -138,7 +139,7 @@ finderpartner demo --model outputs/clip_tiny/best_model --index photos_index --p
         default="127.0.0.1",
         help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)",
     )
-    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--port", type=PORT, default=7860)
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (default: 10 MB)")
     add_runtime_args(p)
     add_backend_args(p)

@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import signals
 from ..errors import INTERRUPTED, UsageError
-from .common import add_backend_args, add_trust_pickle, new_command
+from .common import PORT, add_backend_args, add_trust_pickle, new_command
 from .search import _searcher
 
 
@@ -39,7 +39,7 @@ finderpartner serve --backend onnx --model exports/clip --index photos_index --h
         help="the store: a folder made by `finderpartner index`, or milvus:FILE.db / milvus:http://host:19530[#name]",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    p.add_argument("--port", type=PORT, default=8000, help="port (default 8000; 0: any free port, printed)")
     p.add_argument("--token-file", help="file whose first line is the bearer token (else $FINDERPARTNER_SERVE_TOKEN)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default: 10 MB)")
     p.add_argument(

@@ -20,7 +20,7 @@ from .faiss_store import FaissStore
 from .filters import parse
 from .indexing import index_photos
 from .searcher import PhotoSearcher
-from .store import SearchKnobs
+from .store import SearchKnobs, nothing_removed
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,8 @@ def index_command(args: argparse.Namespace, make_embedder: Callable[[argparse.Na
             where = parse(args.where, store.columns()) if args.where else None  # before anything changes
             paths = [str(Path(p).absolute()) for p in args.path or []]
             n = store.remove(ids=args.id or [], paths=paths, where=where)
+            if n == 0:
+                log.warning(nothing_removed(paths, args.id or [], args.where))
             print(
                 f"removed {n} photo(s) from {args.out}: no search returns them from now on; "
                 f"{store.count()} left (`finderpartner index compact --out {args.out}` drops them from disk)"

@@ -25,7 +25,7 @@ from .filters import parse
 from .indexing import Embedder, IndexStats, Photo, gather_photos, to_embed
 from .meta import coerce
 from .milvus_store import MilvusStore, parse_location
-from .store import PhotoRow
+from .store import PhotoRow, nothing_removed
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,8 @@ def milvus_index_command(args: Any, make_embedder: Callable[[Any], Any]) -> int:
                 raise UsageError("index remove: say what to remove with --path, --id or --where")
             where = parse(args.where, store.columns()) if args.where else None  # before anything changes
             n = store.remove(ids=ids, paths=from_paths, where=where)
+            if n == 0:
+                log.warning(nothing_removed(from_paths, ids, args.where))
             print(
                 f"removed {n} photo(s) from {store.location}: no search returns them from now on; {store.count()} left"
             )

@@ -108,3 +108,14 @@ class VectorStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def nothing_removed(paths: Sequence[str], ids: Sequence[int], where: str | None) -> str:
+    """What `index remove` says when its selection matched no live photo: what it looked for, and how paths match."""
+    asked = [f"path {p}" for p in paths[:3]] + [f"id {i}" for i in ids[:3]] + ([f"--where {where}"] if where else [])
+    more = len(paths) + len(ids) + bool(where) - len(asked)
+    listed = ", ".join(asked) + (f" and {more} more" if more > 0 else "")
+    hint = (
+        " (a path matches as the store holds it: absolute, made from the folder the command runs in)" if paths else ""
+    )
+    return f"no live photo matched {listed}: nothing was removed{hint}"
