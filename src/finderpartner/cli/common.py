@@ -7,7 +7,7 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +114,7 @@ def add_trust_pickle(p: argparse.ArgumentParser) -> None:
     )
 
 
-def whole_number(low: int, high: int | None = None):
+def whole_number(low: int, high: int | None = None) -> Callable[[str], int]:
     """An argparse type: an int in [low, high], else argparse's usage error (exit 2) saying the range."""
 
     def parse(text: str) -> int:
