@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import shutil
 import sys
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     from finderpartner.search.store import PhotoRow, SearchKnobs
 
     print(common.machine_line(), flush=True)
-    results: dict[str, Any] = {"n": args.n, "dim": args.dim, "clusters": args.clusters}
+    results: dict[str, Any] = {"n": args.n, "dim": args.dim, "clusters": args.clusters, "queries": args.queries}
+    results["machine_line"], results["load_avg_start"] = common.machine_line(), round(os.getloadavg()[0], 1)
     t0 = time.perf_counter()
     mix = Mixture(args.dim, args.clusters, args.seed)
     x = mix.sample(args.n)
@@ -317,9 +319,9 @@ def markdown(r: dict[str, Any]) -> str:
         README_SECTION,
         "",
         f"benchmarks/search_scale.py, {r['n']:,} x {r['dim']} clustered vectors ({r['clusters']} clusters, module "
-        "docstring), recall@10 vs exact on 1000 held-out queries (not the ones nprobe was tuned on), one query at "
-        "a time, FAISS on 1 thread. Measured on the shared 2-core machine beside other jobs: latencies are noisy (the lead reruns it "
-        "alone: the command is in the docstring).",
+        f"docstring), recall@10 vs exact on {r.get('queries', 1000):,} held-out queries (not the ones nprobe was tuned on), one query at "
+        f"a time, FAISS on 1 thread. {r.get('machine_line', 'machine: unknown')}; load average "
+        f"{r.get('load_avg_start', '?')} at the start (latencies are worth comparing only from a run alone).",
         "",
         "| index | build | index bytes | vs flat | recall@10 | p50 | p99 |",
         "|---|---|---|---|---|---|---|",
