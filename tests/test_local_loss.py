@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
-from helpers import MICRO_SPEC, micro_config, run_torchrun
+from helpers import MICRO_SPEC, end_worker, micro_config, run_torchrun
 from safetensors.torch import load_file, save_file
 
 from finderpartner.config import TinySpec, config_from_dict
@@ -179,9 +178,7 @@ def _worker(small_data: Path, out: Path) -> None:
     dist.barrier()  # neither process leaves while the other still uses the group
     # Leave without tearing gloo down: rarely (once in 8 runs here), rank 1 aborted in teardown ("terminate called without
     # an active exception", SIGABRT) after every result was written. Nothing is left to flush or close.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_worker()
 
 
 if __name__ == "__main__":
