@@ -165,6 +165,7 @@ def resume_check(model: Path, export: Path, images: Path, work: Path, batch: int
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    machine = common.machine_info()  # now: its load average is the one at the start
     print(common.machine_line(), flush=True)
     args.work.mkdir(parents=True, exist_ok=True)
     images = make_images(args.work, args.images)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         results["resume"] = resume_check(model, export, images, args.work, args.batch_size, args.images)
         print(f"  resume: {results['resume']}", flush=True)
     common.save_results("index_throughput", args, results)
-    text = markdown(results, args.images, common.machine_info())
+    text = markdown(results, args.images, machine)
     print(text)
     if not args.no_readme:
         write_section(text)
@@ -196,11 +197,11 @@ def markdown(r: dict[str, Any], n: int, machine: dict[str, Any]) -> str:
         f"benchmarks/index_throughput.py: `finderpartner index` on {n:,} 224 px JPEGs (the sample images, repeated), "
         "tiny-spec model (the decode/resize pipeline is real, the encoder small), --workers 0, batch 64. Wall time "
         f"of the whole command (model load and merge included), on {machine['cpu']} with {machine['cores']} cores, "
-        f"fp32 (load average {load[0]:.1f} at the start; the benchmark alone). One process uses every core (its "
-        "intra-op threads); 2 processes (torchrun, one thread each) decode in parallel but load the model twice and "
-        "merge their parts: on 2 cores that pays for PyTorch and not for onnxruntime, whose one process already "
-        "keeps both cores busy. Processes are for more cores and for GPUs (one rank each); int8 is the CPU's "
-        "fastest backend.",
+        f"torch in {'bf16' if 'bf16' in machine['native_precisions'] else 'fp32'} (precision auto; load average "
+        f"{load[0]:.1f} at the start: figures are worth comparing only from a run alone). One process uses every "
+        "core (its intra-op threads); 2 processes (torchrun, one thread each) decode in parallel but load the model "
+        "twice and merge their parts, which pays only where one process leaves cores idle. Processes are for more "
+        "cores and for GPUs (one rank each).",
         "",
         "| backend | processes | wall | images/s |",
         "|---|---|---|---|",
